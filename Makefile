@@ -1,0 +1,41 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - install, then predict the bundled example scan
+#   make test   - install, then run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch is pinned to the CPU build that lies on local disk here; a range would
+# pull a multi-GB CUDA build. nvidia-pytriton pins numpy<2: one resolver run.
+TORCH := torch==2.13.0
+
+.PHONY: install demo test test-fast lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[export,server,dicom,dev]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/uqserve --help
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow and not triton and not dicom"
+
+lint: install
+	$(BIN)/ruff check uqserve tests benchmarks
+	$(BIN)/ruff format --check uqserve tests benchmarks
+	$(BIN)/mypy uqserve
+
+format: install
+	$(BIN)/ruff format uqserve tests benchmarks
+	$(BIN)/ruff check --fix uqserve tests benchmarks
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

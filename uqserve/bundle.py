@@ -1,0 +1,299 @@
+"""Bundle manifest: schema, loading, writing and checksum verification.
+
+A bundle is a folder holding ``manifest.json`` and one ONNX graph per member
+(see ``docs/architecture.md`` for the member-graph signature). This module is
+pure Python + JSON: no onnxruntime, no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+AU_METHODS = ("softmax", "ssn", "punet", "diffusion")
+EU_METHODS = ("none", "ensemble", "mcdropout")
+AGGREGATORS = ("border", "mean", "patch", "threshold", "foreground")
+NORMALIZATIONS = ("fixed", "zscore")
+
+# Where shipped bundles live (package data).
+BUNDLES_DIR = Path(__file__).resolve().parent / "bundles"
+DEFAULT_BUNDLE = "softmax-ensemble"
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One member graph: ``file`` relative to the bundle folder."""
+
+    file: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Intensity normalisation applied by the client before inference.
+
+    ``fixed``: ``(clip(x, *clip) - mean) / std`` with constants from training data.
+    ``zscore``: per-volume ``(x - mean(x)) / std(x)`` (``clip`` applied first if set).
+    """
+
+    scheme: str = "fixed"
+    mean: float = 0.0
+    std: float = 1.0
+    clip: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the member graphs expect: channels, tile and spacing of the training data."""
+
+    channels: int = 1
+    tile_size: tuple[int, int] = (128, 128)
+    multiple: int = 16
+    spacing: tuple[float, float] = (1.0, 1.0)
+    normalization: Normalization = field(default_factory=Normalization)
+
+
+@dataclass(frozen=True)
+class OODSpec:
+    """OOD flag: ``score > threshold`` with score = image-level EU under ``aggregator``."""
+
+    aggregator: str = "border"
+    threshold: float | None = None
+    quantile: float = 0.95
+    validation_scores: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a client needs to run and interpret a bundle."""
+
+    name: str
+    au: str
+    eu: str
+    num_members: int
+    num_samples: int
+    classes: tuple[str, ...]
+    members: tuple[Member, ...]
+    input: InputSpec = field(default_factory=InputSpec)
+    seed: int = 0
+    default_aggregator: str = "border"
+    ood: OODSpec = field(default_factory=OODSpec)
+    # Free-form facts measured at export/calibration time (validation statistics,
+    # bundle-level entanglement Δ scores, thresholds for the `threshold` aggregator).
+    validation: dict[str, Any] = field(default_factory=dict)
+    entanglement: dict[str, Any] = field(default_factory=dict)
+    opset: int = 18
+    uqserve_version: str = ""
+    schema_version: int = SCHEMA_VERSION
+    manifest_version: int = 1
+    created: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def combination(self) -> str:
+        return f"{self.au}-{self.eu}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["classes"] = list(self.classes)
+        d["members"] = [asdict(m) for m in self.members]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "manifest") -> Manifest:
+        try:
+            version = int(d.get("schema_version", SCHEMA_VERSION))
+            if version > SCHEMA_VERSION:
+                raise BundleError(
+                    f"{source}: schema_version {version} is newer than this uqserve "
+                    f"understands ({SCHEMA_VERSION}); upgrade uqserve"
+                )
+            inp = dict(d.get("input", {}))
+            norm = dict(inp.pop("normalization", {}))
+            if norm.get("clip") is not None:
+                norm["clip"] = tuple(float(v) for v in norm["clip"])
+            inp_spec = InputSpec(
+                channels=int(inp.get("channels", 1)),
+                tile_size=_pair(inp.get("tile_size", (128, 128)), int),
+                multiple=int(inp.get("multiple", 16)),
+                spacing=_pair(inp.get("spacing", (1.0, 1.0)), float),
+                normalization=Normalization(**norm),
+            )
+            ood = dict(d.get("ood", {}))
+            ood["validation_scores"] = tuple(float(v) for v in ood.get("validation_scores", ()))
+            m = cls(
+                name=str(d["name"]),
+                au=str(d["au"]),
+                eu=str(d["eu"]),
+                num_members=int(d["num_members"]),
+                num_samples=int(d["num_samples"]),
+                classes=tuple(str(c) for c in d["classes"]),
+                members=tuple(Member(file=str(x["file"]), sha256=str(x["sha256"])) for x in d["members"]),
+                input=inp_spec,
+                seed=int(d.get("seed", 0)),
+                default_aggregator=str(d.get("default_aggregator", "border")),
+                ood=OODSpec(**ood),
+                validation=dict(d.get("validation", {})),
+                entanglement=dict(d.get("entanglement", {})),
+                opset=int(d.get("opset", 18)),
+                uqserve_version=str(d.get("uqserve_version", "")),
+                schema_version=version,
+                manifest_version=int(d.get("manifest_version", 1)),
+                created=str(d.get("created", "")),
+                extra=dict(d.get("extra", {})),
+            )
+        except BundleError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{source}: malformed manifest ({exc!r}); re-export the bundle") from exc
+        m.validate(source)
+        return m
+
+    def validate(self, source: str = "manifest") -> None:
+        """Raise ``BundleError`` naming the first field that is inconsistent."""
+        problems = []
+        if self.au not in AU_METHODS:
+            problems.append(f"au {self.au!r} is not one of {', '.join(AU_METHODS)}")
+        if self.eu not in EU_METHODS:
+            problems.append(f"eu {self.eu!r} is not one of {', '.join(EU_METHODS)}")
+        if self.num_members < 1 or self.num_members != len(self.members):
+            problems.append(f"num_members {self.num_members} but {len(self.members)} member files")
+        if self.eu == "none" and self.num_members != 1:
+            problems.append("eu 'none' needs exactly one member")
+        if self.num_samples < 1:
+            problems.append(f"num_samples {self.num_samples} < 1")
+        if self.au == "softmax" and self.num_samples != 1:
+            problems.append("au 'softmax' draws exactly one sample")
+        if len(self.classes) < 2:
+            problems.append("need at least two classes (background first)")
+        if self.default_aggregator not in AGGREGATORS:
+            problems.append(f"default_aggregator {self.default_aggregator!r} unknown")
+        if self.ood.aggregator not in AGGREGATORS:
+            problems.append(f"ood.aggregator {self.ood.aggregator!r} unknown")
+        if self.input.normalization.scheme not in NORMALIZATIONS:
+            problems.append(f"normalization {self.input.normalization.scheme!r} unknown")
+        if self.input.normalization.std <= 0:
+            problems.append("normalization std must be > 0")
+        if problems:
+            raise BundleError(f"{source}: " + "; ".join(problems))
+
+
+def _pair(v: Any, typ: type) -> Any:
+    vals = tuple(typ(x) for x in v)
+    if len(vals) != 2:
+        raise ValueError(f"expected two values, got {v!r}")
+    return vals
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A manifest plus the folder it lives in."""
+
+    path: Path
+    manifest: Manifest
+
+    def member_path(self, index: int) -> Path:
+        return self.path / self.manifest.members[index].file
+
+    @property
+    def manifest_sha256(self) -> str:
+        return sha256_file(self.path / MANIFEST_NAME)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def shipped_bundles() -> list[str]:
+    """Names of the bundles that ship inside the package."""
+    if not BUNDLES_DIR.is_dir():
+        return []
+    return sorted(p.name for p in BUNDLES_DIR.iterdir() if (p / MANIFEST_NAME).is_file())
+
+
+def resolve_bundle(name_or_path: str | os.PathLike[str] | None = None) -> Path:
+    """Turn a shipped bundle's name or a folder into the bundle folder."""
+    if name_or_path is None:
+        name_or_path = DEFAULT_BUNDLE
+    p = Path(name_or_path)
+    if p.is_dir():
+        if not (p / MANIFEST_NAME).is_file():
+            raise BundleError(f"{p}: not a bundle (no {MANIFEST_NAME}); pass a folder written by `uqserve export`")
+        return p
+    if p.is_file():
+        if p.name == MANIFEST_NAME:
+            return p.parent
+        raise BundleError(f"{p}: a bundle is a folder with {MANIFEST_NAME}, not a file")
+    shipped = BUNDLES_DIR / str(name_or_path)
+    if os.sep not in str(name_or_path) and (shipped / MANIFEST_NAME).is_file():
+        return shipped
+    known = ", ".join(shipped_bundles()) or "none installed"
+    raise BundleError(f"{name_or_path}: no such bundle folder or shipped bundle (shipped: {known})")
+
+
+def load_bundle(name_or_path: str | os.PathLike[str] | None = None, verify: bool = True) -> Bundle:
+    """Load and validate a bundle; with ``verify`` check every member's sha256."""
+    path = resolve_bundle(name_or_path)
+    mpath = path / MANIFEST_NAME
+    try:
+        data = json.loads(mpath.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{mpath}: not valid JSON ({exc.msg}, line {exc.lineno}); re-export the bundle") from exc
+    except OSError as exc:
+        raise BundleError(f"{mpath}: cannot read ({exc.strerror})") from exc
+    if not isinstance(data, dict):
+        raise BundleError(f"{mpath}: manifest must be a JSON object")
+    bundle = Bundle(path=path, manifest=Manifest.from_dict(data, source=str(mpath)))
+    if verify:
+        verify_checksums(bundle)
+    return bundle
+
+
+def verify_checksums(bundle: Bundle) -> None:
+    """Raise ``BundleError`` on the first member file that is missing or altered."""
+    for i, member in enumerate(bundle.manifest.members):
+        f = bundle.path / member.file
+        if not f.is_file():
+            raise BundleError(f"{f}: member {i} is missing; restore it or re-export the bundle")
+        digest = sha256_file(f)
+        if digest != member.sha256:
+            raise BundleError(
+                f"{f}: checksum mismatch (manifest {member.sha256[:12]}…, file {digest[:12]}…); "
+                "the file was altered or corrupted: restore it or re-export the bundle"
+            )
+
+
+def write_manifest(folder: str | os.PathLike[str], manifest: Manifest) -> Path:
+    """Write ``manifest.json`` atomically (temp file + rename)."""
+    manifest.validate(str(folder))
+    folder = Path(folder)
+    target = folder / MANIFEST_NAME
+    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(manifest.to_dict(), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target

@@ -1,0 +1,92 @@
+"""The runtime interface: one batch of slices in, every member's outputs out.
+
+Two implementations share it (``embedded``: onnxruntime in-process; ``triton``:
+tritonclient gRPC). Everything above this layer cannot tell which one ran.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from uqserve.bundle import Bundle
+
+INPUT_NAMES = ("image", "seed", "offset", "valid")
+OUTPUT_NAMES = ("mean", "sample_entropy", "sample_counts", "sample_labels")
+
+
+class RuntimeError_(RuntimeError):
+    """A runtime that cannot serve: unreachable server, model not ready, mismatch."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch of B slices (or tiles) ready for the member graphs.
+
+    image  ``[B, C, H, W]`` float32, normalised
+    seed   ``[B]`` int64, the run seed (same for every slice of a volume)
+    offset ``[B, 3]`` int64, ``(z, y0, x0)`` global position of each tile
+    valid  ``[B, 2]`` int64, ``(rows, cols)`` of unpadded pixels in each tile
+    """
+
+    image: npt.NDArray[np.float32]
+    seed: npt.NDArray[np.int64]
+    offset: npt.NDArray[np.int64]
+    valid: npt.NDArray[np.int64]
+
+    def feeds(self) -> dict[str, npt.NDArray[np.generic]]:
+        return {"image": self.image, "seed": self.seed, "offset": self.offset, "valid": self.valid}
+
+
+@dataclass(frozen=True)
+class MemberOutputs:
+    """One member's outputs for one batch.
+
+    mean           ``[B, K, H, W]`` float32, p̄_m
+    sample_entropy ``[B, H, W]`` float32, mean per-sample entropy (nats)
+    sample_counts  ``[B, S, K]`` float32, per-sample argmax voxel counts (valid region)
+    sample_labels  ``[B, S, H, W]`` uint8 or None when not requested
+    """
+
+    mean: npt.NDArray[np.float32]
+    sample_entropy: npt.NDArray[np.float32]
+    sample_counts: npt.NDArray[np.float32]
+    sample_labels: npt.NDArray[np.uint8] | None = None
+
+
+class Runtime(ABC):
+    """Runs batches through all M members of one bundle."""
+
+    name: str = "base"
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+
+    @property
+    @abstractmethod
+    def device(self) -> str:
+        """Where the graphs run, e.g. ``cpu`` or ``cuda:0`` or the server URL."""
+
+    @abstractmethod
+    def infer(self, batch: Batch, want_samples: bool = False) -> list[MemberOutputs]:
+        """Run ``batch`` through every member; element m is member m's outputs."""
+
+    def infer_many(
+        self, batches: Iterable[Batch], want_samples: bool = False
+    ) -> Iterator[list[MemberOutputs]]:
+        """Results in the order of ``batches``; implementations may pipeline."""
+        for batch in batches:
+            yield self.infer(batch, want_samples)
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release sessions or connections."""
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
