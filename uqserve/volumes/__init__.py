@@ -1,5 +1,5 @@
 """Volumes: reading NIfTI and DICOM series, writing outputs atomically."""
 
-from uqserve.volumes.base import Volume
+from uqserve.volumes.base import Volume, VolumeError
 
-__all__ = ["Volume"]
+__all__ = ["Volume", "VolumeError"]

@@ -9,6 +9,10 @@ import numpy as np
 import numpy.typing as npt
 
 
+class VolumeError(ValueError):
+    """An input volume that cannot be used; the message names the file and the fix."""
+
+
 @dataclass
 class Volume:
     """A scalar image volume in NIfTI voxel order.
