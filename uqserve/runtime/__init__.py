@@ -1,5 +1,49 @@
 """Client-side runtimes: embedded (onnxruntime) and triton (tritonclient)."""
 
-from uqserve.runtime.base import Batch, MemberOutputs, Runtime
+from __future__ import annotations
 
-__all__ = ["Batch", "MemberOutputs", "Runtime"]
+import os
+from collections.abc import Sequence
+
+from uqserve.bundle import Bundle, load_bundle
+from uqserve.runtime.base import Batch, MemberOutputs, Runtime, RuntimeError_
+
+__all__ = ["Batch", "MemberOutputs", "Runtime", "RuntimeError_", "open_runtime"]
+
+
+def open_runtime(
+    bundle: Bundle | str | os.PathLike[str] | None = None,
+    servers: Sequence[str] | None = None,
+    device: str = "auto",
+) -> Runtime:
+    """The runtime for ``bundle``: Triton when ``servers`` are given, else embedded.
+
+    ``bundle`` is a loaded ``Bundle``, a shipped bundle's name or a folder
+    (``None``: the default bundle). ``servers`` are Triton URLs
+    (``host:port`` gRPC); the Triton runtime checks that the served model
+    matches the manifest. ``device`` applies to the embedded runtime.
+    Raises ``BundleError`` for a bad bundle, ``RuntimeError_`` when a server
+    cannot be used.
+    """
+    if not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle)
+    if servers:
+        try:
+            from uqserve.runtime.triton import TritonRuntime
+        except ImportError as exc:
+            raise RuntimeError_(
+                f"the Triton runtime is not available in this install ({exc}); "
+                "run without --server to predict in-process"
+            ) from exc
+        try:
+            return TritonRuntime(bundle, list(servers))
+        except RuntimeError_:
+            raise
+        except (OSError, ConnectionError, TimeoutError) as exc:
+            raise RuntimeError_(
+                f"cannot connect to {', '.join(servers)} ({exc}); check that `uqserve serve` "
+                "runs there, or drop --server to predict in-process"
+            ) from exc
+    from uqserve.runtime.embedded import EmbeddedRuntime
+
+    return EmbeddedRuntime(bundle, device=device)

@@ -1,0 +1,236 @@
+"""Benchmark `uqserve predict` against naive clients, side by side in one run; prints JSON.
+
+    .venv/bin/python benchmarks/bench_predict.py [--depth 64] [--repeats 1] [--no-torch]
+
+On a synthetic 256 x 256 x DEPTH volume (uqserve.data.make_volume) it measures:
+
+* ``softmax_ensemble``: uqserve's pipeline vs (a) a naive loop that runs each
+  member's ONNX session slice by slice, fetches every output (sample labels
+  included) and stacks all member/sample outputs in memory before computing
+  the maps with numpy;
+* ``ssn_ensemble``: the same, plus (b) eager PyTorch re-running the whole
+  network once per sample (what torch code without the in-graph S axis does);
+* the share of uqserve's wall time spent outside the model graphs;
+* peak RSS of ``predict`` for an SSN bundle with S = 4 vs S = 64, each in its
+  own subprocess.
+
+Bundles: the shipped ``softmax-ensemble`` / ``ssn-ensemble`` need trained
+checkpoints for (b), so this script builds untrained members from
+uqserve.models with fixed seeds (the default ModelConfig, M = 5, S = 16 for
+SSN) and exports them with uqserve.exporting into a temp folder; speed does not
+depend on the weights. Needs the ``export`` extra (torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build_bundle(out: Path, au: str, members: int, samples: int) -> tuple[Path, list[Any]]:
+    """Export ``members`` freshly initialised networks as a bundle; return it and the nets."""
+    import torch
+
+    from uqserve.bundle import InputSpec, Normalization
+    from uqserve.exporting import ExportPlan, export_networks
+    from uqserve.models import ModelConfig, build_network
+
+    cfg = ModelConfig(num_samples=samples)
+    nets = []
+    for m in range(members):
+        torch.manual_seed(1000 + m)
+        nets.append(build_network(au, cfg).eval())
+    plan = ExportPlan(
+        name=out.name,
+        au=au,
+        eu="ensemble",
+        num_members=members,
+        num_samples=samples,
+        classes=("background", "lesion"),
+        input=InputSpec(
+            tile_size=(128, 128), multiple=cfg.multiple, normalization=Normalization("zscore")
+        ),
+    )
+    export_networks(nets, out, plan, cfg, calibrate=False)
+    return out, nets
+
+
+def naive_onnx(bundle_dir: Path, volume: Any) -> float:
+    """(a): per member, per slice session runs; stack everything; maps at the end."""
+    import onnxruntime as ort
+
+    from uqserve.bundle import load_bundle
+
+    b = load_bundle(bundle_dir)
+    x = volume.data
+    norm = ((x - x.mean()) / x.std()).astype(np.float32)
+    X, Y, Z = x.shape
+    t0 = time.perf_counter()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    means, ents, labels = [], [], []
+    for m in range(b.manifest.num_members):
+        sess = ort.InferenceSession(
+            str(b.member_path(m)), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
+        mm, ee, ll = [], [], []
+        for z in range(Z):
+            feeds = {
+                "image": norm[None, None, :, :, z],
+                "seed": np.zeros(1, np.int64),
+                "offset": np.array([[z, 0, 0]], np.int64),
+                "valid": np.array([[X, Y]], np.int64),
+            }
+            mean, ent, _counts, lab = sess.run(None, feeds)
+            mm.append(mean[0])
+            ee.append(ent[0])
+            ll.append(lab[0])
+        means.append(np.stack(mm, axis=-1))  # [K, X, Y, Z]
+        ents.append(np.stack(ee, axis=-1))
+        labels.append(np.stack(ll, axis=-1))  # [S, X, Y, Z]
+    p = np.stack(means).astype(np.float64)  # [M, K, X, Y, Z]
+    pbar = p.mean(axis=0)
+    tu = -(pbar * np.log(np.clip(pbar, 1e-30, None))).sum(axis=0)
+    au = -(p * np.log(np.clip(p, 1e-30, None))).sum(axis=1).mean(axis=0)
+    _eu = tu - au
+    _aus = np.stack(ents).mean(axis=0)
+    _seg = pbar.argmax(axis=0)
+    _counts = np.stack([(np.stack(labels) == k).sum(axis=(2, 3, 4)) for k in range(p.shape[1])])
+    return time.perf_counter() - t0
+
+
+def eager_torch(nets: list[Any], volume: Any, samples: int, batch: int = 8) -> float:
+    """(b): eager PyTorch, the whole network re-run for every sample."""
+    import torch
+
+    x = volume.data
+    norm = torch.from_numpy(((x - x.mean()) / x.std()).astype(np.float32))
+    slices = norm.permute(2, 0, 1).unsqueeze(1).contiguous()  # [Z, 1, X, Y]
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        sums = torch.zeros(2, *slices.shape[2:], slices.shape[0])
+        for net in nets:
+            for _s in range(samples):
+                for z0 in range(0, slices.shape[0], batch):
+                    p = net(slices[z0 : z0 + batch], samples=1)[:, 0]  # [b, K, X, Y]
+                    sums[..., z0 : z0 + batch] += p.permute(1, 2, 3, 0)
+    return time.perf_counter() - t0
+
+
+def uqserve_predict(bundle_dir: Path, volume: Any, batch_size: int) -> dict[str, float]:
+    from uqserve.predict import predict_volume
+    from uqserve.runtime import open_runtime
+
+    rt = open_runtime(bundle_dir, device="cpu")
+    t0 = time.perf_counter()
+    pred = predict_volume(volume, runtime=rt, batch_size=batch_size)
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "model_s": pred.report["timings"]["model_s"]}
+
+
+def rss_child(bundle_dir: str, depth: int, batch_size: int) -> None:
+    """Run in a subprocess: predict once, print peak RSS in MiB."""
+    from uqserve.data import make_volume
+    from uqserve.predict import predict_volume
+
+    vol = make_volume(0, shape=(256, 256, depth)).volume
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    predict_volume(vol, bundle_dir, batch_size=batch_size)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_rss_mib": peak / 1024, "before_mib": base / 1024}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--depth", type=int, default=64)
+    ap.add_argument("--members", type=int, default=5)
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--no-torch", action="store_true", help="skip (b), eager PyTorch")
+    ap.add_argument(
+        "--rss-child", nargs=3, metavar=("BUNDLE", "DEPTH", "BATCH"), help=argparse.SUPPRESS
+    )
+    args = ap.parse_args()
+    if args.rss_child:
+        rss_child(args.rss_child[0], int(args.rss_child[1]), int(args.rss_child[2]))
+        return
+
+    from uqserve.data import make_volume
+
+    volume = make_volume(0, shape=(256, 256, args.depth)).volume
+    result: dict[str, Any] = {
+        "volume": [256, 256, args.depth],
+        "threads": len(os.sched_getaffinity(0)),
+        "batch_size": args.batch_size,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        soft, _ = build_bundle(t / "softmax-ensemble", "softmax", args.members, 1)
+        ssn, ssn_nets = build_bundle(t / "ssn-ensemble", "ssn", args.members, args.samples)
+        for name, bundle, nets, samples in (
+            ("softmax_ensemble", soft, None, 1),
+            ("ssn_ensemble", ssn, ssn_nets, args.samples),
+        ):
+            best: dict[str, float] = {}
+            for _ in range(args.repeats):
+                run = uqserve_predict(bundle, volume, args.batch_size)
+                naive = naive_onnx(bundle, volume)
+                cand = {
+                    "uqserve_s": run["wall_s"],
+                    "model_s": run["model_s"],
+                    "naive_onnx_s": naive,
+                }
+                if nets is not None and not args.no_torch:
+                    cand["eager_torch_s"] = eager_torch(nets, volume, samples)
+                best = cand if not best or cand["uqserve_s"] < best["uqserve_s"] else best
+            entry: dict[str, Any] = {
+                "members": args.members,
+                "samples": samples,
+                **{k: round(v, 3) for k, v in best.items()},
+                "speedup_vs_naive_onnx": round(best["naive_onnx_s"] / best["uqserve_s"], 2),
+                "share_outside_graphs": round(1 - best["model_s"] / best["uqserve_s"], 3),
+            }
+            if "eager_torch_s" in best:
+                entry["speedup_vs_eager_torch"] = round(
+                    best["eager_torch_s"] / best["uqserve_s"], 2
+                )
+            result[name] = entry
+        # Peak RSS, S = 4 vs S = 64 (same networks' architecture, own subprocess each).
+        rss = {}
+        for s in (4, 64):
+            b, _ = build_bundle(t / f"ssn-s{s}", "ssn", 2, s)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--rss-child",
+                    str(b),
+                    str(args.depth),
+                    str(args.batch_size),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            rss[f"S{s}"] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+        result["peak_rss_mib"] = {k: round(v, 1) for k, v in rss.items()}
+        result["peak_rss_ratio_S64_over_S4"] = round(rss["S64"] / rss["S4"], 3)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny real bundles and small synthetic NIfTI scans in temp folders."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from tests._bundles import make_tiny_bundle
+
+SCAN_AFFINE = np.array(
+    [[-0.8, 0.0, 0.0, 90.0], [0.0, 0.8, 0.0, -120.0], [0.0, 0.0, 3.0, -40.0], [0, 0, 0, 1]],
+    dtype=np.float64,
+)
+
+
+def blob_volume(shape: tuple[int, ...] = (40, 36, 5), seed: int = 0) -> npt.NDArray[np.float32]:
+    """A dark background with one bright ellipsoid and mild noise, float32 ``[X, Y, Z]``."""
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    r2 = sum((g / 0.5) ** 2 for g in grids[:2])
+    if len(shape) > 2:
+        r2 = r2 + (grids[2] / 1.5) ** 2
+    vol = 100.0 + 300.0 * (r2 < 1.0) + rng.normal(0.0, 20.0, shape)
+    return vol.astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ssn-ensemble, M=2, S=3, K=2: noise is exercised."""
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundles") / "tiny-ssn")
+
+
+@pytest.fixture(scope="session")
+def tiny_softmax_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """softmax-ensemble, M=3, S=1, K=2."""
+    folder = tmp_path_factory.mktemp("bundles") / "tiny-softmax"
+    return make_tiny_bundle(folder, au="softmax", num_members=3, num_samples=1)
+
+
+@pytest.fixture
+def make_bundle(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``make_bundle(name="b", **make_tiny_bundle_kwargs) -> Path``."""
+
+    def make(name: str = "bundle", **kwargs: Any) -> Path:
+        return make_tiny_bundle(tmp_path / "bundles" / name, **kwargs)
+
+    return make
+
+
+def write_nifti(
+    path: Path,
+    data: npt.NDArray[Any],
+    affine: npt.NDArray[np.float64] = SCAN_AFFINE,
+    *,
+    nifti2: bool = False,
+    slope: float | None = None,
+    inter: float = 0.0,
+) -> Path:
+    """Write ``data`` as NIfTI-1/2 with qform and sform set (codes 1 and 2)."""
+    cls = nib.Nifti2Image if nifti2 else nib.Nifti1Image
+    img = cls(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=2)
+    if slope is not None:
+        img.header.set_slope_inter(slope, inter)
+    nib.save(img, str(path))
+    return path
+
+
+@pytest.fixture
+def scan(tmp_path: Path) -> Path:
+    """A small 3D NIfTI-1 scan ``[40, 36, 5]`` (float32, .nii.gz)."""
+    return write_nifti(tmp_path / "scan.nii.gz", blob_volume())

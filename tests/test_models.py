@@ -1,0 +1,223 @@
+"""The model zoo: registry, configs, counter-based noise, losses, MC-dropout masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from uqserve.models import (  # noqa: E402
+    AU_METHODS,
+    COMBINATIONS,
+    ModelConfig,
+    build_network,
+    member_graph,
+    noise,
+    parse_combination,
+)
+from uqserve.models.dropout import dropout_layers, freeze_dropout_masks  # noqa: E402
+from uqserve.models.heads import HashNoise  # noqa: E402
+
+TINY = {"width": 8, "depth": 3}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> object:
+    # Tiny graphs: one thread is faster, and far faster on a busy 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_combinations_cover_the_grid() -> None:
+    assert len(COMBINATIONS) == 12
+    assert parse_combination("ssn-ensemble") == ("ssn", "ensemble")
+    for name in COMBINATIONS:
+        au, eu = parse_combination(name)
+        assert f"{au}-{eu}" == name
+    with pytest.raises(ValueError, match="softmax-ensemble"):
+        parse_combination("ssn-swag")
+
+
+def test_model_config_round_trip_and_validation() -> None:
+    cfg = ModelConfig(width=12, depth=2, dropout=0.2, num_samples=7, dropout_positions=["decoder"])
+    again = ModelConfig.from_dict(cfg.to_dict())
+    assert again == cfg and again.dropout_positions == ("decoder",)
+    assert cfg.multiple == 2
+    with pytest.raises(ValueError, match="num_classes"):
+        ModelConfig(num_classes=1)
+    with pytest.raises(ValueError, match="dropout_positions"):
+        ModelConfig(dropout_positions=("everywhere",))
+    with pytest.raises(ValueError, match="unknown fields"):
+        ModelConfig.from_dict({"widht": 8})
+    with pytest.raises(ValueError, match="unknown AU method"):
+        build_network("swag", ModelConfig())
+
+
+# ---------------------------------------------------------------- noise
+
+
+def test_torch_noise_equals_numpy_twin() -> None:
+    keys_np = [
+        np.int64(2**40 + 3),
+        2,
+        np.arange(5)[:, None, None],
+        7,
+        np.arange(3)[None, :, None],
+        np.arange(11),
+    ]
+    keys_t = [
+        k if isinstance(k, int) else torch.from_numpy(np.asarray(k, dtype=np.int64))
+        for k in keys_np
+    ]
+    h_np, h_t = noise.hash_keys_np(keys_np), noise.hash_keys(keys_t).numpy()
+    assert h_np.shape == (5, 3, 11) and np.array_equal(h_np, h_t)
+    assert (h_np >= 0).all() and (h_np < noise.PRIME).all()
+    np.testing.assert_array_equal(noise.uniform_np(keys_np), noise.uniform(keys_t).numpy())
+    np.testing.assert_allclose(noise.normal_np(keys_np), noise.normal(keys_t).numpy(), atol=1e-5)
+    for a, b in zip(noise.normal_pair_np(keys_np), noise.normal_pair(keys_t), strict=True):
+        np.testing.assert_allclose(a, b.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(noise.normal_pair_np(keys_np)[0], noise.normal_np(keys_np))
+
+
+def test_noise_is_standard_normal_and_uncorrelated() -> None:
+    y = np.arange(256)[:, None]
+    x = np.arange(256)[None, :]
+    z = noise.normal_np([123, 0, 0, noise.STREAM_SSN_DIAG, 0, 5, y, x]).astype(np.float64)
+    assert abs(z.mean()) < 0.02 and abs(z.std() - 1) < 0.02
+    assert abs((np.abs(z) > 2).mean() - 0.0455) < 0.004  # Gaussian tails, not just moments
+    # Neighbouring pixels, samples, classes and seeds must not correlate (a
+    # linear hash gives about 0.6 between neighbours).
+    other_sample = noise.normal_np([123, 0, 1, noise.STREAM_SSN_DIAG, 0, 5, y, x])
+    other_class = noise.normal_np([123, 0, 0, noise.STREAM_SSN_DIAG, 1, 5, y, x])
+    other_seed = noise.normal_np([124, 0, 0, noise.STREAM_SSN_DIAG, 0, 5, y, x])
+    pairs = [
+        (z[:, :-1], z[:, 1:]),
+        (z[:-1], z[1:]),
+        (z, other_sample),
+        (z, other_class),
+        (z, other_seed),
+    ]
+    for a, b in pairs:
+        assert abs(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1]) < 0.03
+    cos, sin = noise.normal_pair_np([123, 0, 0, noise.STREAM_SSN_DIAG, 0, 5, y, x])
+    assert abs(sin.std() - 1) < 0.02 and abs(np.corrcoef(cos.ravel(), sin.ravel())[0, 1]) < 0.03
+    u = noise.uniform_np([9, np.arange(100_000)])
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
+
+
+def test_pixel_noise_does_not_depend_on_tiling_or_batching() -> None:
+    seed = torch.tensor([77, 77], dtype=torch.int64)
+    slab = HashNoise(seed[:1], torch.tensor([[3, 0, 16]]), 1, 4, 64, 32).pixel_normal(2, 3)
+    tiles = HashNoise(seed, torch.tensor([[3, 0, 16], [3, 32, 16]]), 1, 4, 32, 32).pixel_normal(
+        2, 3
+    )
+    torch.testing.assert_close(slab[0, :, :, :32], tiles[0], rtol=0, atol=0)
+    torch.testing.assert_close(slab[0, :, :, 32:], tiles[1], rtol=0, atol=0)
+    # channels 0, 1 of three are the cos of pairs 0, 1; channel 2 is the sin of pair 0
+    expect = noise.normal_pair_np(
+        [77, 1, np.arange(4)[:, None, None], 2, 0, 3, np.arange(64)[:, None], 16 + np.arange(32)]
+    )[1]
+    np.testing.assert_allclose(slab[0, :, 2].numpy(), expect, atol=1e-5)
+    # Global noise has no position: the same for every tile and slice of a volume.
+    g = HashNoise(seed, torch.tensor([[0, 0, 0], [9, 32, 64]]), 1, 4, 32, 32).global_normal(1, 10)
+    torch.testing.assert_close(g[0], g[1], rtol=0, atol=0)
+    other_member = HashNoise(seed, torch.zeros(2, 3, dtype=torch.int64), 2, 4, 8, 8)
+    assert not torch.equal(other_member.global_normal(1, 10), g)
+
+
+# ---------------------------------------------------------------- losses
+
+
+def _batch(n: int = 4, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(n, 1, size, size, generator=gen)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 4) ** 2).long()
+    target = disc.expand(n, size, size).clone()
+    image = image * 0.3 + target.unsqueeze(1).float()
+    return image, target
+
+
+@pytest.mark.parametrize("au", AU_METHODS)
+def test_loss_trains_every_au_method(au: str) -> None:
+    torch.manual_seed(0)
+    net = build_network(
+        au, ModelConfig(**TINY, num_samples=1 if au == "softmax" else 4, punet_warmup=5)
+    )
+    image, target = _batch()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    net.train()
+    losses = []
+    for _ in range(25):
+        loss, logs = net.loss(image, target)
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        assert logs and all(np.isfinite(v) for v in logs.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert net.step == 25
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    probs = net.eval()(image[:2])
+    s = 1 if au == "softmax" else 4
+    assert probs.shape == (2, s, 2, 32, 32)
+    torch.testing.assert_close(probs.sum(2), torch.ones(2, s, 32, 32))
+
+
+def test_loss_rejects_bad_shapes() -> None:
+    net = build_network("softmax", ModelConfig(**TINY))
+    image, target = _batch(2)
+    with pytest.raises(ValueError, match="target must be"):
+        net.loss(image, target[:, :16])
+    with pytest.raises(ValueError, match="multiples of 4"):
+        net.loss(image[:, :, :30, :30], target[:, :30, :30])
+    with pytest.raises(ValueError, match=r"image must be \[B, 1, H, W\]"):
+        net.loss(image.repeat(1, 2, 1, 1), target)
+
+
+def test_ssn_warmup_trains_the_mean_only() -> None:
+    net = build_network("ssn", ModelConfig(**TINY, ssn_warmup=2))
+    image, target = _batch(2)
+    _, logs = net.loss(image, target)
+    assert logs.get("warmup") == 1.0
+    net.loss(image, target)
+    _, logs = net.loss(image, target)
+    assert "warmup" not in logs
+
+
+# ---------------------------------------------------------------- MC dropout
+
+
+def test_mc_dropout_masks_are_frozen_per_member() -> None:
+    net = build_network("softmax", ModelConfig(**TINY, dropout=0.3)).eval()
+    layers = dropout_layers(net)
+    assert len(layers) == 5  # encoder, bottleneck and decoder blocks
+    image, _ = _batch(2)
+    args = (
+        image,
+        torch.zeros(2, dtype=torch.int64),
+        torch.zeros(2, 3, dtype=torch.int64),
+        torch.full((2, 2), 32),
+    )
+    g0, g1 = (
+        member_graph(net, 0, 1, eu="mcdropout", seed=5),
+        member_graph(net, 1, 1, eu="mcdropout", seed=5),
+    )
+    with torch.no_grad():
+        a, a2, b = g0(*args)[0], g0(*args)[0], g1(*args)[0]
+    assert torch.equal(a, a2)  # each member is deterministic
+    assert (a - b).abs().max() > 1e-3  # members differ
+    m0 = [layer.mask for layer in dropout_layers(g0.net)]
+    m0_again = [
+        layer.mask for layer in dropout_layers(member_graph(net, 0, 1, eu="mcdropout", seed=5).net)
+    ]
+    assert all(torch.equal(x, y) for x, y in zip(m0, m0_again, strict=True))
+    keep = torch.cat([(m > 0).float() for m in m0]).mean()
+    assert 0.5 < float(keep) < 0.9  # about 1 - p
+    assert all(layer.mask is None for layer in layers)  # the trained network is untouched
+    with pytest.raises(ValueError, match="dropout > 0"):
+        member_graph(build_network("softmax", ModelConfig(**TINY)), 0, 1, eu="mcdropout")
+    assert freeze_dropout_masks(build_network("softmax", ModelConfig(**TINY)), 0, 0) == 0

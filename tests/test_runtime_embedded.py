@@ -1,0 +1,133 @@
+"""EmbeddedRuntime on real onnxruntime sessions of tiny bundles; open_runtime wiring."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from tests._bundles import make_tiny_bundle
+from uqserve.bundle import BundleError, load_bundle, sha256_file
+from uqserve.runtime import Batch, RuntimeError_, open_runtime
+from uqserve.runtime.embedded import EmbeddedRuntime, cpu_count, cuda_available
+
+
+def _batch(b: int = 3, h: int = 32, w: int = 40, seed: int = 5) -> Batch:
+    rng = np.random.default_rng(0)
+    return Batch(
+        image=rng.normal(size=(b, 1, h, w)).astype(np.float32),
+        seed=np.full(b, seed, np.int64),
+        offset=np.array([[z, 0, 0] for z in range(b)], np.int64),
+        valid=np.array([[h - 2, w - 3]] * b, np.int64),
+    )
+
+
+def test_infer_shapes_and_values(tiny_bundle: Path) -> None:
+    bundle = load_bundle(tiny_bundle)
+    batch = _batch()
+    with EmbeddedRuntime(bundle, device="cpu") as rt:
+        assert rt.device == "cpu" and rt.name == "embedded" and rt.threads == cpu_count()
+        outs = rt.infer(batch)
+        assert len(outs) == 2
+        for o in outs:
+            assert o.mean.shape == (3, 2, 32, 40) and o.mean.dtype == np.float32
+            np.testing.assert_allclose(o.mean.sum(axis=1), 1.0, atol=1e-5)
+            assert o.sample_entropy.shape == (3, 32, 40)
+            assert o.sample_counts.shape == (3, 3, 2)
+            # counts cover the valid region only
+            np.testing.assert_array_equal(o.sample_counts.sum(axis=2), 30 * 37)
+            assert o.sample_labels is None
+        # the members differ (weights), so an ensemble has EU > 0
+        assert not np.array_equal(outs[0].mean, outs[1].mean)
+        with_samples = rt.infer(batch, want_samples=True)
+    for o, s in zip(outs, with_samples, strict=True):
+        np.testing.assert_array_equal(o.mean, s.mean)
+        assert s.sample_labels is not None and s.sample_labels.shape == (3, 3, 32, 40)
+        assert s.sample_labels.dtype == np.uint8
+        # The labels are the samples the counts were taken from.
+        valid = s.sample_labels[:, :, :30, :37]
+        counts = np.stack([(valid == k).sum(axis=(2, 3)) for k in range(2)], axis=-1)
+        np.testing.assert_array_equal(counts, s.sample_counts)
+
+
+def test_infer_equals_plain_session(tiny_bundle: Path) -> None:
+    bundle = load_bundle(tiny_bundle)
+    batch = _batch(seed=11)
+    sess = ort.InferenceSession(str(bundle.member_path(1)), providers=["CPUExecutionProvider"])
+    expected = sess.run(["mean", "sample_entropy"], batch.feeds())
+    with EmbeddedRuntime(bundle, device="cpu", threads=1) as rt:
+        got = rt.infer(batch)[1]
+    np.testing.assert_array_equal(got.mean, expected[0])
+    np.testing.assert_array_equal(got.sample_entropy, expected[1])
+
+
+def test_infer_many_in_order(tiny_bundle: Path) -> None:
+    bundle = load_bundle(tiny_bundle)
+    batches = [_batch(b=1, seed=s) for s in (1, 2, 3)]
+    with EmbeddedRuntime(bundle, device="cpu") as rt:
+        many = list(rt.infer_many(batches))
+        single = [rt.infer(b) for b in batches]
+    for a, b in zip(many, single, strict=True):
+        np.testing.assert_array_equal(a[0].mean, b[0].mean)
+    assert not np.array_equal(many[0][0].mean, many[1][0].mean)  # seed changes SSN samples
+
+
+def test_member_that_fails_to_load(tmp_path: Path) -> None:
+    folder = make_tiny_bundle(tmp_path / "b")
+    (folder / "member_1.onnx").write_bytes(b"not an onnx graph")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["members"][1]["sha256"] = sha256_file(folder / "member_1.onnx")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"member_1.onnx: member 1 cannot be loaded"):
+        EmbeddedRuntime(load_bundle(folder), device="cpu")
+
+
+def test_member_with_wrong_signature(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    folder = make_tiny_bundle(tmp_path / "b", num_members=1, eu="none")
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["image"], ["mean"])],
+        "bad",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["B", 1, "H", "W"])],
+        [helper.make_tensor_value_info("mean", TensorProto.FLOAT, ["B", 1, "H", "W"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(folder / "member_0.onnx"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["members"][0]["sha256"] = sha256_file(folder / "member_0.onnx")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="lacks seed, offset, valid, sample_entropy"):
+        EmbeddedRuntime(load_bundle(folder), device="cpu")
+
+
+def test_device_options(tiny_bundle: Path) -> None:
+    bundle = load_bundle(tiny_bundle)
+    with pytest.raises(ValueError, match="device 'tpu' unknown"):
+        EmbeddedRuntime(bundle, device="tpu")
+    with pytest.raises(ValueError, match="threads"):
+        EmbeddedRuntime(bundle, device="cpu", threads=0)
+    auto = EmbeddedRuntime(bundle, device="auto")
+    assert auto.device == ("cuda" if cuda_available() else "cpu")
+    if not cuda_available():
+        with pytest.raises(RuntimeError_, match="use --device cpu"):
+            EmbeddedRuntime(bundle, device="cuda")
+
+
+def test_open_runtime(tiny_bundle: Path, tmp_path: Path) -> None:
+    rt = open_runtime(tiny_bundle, device="cpu")
+    assert isinstance(rt, EmbeddedRuntime) and rt.bundle.path == tiny_bundle
+    with pytest.raises(BundleError, match="not a bundle"):
+        open_runtime(tmp_path)
+    t0 = time.perf_counter()
+    # Port 9 (discard) on loopback: nothing listens; the error must be clear and quick.
+    with pytest.raises((RuntimeError_, ValueError)) as info:
+        open_runtime(tiny_bundle, servers=["grpc://127.0.0.1:9"])
+    assert "127.0.0.1:9" in str(info.value)
+    assert time.perf_counter() - t0 < 60

@@ -1,0 +1,435 @@
+"""uqserve.uncertainty: decomposition properties, streaming = batch, known answers, parity."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from uqserve import bundle
+from uqserve.uncertainty import (
+    AGGREGATORS,
+    Accumulator,
+    Decomposition,
+    OODResult,
+    ambiguity_delta,
+    calibrate_ood_threshold,
+    calibration_delta,
+    decompose,
+    entanglement_delta,
+    entropy,
+    image_score,
+    ood_decision,
+    ood_delta,
+    rank_correlation,
+    scan_entanglement,
+    volume_distribution,
+)
+
+PROPS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FIELDS = ("mean", "tu", "au", "eu", "au_sample", "au_latent")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def make_probs(
+    seed: int, m: int, s: int, k: int, spatial: tuple[int, ...], hard: float, dtype: type
+) -> np.ndarray:
+    """[M, S, K, *sp] probabilities; a share ``hard`` of vectors made one-hot (exact zeros)."""
+    rng = np.random.default_rng(seed)
+    alpha = rng.choice([0.1, 1.0, 10.0])
+    p = rng.dirichlet(np.full(k, alpha), size=(m, s, *spatial))  # [M, S, *sp, K]
+    onehot = np.eye(k)[p.argmax(axis=-1)]
+    p = np.where(rng.random((m, s, *spatial, 1)) < hard, onehot, p)
+    return np.moveaxis(p, -1, 2).astype(dtype)
+
+
+@st.composite
+def prob_arrays(draw: st.DrawFn) -> np.ndarray:
+    ndim = draw(st.integers(1, 3))
+    spatial = tuple(draw(st.lists(st.integers(1, 5), min_size=ndim, max_size=ndim)))
+    return make_probs(
+        seed=draw(st.integers(0, 2**32 - 1)),
+        m=draw(st.integers(1, 4)),
+        s=draw(st.integers(1, 3)),
+        k=draw(st.integers(2, 4)),
+        spatial=spatial,
+        hard=draw(st.sampled_from([0.0, 0.3, 1.0])),
+        dtype=draw(st.sampled_from([np.float32, np.float64])),
+    )
+
+
+def close(a: object, b: object, field: str, atol: float = 2e-6) -> None:
+    np.testing.assert_allclose(
+        getattr(a, field), getattr(b, field), atol=atol, rtol=1e-5, err_msg=field
+    )
+
+
+def fg(d: Decomposition) -> np.ndarray:
+    assert d.member_foreground is not None
+    return d.member_foreground
+
+
+def sample_entropy(member: np.ndarray) -> np.ndarray:
+    """(1/S) Σ_s H[p_s] for [S, K, *sp], via scipy (an independent implementation)."""
+    return np.mean(
+        [scipy.stats.entropy(member[s].astype(np.float64), axis=0) for s in range(len(member))],
+        axis=0,
+    )
+
+
+def random_slabs(rng: np.random.Generator, shape: tuple[int, ...]) -> list[tuple[slice, ...]]:
+    """Cut the domain into a random grid of slabs (random cuts along every axis)."""
+    per_axis = []
+    for n in shape:
+        cuts = sorted(set(rng.integers(1, n, size=rng.integers(0, 3)).tolist())) if n > 1 else []
+        edges = [0, *cuts, n]
+        per_axis.append([slice(a, b) for a, b in itertools.pairwise(edges)])
+    grid = np.array(np.meshgrid(*[np.arange(len(a)) for a in per_axis], indexing="ij"))
+    cells = grid.reshape(len(shape), -1).T
+    slabs = [tuple(per_axis[ax][i] for ax, i in enumerate(cell)) for cell in cells]
+    return [slabs[i] for i in rng.permutation(len(slabs))]
+
+
+# --------------------------------------------------------------------------- properties
+
+
+@PROPS
+@given(prob_arrays())
+def test_decomposition_identities_and_bounds(probs: np.ndarray) -> None:
+    d = decompose(probs)
+    k = probs.shape[2]
+    tol = 2e-6 if probs.dtype == np.float64 else 2e-5
+    np.testing.assert_allclose(d.tu, d.au + d.eu, atol=tol)
+    np.testing.assert_allclose(d.au, d.au_sample + d.au_latent, atol=tol)
+    for name in ("au", "eu", "au_sample", "au_latent"):
+        assert (getattr(d, name) >= 0).all(), name
+    assert (d.au <= d.tu + tol).all() and (d.eu <= d.tu + tol).all()
+    assert (d.tu <= math.log(k) + tol).all()
+    for name in FIELDS:
+        assert getattr(d, name).dtype == np.float32
+    np.testing.assert_allclose(d.mean.sum(axis=0), 1, atol=1e-5)
+    if probs.shape[0] == 1:
+        assert (d.eu <= tol).all()  # one member: no epistemic uncertainty
+    if probs.shape[1] == 1:
+        assert (d.au_latent <= tol).all()  # one sample: no latent ambiguity
+
+
+@PROPS
+@given(prob_arrays(), st.integers(0, 2**32 - 1))
+def test_permutation_invariance(probs: np.ndarray, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    ref = decompose(probs)
+    perm = probs[rng.permutation(probs.shape[0])][:, rng.permutation(probs.shape[1])]
+    out = decompose(perm)
+    for f in FIELDS:
+        close(out, ref, f)
+    assert np.array_equal(fg(out), fg(ref))
+
+
+@PROPS
+@given(prob_arrays(), st.integers(0, 2**32 - 1), st.booleans())
+def test_streaming_equals_batch(probs: np.ndarray, seed: int, with_entropy: bool) -> None:
+    """Any member order, any (per-member different) split into slabs -> decompose."""
+    rng = np.random.default_rng(seed)
+    m, s, k = probs.shape[:3]
+    spatial = probs.shape[3:]
+    acc = Accumulator(k, spatial)
+    for mi in rng.permutation(m):
+        pm = probs[mi].mean(axis=0, dtype=np.float64).astype(np.float32)
+        hs = sample_entropy(probs[mi]).astype(np.float32) if (with_entropy or s > 1) else None
+        for slab in random_slabs(rng, spatial):
+            acc.add(
+                pm[(slice(None), *slab)],
+                None if hs is None else hs[slab],
+                where=slab,
+            )
+    got, ref = acc.result(), decompose(probs)
+    assert got.num_members == m
+    for f in FIELDS:
+        close(got, ref, f, atol=1e-5)
+    assert np.array_equal(fg(got), fg(ref))
+
+
+@PROPS
+@given(prob_arrays())
+def test_entropy_matches_scipy(probs: np.ndarray) -> None:
+    p = probs[0, 0]
+    np.testing.assert_allclose(
+        entropy(p, axis=0), scipy.stats.entropy(p.astype(np.float64), axis=0), atol=1e-6
+    )
+    moved = np.moveaxis(p, 0, -1)
+    np.testing.assert_allclose(entropy(moved, axis=-1), entropy(p, axis=0), atol=1e-7)
+
+
+# --------------------------------------------------------------------------- known answers
+
+
+def test_disagreeing_one_hot_members_have_eu_ln2() -> None:
+    probs = np.array([[[1.0, 0.0]], [[0.0, 1.0]]])[:, :, :, None]  # [M=2, S=1, K=2, 1]
+    d = decompose(probs)
+    assert d.eu[0] == pytest.approx(math.log(2), abs=1e-7)
+    assert d.tu[0] == pytest.approx(math.log(2), abs=1e-7)
+    assert d.au[0] == 0.0  # exactly: 0 ln 0 = 0, no epsilon
+    assert bool(fg(d)[0])
+
+
+def test_identical_members_have_no_eu() -> None:
+    one = make_probs(3, 1, 4, 3, (6, 5), 0.0, np.float64)
+    d = decompose(np.repeat(one, 3, axis=0))
+    assert np.abs(d.eu).max() <= 1e-7
+    np.testing.assert_allclose(d.tu, d.au, atol=1e-7)
+
+
+def test_one_member_with_samples_puts_ambiguity_in_au_latent() -> None:
+    # one member, two one-hot samples that disagree: AU = ln 2, all of it latent
+    probs = np.array([[[1.0, 0.0], [0.0, 1.0]]])[..., None]  # [1, 2, 2, 1]
+    d = decompose(probs)
+    assert d.au[0] == pytest.approx(math.log(2), abs=1e-7)
+    assert d.au_latent[0] == pytest.approx(math.log(2), abs=1e-7)
+    assert d.au_sample[0] == 0.0 and d.eu[0] == 0.0
+
+
+def test_accumulator_without_sample_entropy_is_s1() -> None:
+    probs = make_probs(5, 3, 4, 2, (7, 3), 0.2, np.float32)
+    acc = Accumulator(2, (7, 3))
+    for m in range(3):
+        acc.add(probs[m].mean(axis=0))
+    r = acc.result()
+    np.testing.assert_allclose(r.au_sample, r.au, atol=1e-7)
+    assert np.abs(r.au_latent).max() <= 1e-7
+
+
+def test_result_release_hands_over_buffers() -> None:
+    probs = make_probs(6, 3, 1, 3, (5, 4, 2), 0.2, np.float32)
+    acc = Accumulator(3, (5, 4, 2))
+    for m in range(3):
+        acc.add(probs[m, 0])
+    copied = acc.result()
+    acc.add(probs[0, 0, :, :2], where=(slice(0, 2),))  # still usable after result()
+    with pytest.raises(ValueError, match="between 3 and 4 members"):
+        acc.result()
+    acc = Accumulator(3, (5, 4, 2))
+    for m in range(3):
+        acc.add(probs[m, 0])
+    released = acc.result(release=True)
+    for f in FIELDS:
+        np.testing.assert_array_equal(getattr(released, f), getattr(copied, f), err_msg=f)
+    with pytest.raises(ValueError, match="new Accumulator"):
+        acc.add(probs[0, 0])
+    with pytest.raises(ValueError, match="new Accumulator"):
+        acc.result()
+
+
+def test_delta_known_values() -> None:
+    assert entanglement_delta(1.0, 0.0, True) == pytest.approx(1.0)
+    assert entanglement_delta(0.7, 0.7, True) == pytest.approx(0.0)
+    assert entanglement_delta(0.0, 1.0, True) == pytest.approx(-1.0)
+    # atan2(1, sqrt 3) = π/6 -> (π/6 - π/4) / (π/4) = -1/3
+    assert entanglement_delta(1.0, math.sqrt(3), True) == pytest.approx(-1 / 3)
+    assert entanglement_delta(1.0, math.sqrt(3), False) == pytest.approx(1 / 3)
+    assert ood_delta(0.9, 0.9) == pytest.approx(0.0)
+    assert ambiguity_delta(0.5, 0.0) == pytest.approx(1.0)
+    # lower ACE is better: TU perfect (0) against min(0.3, 0.1) = 0.1 -> Δ = 1
+    assert calibration_delta(0.0, 0.3, 0.1) == pytest.approx(1.0)
+    assert calibration_delta(0.1, 0.1, 0.5) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="finite"):
+        ood_delta(float("nan"), 0.5)
+
+
+# --------------------------------------------------------------------------- image scores
+
+
+def test_aggregator_names_match_the_manifest() -> None:
+    assert AGGREGATORS == bundle.AGGREGATORS
+
+
+def test_border_aggregator() -> None:
+    seg = np.zeros((4, 5), np.uint8)
+    seg[1:3, 1:3] = 1  # a 2x2 square: 4 vertical + 4 horizontal label changes
+    u = np.arange(20, dtype=np.float32).reshape(4, 5)
+    assert image_score(u, "border", seg=seg) == pytest.approx(u.sum() / 8)
+    assert image_score(u, "border", seg=np.zeros_like(seg)) == pytest.approx(u.sum())
+    seg3 = np.zeros((3, 3, 2), np.uint8)
+    seg3[1, 1, 1] = 1  # 2 changes along each of the three axes except z: 1
+    assert image_score(np.ones((3, 3, 2)), "border", seg=seg3) == pytest.approx(18 / 5)
+
+
+@PROPS
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(1, 14),
+    st.integers(1, 14),
+    st.integers(1, 3),
+    st.integers(1, 12),
+)
+def test_patch_aggregator_matches_brute_force(seed: int, h: int, w: int, z: int, p: int) -> None:
+    u = np.random.default_rng(seed).random((h, w, z)).astype(np.float32)
+    ph, pw = min(p, h), min(p, w)
+    brute = max(
+        float(u[i : i + ph, j : j + pw, c].sum(dtype=np.float64))
+        for i in range(h - ph + 1)
+        for j in range(w - pw + 1)
+        for c in range(z)
+    )
+    assert image_score(u, "patch", patch_size=p) == pytest.approx(brute, rel=1e-9)
+    if z == 1:
+        assert image_score(u[:, :, 0], "patch", patch_size=p) == pytest.approx(brute, rel=1e-9)
+
+
+def test_threshold_mean_and_foreground_aggregators() -> None:
+    u = np.array([[0.1, 0.5, 0.9], [0.2, 0.6, 0.0]])
+    assert image_score(u, "mean") == pytest.approx(u.mean())
+    assert image_score(u, "threshold", threshold=0.5) == pytest.approx((0.5 + 0.9 + 0.6) / 3)
+    assert image_score(u, "threshold", threshold=2.0) == 0.0
+    big = np.random.default_rng(0).random((12, 12))
+    fg = np.zeros((12, 12), bool)
+    fg[0, 0] = True  # dilated by 2 voxels: the 3x3 corner block
+    assert image_score(big, "foreground", member_foreground=fg) == pytest.approx(big[:3, :3].mean())
+    fg[6, 6] = True
+    expected = np.zeros((12, 12), bool)
+    expected[:3, :3] = expected[4:9, 4:9] = True
+    assert image_score(big, "foreground", member_foreground=fg) == pytest.approx(
+        big[expected].mean()
+    )
+    empty = np.zeros((12, 12), bool)
+    assert image_score(big, "foreground", member_foreground=empty) == pytest.approx(big.mean())
+
+
+def test_image_score_bad_input() -> None:
+    u = np.zeros((4, 4))
+    with pytest.raises(ValueError, match="unknown aggregator"):
+        image_score(u, "median")
+    with pytest.raises(ValueError, match="needs seg"):
+        image_score(u, "border")
+    with pytest.raises(ValueError, match="shape"):
+        image_score(u, "border", seg=np.zeros((4, 5)))
+    with pytest.raises(ValueError, match="threshold"):
+        image_score(u, "threshold")
+    with pytest.raises(ValueError, match="member_foreground"):
+        image_score(u, "foreground")
+    with pytest.raises(ValueError, match="NaN"):
+        image_score(np.full((2, 2), np.nan), "mean")
+
+
+# --------------------------------------------------------------------------- OOD, correlation
+
+
+def test_ood_threshold_and_decision() -> None:
+    val = np.random.default_rng(1).gamma(2.0, size=200)
+    tau = calibrate_ood_threshold(val)
+    assert tau == pytest.approx(np.quantile(val, 0.95))
+    assert np.mean(val > tau) == pytest.approx(0.05, abs=0.006)
+    for score in (0.0, float(np.median(val)), tau, tau * 2, float(val[17])):
+        r = ood_decision(score, tau, val)
+        assert r.flag == (score > tau)
+        assert r.percentile == pytest.approx(scipy.stats.percentileofscore(val, score, kind="weak"))
+    r = ood_decision(1.0, None)
+    assert r == OODResult(1.0, None, None, None)
+    assert r.to_dict() == {"score": 1.0, "threshold": None, "flag": None, "percentile": None}
+    with pytest.raises(ValueError, match="quantile"):
+        calibrate_ood_threshold(val, quantile=1.5)
+    with pytest.raises(ValueError, match="at least 1"):
+        calibrate_ood_threshold([])
+
+
+@pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")
+@PROPS
+@given(st.integers(0, 2**32 - 1), st.integers(3, 60), st.booleans())
+def test_rank_correlation_matches_scipy(seed: int, n: int, ties: bool) -> None:
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=n), rng.normal(size=n)
+    if ties:
+        a, b = a.round(0), b.round(0)
+    got = rank_correlation(a, b)
+    ref = scipy.stats.spearmanr(a, b).statistic
+    if np.isnan(ref):
+        assert got is None
+    else:
+        assert got == pytest.approx(ref, abs=1e-12)
+
+
+def test_scan_entanglement() -> None:
+    rng = np.random.default_rng(2)
+    probs = make_probs(2, 4, 1, 3, (20, 20), 0.0, np.float32)
+    d = decompose(probs)
+    mask = d.tu > 0.05 * math.log(3)
+    ref = scipy.stats.spearmanr(d.au[mask], d.eu[mask]).statistic
+    assert scan_entanglement(d.tu, d.au, d.eu, 3) == pytest.approx(ref, abs=1e-9)
+    assert scan_entanglement(d.tu, d.au, d.eu, 3, min_voxels=401) is None
+    tu = rng.random((5, 5)) + 1
+    assert scan_entanglement(tu, tu, tu * 0, 2) is None  # EU constant: undefined
+
+
+def test_volume_distribution() -> None:
+    counts = np.array([[[90, 10, 0]], [[80, 20, 4]]])  # [M=2, S=1, K=3]
+    out = volume_distribution(counts, 0.5, ("background", "lesion", "edema"))
+    assert set(out) == {"lesion", "edema"}
+    assert out["lesion"]["mean_ml"] == pytest.approx(7.5)
+    assert out["lesion"]["std_ml"] == pytest.approx(np.std([5.0, 10.0], ddof=1))
+    assert out["lesion"]["ci95_ml"] == pytest.approx([5.125, 9.875])
+    assert out["edema"]["n_samples"] == 2
+    with pytest.raises(ValueError, match="K = 2"):
+        volume_distribution(counts, 0.5, ("background", "lesion"))
+
+
+# --------------------------------------------------------------------------- invalid input
+
+
+@pytest.mark.parametrize(
+    ("probs", "match"),
+    [
+        (
+            np.full((2, 1, 2, 3), 0.5).astype(np.float32) * np.array([1, -1])[:, None],
+            "negative|sum",
+        ),
+        (np.where(np.arange(6).reshape(1, 1, 2, 3) == 1, np.nan, 0.5), "NaN"),
+        (np.full((2, 1, 2, 3), 0.6), "sum to 1"),
+        (np.full((2, 2, 3), 0.5), "4 dimensions"),
+        (np.ones((2, 1, 1, 3)), "K >= 2"),
+        (np.array([[[[-0.5], [1.5]]]]), "negative"),
+    ],
+)
+def test_decompose_rejects_bad_input(probs: np.ndarray, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        decompose(probs)
+
+
+def test_accumulator_rejects_bad_input() -> None:
+    acc = Accumulator(2, (4, 4))
+    ok = np.full((2, 4, 4), 0.5, np.float32)
+    with pytest.raises(ValueError, match="shape"):
+        acc.add(ok[:, :2])
+    with pytest.raises(ValueError, match="shape"):
+        acc.add(ok, where=(slice(0, 2),))
+    with pytest.raises(ValueError, match="sum to 1"):
+        acc.add(ok * 3)
+    with pytest.raises(ValueError, match="logits"):
+        acc.add(ok - 1)
+    with pytest.raises(ValueError, match="tuple of slices"):
+        acc.add(ok, where=[slice(0, 4)])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="member_sample_entropy"):
+        acc.add(ok, np.full((4, 4), 2.0))  # above H[mean] = ln 2
+    with pytest.raises(ValueError, match="no member outputs"):
+        acc.result()
+    with pytest.raises(ValueError, match="num_classes"):
+        Accumulator(1, (4, 4))
+    acc.add(ok)
+    acc.add(ok[:, :2], where=(slice(0, 2),))  # second member misses rows 2..3
+    with pytest.raises(ValueError, match="between 1 and 2 members"):
+        acc.result()
+    acc.add(ok[:, 2:], where=(slice(2, 4),))
+    assert acc.result().num_members == 2
+
+
+def test_entropy_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="NaN"):
+        entropy(np.array([np.inf, 0.0]))
+    with pytest.raises(ValueError, match="float"):
+        entropy(np.array(["a", "b"]))

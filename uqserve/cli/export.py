@@ -1,0 +1,227 @@
+"""``uqserve export`` (recipe, checkpoints or your own ONNX -> bundle) and ``uqserve info``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from uqserve.cli import app
+from uqserve.cli._common import console, err_console, fail
+
+
+@app.command("export")
+def export_command(
+    files: Annotated[
+        list[Path] | None,
+        typer.Argument(help="With --onnx: your ONNX members, one file each.", show_default=False),
+    ] = None,
+    out: Annotated[Path, typer.Option("-o", "--out", help="The bundle folder to write.")] = Path(
+        "bundle"
+    ),
+    recipe: Annotated[
+        Path | None,
+        typer.Option(
+            "--recipe", help="Train and export a recipe (export/*.toml).", show_default=False
+        ),
+    ] = None,
+    checkpoints: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoints", help="Export a folder written by `uqserve train`.", show_default=False
+        ),
+    ] = None,
+    onnx: Annotated[
+        bool, typer.Option("--onnx", help="Wrap your own ONNX graphs [B,C,H,W] -> [B,K,H,W].")
+    ] = False,
+    au: Annotated[str, typer.Option(help="With --onnx: the AU method (softmax).")] = "softmax",
+    outputs: Annotated[
+        str, typer.Option(help="With --onnx: the graphs return `logits` or `probs`.")
+    ] = "logits",
+    classes: Annotated[
+        str | None,
+        typer.Option(
+            help="Class names, background first, e.g. background,lesion.", show_default=False
+        ),
+    ] = None,
+    tile: Annotated[int | None, typer.Option(help="Tile size (pixels, square).", min=8)] = None,
+    multiple: Annotated[
+        int, typer.Option(help="With --onnx: H, W must be multiples of this.")
+    ] = 16,
+    norm_mean: Annotated[
+        float, typer.Option("--norm-mean", help="With --onnx: intensity mean.")
+    ] = 0.0,
+    norm_std: Annotated[
+        float, typer.Option("--norm-std", help="With --onnx: intensity std.")
+    ] = 1.0,
+    members: Annotated[
+        int | None,
+        typer.Option(
+            "--members", "-m", help="Members (MC dropout: masks; ensemble: first M).", min=1
+        ),
+    ] = None,
+    samples: Annotated[
+        int | None, typer.Option("--samples", "-s", help="AU samples per member.", min=1)
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="The bundle's noise seed.", min=0)] = None,
+    name: Annotated[str | None, typer.Option(help="Bundle name (default: folder name).")] = None,
+    calibrate: Annotated[
+        bool, typer.Option("--calibrate/--no-calibrate", help="Calibrate the OOD threshold.")
+    ] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
+    exporter: Annotated[
+        str, typer.Option(help="torch exporter: torchscript (fast) or dynamo.")
+    ] = "torchscript",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress messages.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Export a bundle from a recipe, `uqserve train` checkpoints, or your own ONNX files."""
+    from uqserve.bundle import BundleError, Normalization
+    from uqserve.exporting import (
+        ExportError,
+        export_checkpoints,
+        export_onnx_members,
+        export_recipe,
+    )
+
+    routes = [
+        r
+        for r, on in (("--recipe", recipe), ("--checkpoints", checkpoints), ("--onnx", onnx))
+        if on
+    ]
+    if len(routes) != 1:
+        fail("give exactly one of --recipe TOML, --checkpoints DIR or --onnx FILE...")
+    if files and not onnx:
+        fail(f"unexpected arguments {' '.join(map(str, files))}; ONNX files need --onnx")
+    names = [c.strip() for c in classes.split(",")] if classes else None
+
+    def say(msg: str) -> None:
+        if not quiet and not json_out:
+            err_console.print(f"[dim]{msg}[/]", highlight=False)
+
+    try:
+        if recipe is not None:
+            bundle = export_recipe(
+                recipe, out, overwrite=overwrite, calibrate=calibrate, progress=say
+            )
+        elif checkpoints is not None:
+            bundle = export_checkpoints(
+                checkpoints,
+                out,
+                num_members=members,
+                num_samples=samples,
+                seed=seed,
+                name=name,
+                classes=names,
+                tile_size=(tile, tile) if tile else None,
+                calibrate=calibrate,
+                overwrite=overwrite,
+                exporter=exporter,
+                progress=say,
+            )
+        else:
+            if not files:
+                fail("--onnx needs one or more ONNX files (one per member)")
+            bundle = export_onnx_members(
+                files,
+                out,
+                au=au,
+                outputs=outputs,
+                classes=names or ("background", "foreground"),
+                normalization=Normalization(scheme="fixed", mean=norm_mean, std=norm_std),
+                tile_size=(tile or 128, tile or 128),
+                multiple=multiple,
+                name=name,
+                seed=seed or 0,
+                calibrate=calibrate,
+                overwrite=overwrite,
+            )
+    except (ExportError, BundleError, ValueError) as exc:
+        fail(str(exc))
+    if json_out:
+        typer.echo(json.dumps(_info_dict(bundle), indent=2))
+    elif not quiet:
+        m = bundle.manifest
+        console.print(
+            f"wrote {bundle.path} ({m.combination}, M={m.num_members}, S={m.num_samples}, "
+            f"default aggregator {m.default_aggregator}, OOD threshold {m.ood.threshold})",
+            highlight=False,
+        )
+
+
+def _info_dict(bundle: Any) -> dict[str, Any]:
+    d: dict[str, Any] = bundle.manifest.to_dict()
+    d["path"] = str(bundle.path)
+    return d
+
+
+@app.command("info")
+def info_command(
+    bundle: Annotated[
+        str, typer.Argument(help="A shipped bundle's name or a bundle folder.")
+    ] = "softmax-ensemble",
+    json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+    verify: Annotated[
+        bool, typer.Option("--verify/--no-verify", help="Check every member's sha256.")
+    ] = True,
+) -> None:
+    """Show a bundle's manifest: combination, members, samples, classes, OOD threshold."""
+    from rich.table import Table
+
+    from uqserve.bundle import BundleError, load_bundle
+
+    try:
+        b = load_bundle(bundle, verify=verify)
+    except BundleError as exc:
+        fail(str(exc))
+    if json_out:
+        typer.echo(json.dumps(_info_dict(b), indent=2))
+        return
+    m = b.manifest
+    t = Table(title=f"bundle {m.name}", show_header=False, title_justify="left")
+    t.add_column("field", style="bold")
+    t.add_column("value")
+    norm = m.input.normalization
+    rows = [
+        ("path", str(b.path)),
+        ("combination", f"{m.au} (AU) x {m.eu} (EU)"),
+        ("members (M)", str(m.num_members)),
+        ("samples per member (S)", str(m.num_samples)),
+        ("classes", ", ".join(m.classes)),
+        (
+            "input",
+            f"{m.input.channels} channel(s), tile {m.input.tile_size[0]}x{m.input.tile_size[1]}, "
+            f"multiple of {m.input.multiple}",
+        ),
+        (
+            "normalization",
+            f"{norm.scheme} mean={norm.mean:.4g} std={norm.std:.4g}"
+            + (f" clip={norm.clip}" if norm.clip else ""),
+        ),
+        ("seed", str(m.seed)),
+        ("default aggregator", m.default_aggregator),
+        (
+            "OOD",
+            f"image EU ({m.ood.aggregator}) > {m.ood.threshold} "
+            f"(q={m.ood.quantile}, {len(m.ood.validation_scores)} ID scores)",
+        ),
+        ("opset / uqserve", f"{m.opset} / {m.uqserve_version}"),
+        ("created", m.created),
+        ("checksums", "verified" if verify else "not checked"),
+    ]
+    if "dice_id" in m.validation:
+        rows.append(("validation Dice (ID)", str(m.validation["dice_id"])))
+    if "auroc_eu" in m.validation:
+        rows.append(
+            (
+                "EU AUROC by aggregator",
+                ", ".join(f"{k} {v}" for k, v in m.validation["auroc_eu"].items()),
+            )
+        )
+    for k, v in rows:
+        t.add_row(k, v)
+    for i, mem in enumerate(m.members):
+        t.add_row(f"member {i}", f"{mem.file}  sha256 {mem.sha256[:16]}…")
+    console.print(t)

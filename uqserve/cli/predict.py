@@ -1,0 +1,144 @@
+"""``uqserve predict``: segment scans with TU/AU/EU maps and a report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from uqserve.cli import app
+from uqserve.cli._common import console, err_console, fail
+
+if TYPE_CHECKING:
+    from uqserve.predict import ScanResult
+
+
+@app.command("predict")
+def predict_command(
+    scans: Annotated[
+        list[Path],
+        typer.Argument(
+            help="NIfTI files (.nii, .nii.gz), folders of NIfTI files, or folders holding one "
+            "DICOM series.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option("-o", "--out", help="Results go to OUT/<scan name>/.")
+    ] = Path("uqserve-out"),
+    bundle: Annotated[
+        str | None,
+        typer.Option(
+            "--bundle",
+            "-b",
+            help="Shipped bundle name or bundle folder.",
+            show_default="softmax-ensemble",
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="Noise seed (default: the bundle's seed).", min=0, show_default=False),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Slices per inference call.", min=1)
+    ] = 8,
+    device: Annotated[
+        str, typer.Option(help="Where the embedded runtime runs: auto, cpu or cuda.")
+    ] = "auto",
+    server: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--server",
+            help="Triton server URL (host:port); repeat for several. Default: run in-process.",
+            show_default=False,
+        ),
+    ] = None,
+    volume_index: Annotated[
+        int | None,
+        typer.Option("--volume-index", help="Pick this volume (0-based) of a 4D NIfTI.", min=0),
+    ] = None,
+    png: Annotated[bool, typer.Option("--png", help="Also write preview.png.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print each report as one JSON line instead of a table.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No table, no progress bar.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace existing results in OUT/<scan name>/.")
+    ] = False,
+) -> None:
+    """Segment scans and write seg, prob, TU/AU/EU maps and report.json per scan.
+
+    A bad scan is reported in one line and skipped; the exit code is 1 if any
+    scan failed.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from uqserve.bundle import BundleError, load_bundle
+    from uqserve.predict import PredictError, collect_scans, predict
+    from uqserve.report import summary_table
+    from uqserve.runtime import RuntimeError_, open_runtime
+
+    if device not in ("auto", "cpu", "cuda"):
+        fail(f"--device {device!r}: use auto, cpu or cuda")
+    paths = collect_scans(scans)
+    try:
+        loaded = load_bundle(bundle)
+        runtime = open_runtime(loaded, servers=server or None, device=device)
+    except (BundleError, RuntimeError_, ValueError, OSError) as exc:
+        fail(str(exc))
+
+    failed: list[ScanResult] = []
+    show_progress = not (quiet or json_out)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=err_console,
+        transient=True,
+        disable=not show_progress,
+    )
+    scans_task = progress.add_task("scans", total=len(paths))
+    slices_task = progress.add_task("slices", total=None)
+
+    def on_slices(name: str, done: int, total: int) -> None:
+        progress.update(slices_task, description=f"  {name}", completed=done, total=total)
+
+    def on_scan(res: ScanResult) -> None:
+        progress.advance(scans_task)
+        if not res.ok:
+            failed.append(res)
+            progress.console.print(
+                f"[bold red]error:[/] {res.error}", highlight=False, soft_wrap=True
+            )
+            return
+        report: dict[str, Any] = res.report or {}
+        if json_out:
+            typer.echo(json.dumps(report))
+        elif not quiet:
+            console.print(summary_table(report))
+
+    try:
+        with progress, runtime:
+            predict(
+                paths,
+                out,
+                runtime=runtime,
+                seed=seed,
+                batch_size=batch_size,
+                png=png,
+                overwrite=overwrite,
+                volume_index=volume_index,
+                on_error="skip",
+                progress=on_slices if show_progress else None,
+                on_scan=on_scan,
+            )
+    except (BundleError, RuntimeError_, PredictError) as exc:
+        fail(str(exc))
+    if failed:
+        fail(f"{len(failed)} of {len(paths)} scans failed; see the lines above", code=1)
+    if not (quiet or json_out):
+        console.print(f"results in {out}/", highlight=False)

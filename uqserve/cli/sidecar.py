@@ -1,0 +1,161 @@
+"""``uqserve sidecar``: a DICOM node next to a PACS (Storage SCP in, SEG and maps out)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from uqserve.cli import app
+from uqserve.cli._common import fail
+
+
+@app.command("sidecar")
+def sidecar_command(
+    listen: Annotated[
+        str, typer.Option("--listen", help="HOST:PORT the Storage SCP listens on.")
+    ] = "0.0.0.0:11112",
+    ae_title: Annotated[str, typer.Option("--ae-title", help="This node's AE title.")] = "UQSERVE",
+    allow: Annotated[
+        str | None,
+        typer.Option(
+            "--allow",
+            help="Comma-separated calling AE titles accepted (default: any; set it in production).",
+            show_default=False,
+        ),
+    ] = None,
+    server: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--server",
+            help="Triton server URL (grpc://host:port); repeat for several. "
+            "Default: run in-process.",
+            show_default=False,
+        ),
+    ] = None,
+    send_to: Annotated[
+        str | None,
+        typer.Option(
+            "--send-to",
+            help="AE@HOST:PORT that receives the results by C-STORE "
+            "(default: keep them in SPOOL/out).",
+            show_default=False,
+        ),
+    ] = None,
+    spool: Annotated[
+        Path,
+        typer.Option(
+            "--spool", help="Durable spool folder (received series, state, dead letters)."
+        ),
+    ] = Path("uqserve-spool"),
+    stable_seconds: Annotated[
+        float,
+        typer.Option(
+            "--stable-seconds",
+            help="A series is complete once no instance arrived for this long.",
+            min=0,
+        ),
+    ] = 10.0,
+    bundle: Annotated[
+        str | None,
+        typer.Option(
+            "--bundle",
+            "-b",
+            help="Shipped bundle name or bundle folder.",
+            show_default="softmax-ensemble",
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Noise seed (default: the bundle's seed).", min=0)
+    ] = None,
+    device: Annotated[
+        str, typer.Option(help="Embedded runtime device: auto, cpu or cuda.")
+    ] = "auto",
+    seg_type: Annotated[
+        str, typer.Option("--seg-type", help="DICOM SEG type: binary or labelmap.")
+    ] = "binary",
+    fractional: Annotated[
+        bool,
+        typer.Option(
+            "--fractional/--no-fractional", help="Also send a FRACTIONAL SEG of the probability."
+        ),
+    ] = False,
+    report: Annotated[
+        bool, typer.Option("--report/--no-report", help="Also send the SR report.")
+    ] = True,
+    max_attempts: Annotated[
+        int,
+        typer.Option("--max-attempts", help="Tries per series before it is marked failed.", min=1),
+    ] = 5,
+    retry_seconds: Annotated[
+        float,
+        typer.Option(
+            "--retry-seconds", help="First retry delay; doubles per attempt (max 1 h).", min=0
+        ),
+    ] = 30.0,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log every received instance.")
+    ] = False,
+) -> None:
+    """Receive CT/MR series by DICOM, predict, send back DICOM SEG, uncertainty maps and a report.
+
+    Runs until SIGTERM or Ctrl-C. Logs never contain patient identifiers.
+    """
+    from uqserve.bundle import BundleError
+    from uqserve.sidecar import OutputOptions, Peer, Sidecar, SidecarConfig
+    from uqserve.sidecar.sender import check_ae_title, parse_address
+    from uqserve.sidecar.service import BundlePredictor
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        host, port = parse_address(listen, default_port=11112)
+        peer = Peer.parse(send_to) if send_to else None
+        allowed = tuple(
+            check_ae_title(a, "--allow AE title") for a in (allow or "").split(",") if a.strip()
+        )
+        config = SidecarConfig(
+            spool=spool,
+            ae_title=check_ae_title(ae_title, "--ae-title"),
+            host=host,
+            port=port,
+            allow=allowed,
+            send_to=peer,
+            stable_seconds=stable_seconds,
+            outputs=OutputOptions(seg_type=seg_type.lower(), fractional=fractional, report=report),
+            max_attempts=max_attempts,
+            retry_base_s=retry_seconds,
+        )
+        servers = [s.removeprefix("grpc://") for s in server or []]
+        predictor = BundlePredictor(bundle, servers, seed=seed, device=device)
+    except BundleError as exc:
+        fail(str(exc))
+    except ValueError as exc:
+        fail(str(exc))
+    try:
+        sidecar = Sidecar(config, predictor)
+        sidecar.start()
+    except OSError as exc:
+        fail(
+            f"cannot listen on {listen} ({exc.strerror or exc}); "
+            "choose a free port with --listen HOST:PORT"
+        )
+    except PermissionError as exc:
+        fail(f"{spool}: {exc.strerror}; choose a writable --spool folder")
+
+    def _stop(signum: int, frame: Any) -> None:
+        sidecar.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    if not allowed:
+        logging.getLogger("uqserve.sidecar").warning(
+            "no --allow given: any calling AE title may send"
+        )
+    sidecar.wait()
+    raise typer.Exit(0)

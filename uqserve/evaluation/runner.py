@@ -1,0 +1,239 @@
+"""Run bundles over the evaluation sets through the runtime interface.
+
+Each 2D image becomes a ``[X, Y, 1]`` volume and goes through
+``uqserve.predict.predict_volume`` with ``want_samples=True`` (the sample
+labels feed GED and Hungarian IoU), on the embedded runtime or on Triton
+servers (``uqserve.runtime.open_runtime``). Images stream one at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from uqserve.bundle import Bundle
+from uqserve.evaluation.core import (
+    PAPER_AGGREGATOR,
+    BundleEvaluation,
+    ImagePrediction,
+    convention_for,
+    to_convention,
+)
+from uqserve.evaluation.sets import DataSource, EvalImage, EvaluationError, SetSpec, make_source
+from uqserve.volumes import Volume
+
+_AFFINE_2D = np.eye(4)
+
+
+def image_to_volume(image: npt.NDArray[np.float32], name: str) -> Volume:
+    """``[1, H, W]`` image -> ``[H, W, 1]`` volume.
+
+    predict feeds slice ``data[:, :, z]`` to the member graphs as ``[H, W]``
+    (first array axis = rows), the layout the members were trained on.
+    """
+    return Volume(
+        data=np.ascontiguousarray(image[0][:, :, None], np.float32), affine=_AFFINE_2D, source=name
+    )
+
+
+def volume_map_to_image(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """``[..., H, W, 1]`` volume array -> ``[..., H, W]`` image array."""
+    return a[..., 0]
+
+
+def image_seed(base: int, set_name: str, index: int) -> int:
+    """A per-image run seed, so images draw independent noise (stable across runs)."""
+    digest = hashlib.sha256(f"{base}:{set_name}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def predict_image(
+    image: EvalImage,
+    bundle: Bundle,
+    runtime: Any,
+    *,
+    seed: int,
+    convention: str,
+    batch_size: int = 8,
+) -> ImagePrediction:
+    """One image through every member graph -> maps in the row's convention."""
+    from uqserve.predict import predict_volume
+
+    if image.image.shape[0] != 1:
+        raise EvaluationError(
+            f"{image.name}: {image.image.shape[0]} channels; evaluate runs single-channel images"
+        )
+    vol = image_to_volume(image.image, image.name)
+    p = predict_volume(
+        vol,
+        bundle,
+        runtime=runtime,
+        seed=seed,
+        batch_size=batch_size,
+        want_samples=True,
+        progress=None,
+    )
+    tu, au, eu = to_convention(
+        convention,
+        tu=volume_map_to_image(p.tu),
+        au=volume_map_to_image(p.au),
+        eu=volume_map_to_image(p.eu),
+        au_sample=volume_map_to_image(p.au_sample),
+        au_latent=volume_map_to_image(p.au_latent),
+    )
+    samples = None if p.sample_labels is None else volume_map_to_image(p.sample_labels)
+    member_fg = getattr(p, "member_foreground", None)
+    return ImagePrediction(
+        prob=volume_map_to_image(p.prob).astype(np.float32),
+        tu=tu.astype(np.float32),
+        au=au.astype(np.float32),
+        eu=eu.astype(np.float32),
+        samples=None if samples is None else samples.astype(np.uint8),
+        member_foreground=None
+        if member_fg is None
+        else volume_map_to_image(np.asarray(member_fg)).astype(bool),
+        au_sample=volume_map_to_image(p.au_sample).astype(np.float32),
+        au_latent=volume_map_to_image(p.au_latent).astype(np.float32),
+    )
+
+
+class _Progress:
+    """Rich progress bars: one for the bundles, one for the current set."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._progress: Any = None
+
+    @contextmanager
+    def session(self) -> Iterator[_Progress]:
+        if not self.enabled:
+            yield self
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        from uqserve.cli._common import err_console
+
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=False,
+        ) as progress:
+            self._progress = progress
+            yield self
+        self._progress = None
+
+    def task(self, description: str, total: int) -> Any:
+        if self._progress is None:
+            return None
+        return self._progress.add_task(description, total=total)
+
+    def advance(self, task: Any) -> None:
+        if self._progress is not None and task is not None:
+            self._progress.advance(task)
+
+    def done(self, task: Any, remove: bool = False) -> None:
+        if self._progress is not None and task is not None and remove:
+            self._progress.remove_task(task)
+
+
+def run_bundle(
+    bundle: Bundle,
+    source: DataSource,
+    *,
+    split: str = "test",
+    runtime: Any = None,
+    servers: Sequence[str] | None = None,
+    device: str = "auto",
+    aggregator: str = PAPER_AGGREGATOR,
+    seed: int | None = None,
+    progress: _Progress | None = None,
+    bundle_task: Any = None,
+) -> BundleEvaluation:
+    """Run one bundle over the validation set and ``source.sets(split)``."""
+    from uqserve.runtime import open_runtime
+
+    man = bundle.manifest
+    ev = BundleEvaluation(
+        num_classes=man.num_classes,
+        convention=convention_for(man.num_members, man.num_samples),
+        aggregator=aggregator,
+        seed=man.seed if seed is None else seed,
+    )
+    base_seed = man.seed if seed is None else seed
+    prog = progress or _Progress(False)
+    own = runtime is None
+    rt = open_runtime(bundle, servers, device=device) if own else runtime
+    try:
+        specs = [SetSpec("val", "val"), *source.sets(split)]
+        for spec in specs:
+            task = prog.task(f"  {man.name}: {spec.name}", source.count(spec, split))
+            for img in source.images(spec, split):
+                pred = predict_image(
+                    img,
+                    bundle,
+                    rt,
+                    seed=image_seed(base_seed, f"{split}/{spec.name}", img.index),
+                    convention=ev.convention,
+                )
+                ev.add(spec, img, pred)
+                prog.advance(task)
+            prog.done(task, remove=True)
+            if spec.kind == "val":
+                ev.finish_validation()
+            prog.advance(bundle_task)
+    finally:
+        if own:
+            rt.close()
+    return ev
+
+
+def source_for(bundle: Bundle, data: str | os.PathLike[str], options: dict[str, Any]) -> DataSource:
+    """The data source for one bundle (synthetic images default to the bundle's tile size)."""
+    man = bundle.manifest
+    if man.input.channels != 1:
+        raise EvaluationError(
+            f"{bundle.path}: the bundle takes {man.input.channels} channels; "
+            "evaluate runs single-channel images"
+        )
+    opts = dict(options)
+    if opts.get("size") is None:
+        opts["size"] = man.input.tile_size
+    return make_source(data, num_classes=man.num_classes, **opts)
+
+
+def bundle_info(bundle: Bundle) -> dict[str, Any]:
+    man = bundle.manifest
+    return {
+        "name": man.name,
+        "path": str(bundle.path),
+        "combination": man.combination,
+        "au": man.au,
+        "eu": man.eu,
+        "num_members": man.num_members,
+        "num_samples": man.num_samples,
+        "classes": list(man.classes),
+        "manifest_version": man.manifest_version,
+        "manifest_sha256": bundle.manifest_sha256,
+    }
+
+
+def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0

@@ -1,0 +1,101 @@
+"""The model zoo: one UNet backbone, four AU heads, three EU wrappers.
+
+Importing this package needs no torch; :func:`build_network` and
+:func:`member_graph` import it lazily.
+
+>>> from uqserve.models import ModelConfig, build_network
+>>> net = build_network("ssn", ModelConfig(num_samples=16))  # doctest: +SKIP
+>>> loss, logs = net.loss(image, target)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from uqserve.models.config import (
+    AU_METHODS,
+    COMBINATIONS,
+    EU_METHODS,
+    ModelConfig,
+    parse_combination,
+)
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from uqserve.models.heads import SegNetwork
+    from uqserve.models.member import MemberGraph
+
+__all__ = [
+    "AU_METHODS",
+    "COMBINATIONS",
+    "EU_METHODS",
+    "ModelConfig",
+    "build_network",
+    "member_graph",
+    "parse_combination",
+]
+
+
+# One small builder per architecture (torchvision style); the config is data.
+def _softmax(config: ModelConfig) -> SegNetwork:
+    from uqserve.models.heads import SoftmaxNet
+
+    return SoftmaxNet(config)
+
+
+def _ssn(config: ModelConfig) -> SegNetwork:
+    from uqserve.models.heads import SSNNet
+
+    return SSNNet(config)
+
+
+def _punet(config: ModelConfig) -> SegNetwork:
+    from uqserve.models.heads import PUNetNet
+
+    return PUNetNet(config)
+
+
+def _diffusion(config: ModelConfig) -> SegNetwork:
+    from uqserve.models.heads import DiffusionNet
+
+    return DiffusionNet(config)
+
+
+_BUILDERS: dict[str, Callable[[ModelConfig], SegNetwork]] = {
+    "softmax": _softmax,
+    "ssn": _ssn,
+    "punet": _punet,
+    "diffusion": _diffusion,
+}
+
+
+def build_network(au: str, config: ModelConfig | None = None) -> SegNetwork:
+    """One member network for AU method ``au`` (or a combination name like ``ssn-ensemble``).
+
+    The network has ``loss(image [B,C,H,W], target [B,H,W] int64) -> (loss, logs)``
+    and ``forward(image) -> probs [B, S, K, H, W]``.
+    """
+    if au in COMBINATIONS:
+        au = parse_combination(au)[0]
+    if au not in _BUILDERS:
+        raise ValueError(f"unknown AU method {au!r}; choose one of: {', '.join(AU_METHODS)}")
+    return _BUILDERS[au](config or ModelConfig())
+
+
+def member_graph(
+    net: nn.Module,
+    member: int,
+    num_samples: int,
+    *,
+    eu: str = "ensemble",
+    seed: int = 0,
+) -> MemberGraph:
+    """Wrap a trained network into the exported member contract (see ``docs/architecture.md``).
+
+    For ``eu="mcdropout"`` the network's dropout masks are frozen from ``(seed, member)``.
+    """
+    from uqserve.models.member import MemberGraph
+
+    return MemberGraph(net, member, num_samples, eu=eu, seed=seed)

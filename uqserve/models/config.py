@@ -1,0 +1,88 @@
+"""Model configuration and the AU x EU combination names (no torch needed)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+AU_METHODS = ("softmax", "ssn", "punet", "diffusion")
+EU_METHODS = ("none", "ensemble", "mcdropout")
+COMBINATIONS = tuple(f"{au}-{eu}" for au in AU_METHODS for eu in EU_METHODS)
+
+
+def parse_combination(name: str) -> tuple[str, str]:
+    """``"ssn-ensemble"`` -> ``("ssn", "ensemble")``; ValueError listing valid names."""
+    if name not in COMBINATIONS:
+        raise ValueError(f"unknown combination {name!r}; choose one of: {', '.join(COMBINATIONS)}")
+    au, eu = name.split("-")
+    return au, eu
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of one member network.
+
+    The defaults are a small CPU-sized model (about 0.15 M parameters); the
+    paper's settings are width 32, depth 4, rank 10, latent 6, 10 diffusion steps.
+    """
+
+    in_channels: int = 1
+    num_classes: int = 2
+    width: int = 16
+    depth: int = 3
+    dropout: float = 0.0
+    dropout_positions: tuple[str, ...] = ("encoder", "bottleneck", "decoder")
+    num_samples: int = 1
+    ssn_rank: int = 10
+    ssn_eps: float = 1e-5
+    ssn_train_samples: int = 10
+    ssn_warmup: int = 0
+    punet_latent: int = 6
+    punet_beta: float = 2.5e-3
+    punet_warmup: int = 100
+    punet_fcomb: int = 4
+    diffusion_steps: int = 4
+    diffusion_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.dropout_positions = tuple(self.dropout_positions)
+        problems = []
+        if self.in_channels < 1:
+            problems.append("in_channels must be >= 1")
+        if self.num_classes < 2:
+            problems.append("num_classes must be >= 2 (background first)")
+        if self.width < 4 or self.width % 4:
+            problems.append("width must be a multiple of 4, >= 4")
+        if not 1 <= self.depth <= 6:
+            problems.append("depth must be in 1..6")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append("dropout must be in [0, 1)")
+        bad = set(self.dropout_positions) - {"encoder", "bottleneck", "decoder"}
+        if bad:
+            problems.append(f"dropout_positions has unknown {sorted(bad)}")
+        if self.num_samples < 1:
+            problems.append("num_samples must be >= 1")
+        if self.ssn_rank < 1 or self.punet_latent < 1 or self.diffusion_steps < 1:
+            problems.append("ssn_rank, punet_latent and diffusion_steps must be >= 1")
+        if problems:
+            raise ValueError("ModelConfig: " + "; ".join(problems))
+
+    @property
+    def multiple(self) -> int:
+        """Spatial sizes must be multiples of this."""
+        return 2 ** (self.depth - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dropout_positions"] = list(self.dropout_positions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(
+                f"ModelConfig: unknown fields {sorted(unknown)}; known: {sorted(known)}"
+            )
+        return cls(**d)

@@ -1,0 +1,75 @@
+"""The member graph: backbone once, S samples from the head, reduced in the graph.
+
+``forward(image [B,C,H,W] f32, seed [B] i64, offset [B,3] i64, valid [B,2] i64)``
+returns ``mean [B,K,H,W]``, ``sample_entropy [B,H,W]``, ``sample_counts [B,S,K]``
+(valid region only) and ``sample_labels [B,S,H,W]`` uint8 — the signature in
+``docs/architecture.md`` shared by all twelve combinations.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from uqserve.models.dropout import freeze_dropout_masks
+from uqserve.models.heads import HashNoise, SegNetwork
+
+
+def summarize(probs: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Reduce ``probs [B,S,K,H,W]`` to the four member outputs."""
+    _, _, k, h, w = probs.shape
+    mean = probs.mean(dim=1)
+    # 0 ln 0 = 0 exactly: clamp only inside the log (p * log(1e-30) is 0 when p is 0).
+    plogp = probs * torch.log(probs.clamp_min(1e-30))
+    sample_entropy = -plogp.sum(dim=2).mean(dim=1)
+    labels = probs.argmax(dim=2)  # [B,S,H,W] int64
+    rows = torch.arange(h, dtype=torch.int64).view(1, -1, 1) < valid[:, 0].view(-1, 1, 1)
+    cols = torch.arange(w, dtype=torch.int64).view(1, 1, -1) < valid[:, 1].view(-1, 1, 1)
+    inside = (rows & cols).to(torch.float32).unsqueeze(1).unsqueeze(1)  # [B,1,1,H,W]
+    classes = torch.arange(k, dtype=torch.int64).view(1, 1, -1, 1, 1)
+    onehot = (labels.unsqueeze(2) == classes).to(torch.float32)  # [B,S,K,H,W]
+    counts = (onehot * inside).sum(dim=(3, 4))
+    return mean, sample_entropy, counts, labels.to(torch.uint8)
+
+
+class MemberGraph(nn.Module):
+    """One exported member: a trained network, its index and its sample count."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        member: int,
+        num_samples: int,
+        *,
+        eu: str = "ensemble",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(net, SegNetwork):
+            raise ValueError("member_graph needs a network from uqserve.models.build_network")
+        if net.au == "softmax" and num_samples != 1:
+            raise ValueError("softmax members draw exactly one sample (num_samples=1)")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        net = copy.deepcopy(net).eval()
+        if eu == "mcdropout":
+            if freeze_dropout_masks(net, seed, member) == 0:
+                raise ValueError("mcdropout member needs a network with dropout > 0")
+        self.net = net
+        self.member = int(member)
+        self.num_samples = int(num_samples)
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        seed: torch.Tensor,
+        offset: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        _, _, h, w = image.shape
+        feats = self.net.features(image)
+        noise = HashNoise(seed, offset, self.member, self.num_samples, h, w)
+        probs = self.net.sample_probs(image, feats, noise, self.num_samples)
+        return summarize(probs, valid)

@@ -1,0 +1,118 @@
+"""The one backbone: a residual 2D UNet with GroupNorm and configurable dropout.
+
+Every AU method uses this backbone (the Probabilistic UNet's prior/posterior
+nets reuse its encoder half), so there is one code path to export and test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from uqserve.models.dropout import ChannelDropout
+
+
+def _groups(channels: int) -> int:
+    for g in (8, 4, 2, 1):
+        if channels % g == 0:
+            return g
+    return 1
+
+
+class ResBlock(nn.Module):
+    """norm-act-conv, norm-act-dropout-conv, plus a (1x1 when needed) skip."""
+
+    def __init__(self, cin: int, cout: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(cin), cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(_groups(cout), cout)
+        self.drop = ChannelDropout(cout, dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip: nn.Module = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.act(self.norm1(x)))
+        h = self.conv2(self.drop(self.act(self.norm2(h))))
+        return h + self.skip(x)
+
+
+def channel_widths(width: int, depth: int) -> list[int]:
+    """Channels per level: ``width * (1, 2, 4, 8, ...)``."""
+    return [width * 2**i for i in range(depth)]
+
+
+class Encoder(nn.Module):
+    """Stem plus ``depth`` levels (one residual block each, stride-2 conv between)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        width: int,
+        depth: int,
+        dropout: float = 0.0,
+        dropout_positions: Sequence[str] = (),
+    ) -> None:
+        super().__init__()
+        chans = channel_widths(width, depth)
+        self.stem = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.blocks = nn.ModuleList()
+        self.downs = nn.ModuleList()
+        for i, c in enumerate(chans):
+            cin = width if i == 0 else chans[i - 1]
+            where = "bottleneck" if i == depth - 1 else "encoder"
+            p = dropout if where in dropout_positions else 0.0
+            self.blocks.append(ResBlock(cin, c, p))
+            if i < depth - 1:
+                self.downs.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+        self.out_channels = chans[-1]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Features of every level, finest first."""
+        h = self.stem(x)
+        skips = []
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            skips.append(h)
+            if i < len(self.downs):
+                h = self.downs[i](h)
+        return skips
+
+
+class UNet(nn.Module):
+    """Residual UNet; ``forward(image [B,C,H,W]) -> features [B, width, H, W]``.
+
+    ``H`` and ``W`` must be multiples of ``2 ** (depth - 1)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        width: int = 16,
+        depth: int = 3,
+        dropout: float = 0.0,
+        dropout_positions: Sequence[str] = ("encoder", "bottleneck", "decoder"),
+    ) -> None:
+        super().__init__()
+        chans = channel_widths(width, depth)
+        self.encoder = Encoder(in_channels, width, depth, dropout, dropout_positions)
+        p_dec = dropout if "decoder" in dropout_positions else 0.0
+        self.ups = nn.ModuleList()
+        self.dec = nn.ModuleList()
+        for i in reversed(range(depth - 1)):
+            self.ups.append(nn.ConvTranspose2d(chans[i + 1], chans[i], 2, stride=2))
+            self.dec.append(ResBlock(2 * chans[i], chans[i], p_dec))
+        self.out_norm = nn.GroupNorm(_groups(width), width)
+        self.act = nn.SiLU()
+        self.out_channels = width
+        self.multiple = 2 ** (depth - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = self.encoder(x)
+        h = skips[-1]
+        for up, block, skip in zip(self.ups, self.dec, reversed(skips[:-1]), strict=True):
+            h = block(torch.cat([up(h), skip], dim=1))
+        return self.act(self.out_norm(h))

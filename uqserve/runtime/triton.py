@@ -1,0 +1,555 @@
+"""Triton runtime: batches go to a tritonserver's ensemble over gRPC.
+
+``TritonRuntime(bundle, ["grpc://host:8001", ...])`` sends each ``Batch`` to
+the ensemble named after the bundle (``<bundle>_nosamples`` when sample labels
+are not wanted, so the members never compute them) and turns the
+``mean_<m>``, ``sample_entropy_<m>``, ``sample_counts_<m>`` and
+``sample_labels_<m>`` outputs back into ``MemberOutputs``.
+
+- Several servers: requests go round-robin; a server that fails with a
+  transient error (unavailable, deadline, overload) is skipped for a back-off
+  period while the request is retried on the next one.
+- Before first use every server is checked: live, model ready, and serving the
+  same bundle (name, manifest version, member sha256) as the local manifest.
+- ``infer_many`` keeps ``max_in_flight`` batches in flight on worker threads
+  and yields results in order.
+- ``shared_memory=True`` (same-host servers only) passes tensors through
+  Triton system shared memory instead of the gRPC message.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import numpy.typing as npt
+
+from uqserve.bundle import Bundle
+from uqserve.runtime.base import Batch, MemberOutputs, Runtime, RuntimeError_
+from uqserve.serving.repository import (
+    manifest_identity,
+    nosamples_model_name,
+    served_identity,
+)
+
+DEFAULT_GRPC_PORT = 8001
+# gRPC statuses worth retrying elsewhere; anything else is a bug or bad input.
+_TRANSIENT = {
+    "StatusCode.UNAVAILABLE",
+    "StatusCode.DEADLINE_EXCEEDED",
+    "StatusCode.RESOURCE_EXHAUSTED",
+    "StatusCode.ABORTED",
+    "StatusCode.CANCELLED",
+    "StatusCode.UNKNOWN",  # e.g. "Socket closed" when the server dies mid-call
+}
+_LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]"}
+
+
+class TritonUnavailableError(RuntimeError_):
+    """No server answered in time (after retries and failover)."""
+
+
+class TritonNotReadyError(TritonUnavailableError):
+    """The server answers but does not have the bundle's models ready (yet)."""
+
+
+class TritonMismatchError(RuntimeError_):
+    """A server serves a different bundle than the local manifest."""
+
+
+def parse_server(url: str) -> tuple[str, str]:
+    """``grpc://host:port`` (or ``host:port``, ``host``) -> (display URL, ``host:port``)."""
+    text = url.strip()
+    if "://" not in text:
+        text = f"grpc://{text}"
+    parts = urlsplit(text)
+    if parts.scheme != "grpc":
+        raise ValueError(
+            f"--server {url!r}: only gRPC is supported; write grpc://HOST:PORT (default port 8001)"
+        )
+    if not parts.hostname:
+        raise ValueError(f"--server {url!r}: no host; write grpc://HOST:PORT")
+    try:
+        port = parts.port or DEFAULT_GRPC_PORT
+    except ValueError as exc:
+        raise ValueError(f"--server {url!r}: bad port ({exc}); write grpc://HOST:PORT") from exc
+    host = parts.hostname
+    target_host = f"[{host}]" if ":" in host else host
+    return f"grpc://{target_host}:{port}", f"{target_host}:{port}"
+
+
+@dataclass
+class _Server:
+    url: str
+    target: str
+    verified: bool = False
+    down_until: float = 0.0
+    failures: int = 0
+    last_error: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def local(self) -> bool:
+        host = self.target.rsplit(":", 1)[0]
+        return host in _LOOPBACK or host.startswith("127.")
+
+
+class _ShmSlot:
+    """One worker's pair of system shared-memory regions (inputs, outputs) on one server."""
+
+    def __init__(self, client: Any, tag: str) -> None:
+        self.client = client
+        self.tag = tag
+        self.in_size = 0
+        self.out_size = 0
+        self.in_handle: Any = None
+        self.out_handle: Any = None
+
+    def ensure(self, in_size: int, out_size: int) -> None:
+        import tritonclient.utils.shared_memory as shm
+
+        if in_size > self.in_size:
+            self._drop("in")
+            self.in_size = max(in_size, 2 * self.in_size)
+            key = f"/uqserve-{self.tag}-in"
+            self.in_handle = shm.create_shared_memory_region(f"{self.tag}-in", key, self.in_size)
+            self.client.register_system_shared_memory(f"{self.tag}-in", key, self.in_size)
+        if out_size > self.out_size:
+            self._drop("out")
+            self.out_size = max(out_size, 2 * self.out_size)
+            key = f"/uqserve-{self.tag}-out"
+            self.out_handle = shm.create_shared_memory_region(f"{self.tag}-out", key, self.out_size)
+            self.client.register_system_shared_memory(f"{self.tag}-out", key, self.out_size)
+
+    def _drop(self, which: str) -> None:
+        import tritonclient.utils.shared_memory as shm
+
+        handle = self.in_handle if which == "in" else self.out_handle
+        if handle is None:
+            return
+        try:
+            self.client.unregister_system_shared_memory(f"{self.tag}-{which}")
+        except Exception:  # the server may be gone; the local region must go anyway
+            pass
+        shm.destroy_shared_memory_region(handle)
+        if which == "in":
+            self.in_handle, self.in_size = None, 0
+        else:
+            self.out_handle, self.out_size = None, 0
+
+    def close(self) -> None:
+        self._drop("in")
+        self._drop("out")
+
+
+class TritonRuntime(Runtime):
+    """Runs batches on one or more tritonservers that serve ``bundle``.
+
+    ``servers``: gRPC URLs (``grpc://HOST:PORT``). ``timeout_s``: per request.
+    ``max_in_flight``: batches sent concurrently by ``infer_many``.
+    ``retries``: extra attempts on transient errors, with exponential back-off
+    starting at ``backoff_s`` and moving to the next server each time.
+    ``shared_memory``: pass tensors through Triton system shared memory
+    (servers on this host only).
+    """
+
+    name = "triton"
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        servers: Sequence[str],
+        *,
+        timeout_s: float = 60.0,
+        max_in_flight: int = 4,
+        retries: int = 3,
+        backoff_s: float = 0.2,
+        shared_memory: bool = False,
+    ) -> None:
+        super().__init__(bundle)
+        if isinstance(servers, str):
+            servers = [servers]
+        if not servers:
+            raise ValueError("no server given: pass at least one grpc://HOST:PORT")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        try:
+            import tritonclient.grpc  # noqa: F401
+        except ImportError as exc:  # pragma: no cover - a base dependency
+            raise RuntimeError_(
+                "tritonclient is not installed: pip install 'tritonclient[grpc]'"
+            ) from exc
+        self._servers = [_Server(*parse_server(s)) for s in servers]
+        if shared_memory:
+            remote = [s.url for s in self._servers if not s.local]
+            if remote:
+                raise ValueError(
+                    f"shared memory needs servers on this host; {', '.join(remote)} is not "
+                    "(drop --shared-memory)"
+                )
+        self.timeout_s = float(timeout_s)
+        self.max_in_flight = int(max_in_flight)
+        self.retries = int(retries)
+        self.backoff_s = float(backoff_s)
+        self.shared_memory = bool(shared_memory)
+        self.model_name = bundle.manifest.name
+        self._identity = manifest_identity(bundle)
+        self._robin = itertools.count()
+        self._local = threading.local()
+        self._clients: list[Any] = []
+        self._slots: list[_ShmSlot] = []
+        self._clients_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+        # Check every server now: a mismatch is an error even if another server is fine.
+        errors: list[TritonUnavailableError] = []
+        for server in self._servers:
+            try:
+                self._verify(server)
+            except TritonUnavailableError as exc:
+                errors.append(exc)
+                server.last_error = str(exc)
+                server.down_until = time.monotonic() + self.backoff_s
+        if len(errors) == len(self._servers):
+            not_ready = any(isinstance(e, TritonNotReadyError) for e in errors)
+            cls = TritonNotReadyError if not_ready else TritonUnavailableError
+            raise cls(self._unavailable_message())
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> str:
+        return ",".join(s.url for s in self._servers)
+
+    @property
+    def servers(self) -> list[str]:
+        return [s.url for s in self._servers]
+
+    # ------------------------------------------------------------------ clients
+    def _client(self, server: _Server) -> Any:
+        import tritonclient.grpc as grpcclient
+
+        clients = getattr(self._local, "clients", None)
+        if clients is None:
+            clients = self._local.clients = {}
+        client = clients.get(server.target)
+        if client is None:
+            client = grpcclient.InferenceServerClient(
+                server.target,
+                channel_args=[
+                    ("grpc.max_send_message_length", -1),
+                    ("grpc.max_receive_message_length", -1),
+                ],
+            )
+            clients[server.target] = client
+            with self._clients_lock:
+                self._clients.append(client)
+        return client
+
+    def _slot(self, server: _Server, client: Any) -> _ShmSlot:
+        slots = getattr(self._local, "slots", None)
+        if slots is None:
+            slots = self._local.slots = {}
+        slot = slots.get(server.target)
+        if slot is None:
+            slot = _ShmSlot(client, f"uqserve-{uuid.uuid4().hex[:12]}")
+            slots[server.target] = slot
+            with self._clients_lock:
+                self._slots.append(slot)
+        return slot
+
+    # ------------------------------------------------------------------ verification
+    def _verify(self, server: _Server) -> None:
+        """Live, model ready, same bundle; raises Unavailable or Mismatch."""
+        from tritonclient.utils import InferenceServerException
+
+        with server.lock:
+            if server.verified:
+                return
+            client = self._client(server)
+            timeout = min(self.timeout_s, 10.0)
+            try:
+                client.is_server_live(client_timeout=timeout)
+            except InferenceServerException as exc:
+                raise TritonUnavailableError(
+                    f"{server.url}: server unreachable ({_short(exc)}); start one with "
+                    "`uqserve serve` or check --server"
+                ) from exc
+            try:
+                ready = all(
+                    client.is_model_ready(n, client_timeout=timeout)
+                    for n in (self.model_name, nosamples_model_name(self.model_name))
+                )
+                if not ready:
+                    served = sorted(
+                        m.name
+                        for m in client.get_model_repository_index(client_timeout=timeout).models
+                        if m.state == "READY"
+                    )
+                    raise TritonNotReadyError(
+                        f"{server.url}: model {self.model_name!r} is not ready there (ready: "
+                        f"{', '.join(served) or 'none'}); serve it with "
+                        f"`uqserve serve --bundle {self.bundle.path}`"
+                    )
+                config = client.get_model_config(self.model_name, client_timeout=timeout).config
+            except InferenceServerException as exc:
+                if (exc.status() or "") in _TRANSIENT:
+                    raise TritonUnavailableError(f"{server.url}: {_short(exc)}") from exc
+                raise RuntimeError_(
+                    f"{server.url}: cannot query model {self.model_name!r}: {_short(exc)}"
+                ) from exc
+            served_id = served_identity(config)
+            mismatch = _describe_mismatch(self._identity, served_id)
+            if mismatch:
+                raise TritonMismatchError(
+                    f"{server.url}: served model {self.model_name!r} does not match the local "
+                    f"bundle {self.bundle.path} ({mismatch}); serve this bundle or use the "
+                    "bundle the server was built from"
+                )
+            server.verified = True
+            server.failures = 0
+
+    def _unavailable_message(self) -> str:
+        details = "; ".join(s.last_error or f"{s.url}: no answer" for s in self._servers)
+        return f"no Triton server reachable ({details})"
+
+    # ------------------------------------------------------------------ inference
+    def _pick(self) -> _Server:
+        now = time.monotonic()
+        n = len(self._servers)
+        start = next(self._robin)
+        for i in range(n):
+            s = self._servers[(start + i) % n]
+            if s.down_until <= now:
+                return s
+        # All in back-off: take the one that recovers first.
+        return min(self._servers, key=lambda s: s.down_until)
+
+    def infer(self, batch: Batch, want_samples: bool = False) -> list[MemberOutputs]:
+        if self._closed:
+            raise RuntimeError_("the Triton runtime is closed")
+        _check_batch(batch, self.bundle)
+        from tritonclient.utils import InferenceServerException
+
+        attempts = self.retries + 1
+        for attempt in range(attempts):
+            server = self._pick()
+            wait = server.down_until - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            try:
+                self._verify(server)
+                outputs = self._infer_on(server, batch, want_samples)
+            except TritonUnavailableError as exc:
+                self._mark_down(server, str(exc), attempt)
+                continue
+            except InferenceServerException as exc:
+                status = exc.status() or ""
+                if status not in _TRANSIENT:
+                    raise RuntimeError_(f"{server.url}: inference failed: {_short(exc)}") from exc
+                self._mark_down(server, f"{server.url}: {_short(exc)}", attempt)
+                # The server may have restarted with another model: check again before reuse.
+                server.verified = False
+                continue
+            server.failures = 0
+            return outputs
+        raise TritonUnavailableError(
+            f"inference failed after {attempts} attempt(s): {self._unavailable_message()}"
+        )
+
+    def _mark_down(self, server: _Server, message: str, attempt: int) -> None:
+        server.failures += 1
+        server.last_error = message
+        server.down_until = time.monotonic() + self.backoff_s * (2 ** min(attempt, 6))
+
+    def _infer_on(self, server: _Server, batch: Batch, want_samples: bool) -> list[MemberOutputs]:
+        import tritonclient.grpc as grpcclient
+
+        m = self.bundle.manifest
+        b, _, h, w = batch.image.shape
+        arrays: list[tuple[str, npt.NDArray[Any], str]] = [
+            ("image", np.ascontiguousarray(batch.image, dtype=np.float32), "FP32"),
+            ("seed", np.ascontiguousarray(batch.seed, dtype=np.int64).reshape(b, 1), "INT64"),
+            ("offset", np.ascontiguousarray(batch.offset, dtype=np.int64).reshape(b, 3), "INT64"),
+            ("valid", np.ascontiguousarray(batch.valid, dtype=np.int64).reshape(b, 2), "INT64"),
+        ]
+        k, s = m.num_classes, m.num_samples
+        out_specs: list[tuple[str, tuple[int, ...], Any]] = []
+        for i in range(m.num_members):
+            out_specs += [
+                (f"mean_{i}", (b, k, h, w), np.float32),
+                (f"sample_entropy_{i}", (b, h, w), np.float32),
+                (f"sample_counts_{i}", (b, s, k), np.float32),
+            ]
+            if want_samples:
+                out_specs.append((f"sample_labels_{i}", (b, s, h, w), np.uint8))
+        model = self.model_name if want_samples else nosamples_model_name(self.model_name)
+        client = self._client(server)
+
+        inputs = []
+        for name, array, dtype in arrays:
+            inp = grpcclient.InferInput(name, list(array.shape), dtype)
+            inputs.append(inp)
+        outputs = [grpcclient.InferRequestedOutput(name) for name, _, _ in out_specs]
+
+        slot = None
+        if self.shared_memory:
+            import tritonclient.utils.shared_memory as shm
+
+            slot = self._slot(server, client)
+            in_sizes = [a.nbytes for _, a, _ in arrays]
+            out_sizes = [int(np.prod(shape)) * np.dtype(dt).itemsize for _, shape, dt in out_specs]
+            slot.ensure(sum(in_sizes), sum(out_sizes))
+            shm.set_shared_memory_region(slot.in_handle, [a for _, a, _ in arrays])
+            offset = 0
+            for inp, size in zip(inputs, in_sizes, strict=True):
+                inp.set_shared_memory(f"{slot.tag}-in", size, offset)
+                offset += size
+            offset = 0
+            for out, size in zip(outputs, out_sizes, strict=True):
+                out.set_shared_memory(f"{slot.tag}-out", size, offset)
+                offset += size
+        else:
+            for inp, (_, array, _) in zip(inputs, arrays, strict=True):
+                inp.set_data_from_numpy(array)
+
+        result = client.infer(model, inputs, outputs=outputs, client_timeout=self.timeout_s)
+
+        got: dict[str, npt.NDArray[Any]] = {}
+        if slot is not None:
+            import tritonclient.utils.shared_memory as shm
+
+            offset = 0
+            for name, shape, dt in out_specs:
+                size = int(np.prod(shape)) * np.dtype(dt).itemsize
+                # Copy out: the region is reused by this worker's next request.
+                got[name] = shm.get_contents_as_numpy(
+                    slot.out_handle, dt, shape, offset=offset
+                ).copy()
+                offset += size
+        else:
+            for name, _, dt in out_specs:
+                arr = result.as_numpy(name)
+                if arr is None:
+                    raise RuntimeError_(f"{server.url}: response lacks output {name!r}")
+                got[name] = arr.astype(dt, copy=False)
+        return [
+            MemberOutputs(
+                mean=got[f"mean_{i}"],
+                sample_entropy=got[f"sample_entropy_{i}"],
+                sample_counts=got[f"sample_counts_{i}"],
+                sample_labels=got.get(f"sample_labels_{i}"),
+            )
+            for i in range(m.num_members)
+        ]
+
+    def infer_many(
+        self, batches: Iterable[Batch], want_samples: bool = False
+    ) -> Iterator[list[MemberOutputs]]:
+        """Results in the order of ``batches`` with up to ``max_in_flight`` batches in flight."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="uqserve-triton")
+        pending: deque[Future[list[MemberOutputs]]] = deque()
+        try:
+            for batch in batches:
+                pending.append(self._pool.submit(self.infer, batch, want_samples))
+                if len(pending) >= self.max_in_flight:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            # On error or early stop: drop what has not started, wait for the rest.
+            for f in pending:
+                f.cancel()
+            for f in pending:
+                if not f.cancelled():
+                    try:
+                        f.result()
+                    except Exception:
+                        pass
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        for slot in self._slots:
+            try:
+                slot.close()
+            except Exception:
+                pass
+        for client in self._clients:
+            try:
+                client.close()
+            except Exception:
+                pass
+        self._slots.clear()
+        self._clients.clear()
+
+
+def _check_batch(batch: Batch, bundle: Bundle) -> None:
+    image = batch.image
+    if image.ndim != 4:
+        raise ValueError(f"batch.image must be [B, C, H, W], got shape {image.shape}")
+    b, c = image.shape[:2]
+    if c != bundle.manifest.input.channels:
+        raise ValueError(
+            f"batch.image has {c} channels but bundle {bundle.manifest.name!r} expects "
+            f"{bundle.manifest.input.channels}"
+        )
+    for name, arr, shape in (
+        ("seed", batch.seed, (b,)),
+        ("offset", batch.offset, (b, 3)),
+        ("valid", batch.valid, (b, 2)),
+    ):
+        if tuple(np.shape(arr)) != shape:
+            raise ValueError(
+                f"batch.{name} must have shape {list(shape)}, got {list(np.shape(arr))}"
+            )
+
+
+def _describe_mismatch(local: dict[str, Any], served: dict[str, Any] | None) -> str:
+    if served is None:
+        return "the server's model has no uqserve_manifest parameter: not written by uqserve"
+    problems = []
+    for key in ("name", "manifest_version", "num_members", "num_samples", "classes"):
+        if served.get(key) != local.get(key):
+            problems.append(f"{key}: served {served.get(key)!r}, local {local.get(key)!r}")
+    if not problems and served.get("members") != local.get("members"):
+        differ = [
+            i
+            for i, (a, b) in enumerate(
+                itertools.zip_longest(served.get("members") or [], local.get("members") or [])
+            )
+            if a != b
+        ]
+        problems.append(f"member checksums differ for member(s) {differ}")
+    return "; ".join(problems)
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+__all__ = [
+    "TritonMismatchError",
+    "TritonNotReadyError",
+    "TritonRuntime",
+    "TritonUnavailableError",
+    "parse_server",
+]

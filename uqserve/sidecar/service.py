@@ -1,0 +1,359 @@
+"""The sidecar: receive a series, predict once it is complete, send the results.
+
+One process runs the Storage SCP (its own threads) and one worker thread. The
+worker polls the spool; a series whose newest instance is ``stable_seconds``
+old is claimed, read (:func:`uqserve.volumes.dicom.read_series`), predicted
+(:func:`uqserve.predict.predict_volume`), turned into DICOM results
+(:mod:`uqserve.sidecar.outputs`) and sent with C-STORE. Failures never stop
+the listener:
+
+* permanent (malformed or incomplete series, unsupported modality): the
+  series moves to ``failed/`` with the reason;
+* transient (the model server is down, the disk is full, anything
+  unexpected): retried after ``retry_base_s * 2**(attempt-1)`` seconds (at most
+  an hour) up to ``max_attempts``, then failed with the last reason;
+* results the PACS does not take go to ``dead-letter/`` with the reason.
+
+Logs name series by a hash of the Series Instance UID only: never patient
+names, IDs, birth dates or UIDs.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from uqserve import __version__
+from uqserve.sidecar.outputs import OutputOptions, build_outputs, write_datasets
+from uqserve.sidecar.scp import SUPPORTED_MODALITIES, StorageSCP
+from uqserve.sidecar.sender import Peer, dead_letter, send_files
+from uqserve.sidecar.spool import Spool
+from uqserve.volumes import Volume, VolumeError
+from uqserve.volumes.dicom import read_series
+
+__all__ = ["BundlePredictor", "PermanentError", "Sidecar", "SidecarConfig"]
+
+log = logging.getLogger("uqserve.sidecar")
+
+
+class PermanentError(ValueError):
+    """A series that will never succeed as sent (retrying cannot help)."""
+
+
+class PredictionLike(Protocol):
+    """What the sidecar needs from a prediction (``uqserve.predict.Prediction``)."""
+
+    seg: npt.NDArray[np.uint8]
+    prob: npt.NDArray[np.float32]
+    tu: npt.NDArray[np.float32]
+    au: npt.NDArray[np.float32]
+    eu: npt.NDArray[np.float32]
+    report: dict[str, Any]
+
+
+Predictor = Callable[[Volume], PredictionLike]
+
+
+class BundlePredictor:
+    """``predict_volume`` with a runtime kept open between series.
+
+    The runtime (embedded onnxruntime, or Triton when ``servers`` are given)
+    opens on first use; after a failure it is closed so the next attempt
+    reconnects. Imports predict lazily so that importing the sidecar stays
+    cheap and torch-free.
+    """
+
+    def __init__(
+        self,
+        bundle: str | None = None,
+        servers: Sequence[str] = (),
+        *,
+        seed: int | None = None,
+        device: str = "auto",
+    ) -> None:
+        from uqserve.bundle import load_bundle
+
+        self.bundle = load_bundle(bundle)
+        self.servers = tuple(servers)
+        self.seed = seed
+        self.device = device
+        self._runtime: Any = None
+
+    def __call__(self, volume: Volume) -> PredictionLike:
+        from uqserve.predict import predict_volume
+        from uqserve.runtime import open_runtime
+
+        try:
+            if self._runtime is None:
+                self._runtime = open_runtime(
+                    self.bundle, list(self.servers) or None, device=self.device
+                )
+            return predict_volume(volume, self.bundle, runtime=self._runtime, seed=self.seed)
+        except Exception:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._runtime is not None:
+            try:
+                self._runtime.close()
+            finally:
+                self._runtime = None
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    """Everything ``uqserve sidecar`` is told on its command line."""
+
+    spool: Path
+    ae_title: str = "UQSERVE"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    allow: tuple[str, ...] = ()
+    send_to: Peer | None = None
+    stable_seconds: float = 10.0
+    modalities: tuple[str, ...] = SUPPORTED_MODALITIES
+    outputs: OutputOptions = field(default_factory=OutputOptions)
+    max_attempts: int = 5
+    retry_base_s: float = 30.0
+    send_retries: int = 3
+    send_backoff_s: float = 2.0
+    poll_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.stable_seconds < 0:
+            raise ValueError(f"stable_seconds must be >= 0, got {self.stable_seconds}")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port {self.port} out of range 0-65535")
+
+
+class Sidecar:
+    """The running sidecar: ``start()``, then ``stop()`` (or use as a context manager)."""
+
+    def __init__(self, config: SidecarConfig, predictor: Predictor) -> None:
+        self.config = config
+        self.predictor = predictor
+        self.spool = Spool(config.spool)
+        self.scp = StorageSCP(
+            self.spool,
+            ae_title=config.ae_title,
+            host=config.host,
+            port=config.port,
+            allow=config.allow,
+            modalities=config.modalities,
+            on_store=lambda key: self._wake.set(),
+            on_unsupported=self._unsupported,
+        )
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._worker: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self.scp.port
+
+    def __enter__(self) -> Sidecar:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        pending = self.spool.pending()
+        if pending:
+            log.info("resuming %d unfinished series from the spool", len(pending))
+        self.scp.start()
+        self._stop.clear()
+        self._worker = threading.Thread(
+            target=self._loop, name="uqserve-sidecar-worker", daemon=True
+        )
+        self._worker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self.scp.stop()
+        if self._worker is not None:
+            self._worker.join()
+            self._worker = None
+        close = getattr(self.predictor, "close", None)
+        if callable(close):
+            close()
+
+    def wait(self) -> None:
+        """Block until :meth:`stop` is called (from a signal handler, say)."""
+        while not self._stop.wait(1.0):
+            pass
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:  # a bug must not kill the worker; the series stays spooled
+                log.exception("worker pass failed")
+            self._wake.wait(self.config.poll_s)
+            self._wake.clear()
+
+    def _unsupported(self, key: str, reason: str) -> None:
+        if self.spool.failed_reason(key) is None:
+            from uqserve.sidecar.spool import SeriesState
+
+            self.spool.fail(key, reason, SeriesState(key=key))
+            log.warning("series %s not processed: %s", key, reason)
+
+    # -- processing -------------------------------------------------------
+
+    def run_once(self, now: float | None = None) -> list[tuple[str, str]]:
+        """Process every series that is due; return ``(key, outcome)`` pairs."""
+        done = []
+        for key in self.spool.ready(self.config.stable_seconds, now):
+            if self._stop.is_set():
+                break
+            done.append((key, self.process(key)))
+        return done
+
+    def process(self, key: str) -> str:
+        """Process one series.
+
+        Returns ``delivered``, ``written``, ``partial``, ``retry`` or ``failed``.
+        """
+        self.spool.claim(key)
+        state = self.spool.load_state(key)
+        state.attempts += 1
+        self.spool.save_state(state)  # a crash mid-way still counts as an attempt
+        t0 = time.perf_counter()
+        try:
+            record = self._process(key)
+        except (VolumeError, PermanentError) as exc:
+            reason = str(exc)
+            state.history.append({"attempt": state.attempts, "error": reason, "time": time.time()})
+            self.spool.fail(key, reason, state)
+            log.warning("series %s failed: %s", key, reason)
+            return "failed"
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            state.history.append({"attempt": state.attempts, "error": reason, "time": time.time()})
+            state.last_error = reason
+            if state.attempts >= self.config.max_attempts:
+                self.spool.fail(
+                    key, f"gave up after {state.attempts} attempts; last error: {reason}", state
+                )
+                log.error("series %s failed after %d attempts: %s", key, state.attempts, reason)
+                return "failed"
+            delay = min(self.config.retry_base_s * 2 ** (state.attempts - 1), 3600.0)
+            state.next_attempt = time.time() + delay
+            self.spool.save_state(state)
+            log.warning(
+                "series %s: attempt %d of %d failed (%s); retrying in %.0f s",
+                key,
+                state.attempts,
+                self.config.max_attempts,
+                reason,
+                delay,
+            )
+            return "retry"
+        record["attempts"] = state.attempts
+        record["seconds"] = round(time.perf_counter() - t0, 3)
+        self.spool.finish(key, record)
+        log.info(
+            "series %s %s: %d slices, %d result(s) in %.1f s",
+            key,
+            record["status"],
+            record["slices"],
+            len(record["outputs"]),
+            record["seconds"],
+        )
+        return str(record["status"])
+
+    def _process(self, key: str) -> dict[str, Any]:
+        files = self.spool.instances(key)
+        if not files:
+            raise PermanentError(f"series {key}: no instances in the spool")
+        series = read_series(files, name=f"series {key}")
+        modality = series.modality.upper()
+        if modality not in self.config.modalities:
+            raise PermanentError(
+                f"series {key}: unsupported modality {modality or 'none'!r}; "
+                f"the sidecar processes {', '.join(self.config.modalities)} series"
+            )
+        log.info(
+            "series %s: %s, %s voxels, predicting",
+            key,
+            modality,
+            "x".join(map(str, series.volume.shape)),
+        )
+        pred = self.predictor(series.volume)
+        report = dict(pred.report)
+        bundle = report.get("bundle", {}) if isinstance(report.get("bundle"), dict) else {}
+        classes = bundle.get("classes") or [f"class {k}" for k in range(pred.prob.shape[0])]
+        sha = str(bundle.get("manifest_sha256", ""))
+        options = self.config.outputs
+        if bundle.get("name"):
+            options = OutputOptions(
+                **{
+                    **options.__dict__,
+                    "model_name": str(bundle["name"]),
+                    "model_version": f"uqserve {__version__}; bundle {sha[:12]}",
+                }
+            )
+        datasets = build_outputs(
+            series.datasets,
+            seg=pred.seg,
+            maps={"tu": pred.tu, "au": pred.au, "eu": pred.eu},
+            prob=pred.prob,
+            classes=classes,
+            key=f"{sha}:{report.get('seed')}",
+            report=report,
+            options=options,
+        )
+        out = self.spool.out_dir(key)
+        shutil.rmtree(out, ignore_errors=True)
+        paths = write_datasets(datasets, out)
+        ood = report.get("ood")
+        ood = ood if isinstance(ood, dict) else {}
+        record: dict[str, Any] = {
+            "modality": modality,
+            "slices": len(series.datasets),
+            "outputs": [p.name for p in paths],
+            "ood_flag": ood.get("flag"),
+            "dead_letter": {},
+        }
+        if self.config.send_to is None:
+            record["status"] = "written"
+            record["folder"] = str(out)
+            return record
+        result = send_files(
+            paths,
+            self.config.send_to,
+            calling_ae=self.config.ae_title,
+            retries=self.config.send_retries,
+            backoff_s=self.config.send_backoff_s,
+        )
+        for p in result.sent:
+            p.unlink(missing_ok=True)
+        if result.failed:
+            dead_letter(result.failed, self.spool.dead_letter_dir(key))
+            record["dead_letter"] = {p.name: why for p, why in result.failed.items()}
+            log.error(
+                "series %s: %d of %d result(s) not accepted by %s, moved to dead-letter/%s",
+                key,
+                len(result.failed),
+                len(paths),
+                self.config.send_to,
+                key,
+            )
+        record["status"] = "delivered" if result.ok else "partial"
+        record["sent_to"] = str(self.config.send_to)
+        return record

@@ -1,0 +1,241 @@
+"""A durable on-disk spool: received instances, grouped by series, with state.
+
+Layout under the spool root (every name is a hash, never a UID or identifier)::
+
+    incoming/<series>/<instance>.dcm   instances still arriving
+    work/<series>/<instance>.dcm       claimed for processing (or waiting to retry)
+    work/<series>/state.json           attempts, last error, when to retry
+    out/<series>/*.dcm                 results built, not yet delivered
+    failed/<series>/                   instances + reason.json of a series given up on
+    dead-letter/<series>/              results that could not be sent + *.reason.json
+    done/<series>.json                 what was delivered (no identifiers)
+    tmp/                               partial writes (cleared on start)
+
+An instance is written to ``tmp/``, fsynced, renamed into place and the folder
+fsynced *before* the C-STORE is acknowledged, so a crash never loses an
+acknowledged instance. A series is ready once no instance has arrived for
+``stable_seconds`` (file modification times, so this survives a restart; after
+a restart the clock starts no earlier than the restart, so a sender that was
+cut off can finish first);
+claiming renames the folder, so late arrivals start a new ``incoming`` folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SeriesState", "Spool", "series_key"]
+
+STATE = "state.json"
+
+
+def series_key(series_uid: str) -> str:
+    """The spool name of a series: a hash, safe to show in logs."""
+    return hashlib.sha256(str(series_uid).encode()).hexdigest()[:16]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+@dataclass
+class SeriesState:
+    """Processing state of one series (kept in ``work/<series>/state.json``)."""
+
+    key: str
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_error: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Spool:
+    """The spool folder; thread-safe for one process (one SCP + one worker)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        # Nothing could arrive while the process was down: series found on start
+        # get a full stable period from now, so senders can resume first.
+        self.opened = time.time()
+        self._lock = threading.Lock()
+        for sub in ("incoming", "work", "out", "failed", "dead-letter", "done", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        for part in (self.root / "tmp").iterdir():  # leftovers of a crash mid-write
+            with contextlib.suppress(OSError):
+                part.unlink()
+
+    # -- receiving --------------------------------------------------------
+
+    def store(self, series_uid: str, sop_uid: str, data: bytes) -> Path:
+        """Durably store one encoded instance (with file meta); return its path."""
+        key = series_key(series_uid)
+        name = hashlib.sha256(str(sop_uid).encode()).hexdigest()[:20] + ".dcm"
+        fd, tmp = tempfile.mkstemp(suffix=".part", dir=self.root / "tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            with self._lock:
+                folder = self.root / "incoming" / key
+                new = not folder.is_dir()
+                folder.mkdir(exist_ok=True)
+                target = folder / name
+                os.replace(tmp, target)
+                _fsync_dir(folder)
+                if new:
+                    _fsync_dir(folder.parent)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+    # -- choosing what to process ----------------------------------------
+
+    def pending(self) -> list[str]:
+        """Keys of series with instances in ``incoming`` or ``work``."""
+        keys = {p.name for p in (self.root / "incoming").iterdir() if p.is_dir()}
+        keys |= {p.name for p in (self.root / "work").iterdir() if p.is_dir()}
+        return sorted(keys)
+
+    def last_arrival(self, key: str) -> float | None:
+        """Modification time of the newest instance in ``incoming/<key>`` (None if none)."""
+        folder = self.root / "incoming" / key
+        times = []
+        with contextlib.suppress(FileNotFoundError):
+            for p in folder.iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    times.append(p.stat().st_mtime)
+        return max(times) if times else None
+
+    def ready(self, stable_seconds: float, now: float | None = None) -> list[str]:
+        """Keys due for processing now, oldest first.
+
+        A series in ``incoming`` is due once its newest instance is older than
+        ``stable_seconds``; one in ``work`` (claimed before a crash, or waiting
+        to retry) once its retry time has come and nothing newer is arriving.
+        """
+        now = time.time() if now is None else now
+        due: list[tuple[float, str]] = []
+        for key in self.pending():
+            last = self.last_arrival(key)
+            if last is not None and now - max(last, self.opened) < stable_seconds:
+                continue  # still arriving
+            work = self.root / "work" / key
+            if work.is_dir() and self.load_state(key).next_attempt > now:
+                continue
+            due.append((last or 0.0, key))
+        return [k for _, k in sorted(due)]
+
+    def claim(self, key: str) -> Path:
+        """Move ``incoming/<key>`` into ``work/<key>`` (merging) and return the work folder."""
+        with self._lock:
+            src = self.root / "incoming" / key
+            dst = self.root / "work" / key
+            if src.is_dir():
+                if not dst.exists():
+                    os.replace(src, dst)
+                else:
+                    for p in src.iterdir():
+                        os.replace(p, dst / p.name)
+                    src.rmdir()
+                _fsync_dir(dst.parent)
+                _fsync_dir(src.parent)
+            return dst
+
+    def instances(self, key: str) -> list[Path]:
+        return sorted(p for p in (self.root / "work" / key).glob("*.dcm"))
+
+    # -- state ------------------------------------------------------------
+
+    def load_state(self, key: str) -> SeriesState:
+        path = self.root / "work" / key / STATE
+        try:
+            d = json.loads(path.read_text())
+            return SeriesState(**d)
+        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+            return SeriesState(key=key)
+
+    def save_state(self, state: SeriesState) -> None:
+        _write_json(self.root / "work" / state.key / STATE, asdict(state))
+
+    def out_dir(self, key: str) -> Path:
+        return self.root / "out" / key
+
+    def dead_letter_dir(self, key: str) -> Path:
+        return self.root / "dead-letter" / key
+
+    def finish(self, key: str, record: dict[str, Any]) -> None:
+        """A series is done: keep a record, drop its instances and delivered results."""
+        _write_json(
+            self.root / "done" / f"{key}.json", {"key": key, "finished": time.time(), **record}
+        )
+        shutil.rmtree(self.root / "work" / key, ignore_errors=True)
+        out = self.out_dir(key)
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+
+    def fail(self, key: str, reason: str, state: SeriesState) -> Path:
+        """Give up on a series: move its instances to ``failed/<key>`` with ``reason.json``."""
+        dst = self.root / "failed" / key
+        with self._lock:
+            if dst.exists():
+                shutil.rmtree(dst)
+            work = self.root / "work" / key
+            if work.is_dir():
+                os.replace(work, dst)
+            else:
+                dst.mkdir(parents=True)
+        _write_json(
+            dst / "reason.json",
+            {
+                "key": key,
+                "reason": reason,
+                "attempts": state.attempts,
+                "history": state.history,
+                "failed": time.time(),
+            },
+        )
+        return dst
+
+    def failed_reason(self, key: str) -> str | None:
+        path = self.root / "failed" / key / "reason.json"
+        try:
+            return str(json.loads(path.read_text())["reason"])
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            return None
+
+    def done_record(self, key: str) -> dict[str, Any] | None:
+        path = self.root / "done" / f"{key}.json"
+        try:
+            return dict(json.loads(path.read_text()))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None

@@ -1,0 +1,636 @@
+"""Train the members of an AU x EU combination (PyTorch, imported lazily).
+
+``train(combination, out_dir)`` writes a checkpoint folder::
+
+    out_dir/
+      config.json             what was trained and how (schema below)
+      member_0.safetensors    EMA weights of member 0
+      member_1.safetensors    ... one file per independently trained network
+
+* ensemble: ``num_members`` networks, member ``m`` seeded ``seed + m``;
+* mcdropout: one network trained with channel dropout (p = 0.2 unless the
+  model config sets one); the exporter turns it into ``num_masks`` members
+  with frozen masks;
+* none: one network.
+
+Every step draws a batch of random crops; each image's target is the label
+map of one randomly chosen annotator, so the network sees the annotators'
+disagreement and the AU head can learn it. Optimiser: AdamW with a linear
+warm-up then cosine decay, gradient-norm clipping, and an exponential moving
+average (EMA) of the weights, which is what is saved. Augmentation: flips,
+90-degree rotations and, in normalised units, intensity scale/shift and
+Gaussian noise. Images are normalised with the training set's mean and std
+(scheme ``fixed``), recorded in ``config.json`` for the bundle manifest.
+
+``config.json`` keys: ``format`` ("uqserve-checkpoints"), ``version``,
+``combination``, ``au``, ``eu``, ``num_members`` (weight files),
+``bundle_members`` (members the exported bundle will have), ``seed``,
+``model_config`` (``ModelConfig.to_dict()``), ``train_config``
+(``TrainConfig`` fields), ``normalization`` (``scheme``, ``mean``, ``std``,
+``clip``), ``classes``, ``tile_size``, ``spacing``, ``data`` (where the
+training data came from), ``members`` (per member: file, seed, seconds,
+final loss, a loss curve), ``validation`` (synthetic data only: Dice of each
+member against the annotators' majority on held-out slices),
+``uqserve_version``, ``created``.
+
+Same seed, same data, same thread count -> bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from uqserve import __version__
+from uqserve.data import (
+    FolderDataset,
+    SyntheticSet,
+    load_folder,
+    make_dataset,
+    normalization_stats,
+)
+from uqserve.models import ModelConfig, build_network, parse_combination
+
+if TYPE_CHECKING:
+    from torch import nn
+
+CONFIG_NAME = "config.json"
+FORMAT = "uqserve-checkpoints"
+FORMAT_VERSION = 1
+DEFAULT_DROPOUT = 0.2
+DEFAULT_WIDTH = 8  # with TrainConfig() a member trains in minutes on 2 CPU cores
+
+
+class TrainError(ValueError):
+    """Training cannot start: bad combination, data or settings (the message says which)."""
+
+
+@dataclass
+class TrainConfig:
+    """How to train (the model's shape lives in ``ModelConfig``).
+
+    The defaults train a width-8 member in a few minutes on 2 CPU cores.
+    """
+
+    steps: int = 600
+    batch_size: int = 8
+    size: tuple[int, int] = (64, 64)  # training crop = the bundle's tile size
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 20
+    grad_clip: float = 0.5
+    ema_decay: float = 0.99
+    num_members: int = 5  # ensemble: independently trained networks
+    num_masks: int = 10  # mcdropout: frozen masks (members) made at export
+    dropout: float = DEFAULT_DROPOUT  # mcdropout, when the model config has none
+    augment: bool = True
+    noise_std: float = 0.1  # max Gaussian-noise augmentation, in normalised units
+    # Synthetic data (``data="synthetic"``).
+    num_images: int = 256
+    image_size: int = 128
+    ambiguity: str = "low"
+    num_annotators: int = 4
+    data_seed: int = 0
+    validate: int = 32  # held-out synthetic slices for the Dice check; 0 = skip
+    # torch threads; default half the CPUs (1 on 2 cores): on a shared machine,
+    # oversubscribed cores make every step much slower.
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, int):
+            self.size = (self.size, self.size)
+        self.size = (int(self.size[0]), int(self.size[1]))
+        problems = []
+        if self.steps < 1:
+            problems.append("steps must be >= 1")
+        if self.batch_size < 1:
+            problems.append("batch_size must be >= 1")
+        if min(self.size) < 8:
+            problems.append("size must be at least 8 x 8")
+        if not self.lr > 0:
+            problems.append("lr must be > 0")
+        if self.grad_clip <= 0:
+            problems.append("grad_clip must be > 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            problems.append("ema_decay must be in [0, 1)")
+        if self.num_members < 1 or self.num_masks < 1:
+            problems.append("num_members and num_masks must be >= 1")
+        if not 0.0 < self.dropout < 1.0:
+            problems.append("dropout must be in (0, 1)")
+        if self.num_images < 1 or self.image_size < 8:
+            problems.append("num_images must be >= 1 and image_size >= 8")
+        if self.ambiguity not in ("low", "high"):
+            problems.append("ambiguity must be 'low' or 'high'")
+        if self.threads is not None and self.threads < 1:
+            problems.append("threads must be >= 1")
+        if problems:
+            raise TrainError("TrainConfig: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["size"] = list(self.size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise TrainError(
+                f"TrainConfig: unknown fields {sorted(unknown)}; known: {sorted(known)}"
+            )
+        return cls(**{**d, "size": tuple(d["size"])} if "size" in d else d)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class _Slices:
+    """Training slices: images ``[1, H, W]`` float32 and annotations ``[A, H, W]`` uint8."""
+
+    images: list[npt.NDArray[np.float32]]
+    annotations: list[npt.NDArray[np.uint8]]
+    num_classes: int
+    description: dict[str, Any]
+    spacing: tuple[float, float] = (1.0, 1.0)
+    classes: list[str] = field(default_factory=list)
+
+
+def _default_classes(k: int) -> list[str]:
+    if k == 2:
+        return ["background", "lesion"]
+    return ["background"] + [f"lesion_{i}" for i in range(1, k)]
+
+
+def _slices(
+    data: str | os.PathLike[str] | SyntheticSet | FolderDataset,
+    config: TrainConfig,
+    num_classes: int,
+) -> _Slices:
+    if isinstance(data, str) and data == "synthetic":
+        data = make_dataset(
+            config.num_images,
+            config.data_seed,
+            size=config.image_size,
+            ambiguity=config.ambiguity,
+            num_classes=num_classes,
+            num_annotators=config.num_annotators,
+        )
+        desc: dict[str, Any] = {
+            "source": "synthetic",
+            "num_images": config.num_images,
+            "image_size": config.image_size,
+            "ambiguity": config.ambiguity,
+            "num_annotators": config.num_annotators,
+            "data_seed": config.data_seed,
+        }
+    elif isinstance(data, SyntheticSet):
+        desc = {"source": "synthetic-set", "num_images": len(data)}
+    elif isinstance(data, FolderDataset):
+        desc = {"source": "folder", "path": str(data.path), "cases": len(data)}
+    else:
+        try:
+            data = load_folder(data, num_classes=num_classes)
+        except ValueError as exc:
+            raise TrainError(str(exc)) from exc
+        desc = {"source": "folder", "path": str(data.path), "cases": len(data)}
+
+    if isinstance(data, SyntheticSet):
+        if data.num_classes > num_classes:
+            raise TrainError(
+                f"the synthetic set has {data.num_classes} classes but the model "
+                f"{num_classes}; set ModelConfig.num_classes={data.num_classes}"
+            )
+        return _Slices(
+            images=list(data.images),
+            annotations=list(data.annotations),
+            num_classes=num_classes,
+            description=desc,
+            classes=_default_classes(num_classes),
+        )
+    top = max(int(c.annotations.max()) for c in data)
+    if top >= num_classes:
+        raise TrainError(
+            f"{data.path}: labels go up to class {top} but the model has {num_classes} classes; "
+            f"pass --classes {top + 1} (ModelConfig.num_classes)"
+        )
+    images, annotations = data.slices()
+    spacing = data[0].image.spacing
+    desc["slices"] = len(images)
+    return _Slices(
+        images=images,
+        annotations=annotations,
+        num_classes=num_classes,
+        description=desc,
+        spacing=(float(spacing[0]), float(spacing[1])),
+        classes=["background"] + [f"class_{i}" for i in range(1, num_classes)],
+    )
+
+
+def _batch(
+    slices: _Slices,
+    rng: np.random.Generator,
+    batch_size: int,
+    size: tuple[int, int],
+    mean: float,
+    std: float,
+    config: TrainConfig,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """One batch: normalised crops ``[B, 1, h, w]`` and one annotator's labels ``[B, h, w]``."""
+    h, w = size
+    images = np.empty((batch_size, 1, h, w), np.float32)
+    targets = np.empty((batch_size, h, w), np.int64)
+    for b in range(batch_size):
+        i = int(rng.integers(len(slices.images)))
+        img, ann = slices.images[i], slices.annotations[i]
+        a = int(rng.integers(ann.shape[0]))  # a random annotator is the target
+        lab = ann[a]
+        img = (img - mean) / std
+        # Pad (background value, label 0) when the slice is smaller than the crop.
+        ph, pw = max(0, h - img.shape[1]), max(0, w - img.shape[2])
+        if ph or pw:
+            pad = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
+            img = np.pad(img, ((0, 0), *pad), constant_values=float(img.min()))
+            lab = np.pad(lab, pad, constant_values=0)
+        y = int(rng.integers(img.shape[1] - h + 1))
+        x = int(rng.integers(img.shape[2] - w + 1))
+        ci, cl = img[:, y : y + h, x : x + w], lab[y : y + h, x : x + w]
+        if config.augment:
+            if rng.uniform() < 0.5:
+                ci, cl = ci[:, ::-1], cl[::-1]
+            if rng.uniform() < 0.5:
+                ci, cl = ci[:, :, ::-1], cl[:, ::-1]
+            if h == w:
+                k = int(rng.integers(4))
+                ci, cl = np.rot90(ci, k, axes=(1, 2)), np.rot90(cl, k)
+            scale, shift = rng.uniform(0.9, 1.1), rng.uniform(-0.1, 0.1)
+            noise = rng.uniform(0.0, config.noise_std)
+            ci = ci * scale + shift + noise * rng.standard_normal(ci.shape)
+        images[b] = ci
+        targets[b] = cl
+    return images, targets
+
+
+# --------------------------------------------------------------------------- training
+
+
+def default_threads() -> int:
+    """Torch threads used when ``TrainConfig.threads`` is None: half the CPUs, 1 to 4."""
+    return max(1, min(4, (os.cpu_count() or 1) // 2))
+
+
+def _lr_factor(step: int, config: TrainConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    t = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def _train_member(
+    au: str,
+    model_config: ModelConfig,
+    slices: _Slices,
+    config: TrainConfig,
+    seed: int,
+    mean: float,
+    std: float,
+    on_step: Callable[[int, float], None],
+) -> tuple[nn.Module, list[float]]:
+    """Train one network; returns it holding its EMA weights, and per-step losses."""
+    import torch
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x7EA1]))
+    net = build_network(au, model_config)
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config))
+    ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    losses = []
+    for step in range(config.steps):
+        x, y = _batch(slices, rng, config.batch_size, config.size, mean, std, config)
+        loss, _ = net.loss(torch.from_numpy(x), torch.from_numpy(y), step=step)
+        if not torch.isfinite(loss):
+            raise TrainError(
+                f"loss became {float(loss.detach())} at step {step}; lower --lr or check the data"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
+        opt.step()
+        sched.step()
+        # EMA with a short-run warm-up so early weights do not dominate.
+        decay = min(config.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in net.state_dict().items():
+                if v.dtype.is_floating_point:
+                    ema[k].mul_(decay).add_(v, alpha=1.0 - decay)
+                else:
+                    ema[k].copy_(v)
+        losses.append(float(loss.detach()))
+        on_step(step, losses[-1])
+    net.load_state_dict(ema)
+    return net.eval(), losses
+
+
+def _curve(losses: Sequence[float], points: int = 50) -> list[float]:
+    """Mean loss over ``points`` equal blocks of steps (fewer when training was short)."""
+    block = max(1, len(losses) // points)
+    arr = np.asarray(losses[: len(losses) // block * block]).reshape(-1, block)
+    return [round(float(v), 5) for v in arr.mean(axis=1)]
+
+
+def majority_vote(annotations: npt.NDArray[np.integer], num_classes: int) -> npt.NDArray[np.uint8]:
+    """Per-voxel majority label of ``annotations [A, ...]``; ties go to the lower class id."""
+    counts = np.stack([(annotations == k).sum(axis=0) for k in range(num_classes)])
+    return np.argmax(counts, axis=0).astype(np.uint8)
+
+
+def dice_vs_majority(
+    net: nn.Module,
+    images: npt.NDArray[np.float32],
+    annotations: npt.NDArray[np.uint8],
+    mean: float,
+    std: float,
+    num_classes: int,
+    batch: int = 16,
+) -> float:
+    """Foreground Dice (pooled over images, averaged over classes) of ``net``'s argmax.
+
+    ``images [N, 1, H, W]`` raw, ``annotations [N, A, H, W]``; the reference is the
+    annotators' majority vote. The prediction is the argmax of the mean over samples.
+    """
+    import torch
+
+    torch.manual_seed(0)
+    preds = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            x = torch.from_numpy(((images[i : i + batch] - mean) / std).astype(np.float32))
+            probs = net(x)  # [B, S, K, H, W]
+            preds.append(probs.mean(dim=1).argmax(dim=1).numpy())
+    pred = np.concatenate(preds)
+    ref = np.stack([majority_vote(a, num_classes) for a in annotations])
+    scores = []
+    for k in range(1, num_classes):
+        p, r = pred == k, ref == k
+        denom = int(p.sum() + r.sum())
+        if denom:
+            scores.append(2.0 * float((p & r).sum()) / denom)
+    return float(np.mean(scores)) if scores else 1.0
+
+
+def _prepare_out(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise TrainError(f"{out_dir}: exists and is not a folder; choose another --out")
+        if any(out_dir.iterdir()) and not overwrite:
+            raise TrainError(f"{out_dir}: folder is not empty; pass --overwrite to replace it")
+    if not out_dir.parent.exists():
+        raise TrainError(f"{out_dir.parent}: no such folder; create it first")
+
+
+def _save(net: nn.Module, path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
+    save_file(state, str(path), metadata=metadata)
+
+
+def train(
+    combination: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    config: TrainConfig | None = None,
+    model_config: ModelConfig | None = None,
+    data: str | os.PathLike[str] | SyntheticSet | FolderDataset = "synthetic",
+    seed: int = 0,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Train the members of ``combination`` (e.g. ``"softmax-ensemble"``) into ``out_dir``.
+
+    ``data``: ``"synthetic"`` (generated from ``config``), a data folder (see
+    ``uqserve.data.load_folder``), or an in-memory ``SyntheticSet``/``FolderDataset``.
+    The folder is written atomically: a temp folder beside it is renamed into
+    place only when every member is saved. Returns ``out_dir``.
+    """
+    try:
+        au, eu = parse_combination(combination)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from exc
+    config = config or TrainConfig()
+    model_config = model_config or ModelConfig(width=DEFAULT_WIDTH)
+    if eu == "mcdropout" and model_config.dropout == 0.0:
+        model_config = ModelConfig.from_dict({**model_config.to_dict(), "dropout": config.dropout})
+    if model_config.in_channels != 1:
+        raise TrainError(
+            f"training data has 1 channel but ModelConfig.in_channels={model_config.in_channels}"
+        )
+    m = model_config.multiple
+    if config.size[0] % m or config.size[1] % m:
+        raise TrainError(
+            f"size {config.size[0]}x{config.size[1]} must be a multiple of {m} "
+            f"(depth {model_config.depth}); use e.g. {m * max(1, round(config.size[0] / m))}"
+        )
+    out = Path(out_dir)
+    _prepare_out(out, overwrite)
+
+    slices = _slices(data, config, model_config.num_classes)
+    mean, std = normalization_stats(slices.images)
+    num_nets = config.num_members if eu == "ensemble" else 1
+    bundle_members = {"ensemble": num_nets, "mcdropout": config.num_masks, "none": 1}[eu]
+
+    import torch
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(config.threads or default_threads())
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        members: list[dict[str, Any]] = []
+        validation: list[float] = []
+        val = None
+        if slices.description["source"] == "synthetic" and config.validate > 0:
+            val = make_dataset(
+                config.validate,
+                config.data_seed + 1_000_003,  # held out: never the training seeds
+                size=config.image_size,
+                ambiguity=config.ambiguity,
+                num_classes=model_config.num_classes,
+                num_annotators=config.num_annotators,
+            )
+        with _Progress(progress, num_nets, config.steps, combination) as bar:
+            for k in range(num_nets):
+                t0 = time.perf_counter()
+                net, losses = _train_member(
+                    au, model_config, slices, config, seed + k, mean, std, bar.callback(k)
+                )
+                seconds = time.perf_counter() - t0
+                fname = f"member_{k}.safetensors"
+                _save(
+                    net,
+                    tmp / fname,
+                    {"combination": combination, "member": str(k), "seed": str(seed + k)},
+                )
+                entry: dict[str, Any] = {
+                    "file": fname,
+                    "seed": seed + k,
+                    "seconds": round(seconds, 2),
+                    "final_loss": round(float(np.mean(losses[-max(1, len(losses) // 20) :])), 5),
+                    "loss_curve": _curve(losses),
+                }
+                if val is not None:
+                    d = dice_vs_majority(
+                        net, val.images, val.annotations, mean, std, model_config.num_classes
+                    )
+                    entry["dice_vs_majority"] = round(d, 4)
+                    validation.append(d)
+                members.append(entry)
+        cfg: dict[str, Any] = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "combination": combination,
+            "au": au,
+            "eu": eu,
+            "num_members": num_nets,
+            "bundle_members": bundle_members,
+            "seed": seed,
+            "model_config": model_config.to_dict(),
+            "train_config": config.to_dict(),
+            "normalization": {"scheme": "fixed", "mean": mean, "std": std, "clip": None},
+            "classes": slices.classes or _default_classes(model_config.num_classes),
+            "tile_size": list(config.size),
+            "spacing": list(slices.spacing),
+            "data": slices.description,
+            "members": members,
+            "validation": (
+                {
+                    "num_images": config.validate,
+                    "dice_vs_majority": [round(v, 4) for v in validation],
+                    "dice_vs_majority_mean": round(float(np.mean(validation)), 4),
+                }
+                if validation
+                else {}
+            ),
+            "uqserve_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        torch.set_num_threads(threads_before)
+    return out
+
+
+class _Progress:
+    """A rich progress bar per member (or nothing when quiet)."""
+
+    def __init__(self, enabled: bool, members: int, steps: int, title: str) -> None:
+        self.enabled, self.members, self.steps, self.title = enabled, members, steps, title
+        self._bar: Any = None
+        self._tasks: dict[int, Any] = {}
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+            )
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def callback(self, member: int) -> Callable[[int, float], None]:
+        if self._bar is None:
+            return lambda step, loss: None
+        task = self._bar.add_task(
+            f"{self.title} member {member + 1}/{self.members}", total=self.steps, loss=float("nan")
+        )
+
+        def update(step: int, loss: float) -> None:
+            if step % 5 == 0 or step == self.steps - 1:
+                self._bar.update(task, completed=step + 1, loss=loss)
+
+        return update
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Checkpoints:
+    """A checkpoint folder read back: the config and one network per weight file."""
+
+    path: Path
+    config: dict[str, Any]
+    model_config: ModelConfig
+    networks: list[Any]  # torch.nn.Module, in eval mode
+
+    @property
+    def combination(self) -> str:
+        return str(self.config["combination"])
+
+
+def load_checkpoints(ckpt_dir: str | os.PathLike[str]) -> Checkpoints:
+    """Read a folder written by :func:`train` (networks in ``eval()`` mode, on CPU)."""
+    from safetensors.torch import load_file
+
+    path = Path(ckpt_dir)
+    cfg_path = path / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise TrainError(f"{cfg_path}: missing; pass a folder written by `uqserve train`")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        au, _ = parse_combination(str(cfg["combination"]))
+        mc = ModelConfig.from_dict(dict(cfg["model_config"]))
+        files = [path / str(m["file"]) for m in cfg["members"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise TrainError(f"{cfg_path}: malformed ({exc}); re-run `uqserve train`") from exc
+    nets = []
+    for f in files:
+        if not f.is_file():
+            raise TrainError(f"{f}: checkpoint missing; re-run `uqserve train`")
+        net = build_network(au, mc)
+        try:
+            net.load_state_dict(load_file(str(f)))
+        except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else repr(exc)
+            raise TrainError(f"{f}: weights do not fit config.json ({first})") from exc
+        nets.append(net.eval())
+    return Checkpoints(path=path, config=cfg, model_config=mc, networks=nets)

@@ -1,0 +1,319 @@
+"""Reading a DICOM image series into a :class:`~uqserve.volumes.Volume`.
+
+Shared by ``uqserve predict DICOM_DIR`` and the PACS sidecar. A series is a
+stack of single-frame images (CT, MR, ...) that share one Series Instance
+UID and one geometry; the slices are ordered by their position along the
+slice normal, not by file name or Instance Number (both are unreliable).
+
+Array order follows NIfTI: ``data[i, j, k]`` with ``i`` = column,
+``j`` = row, ``k`` = slice, so ``data[:, :, k]`` is ``pixel_array.T`` of the
+``k``-th dataset. The affine maps ``(i, j, k)`` to RAS+ millimetres: DICOM's
+patient coordinates are LPS, so x and y change sign.
+
+Nothing here logs or puts in a message a patient identifier: messages name
+files and tags, never tag values that identify a person.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from uqserve.volumes.base import Volume, VolumeError
+
+__all__ = ["DicomSeries", "read_series", "uid_hash"]
+
+# Geometry tolerances: scanners write positions with ~1e-3 mm precision.
+_ORIENTATION_TOL = 1e-4
+_SPACING_REL_TOL = 0.01  # 1 % of the slice spacing
+_SPACING_ABS_TOL = 1e-3  # mm
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass
+class DicomSeries:
+    """One image series read from DICOM.
+
+    volume    the pixel data as a :class:`Volume`, ``data [X=columns, Y=rows, Z=slices]``
+              float32 after Rescale Slope/Intercept, affine in RAS+ mm
+    datasets  the source datasets, sorted by position along the slice normal, in the
+              order of the volume's last axis (pixel data loaded)
+    """
+
+    volume: Volume
+    datasets: list[Dataset]
+
+    @property
+    def series_uid(self) -> str:
+        return str(self.datasets[0].SeriesInstanceUID)
+
+    @property
+    def modality(self) -> str:
+        return str(getattr(self.datasets[0], "Modality", ""))
+
+
+def uid_hash(uid: str, length: int = 12) -> str:
+    """A short, stable, non-reversible name for a UID, safe to log."""
+    return hashlib.sha256(str(uid).encode()).hexdigest()[:length]
+
+
+def read_series(
+    source: str | os.PathLike[str] | Sequence[str | os.PathLike[str] | Dataset],
+    *,
+    name: str | None = None,
+) -> DicomSeries:
+    """Read one DICOM image series from a folder, a list of files or datasets.
+
+    ``source`` is a folder (every file in it, recursively; files that are not
+    DICOM, and DICOMDIR files, are skipped), or a sequence of file paths or
+    already-read :class:`pydicom.Dataset` objects. ``name`` replaces the folder
+    name in messages and in ``Volume.source``.
+
+    Raises :class:`VolumeError` naming what is wrong and what to do when the
+    files hold more than one series, no image, images of different geometry
+    (orientation, rows/columns, pixel spacing), duplicate or missing slices
+    (non-uniform spacing along the normal), colour or compressed pixel data
+    that cannot be decoded.
+    """
+    label, items = _collect(source, name)
+    loaded = [_load(item, label) for item in items]
+    datasets = [ds for ds in loaded if ds is not None]
+    if not datasets:
+        raise VolumeError(f"{label}: no DICOM image found; pass a folder holding one image series")
+
+    series = {str(getattr(ds, "SeriesInstanceUID", "")) for ds in datasets}
+    if len(series) > 1:
+        raise VolumeError(
+            f"{label}: files from {len(series)} different series (Series Instance UID); "
+            "put each series in its own folder"
+        )
+    if "" in series:
+        raise VolumeError(
+            f"{label}: images without a Series Instance UID; the files are not a valid series"
+        )
+
+    first = datasets[0]
+    for ds in datasets:
+        _check_image(ds, label)
+    if len(datasets) == 1 and int(getattr(first, "NumberOfFrames", 1) or 1) > 1:
+        raise VolumeError(
+            f"{label}: a multi-frame (enhanced) image; only series of single-frame images "
+            "are supported: export the series as single-frame (classic) images"
+        )
+
+    rows, cols = int(first.Rows), int(first.Columns)
+    iop = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
+    spacing_rc = np.asarray(first.PixelSpacing, dtype=np.float64)
+    for ds in datasets[1:]:
+        if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
+            raise VolumeError(
+                f"{label}: images of different size ({rows}x{cols} and {ds.Rows}x{ds.Columns}); "
+                "the series mixes acquisitions: split it"
+            )
+        if not np.allclose(
+            np.asarray(ds.ImageOrientationPatient, dtype=np.float64), iop, atol=_ORIENTATION_TOL
+        ):
+            raise VolumeError(
+                f"{label}: images with different Image Orientation (Patient) (a gantry tilt, "
+                "localiser or mixed stack); split the series"
+            )
+        if not np.allclose(np.asarray(ds.PixelSpacing, dtype=np.float64), spacing_rc, rtol=1e-4):
+            raise VolumeError(f"{label}: images with different Pixel Spacing; split the series")
+
+    row_dir, col_dir = iop[:3], iop[3:]
+    if not (
+        np.isclose(np.linalg.norm(row_dir), 1, atol=1e-3)
+        and np.isclose(np.linalg.norm(col_dir), 1, atol=1e-3)
+    ):
+        raise VolumeError(
+            f"{label}: Image Orientation (Patient) is not made of unit vectors; "
+            "the files are damaged"
+        )
+    row_dir = row_dir / np.linalg.norm(row_dir)
+    col_dir = col_dir / np.linalg.norm(col_dir)
+    normal = np.cross(row_dir, col_dir)
+
+    positions = np.asarray(
+        [ds.ImagePositionPatient for ds in datasets], dtype=np.float64
+    )  # [Z, 3] LPS
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    datasets = [datasets[i] for i in order]
+    positions, along = positions[order], along[order]
+
+    n = len(datasets)
+    if n > 1:
+        gaps = np.diff(along)
+        if np.any(gaps < _SPACING_ABS_TOL):
+            raise VolumeError(
+                f"{label}: {int(np.sum(gaps < _SPACING_ABS_TOL)) + 1} images share one "
+                "slice position "
+                "(duplicates or several echoes/phases in one series); split the series"
+            )
+        step = float(np.median(gaps))
+        if np.max(np.abs(gaps - step)) > max(_SPACING_REL_TOL * step, _SPACING_ABS_TOL):
+            missing = int(np.round(np.sum(gaps) / step)) + 1 - n
+            what = f"about {missing} slice(s) missing" if missing > 0 else "uneven slice spacing"
+            raise VolumeError(
+                f"{label}: incomplete or irregular series ({what}; spacing along the normal from "
+                f"{gaps.min():.3g} to {gaps.max():.3g} mm); "
+                "wait until the whole series has arrived "
+                "or resample it to uniform spacing"
+            )
+        slice_vec = (positions[-1] - positions[0]) / (n - 1)
+        # In-plane drift would mean a sheared stack; the affine cannot express it per slice.
+        offsets = positions - positions[0] - np.outer(np.arange(n), slice_vec)
+        if np.max(np.abs(offsets)) > max(_SPACING_REL_TOL * step, _SPACING_ABS_TOL) * 10:
+            raise VolumeError(
+                f"{label}: slice positions do not lie on one line; split or resample the series"
+            )
+    else:
+        thickness = float(
+            getattr(first, "SpacingBetweenSlices", None)
+            or getattr(first, "SliceThickness", None)
+            or 1.0
+        )
+        slice_vec = normal * thickness
+
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * spacing_rc[1]  # i = column index moves along the row direction
+    lps[:3, 1] = col_dir * spacing_rc[0]  # j = row index moves along the column direction
+    lps[:3, 2] = slice_vec
+    lps[:3, 3] = positions[0]
+    affine = _LPS_TO_RAS @ lps
+
+    data = np.empty((cols, rows, n), dtype=np.float32)
+    for k, ds in enumerate(datasets):
+        data[:, :, k] = _pixels(ds, label).T
+
+    if not np.all(np.isfinite(data)):
+        raise VolumeError(
+            f"{label}: pixel data holds NaN or infinite values; the files are damaged"
+        )
+
+    volume = Volume(
+        data=data,
+        affine=affine,
+        source=label,
+        header=None,
+        slice_axis=2,
+        meta={
+            "format": "dicom",
+            "modality": str(getattr(first, "Modality", "")),
+            "series": uid_hash(str(first.SeriesInstanceUID)),
+            "num_instances": n,
+        },
+    )
+    return DicomSeries(volume=volume, datasets=datasets)
+
+
+def _collect(
+    source: str | os.PathLike[str] | Sequence[str | os.PathLike[str] | Dataset], name: str | None
+) -> tuple[str, list[Path | Dataset]]:
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        label = name or str(path)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            if not files:
+                raise VolumeError(
+                    f"{label}: empty folder; pass a folder holding one DICOM image series"
+                )
+            return label, list(files)
+        if path.is_file():
+            return label, [path]
+        raise VolumeError(f"{label}: no such file or folder")
+    items: list[Path | Dataset] = [s if isinstance(s, Dataset) else Path(s) for s in source]
+    if not items:
+        raise VolumeError(f"{name or 'series'}: no files given; pass at least one DICOM image")
+    if name is None:
+        parents = {p.parent for p in items if isinstance(p, Path)}
+        name = str(parents.pop()) if len(parents) == 1 else "series"
+    return name, items
+
+
+def _load(item: Path | Dataset, label: str) -> Dataset | None:
+    """Read one file; ``None`` for files that are plainly not DICOM images."""
+    if isinstance(item, Dataset):
+        return item
+    if item.name.upper() == "DICOMDIR":
+        return None
+    try:
+        ds = pydicom.dcmread(item)
+    except InvalidDicomError:
+        return None  # not DICOM at all (a README, a thumbnail): skip
+    except Exception as exc:  # truncated or corrupt file
+        raise VolumeError(
+            f"{item}: cannot read DICOM ({type(exc).__name__}); "
+            "the file is damaged: re-send the series"
+        ) from exc
+    if "PixelData" not in ds and "SeriesInstanceUID" not in ds:
+        return None
+    return ds
+
+
+def _check_image(ds: Dataset, label: str) -> None:
+    missing = [
+        kw
+        for kw in (
+            "PixelData",
+            "Rows",
+            "Columns",
+            "ImagePositionPatient",
+            "ImageOrientationPatient",
+            "PixelSpacing",
+        )
+        if kw not in ds or ds[kw].value in (None, "")
+    ]
+    if missing:
+        raise VolumeError(
+            f"{label}: an image lacks {', '.join(missing)} "
+            f"(modality {getattr(ds, 'Modality', '?')}); "
+            "only cross-sectional images with patient geometry (CT, MR) can be read"
+        )
+    if int(getattr(ds, "SamplesPerPixel", 1)) != 1:
+        raise VolumeError(
+            f"{label}: colour images (Samples per Pixel > 1) are not supported; "
+            "send grey-scale CT/MR"
+        )
+
+
+def _pixels(ds: Dataset, label: str) -> npt.NDArray[np.float32]:
+    """Pixel values of one single-frame image after Rescale Slope/Intercept, ``[rows, cols]``."""
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # no decoder for a compressed transfer syntax, or broken data
+        where = getattr(ds, "filename", None) or label
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if ts is not None and getattr(ts, "is_compressed", False):
+            raise VolumeError(
+                f"{where}: cannot decode pixel data "
+                f"(transfer syntax {ts.name}: {type(exc).__name__}); "
+                "the data is damaged or needs a decoder: send the series uncompressed or install "
+                "pylibjpeg / gdcm"
+            ) from exc
+        raise VolumeError(
+            f"{where}: cannot read pixel data "
+            f"({type(exc).__name__}: truncated or inconsistent with "
+            "Rows/Columns/Bits Allocated); the file is damaged: re-send the series"
+        ) from exc
+    if arr.ndim != 2:
+        raise VolumeError(
+            f"{label}: an image with {arr.ndim}-D pixel data; "
+            "only single-frame grey-scale images are supported"
+        )
+    out = arr.astype(np.float32)
+    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+    if slope != 1.0 or intercept != 0.0:
+        out = out * np.float32(slope) + np.float32(intercept)
+    return out

@@ -1,0 +1,137 @@
+"""Reading any supported input, and writing outputs atomically.
+
+``read_volume`` dispatches on the path: a ``.nii`` / ``.nii.gz`` file goes to
+the NIfTI reader, a folder (or a single ``.dcm`` file) to the DICOM series
+reader (imported lazily: pydicom is an optional extra). ``atomic_output_dir``
+builds a result folder under a temporary name and renames it into place only
+when everything inside was written, so a failure never leaves partial output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from uqserve.volumes.base import Volume, VolumeError
+from uqserve.volumes.nifti import is_nifti_path, read_nifti
+
+
+class OutputError(ValueError):
+    """An output location that cannot be used (exists, not writable)."""
+
+
+def read_volume(path: str | os.PathLike[str], volume_index: int | None = None) -> Volume:
+    """Read a NIfTI file or a folder of DICOM files of one series into a ``Volume``.
+
+    ``volume_index`` picks one volume of a 4D NIfTI series. Raises ``VolumeError``.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise VolumeError(f"{p}: no such file or folder")
+    if p.is_dir() or p.suffix.lower() == ".dcm":
+        if volume_index not in (None, 0):
+            raise VolumeError(f"{p}: --volume-index applies to 4D NIfTI files, not DICOM series")
+        try:
+            from uqserve.volumes.dicom import read_series
+        except ImportError as exc:
+            raise VolumeError(
+                f"{p}: reading DICOM needs the dicom extra: pip install 'uqserve[dicom]' ({exc})"
+            ) from exc
+        series = read_series(p if p.is_dir() else [p])
+        return series.volume
+    if is_nifti_path(p):
+        return read_nifti(p, volume_index=volume_index)
+    raise VolumeError(
+        f"{p}: unsupported input; pass a NIfTI file (.nii, .nii.gz) or a folder of DICOM files"
+    )
+
+
+def sanitize(volume: Volume) -> tuple[Volume, int]:
+    """Apply the non-finite voxel policy; return the volume and the count replaced.
+
+    NaN and ±Inf voxels (common outside the field of view of resampled scans)
+    are replaced by the minimum finite value, and the count is returned so the
+    caller can warn. A volume with no finite voxel, or an empty one, raises
+    ``VolumeError``.
+    """
+    data = volume.data
+    if data.size == 0:
+        raise VolumeError(f"{volume.source}: empty image (shape {data.shape}); nothing to predict")
+    finite = np.isfinite(data)
+    n_bad = int(data.size - np.count_nonzero(finite))
+    if n_bad == 0:
+        return volume, 0
+    if n_bad == data.size:
+        raise VolumeError(
+            f"{volume.source}: every voxel is NaN or infinite; the file holds no image data"
+        )
+    fill = np.float32(data[finite].min())
+    clean: npt.NDArray[np.float32] = np.where(finite, data, fill).astype(np.float32, copy=False)
+    out = Volume(
+        data=clean,
+        affine=volume.affine,
+        source=volume.source,
+        header=volume.header,
+        slice_axis=volume.slice_axis,
+        meta={**volume.meta, "nonfinite_voxels": n_bad},
+    )
+    return out, n_bad
+
+
+@contextlib.contextmanager
+def atomic_output_dir(final_dir: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder next to ``final_dir``; rename it on success.
+
+    Raises ``OutputError`` up front when ``final_dir`` exists and ``overwrite``
+    is false, or when its parent cannot be created or written. On any error
+    inside the block the temporary folder is removed and ``final_dir`` is left
+    untouched. With ``overwrite`` an existing ``final_dir`` is replaced only
+    after the new one is complete.
+    """
+    final = Path(final_dir)
+    if final.exists() and not overwrite:
+        raise OutputError(f"{final}: results exist already; pass --overwrite or choose another -o")
+    if final.exists() and not final.is_dir():
+        raise OutputError(f"{final}: exists and is not a folder; remove it or choose another -o")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    except OSError as exc:
+        raise OutputError(
+            f"{final.parent}: cannot create the output folder ({exc.strerror or exc}); "
+            "choose a writable -o"
+        ) from exc
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; results are ordinary folders
+        old: Path | None = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target

@@ -1,0 +1,199 @@
+"""NIfTI-1 / NIfTI-2 reading and header-preserving writing (nibabel).
+
+Reading applies ``scl_slope`` / ``scl_inter`` to any stored dtype and byte
+order and returns float32. 2D images become ``[X, Y, 1]``; a 4D series needs
+``volume_index`` to pick one volume. Writing copies the reference header so
+that outputs keep the input affine, qform/sform codes, units and orientation.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import numpy.typing as npt
+
+from uqserve.volumes.base import Volume, VolumeError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# An axis counts as through-plane when its spacing exceeds the others by this factor.
+_ANISOTROPY = 1.2
+
+
+def is_nifti_path(path: str | os.PathLike[str]) -> bool:
+    """True for names ending in ``.nii`` or ``.nii.gz`` (case-insensitive)."""
+    name = Path(path).name.lower()
+    return name.endswith(NIFTI_SUFFIXES)
+
+
+def scan_name(path: str | os.PathLike[str]) -> str:
+    """``/a/b/scan.nii.gz`` -> ``scan``; folders keep their name."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def read_nifti(path: str | os.PathLike[str], volume_index: int | None = None) -> Volume:
+    """Read a NIfTI-1/2 file (``.nii`` or ``.nii.gz``) into a float32 ``Volume``.
+
+    Returns ``data [X, Y, Z]`` (2D files: ``[X, Y, 1]``) with the scaling applied,
+    the nibabel best affine (sform if its code is set, else qform) and a copy of
+    the header for writing outputs. ``slice_axis`` is the last axis unless
+    another axis has clearly the largest spacing (> 1.2x every other axis).
+    4D files with more than one volume need ``volume_index`` (0-based).
+    Raises ``VolumeError`` naming the file and the fix.
+    """
+    p = Path(path)
+    src = p.name
+    if not p.exists():
+        raise VolumeError(f"{p}: no such file")
+    if not p.is_file():
+        raise VolumeError(f"{p}: not a file; pass a .nii/.nii.gz file or a DICOM folder")
+    try:
+        img = nib.load(str(p))
+    except Exception as exc:  # nibabel raises many types for foreign/corrupt files
+        raise VolumeError(f"{p}: not a readable NIfTI file ({_reason(exc)})") from exc
+    if not isinstance(img, nib.Nifti1Image):  # Nifti2Image subclasses Nifti1Image
+        raise VolumeError(
+            f"{p}: {type(img).__name__} is not NIfTI; convert it to .nii.gz (e.g. with dcm2niix)"
+        )
+    header = img.header
+    stored_shape = tuple(int(s) for s in img.shape)
+    if any(s == 0 for s in stored_shape) or len(stored_shape) == 0:
+        raise VolumeError(f"{p}: empty image (shape {stored_shape}); nothing to predict")
+    shape = _squeeze_trailing(stored_shape)
+    ndim = len(shape)
+    if ndim < 2 or ndim > 4:
+        raise VolumeError(
+            f"{p}: {ndim}D data (shape {stored_shape}); need a 2D slice or a 3D volume"
+        )
+    if ndim == 4:
+        n = shape[3]
+        if volume_index is None:
+            raise VolumeError(
+                f"{p}: 4D series with {n} volumes (shape {stored_shape}); "
+                f"pick one with --volume-index 0..{n - 1}"
+            )
+        if not 0 <= volume_index < n:
+            raise VolumeError(f"{p}: --volume-index {volume_index} out of range 0..{n - 1}")
+    elif volume_index not in (None, 0):
+        raise VolumeError(
+            f"{p}: --volume-index {volume_index} given but the image is {ndim}D "
+            "(one volume, index 0)"
+        )
+    try:
+        proxy = img.dataobj
+        if ndim == 4:
+            arr = np.asanyarray(proxy[..., volume_index])
+            arr = arr.reshape(shape[:3])
+        else:
+            arr = np.asanyarray(proxy).reshape(shape)
+        # dataobj applies scl_slope/inter; float32 is enough precision for any stored type.
+        data = np.asarray(arr, dtype=np.float32)
+    except Exception as exc:  # truncated gzip (EOFError, zlib.error), short files (ValueError)
+        raise VolumeError(
+            f"{p}: cannot read the voxel data ({_reason(exc)}); the file is truncated or corrupt"
+        ) from exc
+    if data.ndim == 2:
+        data = data[:, :, np.newaxis]
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) == 0:
+        raise VolumeError(
+            f"{p}: the header's affine is singular or not finite; fix the qform/sform"
+        )
+    qcode = int(header["qform_code"])
+    scode = int(header["sform_code"])
+    meta: dict[str, Any] = {
+        "format": "nifti2" if isinstance(img, nib.Nifti2Image) else "nifti1",
+        "stored_shape": stored_shape,
+        "stored_dtype": str(header.get_data_dtype()),
+        "qform_code": qcode,
+        "sform_code": scode,
+        "ndim": 2 if ndim == 2 else 3,  # 2D inputs get 2D outputs
+        "volume_index": volume_index if ndim == 4 else None,
+    }
+    vol = Volume(data=data, affine=affine, source=src, header=header.copy(), meta=meta)
+    vol.slice_axis = through_plane_axis(vol.spacing, data.shape)
+    return vol
+
+
+def through_plane_axis(spacing: tuple[float, ...], shape: tuple[int, ...]) -> int:
+    """The axis predict slices along: the last one, unless another axis has the
+    clearly largest spacing (> 1.2x each other axis) and more than one voxel."""
+    if shape[2] == 1:
+        return 2
+    order = np.argsort(spacing)[::-1]
+    top = int(order[0])
+    if (
+        top != 2
+        and shape[top] > 1
+        and all(spacing[top] > _ANISOTROPY * spacing[i] for i in range(3) if i != top)
+    ):
+        return top
+    return 2
+
+
+def write_nifti_like(
+    array: npt.NDArray[Any], reference: Volume, path: str | os.PathLike[str]
+) -> Path:
+    """Write ``array`` with the geometry of ``reference``.
+
+    ``array`` is ``[X, Y, Z]`` (= ``reference.shape``) or ``[X, Y, Z, N]`` (one
+    volume per N, e.g. per-class probabilities). The output keeps the input's
+    affine, qform/sform and their codes, units and NIfTI version; scaling is
+    reset so values are stored as given in ``array``'s dtype. For references
+    without a NIfTI header (DICOM series) both codes are 1 (scanner anatomical).
+    Writes to ``path`` directly; use it inside ``atomic_output_dir``.
+    """
+    arr = np.asarray(array)
+    if tuple(arr.shape[:3]) != reference.shape or arr.ndim not in (3, 4):
+        raise ValueError(
+            f"array shape {arr.shape} does not match the reference volume {reference.shape} "
+            "(expected [X, Y, Z] or [X, Y, Z, N])"
+        )
+    hdr = reference.header
+    if reference.meta.get("ndim") == 2 and arr.ndim == 3:
+        arr = arr[:, :, 0]  # a 2D input gets 2D outputs
+    if isinstance(hdr, nib.Nifti1Header):
+        cls = nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image
+        new = hdr.copy()
+        img = cls(arr, reference.affine, header=new)
+        qcode = int(hdr["qform_code"])
+        scode = int(hdr["sform_code"])
+        img.set_qform(hdr.get_qform() if qcode else None, code=qcode)
+        img.set_sform(hdr.get_sform() if scode else None, code=scode)
+    else:
+        img = nib.Nifti1Image(arr, reference.affine)
+        img.set_qform(reference.affine, code=1)
+        img.set_sform(reference.affine, code=1)
+    img.set_data_dtype(arr.dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.header["cal_min"] = 0
+    img.header["cal_max"] = 0
+    if arr.ndim == 4:
+        img.header.set_intent("vector", (), name="per class")
+    else:
+        img.header.set_intent("none")
+    out = Path(path)
+    nib.save(img, str(out))
+    return out
+
+
+def _squeeze_trailing(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Drop trailing singleton axes beyond the third (NIfTI pads dims with 1)."""
+    s = list(shape)
+    while len(s) > 3 and s[-1] == 1:
+        s.pop()
+    return tuple(s)
+
+
+def _reason(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    kind = "gzip data is corrupt" if isinstance(exc, zlib.error) else type(exc).__name__
+    return f"{kind}: {msg}" if msg else kind
