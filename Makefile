@@ -9,18 +9,18 @@ STAMP := $(VENV)/.installed
 # pull a multi-GB CUDA build. nvidia-pytriton pins numpy<2: one resolver run.
 TORCH := torch==2.13.0
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install demo test test-fast lint format bundles clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[export,server,dicom,dev]'
+	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[export,server,dicom,eval,dev]'
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/uqserve --help
+	$(BIN)/uqserve predict examples/example.nii.gz -o uqserve-out --overwrite --png
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -32,10 +32,16 @@ lint: install
 	$(BIN)/ruff check uqserve tests benchmarks
 	$(BIN)/ruff format --check uqserve tests benchmarks
 	$(BIN)/mypy uqserve
+	$(BIN)/hadolint --failure-threshold info Dockerfile
+	$(BIN)/kubernetes-validate --strict deploy/kubernetes/*.yaml
 
 format: install
 	$(BIN)/ruff format uqserve tests benchmarks
 	$(BIN)/ruff check --fix uqserve tests benchmarks
+
+# Retrain the two shipped bundles from their recipes (~15 min on 2 cores).
+bundles: install
+	scripts/build_bundles.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -143,7 +143,9 @@ class Manifest:
                 num_members=int(d["num_members"]),
                 num_samples=int(d["num_samples"]),
                 classes=tuple(str(c) for c in d["classes"]),
-                members=tuple(Member(file=str(x["file"]), sha256=str(x["sha256"])) for x in d["members"]),
+                members=tuple(
+                    Member(file=str(x["file"]), sha256=str(x["sha256"])) for x in d["members"]
+                ),
                 input=inp_spec,
                 seed=int(d.get("seed", 0)),
                 default_aggregator=str(d.get("default_aggregator", "border")),
@@ -160,7 +162,9 @@ class Manifest:
         except BundleError:
             raise
         except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"{source}: malformed manifest ({exc!r}); re-export the bundle") from exc
+            raise BundleError(
+                f"{source}: malformed manifest ({exc!r}); re-export the bundle"
+            ) from exc
         m.validate(source)
         return m
 
@@ -237,7 +241,9 @@ def resolve_bundle(name_or_path: str | os.PathLike[str] | None = None) -> Path:
     p = Path(name_or_path)
     if p.is_dir():
         if not (p / MANIFEST_NAME).is_file():
-            raise BundleError(f"{p}: not a bundle (no {MANIFEST_NAME}); pass a folder written by `uqserve export`")
+            raise BundleError(
+                f"{p}: not a bundle (no {MANIFEST_NAME}); pass a folder written by `uqserve export`"
+            )
         return p
     if p.is_file():
         if p.name == MANIFEST_NAME:
@@ -257,7 +263,9 @@ def load_bundle(name_or_path: str | os.PathLike[str] | None = None, verify: bool
     try:
         data = json.loads(mpath.read_text())
     except json.JSONDecodeError as exc:
-        raise BundleError(f"{mpath}: not valid JSON ({exc.msg}, line {exc.lineno}); re-export the bundle") from exc
+        raise BundleError(
+            f"{mpath}: not valid JSON ({exc.msg}, line {exc.lineno}); re-export the bundle"
+        ) from exc
     except OSError as exc:
         raise BundleError(f"{mpath}: cannot read ({exc.strerror})") from exc
     if not isinstance(data, dict):

@@ -768,15 +768,17 @@ def calibrate_bundle(
     norm = man.input.normalization
     images = _normalise(np.concatenate([id_raw, ood_raw]), norm)
     means, ents = run_members(bundle, images)
-    thresholds = {}
+    thresholds: dict[str, float] = {}
     decs = []
     for i in range(images.shape[0]):
         acc = uncertainty.Accumulator(man.num_classes, images.shape[2:])
         for m in range(man.num_members):
             acc.add(means[m, i], ents[m, i])
         decs.append(acc.result())
-    id_eu = np.concatenate([d.eu.ravel() for d in decs[:num_id]])
-    thresholds["eu"] = float(np.quantile(id_eu, 0.95))
+    # The `threshold` aggregator needs a cut-off per map; predict scores all five.
+    for key in ("tu", "au", "eu", "au_sample", "au_latent"):
+        pooled = np.concatenate([getattr(d, key).ravel() for d in decs[:num_id]])
+        thresholds[key] = float(np.quantile(pooled, 0.95))
     scores: dict[str, list[float]] = {}
     for agg in AGGREGATORS:
         scores[agg] = [

@@ -279,8 +279,10 @@ def _predict(
     agg = man.default_aggregator
     thresholds = man.validation.get("thresholds", {}) if isinstance(man.validation, dict) else {}
 
-    def score(u: npt.NDArray[np.float32], aggregator: str, key: str) -> float:
+    def score(u: npt.NDArray[np.float32], aggregator: str, key: str) -> float | None:
         thr = thresholds.get(key) if isinstance(thresholds, dict) else None
+        if aggregator == "threshold" and thr is None:
+            return None  # the bundle was calibrated without a cut-off for this map
         return float(
             uncertainty.image_score(
                 u,
@@ -299,7 +301,13 @@ def _predict(
         "au_sample": score(dec.au_sample, agg, "au_sample"),
         "au_latent": score(dec.au_latent, agg, "au_latent"),
     }
-    ood = _ood(man, score(dec.eu, man.ood.aggregator, "eu") if M > 1 else 0.0)
+    ood_score = score(dec.eu, man.ood.aggregator, "eu") if M > 1 else 0.0
+    if ood_score is None:
+        raise PredictError(
+            f"{bundle.path}: OOD aggregator 'threshold' has no EU cut-off in the manifest; "
+            "run `uqserve calibrate` on the bundle"
+        )
+    ood = _ood(man, ood_score)
     if M == 1:
         warnings.append("bundle has no epistemic method (one member): EU is 0, no OOD flag")
     ent_scan = uncertainty.scan_entanglement(dec.tu, dec.au, dec.eu, K)

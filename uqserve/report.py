@@ -77,7 +77,7 @@ def summary_table(report: dict[str, Any]) -> Table:
     t.add_row("run", f"seed {report['seed']}, {rt['name']} on {rt['device']}")
     t.add_row(
         f"uncertainty ({scores['aggregator']})",
-        f"TU {_num(scores['tu'])} = AU {_num(scores['au'])} + EU {_num(scores['eu'])} nats",
+        f"TU {_num(scores['tu'])}, AU {_num(scores['au'])}, EU {_num(scores['eu'])} nats",
     )
     t.add_row("AU parts", f"sample {_num(scores['au_sample'])}, latent {_num(scores['au_latent'])}")
     ood = report["ood"]

@@ -6,20 +6,12 @@ import signal
 import tempfile
 import threading
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
 from uqserve.cli import app
-from uqserve.cli._common import console
-from uqserve.cli._common import fail as _fail
-
-
-def fail(message: str) -> NoReturn:
-    """One error line; brackets such as ``uqserve[server]`` are text, not rich markup."""
-    from rich.markup import escape
-
-    _fail(escape(message))
+from uqserve.cli._common import console, fail
 
 
 @app.command("repo")
