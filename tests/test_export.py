@@ -318,8 +318,9 @@ def test_recipe_route_trains_with_uqserve_training_then_exports(tmp_path: Path) 
         ROOT / "export" / "softmax-ensemble.toml", tmp_path / "b", overrides=TINY_TRAIN
     )
     man = b.manifest
+    # Named by the recipe, not by the folder it was written to.
     assert (man.name, man.au, man.eu, man.num_members, man.num_samples) == (
-        "b",
+        "softmax-ensemble",
         "softmax",
         "ensemble",
         5,

@@ -2,7 +2,7 @@
 
 A bundle is a folder holding ``manifest.json`` and one ONNX graph per member
 (see ``docs/architecture.md`` for the member-graph signature). This module is
-pure Python + JSON: no onnxruntime, no torch.
+pure Python + JSON (numpy for normalisation): no onnxruntime, no torch.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -51,6 +54,22 @@ class Normalization:
     mean: float = 0.0
     std: float = 1.0
     clip: tuple[float, float] | None = None
+
+    def shift_scale(self, x: npt.NDArray[np.floating[Any]] | None = None) -> tuple[float, float]:
+        """``(shift, scale)`` so that the graph input is ``(clip(x) - shift) * scale``.
+
+        ``fixed`` needs no data; ``zscore`` measures ``x`` (the whole volume, or one
+        image). A constant ``x`` gets scale 1 rather than a division by zero.
+        """
+        if self.scheme == "fixed":
+            return float(self.mean), 1.0 / float(self.std)
+        if x is None:
+            raise ValueError("z-score normalisation needs the image to measure")
+        if self.clip is not None:
+            x = np.clip(x, *self.clip)
+        mu = float(np.mean(x, dtype=np.float64))
+        sd = float(np.sqrt(np.mean((x - np.float32(mu)) ** 2, dtype=np.float64)))
+        return mu, (1.0 / sd if sd > 0 else 1.0)
 
 
 @dataclass(frozen=True)

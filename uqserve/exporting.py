@@ -671,7 +671,7 @@ def export_recipe(
             num_members=recipe.num_members,
             num_samples=recipe.num_samples,
             seed=recipe.seed,
-            name=recipe.name or out.name,
+            name=recipe.name or recipe.combination,  # not the folder: users copy bundles around
             classes=recipe.classes,
             tile_size=recipe.tile_size,
             calibrate=calibrate,
@@ -716,14 +716,13 @@ def run_members(
 
 
 def _normalise(images: npt.NDArray[np.float32], norm: Normalization) -> npt.NDArray[np.float32]:
-    x = images
-    if norm.clip is not None:
-        x = np.clip(x, *norm.clip)
-    if norm.scheme == "zscore":
-        mu = x.mean(axis=(1, 2, 3), keepdims=True)
-        sd = x.std(axis=(1, 2, 3), keepdims=True) + 1e-6
-        return ((x - mu) / sd).astype(np.float32)
-    return ((x - norm.mean) / norm.std).astype(np.float32)
+    """``[N, C, H, W]`` raw images -> graph inputs; z-score is measured per image."""
+    out = np.empty_like(images, dtype=np.float32)
+    for i, img in enumerate(images):
+        shift, scale = norm.shift_scale(img)
+        x = img if norm.clip is None else np.clip(img, *norm.clip)
+        out[i] = (x - shift) * scale
+    return out
 
 
 CALIBRATION_SHIFTS = ("noise", "blur", "contrast", "jpeg")

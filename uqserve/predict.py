@@ -383,15 +383,10 @@ def _normalization(
     """``(shift, scale, clip)`` so that the graph input is ``(clip(x) - shift) * scale``."""
     norm = man.input.normalization
     clip = tuple(norm.clip) if norm.clip is not None else None
-    if norm.scheme == "fixed":
-        return np.float32(norm.mean), np.float32(1.0 / norm.std), clip  # type: ignore[return-value]
-    x = work if clip is None else np.clip(work, clip[0], clip[1])
-    mu = float(np.mean(x, dtype=np.float64))
-    sd = float(np.sqrt(np.mean((x - np.float32(mu)) ** 2, dtype=np.float64)))
-    if not sd > 0:
+    shift, scale = norm.shift_scale(None if norm.scheme == "fixed" else work)
+    if norm.scheme == "zscore" and scale == 1.0 and float(np.ptp(work)) == 0.0:
         warnings.append(f"{source}: constant intensity; z-score normalisation used std 1")
-        sd = 1.0
-    return np.float32(mu), np.float32(1.0 / sd), clip  # type: ignore[return-value]
+    return np.float32(shift), np.float32(scale), clip  # type: ignore[return-value]
 
 
 def _check_outputs(
