@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import time
 import warnings
@@ -31,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from uqserve import __version__
+from uqserve._fs import replace_dir_atomically
 from uqserve.bundle import (
     AGGREGATORS,
     Bundle,
@@ -280,28 +280,15 @@ def atomic_bundle_dir(target: str | os.PathLike[str], overwrite: bool = False) -
     target = Path(target)
     if target.exists() and not overwrite:
         raise ExportError(f"{target}: already exists; pass --overwrite to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with replace_dir_atomically(target) as tmp:
         yield tmp
         _publish_permissions(tmp)
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _publish_permissions(folder: Path) -> None:
-    """mkdtemp/mkstemp create private (0700/0600) paths; a bundle is shared data."""
+    """mkstemp creates private (0600) files; a bundle is shared data."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
     for f in folder.iterdir():
         if f.is_file():
             os.chmod(f, 0o666 & ~umask)

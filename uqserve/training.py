@@ -41,8 +41,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -54,6 +52,7 @@ import numpy as np
 import numpy.typing as npt
 
 from uqserve import __version__
+from uqserve._fs import replace_dir_atomically
 from uqserve.data import (
     FolderDataset,
     SyntheticSet,
@@ -458,83 +457,79 @@ def train(
 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(config.threads or default_threads())
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        members: list[dict[str, Any]] = []
-        validation: list[float] = []
-        val = None
-        if slices.description["source"] == "synthetic" and config.validate > 0:
-            val = make_dataset(
-                config.validate,
-                config.data_seed + 1_000_003,  # held out: never the training seeds
-                size=config.image_size,
-                ambiguity=config.ambiguity,
-                num_classes=model_config.num_classes,
-                num_annotators=config.num_annotators,
-            )
-        with _Progress(progress, num_nets, config.steps, combination) as bar:
-            for k in range(num_nets):
-                t0 = time.perf_counter()
-                net, losses = _train_member(
-                    au, model_config, slices, config, seed + k, mean, std, bar.callback(k)
+        with replace_dir_atomically(out) as tmp:
+            members: list[dict[str, Any]] = []
+            validation: list[float] = []
+            val = None
+            if slices.description["source"] == "synthetic" and config.validate > 0:
+                val = make_dataset(
+                    config.validate,
+                    config.data_seed + 1_000_003,  # held out: never the training seeds
+                    size=config.image_size,
+                    ambiguity=config.ambiguity,
+                    num_classes=model_config.num_classes,
+                    num_annotators=config.num_annotators,
                 )
-                seconds = time.perf_counter() - t0
-                fname = f"member_{k}.safetensors"
-                _save(
-                    net,
-                    tmp / fname,
-                    {"combination": combination, "member": str(k), "seed": str(seed + k)},
-                )
-                entry: dict[str, Any] = {
-                    "file": fname,
-                    "seed": seed + k,
-                    "seconds": round(seconds, 2),
-                    "final_loss": round(float(np.mean(losses[-max(1, len(losses) // 20) :])), 5),
-                    "loss_curve": _curve(losses),
-                }
-                if val is not None:
-                    d = dice_vs_majority(
-                        net, val.images, val.annotations, mean, std, model_config.num_classes
+            with _Progress(progress, num_nets, config.steps, combination) as bar:
+                for k in range(num_nets):
+                    t0 = time.perf_counter()
+                    net, losses = _train_member(
+                        au, model_config, slices, config, seed + k, mean, std, bar.callback(k)
                     )
-                    entry["dice_vs_majority"] = round(d, 4)
-                    validation.append(d)
-                members.append(entry)
-        cfg: dict[str, Any] = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "combination": combination,
-            "au": au,
-            "eu": eu,
-            "num_members": num_nets,
-            "bundle_members": bundle_members,
-            "seed": seed,
-            "model_config": model_config.to_dict(),
-            "train_config": config.to_dict(),
-            "normalization": {"scheme": "fixed", "mean": mean, "std": std, "clip": None},
-            "classes": slices.classes or _default_classes(model_config.num_classes),
-            "tile_size": list(config.size),
-            "spacing": list(slices.spacing),
-            "data": slices.description,
-            "members": members,
-            "validation": (
-                {
-                    "num_images": config.validate,
-                    "dice_vs_majority": [round(v, 4) for v in validation],
-                    "dice_vs_majority_mean": round(float(np.mean(validation)), 4),
-                }
-                if validation
-                else {}
-            ),
-            "uqserve_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                    seconds = time.perf_counter() - t0
+                    fname = f"member_{k}.safetensors"
+                    _save(
+                        net,
+                        tmp / fname,
+                        {"combination": combination, "member": str(k), "seed": str(seed + k)},
+                    )
+                    entry: dict[str, Any] = {
+                        "file": fname,
+                        "seed": seed + k,
+                        "seconds": round(seconds, 2),
+                        "final_loss": round(
+                            float(np.mean(losses[-max(1, len(losses) // 20) :])), 5
+                        ),
+                        "loss_curve": _curve(losses),
+                    }
+                    if val is not None:
+                        d = dice_vs_majority(
+                            net, val.images, val.annotations, mean, std, model_config.num_classes
+                        )
+                        entry["dice_vs_majority"] = round(d, 4)
+                        validation.append(d)
+                    members.append(entry)
+            cfg: dict[str, Any] = {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "combination": combination,
+                "au": au,
+                "eu": eu,
+                "num_members": num_nets,
+                "bundle_members": bundle_members,
+                "seed": seed,
+                "model_config": model_config.to_dict(),
+                "train_config": config.to_dict(),
+                "normalization": {"scheme": "fixed", "mean": mean, "std": std, "clip": None},
+                "classes": slices.classes or _default_classes(model_config.num_classes),
+                "tile_size": list(config.size),
+                "spacing": list(slices.spacing),
+                "data": slices.description,
+                "members": members,
+                "validation": (
+                    {
+                        "num_images": config.validate,
+                        "dice_vs_majority": [round(v, 4) for v in validation],
+                        "dice_vs_majority_mean": round(float(np.mean(validation)), 4),
+                    }
+                    if validation
+                    else {}
+                ),
+                "uqserve_version": __version__,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
     finally:
         torch.set_num_threads(threads_before)
     return out

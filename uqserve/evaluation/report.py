@@ -7,8 +7,6 @@ import io
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from uqserve._fs import replace_dir_atomically
 from uqserve.evaluation.sets import EvaluationError
 
 # (key in the summary row, Markdown header, digits)
@@ -203,20 +202,8 @@ def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False) -> Iterat
         raise EvaluationError(
             f"{final}: folder exists and is not empty; pass --overwrite or another --out"
         )
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
+    with replace_dir_atomically(final) as tmp:
         yield tmp
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}-old-", dir=final.parent))
-            os.replace(final, old / final.name)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_results(results: dict[str, Any], folder: Path) -> list[Path]:

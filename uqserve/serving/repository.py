@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Any
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from uqserve._fs import replace_dir_atomically
 from uqserve.bundle import Bundle, BundleError, load_bundle, sha256_file
 
 FLAVOURS = ("python", "onnxruntime")
@@ -288,9 +288,8 @@ def write_repository(
     if max_inflight_requests is None:
         max_inflight_requests = 0 if flavour == "python" else 16
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; servers may run as another user
+    # Servers may run as another user: the folder is opened up to 0755.
+    with replace_dir_atomically(out) as tmp:
         for b in bundles:
             _write_bundle(
                 b,
@@ -305,16 +304,6 @@ def write_repository(
                 max_queue_delay_us=max_queue_delay_us,
             )
         validate_repository(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "repo")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from uqserve._fs import replace_dir_atomically
 from uqserve.volumes.base import Volume, VolumeError
 from uqserve.volumes.nifti import is_nifti_path, read_nifti
 
@@ -100,27 +100,15 @@ def atomic_output_dir(final_dir: str | os.PathLike[str], overwrite: bool = False
         raise OutputError(f"{final}: results exist already; pass --overwrite or choose another -o")
     if final.exists() and not final.is_dir():
         raise OutputError(f"{final}: exists and is not a folder; remove it or choose another -o")
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    except OSError as exc:
-        raise OutputError(
-            f"{final.parent}: cannot create the output folder ({exc.strerror or exc}); "
-            "choose a writable -o"
-        ) from exc
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            tmp = stack.enter_context(replace_dir_atomically(final))
+        except OSError as exc:
+            raise OutputError(
+                f"{final.parent}: cannot create the output folder ({exc.strerror or exc}); "
+                "choose a writable -o"
+            ) from exc
         yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; results are ordinary folders
-        old: Path | None = None
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
