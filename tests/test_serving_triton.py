@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import select
 import signal
@@ -287,17 +288,24 @@ def test_cli_predict_with_server(
 
 
 def _read_until(proc: subprocess.Popen[str], marker: str, timeout_s: float) -> str:
+    """Read the child's stdout until ``marker`` shows up or time runs out.
+
+    Reads the raw descriptor: ``readline`` on the text wrapper would pull every
+    line already in the pipe into its own buffer, where ``select`` cannot see
+    them, and the wait would run out with ``marker`` sitting unread.
+    """
     assert proc.stdout is not None
-    text = ""
+    fd = proc.stdout.fileno()
+    data = b""
     deadline = time.monotonic() + timeout_s
-    while marker not in text and time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+    while marker.encode() not in data and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
         if ready:
-            line = proc.stdout.readline()
-            if not line:
+            chunk = os.read(fd, 65536)
+            if not chunk:
                 break
-            text += line
-    return text
+            data += chunk
+    return data.decode(errors="replace")
 
 
 def test_cli_serve_starts_prints_endpoints_and_stops_on_sigterm(tiny_bundle: Path) -> None:

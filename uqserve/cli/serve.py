@@ -160,6 +160,7 @@ def serve_command(
                 f"predict with: uqserve predict SCAN --server {server.grpc_url}"
                 + (f" --bundle {bundle[0]}" if bundle else ""),
                 highlight=False,
+                soft_wrap=True,
             )
             console.print("ready; Ctrl-C stops the server", highlight=False, soft_wrap=True)
             while not stop.wait(0.5):
