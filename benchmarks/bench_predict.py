@@ -130,7 +130,7 @@ def eager_torch(nets: list[Any], volume: Any, samples: int, batch: int = 8) -> f
     return time.perf_counter() - t0
 
 
-def uqserve_predict(bundle_dir: Path, volume: Any, batch_size: int) -> dict[str, float]:
+def uqserve_predict(bundle_dir: Path, volume: Any, batch_size: int | None) -> dict[str, float]:
     from uqserve.predict import predict_volume
     from uqserve.runtime import open_runtime
 
@@ -141,16 +141,25 @@ def uqserve_predict(bundle_dir: Path, volume: Any, batch_size: int) -> dict[str,
     return {"wall_s": wall, "model_s": pred.report["timings"]["model_s"]}
 
 
-def rss_child(bundle_dir: str, depth: int, batch_size: int) -> None:
+def _high_water_mib() -> float:
+    """This process's peak RSS. Not ``getrusage``: on Linux its ``ru_maxrss`` carries
+    the parent's peak across fork + exec, so a child would report the benchmark's."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
+
+
+def rss_child(bundle_dir: str, depth: int, batch_size: int | None) -> None:
     """Run in a subprocess: predict once, print peak RSS in MiB."""
     from uqserve.data import make_volume
     from uqserve.predict import predict_volume
 
     vol = make_volume(0, shape=(256, 256, depth)).volume
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _high_water_mib()
     predict_volume(vol, bundle_dir, batch_size=batch_size)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_rss_mib": peak / 1024, "before_mib": base / 1024}))
+    print(json.dumps({"peak_rss_mib": _high_water_mib(), "before_mib": base}))
 
 
 def main() -> None:
@@ -158,7 +167,9 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=64)
     ap.add_argument("--members", type=int, default=5)
     ap.add_argument("--samples", type=int, default=16)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument(
+        "--batch-size", type=int, default=None, help="slices per call (default: the runtime's)"
+    )
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-torch", action="store_true", help="skip (b), eager PyTorch")
     ap.add_argument(
@@ -166,7 +177,8 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.rss_child:
-        rss_child(args.rss_child[0], int(args.rss_child[1]), int(args.rss_child[2]))
+        batch = None if args.rss_child[2] == "auto" else int(args.rss_child[2])
+        rss_child(args.rss_child[0], int(args.rss_child[1]), batch)
         return
 
     from uqserve.data import make_volume
@@ -175,7 +187,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "volume": [256, 256, args.depth],
         "threads": len(os.sched_getaffinity(0)),
-        "batch_size": args.batch_size,
+        "batch_size": args.batch_size or "auto",
     }
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
@@ -220,7 +232,7 @@ def main() -> None:
                     "--rss-child",
                     str(b),
                     str(args.depth),
-                    str(args.batch_size),
+                    str(args.batch_size or "auto"),
                 ],
                 check=True,
                 capture_output=True,

@@ -101,7 +101,7 @@ def all_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
     for comb in COMBINATIONS:
         au, eu = parse_combination(comb)
-        s = 1 if au == "softmax" else 3
+        s = 1 if au == "softmax" else 5  # > the default chunk of 4: two sample chunks
         m = 1 if eu == "none" else 2
         cfg = ModelConfig(
             width=8, depth=3, num_samples=s, dropout=0.2 if eu == "mcdropout" else 0.0

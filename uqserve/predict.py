@@ -132,7 +132,7 @@ def predict_volume(
     *,
     runtime: Runtime | None = None,
     seed: int | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     want_samples: bool = False,
     progress: ProgressFn | None = None,
 ) -> Prediction:
@@ -141,24 +141,31 @@ def predict_volume(
     ``bundle``: a ``Bundle``, a shipped name or a folder (default bundle when
     ``None``); ignored when ``runtime`` is given (its bundle is used).
     ``seed``: the noise seed (default: the bundle's seed). ``batch_size``:
-    slices per runtime call; results are bit-identical for any value.
+    slices per runtime call (default: the runtime's preferred size, 1 on a CPU,
+    8 on a GPU or Triton); results are bit-identical for any value.
     Raises ``VolumeError`` for unusable volumes, ``BundleError`` for bad
     bundles, ``PredictError`` for bad options.
     """
     t_start = time.perf_counter()
-    if batch_size < 1:
-        raise PredictError(f"batch_size must be >= 1, got {batch_size}")
+    _check_batch_size(batch_size)
     own_runtime = runtime is None
     if runtime is None:
         runtime = open_runtime(bundle, device="auto")
     try:
         return _predict(
-            volume, runtime, seed=seed, batch_size=batch_size, want_samples=want_samples,
-            progress=progress, t_start=t_start,
+            volume, runtime, seed=seed, batch_size=batch_size or runtime.preferred_batch_size,
+            want_samples=want_samples, progress=progress, t_start=t_start,
         )  # fmt: skip
     finally:
         if own_runtime:
             runtime.close()
+
+
+def _check_batch_size(batch_size: int | None) -> None:
+    if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+        raise PredictError(
+            f"batch_size must be an integer >= 1 or None (the runtime's choice), got {batch_size}"
+        )
 
 
 def _predict(
@@ -505,7 +512,7 @@ def predict(
     bundle: Bundle | str | os.PathLike[str] | None = None,
     *,
     seed: int | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     device: str = "auto",
     servers: Sequence[str] | None = None,
     runtime: Runtime | None = None,
@@ -529,8 +536,7 @@ def predict(
     """
     if on_error not in ("raise", "skip"):
         raise PredictError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if batch_size < 1:
-        raise PredictError(f"batch_size must be >= 1, got {batch_size}")
+    _check_batch_size(batch_size)
     if isinstance(scans, (str, os.PathLike)):
         scans = [scans]
     paths = collect_scans(scans)
@@ -580,7 +586,7 @@ def _predict_file(
     runtime: Runtime,
     *,
     seed: int | None,
-    batch_size: int,
+    batch_size: int | None,
     png: bool,
     overwrite: bool,
     volume_index: int | None,

@@ -656,9 +656,11 @@ def ood_decision(
 # --------------------------------------------------------------------------- entanglement
 
 
-def _rank(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+def _rank(x: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float64]:
     """Ranks 1..n with ties given their average rank (as scipy.stats.rankdata)."""
-    order = np.argsort(x, kind="mergesort")
+    # Tied values all get their run's average rank, so an unstable sort gives the
+    # same ranks; quicksort (SIMD in numpy) is about 3x faster than mergesort.
+    order = np.argsort(x, kind="quicksort")
     xs = x[order]
     # boundaries of runs of equal values
     starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
@@ -669,7 +671,7 @@ def _rank(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return ranks
 
 
-def _spearman(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]) -> float | None:
+def _spearman(a: npt.NDArray[np.floating[Any]], b: npt.NDArray[np.floating[Any]]) -> float | None:
     ra, rb = _rank(a), _rank(b)
     ra -= ra.mean()
     rb -= rb.mean()
@@ -722,7 +724,8 @@ def scan_entanglement(
     mask = t > 0.05 * math.log(num_classes)
     if int(np.count_nonzero(mask)) < min_voxels:
         return None
-    return _spearman(a[mask].astype(np.float64), e[mask].astype(np.float64))
+    # Ranks only need the order: sort the maps' own float32 values, not float64 copies.
+    return _spearman(a[mask], e[mask])
 
 
 def entanglement_delta(u_correct: float, u_wrong: float, higher_is_better: bool) -> float:

@@ -42,8 +42,14 @@ def predict_command(
         typer.Option(help="Noise seed (default: the bundle's seed).", min=0, show_default=False),
     ] = None,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", help="Slices per inference call.", min=1)
-    ] = 8,
+        int | None,
+        typer.Option(
+            "--batch-size",
+            help="Slices per inference call (default: 1 on a CPU, 8 on a GPU or Triton).",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
     device: Annotated[
         str, typer.Option(help="Where the embedded runtime runs: auto, cpu or cuda.")
     ] = "auto",

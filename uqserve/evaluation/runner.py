@@ -61,7 +61,7 @@ def predict_image(
     *,
     seed: int,
     convention: str,
-    batch_size: int = 8,
+    batch_size: int | None = None,
 ) -> ImagePrediction:
     """One image through every member graph -> maps in the row's convention."""
     from uqserve.predict import predict_volume

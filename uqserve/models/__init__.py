@@ -91,11 +91,15 @@ def member_graph(
     *,
     eu: str = "ensemble",
     seed: int = 0,
+    sample_chunk: int | None = None,
 ) -> MemberGraph:
     """Wrap a trained network into the exported member contract (see ``docs/architecture.md``).
 
     For ``eu="mcdropout"`` the network's dropout masks are frozen from ``(seed, member)``.
+    ``sample_chunk``: samples drawn at once (default 4); the graph's memory is that
+    of one chunk, its outputs do not depend on it beyond float rounding.
     """
-    from uqserve.models.member import MemberGraph
+    from uqserve.models.member import DEFAULT_SAMPLE_CHUNK, MemberGraph
 
-    return MemberGraph(net, member, num_samples, eu=eu, seed=seed)
+    chunk = DEFAULT_SAMPLE_CHUNK if sample_chunk is None else sample_chunk
+    return MemberGraph(net, member, num_samples, eu=eu, seed=seed, sample_chunk=chunk)

@@ -1,10 +1,12 @@
 """The four AU methods as networks over the shared UNet backbone.
 
-Each network splits into ``features(image)`` (the backbone, computed once)
-and ``sample_probs(image, features, noise, S)`` (the cheap head, batched over
-the S samples), so an exported member graph runs the backbone once and
-draws S samples from the head. ``loss(image, target)`` is the training
-objective.
+Each network splits into ``features(image)`` (the backbone, computed once),
+``head_context(image, features)`` (the head's sample-independent part, e.g.
+SSN's mean, factor and diagonal, computed once) and
+``sample_probs_from(context, noise, S)`` (the cheap part, batched over S
+samples), so an exported member graph runs the backbone once and draws its
+samples from the head, a chunk of samples at a time. ``loss(image, target)``
+is the training objective.
 
 - softmax: a 1x1 conv to K logits; cross-entropy.
 - SSN (Monteiro et al. 2020): logits = mu + F eps_r + sqrt(d) eps_d with a
@@ -74,7 +76,8 @@ class HashNoise:
     and channel ``ceil(C/2) + p`` the sin of pair ``p``'s Box-Muller transform.
 
     ``seed [B]`` int64, ``offset [B, 3]`` int64 ``(z, y0, x0)``; the member index is
-    a Python int (a constant in the exported graph).
+    a Python int (a constant in the exported graph), and so is ``first_sample``,
+    the index of the first of these ``samples`` samples.
     """
 
     def __init__(
@@ -85,16 +88,22 @@ class HashNoise:
         samples: int,
         height: int,
         width: int,
+        first_sample: int = 0,
     ) -> None:
         self.seed = seed
         self.offset = offset
         self.member = int(member)
         self.samples = samples
+        self.first_sample = int(first_sample)
         self.height = height
         self.width = width
 
+    def _sample_index(self) -> torch.Tensor:
+        """Samples ``first_sample .. first_sample + samples - 1`` (a chunk of all S)."""
+        return torch.arange(self.first_sample, self.first_sample + self.samples, dtype=torch.int64)
+
     def global_normal(self, stream: int, n: int) -> torch.Tensor:
-        s = torch.arange(self.samples, dtype=torch.int64).view(1, -1, 1)
+        s = self._sample_index().view(1, -1, 1)
         i = torch.arange(n, dtype=torch.int64).view(1, 1, -1)
         return hash_noise.normal([self.seed.view(-1, 1, 1), self.member, s, stream, i])
 
@@ -102,7 +111,7 @@ class HashNoise:
         # One hash per pair of channels: Box-Muller's cos gives channel p, its sin
         # channel pairs + p (the hash dominates the cost of a sampled head).
         pairs = (channels + 1) // 2
-        s = torch.arange(self.samples, dtype=torch.int64).view(1, -1, 1, 1, 1)
+        s = self._sample_index().view(1, -1, 1, 1, 1)
         c = torch.arange(pairs, dtype=torch.int64).view(1, 1, -1, 1, 1)
         z = self.offset[:, 0].view(-1, 1, 1, 1, 1)
         y = self.offset[:, 1].view(-1, 1, 1, 1, 1) + torch.arange(
@@ -143,11 +152,21 @@ class SegNetwork(nn.Module):
         """``image [B, C, H, W]`` -> backbone features ``[B, width, H, W]``."""
         return self.backbone(image)
 
+    def head_context(self, image: torch.Tensor, feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What every sample's head needs and no sample changes; default: the features."""
+        return (feats,)
+
+    def sample_probs_from(
+        self, context: tuple[torch.Tensor, ...], noise: NoiseSource, samples: int
+    ) -> torch.Tensor:
+        """``[B, S, K, H, W]`` class probabilities of S samples, from ``head_context``."""
+        raise NotImplementedError
+
     def sample_probs(
         self, image: torch.Tensor, feats: torch.Tensor, noise: NoiseSource, samples: int
     ) -> torch.Tensor:
         """``[B, S, K, H, W]`` class probabilities of S samples."""
-        raise NotImplementedError
+        return self.sample_probs_from(self.head_context(image, feats), noise, samples)
 
     def forward(self, image: torch.Tensor, samples: int | None = None) -> torch.Tensor:
         """Eager sampling with torch noise: ``[B, S, K, H, W]`` probabilities."""
@@ -200,10 +219,10 @@ class SoftmaxNet(SegNetwork):
         super().__init__(config)
         self.head = nn.Conv2d(config.width, config.num_classes, 1)
 
-    def sample_probs(
-        self, image: torch.Tensor, feats: torch.Tensor, noise: NoiseSource, samples: int
+    def sample_probs_from(
+        self, context: tuple[torch.Tensor, ...], noise: NoiseSource, samples: int
     ) -> torch.Tensor:
-        return torch.softmax(self.head(feats), dim=1).unsqueeze(1)
+        return torch.softmax(self.head(context[0]), dim=1).unsqueeze(1)
 
     def _loss(
         self, image: torch.Tensor, target: torch.Tensor
@@ -232,17 +251,22 @@ class SSNNet(SegNetwork):
         diag = F.softplus(self.diag_head(feats)) + self.config.ssn_eps
         return mu, factor, diag
 
-    def _logits(self, feats: torch.Tensor, noise: NoiseSource) -> torch.Tensor:
-        mu, factor, diag = self._params(feats)
+    def _logits(self, context: tuple[torch.Tensor, ...], noise: NoiseSource) -> torch.Tensor:
+        """``context = (mu [B,K,H,W], factor [B,K,r,H,W], sqrt(diag) [B,K,H,W])``."""
+        mu, factor, scale = context
         eps_r = noise.global_normal(hash_noise.STREAM_SSN_FACTOR, self.config.ssn_rank)
         eps_d = noise.pixel_normal(hash_noise.STREAM_SSN_DIAG, self.config.num_classes)
         low_rank = torch.einsum("bkrhw,bsr->bskhw", factor, eps_r)
-        return mu.unsqueeze(1) + low_rank + torch.sqrt(diag).unsqueeze(1) * eps_d
+        return mu.unsqueeze(1) + low_rank + scale.unsqueeze(1) * eps_d
 
-    def sample_probs(
-        self, image: torch.Tensor, feats: torch.Tensor, noise: NoiseSource, samples: int
+    def head_context(self, image: torch.Tensor, feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        mu, factor, diag = self._params(feats)
+        return mu, factor, torch.sqrt(diag)
+
+    def sample_probs_from(
+        self, context: tuple[torch.Tensor, ...], noise: NoiseSource, samples: int
     ) -> torch.Tensor:
-        return class_softmax(self._logits(feats, noise), dim=2)
+        return class_softmax(self._logits(context, noise), dim=2)
 
     def _loss(
         self, image: torch.Tensor, target: torch.Tensor
@@ -254,7 +278,8 @@ class SSNNet(SegNetwork):
             return loss, {"nll": float(loss.detach()), "warmup": 1.0}
         b, _, h, w = image.shape
         s = self.config.ssn_train_samples
-        logits = self._logits(feats, RandomNoise(b, s, h, w, image.device))  # [B,S,K,H,W]
+        noise = RandomNoise(b, s, h, w, image.device)
+        logits = self._logits(self.head_context(image, feats), noise)  # [B,S,K,H,W]
         logp = torch.log_softmax(logits, dim=2)
         idx = target.unsqueeze(1).unsqueeze(2).expand(b, s, 1, h, w)
         ll = logp.gather(2, idx).squeeze(2).flatten(2).sum(-1)  # [B, S]
@@ -307,12 +332,16 @@ class PUNetNet(SegNetwork):
         logits = self.fcomb(torch.cat([fr, zr], dim=1))
         return logits.reshape(b, s, self.config.num_classes, h, w)
 
-    def sample_probs(
-        self, image: torch.Tensor, feats: torch.Tensor, noise: NoiseSource, samples: int
+    def head_context(self, image: torch.Tensor, feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        mu, log_sigma = self.prior(image)  # the prior net runs once, not once per chunk
+        return feats, mu, torch.exp(log_sigma)
+
+    def sample_probs_from(
+        self, context: tuple[torch.Tensor, ...], noise: NoiseSource, samples: int
     ) -> torch.Tensor:
-        mu, log_sigma = self.prior(image)
+        feats, mu, sigma = context
         eps = noise.global_normal(hash_noise.STREAM_PUNET_LATENT, self.config.punet_latent)
-        z = mu.unsqueeze(1) + torch.exp(log_sigma).unsqueeze(1) * eps
+        z = mu.unsqueeze(1) + sigma.unsqueeze(1) * eps
         return class_softmax(self._combine(feats, z), dim=2)
 
     def _loss(
@@ -369,10 +398,11 @@ class DiffusionNet(SegNetwork):
     def _x0(self, onehot_or_probs: torch.Tensor) -> torch.Tensor:
         return (2.0 * onehot_or_probs - 1.0) * self.config.diffusion_scale
 
-    def sample_probs(
-        self, image: torch.Tensor, feats: torch.Tensor, noise: NoiseSource, samples: int
+    def sample_probs_from(
+        self, context: tuple[torch.Tensor, ...], noise: NoiseSource, samples: int
     ) -> torch.Tensor:
         k, steps = self.config.num_classes, self.config.diffusion_steps
+        feats = context[0]
         b, f, h, w = feats.shape
         fr = feats.unsqueeze(1).expand(b, samples, f, h, w).reshape(-1, f, h, w)
         x = noise.pixel_normal(hash_noise.STREAM_DIFFUSION, k).reshape(-1, k, h, w)

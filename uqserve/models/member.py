@@ -1,5 +1,9 @@
 """The member graph: backbone once, S samples from the head, reduced in the graph.
 
+Samples are drawn ``sample_chunk`` at a time and folded into running sums, so the
+graph's working memory is that of one chunk whatever S is (onnxruntime frees a
+chunk's tensors before the next chunk's are made).
+
 ``forward(image [B,C,H,W] f32, seed [B] i64, offset [B,3] i64, valid [B,2] i64)``
 returns ``mean [B,K,H,W]``, ``sample_entropy [B,H,W]``, ``sample_counts [B,S,K]``
 (valid region only) and ``sample_labels [B,S,H,W]`` uint8 — the signature in
@@ -16,14 +20,24 @@ from torch import nn
 from uqserve.models.dropout import freeze_dropout_masks
 from uqserve.models.heads import HashNoise, SegNetwork
 
+#: Samples per chunk: [B, 4, K, H, W] tensors keep the head's memory near the backbone's.
+DEFAULT_SAMPLE_CHUNK = 4
 
-def summarize(probs: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Reduce ``probs [B,S,K,H,W]`` to the four member outputs."""
+
+def summarize(
+    probs: torch.Tensor, valid: torch.Tensor, reduce: str = "mean"
+) -> tuple[torch.Tensor, ...]:
+    """Reduce ``probs [B,S,K,H,W]`` to the four member outputs.
+
+    ``reduce="sum"`` gives sums over S instead of the mean probability and the
+    mean sample entropy (for adding up chunks of samples).
+    """
     _, _, k, h, w = probs.shape
-    mean = probs.mean(dim=1)
+    pool = torch.mean if reduce == "mean" else torch.sum
+    mean = pool(probs, dim=1)
     # 0 ln 0 = 0 exactly: clamp only inside the log (p * log(1e-30) is 0 when p is 0).
     plogp = probs * torch.log(probs.clamp_min(1e-30))
-    sample_entropy = -plogp.sum(dim=2).mean(dim=1)
+    sample_entropy = -pool(plogp.sum(dim=2), dim=1)
     labels = probs.argmax(dim=2)  # [B,S,H,W] int64
     rows = torch.arange(h, dtype=torch.int64).view(1, -1, 1) < valid[:, 0].view(-1, 1, 1)
     cols = torch.arange(w, dtype=torch.int64).view(1, 1, -1) < valid[:, 1].view(-1, 1, 1)
@@ -45,6 +59,7 @@ class MemberGraph(nn.Module):
         *,
         eu: str = "ensemble",
         seed: int = 0,
+        sample_chunk: int = DEFAULT_SAMPLE_CHUNK,
     ) -> None:
         super().__init__()
         if not isinstance(net, SegNetwork):
@@ -53,6 +68,8 @@ class MemberGraph(nn.Module):
             raise ValueError("softmax members draw exactly one sample (num_samples=1)")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if sample_chunk < 1:
+            raise ValueError(f"sample_chunk must be >= 1, got {sample_chunk}")
         net = copy.deepcopy(net).eval()
         if eu == "mcdropout":
             if freeze_dropout_masks(net, seed, member) == 0:
@@ -60,6 +77,7 @@ class MemberGraph(nn.Module):
         self.net = net
         self.member = int(member)
         self.num_samples = int(num_samples)
+        self.sample_chunk = int(sample_chunk)
 
     def forward(
         self,
@@ -69,7 +87,22 @@ class MemberGraph(nn.Module):
         valid: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         _, _, h, w = image.shape
-        feats = self.net.features(image)
-        noise = HashNoise(seed, offset, self.member, self.num_samples, h, w)
-        probs = self.net.sample_probs(image, feats, noise, self.num_samples)
-        return summarize(probs, valid)
+        context = self.net.head_context(image, self.net.features(image))
+        total, chunk = self.num_samples, self.sample_chunk
+        if total <= chunk:
+            noise = HashNoise(seed, offset, self.member, total, h, w)
+            return summarize(self.net.sample_probs_from(context, noise, total), valid)
+        # Unrolled at export: each chunk's [B, c, K, H, W] tensors die before the next.
+        parts = []
+        for first in range(0, total, chunk):
+            c = min(chunk, total - first)
+            noise = HashNoise(seed, offset, self.member, c, h, w, first_sample=first)
+            probs = self.net.sample_probs_from(context, noise, c)
+            parts.append(summarize(probs, valid, reduce="sum"))
+        sum_p, sum_h = parts[0][0], parts[0][1]
+        for p in parts[1:]:
+            sum_p = sum_p + p[0]
+            sum_h = sum_h + p[1]
+        counts = torch.cat([p[2] for p in parts], dim=1)
+        labels = torch.cat([p[3] for p in parts], dim=1)
+        return sum_p / total, sum_h / total, counts, labels

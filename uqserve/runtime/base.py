@@ -62,6 +62,8 @@ class Runtime(ABC):
     """Runs batches through all M members of one bundle."""
 
     name: str = "base"
+    #: Slices per call when the caller does not choose (``batch_size=None``).
+    preferred_batch_size: int = 8
 
     def __init__(self, bundle: Bundle) -> None:
         self.bundle = bundle

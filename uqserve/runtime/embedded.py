@@ -101,6 +101,12 @@ class EmbeddedRuntime(Runtime):
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Idle pool threads of one member's session spin and steal the cores from the
+        # next member's run: with spinning, members called in turn ran 1.7x slower.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # The memory pattern plans one block for all tensors of a call; without it a
+        # chunked S = 64 graph peaks at about half (benchmarks/bench_predict.py).
+        opts.enable_mem_pattern = False
         opts.log_severity_level = 3  # errors only: no unused-initializer chatter
         self.sessions: list[ort.InferenceSession] = []
         for m in range(bundle.manifest.num_members):
@@ -122,6 +128,9 @@ class EmbeddedRuntime(Runtime):
                 "missing?); use --device cpu"
             )
         self._device = "cuda" if active == "CUDAExecutionProvider" else "cpu"
+        # On a CPU one 256 x 256 slice's activations already fill the caches; larger
+        # batches ran 1.2-1.4x slower (benchmarks/bench_predict.py). A GPU wants them.
+        self.preferred_batch_size = 8 if self._device == "cuda" else 1
 
     @property
     def device(self) -> str:
