@@ -32,6 +32,7 @@ Steps for one volume ``[X, Y, Z]``:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -161,6 +162,25 @@ def predict_volume(
             runtime.close()
 
 
+def _slices_last(dec: uncertainty.Decomposition) -> uncertainty.Decomposition:
+    """Maps ``[..., Z, X, Y]`` (the accumulator's order) -> ``[..., X, Y, Z]``, contiguous."""
+
+    def last(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        return np.ascontiguousarray(np.moveaxis(a, -3, -1))
+
+    fg = dec.member_foreground
+    return dataclasses.replace(
+        dec,
+        mean=last(dec.mean),
+        tu=last(dec.tu),
+        au=last(dec.au),
+        eu=last(dec.eu),
+        au_sample=last(dec.au_sample),
+        au_latent=last(dec.au_latent),
+        member_foreground=None if fg is None else last(fg),
+    )
+
+
 def _check_batch_size(batch_size: int | None) -> None:
     if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
         raise PredictError(
@@ -236,7 +256,9 @@ def _predict(
                 valid=np.tile(np.array([[rows, cols]], np.int64), (b, 1)),
             )
 
-    acc = uncertainty.Accumulator(K, (rows, cols, depth))
+    # Slices first: each batch is then one contiguous slab of the running sums (a
+    # [X, Y, Z] domain made every add a strided write, 1.5 s of a 256^2 x 64 scan).
+    acc = uncertainty.Accumulator(K, (depth, rows, cols))
     counts = np.zeros((M, S, K), np.float64)
     labels = np.zeros((M, S, rows, cols, depth), np.uint8) if want_samples else None
     t_model = 0.0
@@ -252,19 +274,17 @@ def _predict(
         t_model += time.perf_counter() - t0
         t0 = time.perf_counter()
         b = min(batch_size, depth - z0)
-        where = (slice(None), slice(None), slice(z0, z0 + b))
+        where = (slice(z0, z0 + b),)
         if len(outs) != M:
             raise RuntimeError_(f"runtime returned {len(outs)} members, bundle {man.name} has {M}")
         for m, out in enumerate(outs):
             _check_outputs(
                 out.mean, out.sample_entropy, out.sample_counts, (b, K, pad_h, pad_w), S, m
             )
-            mean = np.transpose(out.mean[:, :, :rows, :cols], (1, 2, 3, 0))  # [K, X, Y, b]
+            mean = np.swapaxes(out.mean[:, :, :rows, :cols], 0, 1)  # [K, b, X, Y]
             # S = 1: the sample entropy is H[p̄_m]; let the accumulator compute it so
             # that AU_latent is exactly 0 rather than float noise.
-            ent = (
-                None if S == 1 else np.transpose(out.sample_entropy[:, :rows, :cols], (1, 2, 0))
-            )  # [X, Y, b]
+            ent = None if S == 1 else out.sample_entropy[:, :rows, :cols]  # [b, X, Y]
             acc.add(mean, ent, where=where)
             counts[m] += out.sample_counts.sum(axis=0, dtype=np.float64)
             if labels is not None:
@@ -281,7 +301,7 @@ def _predict(
         raise RuntimeError_(f"runtime returned {z0} of {depth} slices")
 
     t0 = time.perf_counter()
-    dec = acc.result()
+    dec = _slices_last(acc.result(release=True))
     seg = np.argmax(dec.mean, axis=0).astype(np.uint8)
     agg = man.default_aggregator
     thresholds = man.validation.get("thresholds", {}) if isinstance(man.validation, dict) else {}
