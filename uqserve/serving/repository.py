@@ -10,7 +10,7 @@ lean twin of it without ``sample_labels`` (``<bundle>_nosamples``):
 <repo>/<bundle>_nosamples/config.pbtxt        the same without sample_labels_<m> (predict's path)
 <repo>/<bundle>_member_<m>/config.pbtxt        one member graph
 <repo>/<bundle>_member_<m>/1/model.onnx        the bundle's member file (copy or relative symlink)
-<repo>/<bundle>_member_<m>/1/model.py          python flavour only: runs model.onnx with onnxruntime
+<repo>/<bundle>_member_<m>/1/model.py          python flavour only: runs model.onnx (copy or link)
 ```
 
 Two flavours come from the same bundle: ``onnxruntime`` (platform
@@ -236,8 +236,9 @@ def write_repository(
 
     ``flavour``: ``python`` (CPU, pip-installed tritonserver) or ``onnxruntime``
     (GPU, NGC image). ``member_files``: ``copy`` makes a self-contained
-    repository; ``symlink`` links each ``model.onnx`` to the bundle's file with
-    a relative path (no duplicated bytes; used for the committed
+    repository; ``symlink`` links each ``model.onnx`` to the bundle's file
+    (and the python flavour's ``model.py`` to uqserve's template) with a
+    relative path (no duplicated bytes; used for the committed
     ``model_repository/``). ``instances`` per member defaults to 2 for python
     (two batches in flight per member) and 1 for onnxruntime (one per GPU).
     ``threads`` (onnxruntime intra-op threads per instance) defaults to cores /
@@ -334,16 +335,16 @@ def _write_bundle(
         version_dir = root / config.name / VERSION
         version_dir.mkdir(parents=True)
         (root / config.name / "config.pbtxt").write_text(_config_text(config, flavour, m.name))
-        source = bundle.member_path(member).resolve()
-        target = version_dir / "model.onnx"
-        if member_files == "symlink":
-            # Relative to where the link will live after the rename (same depth as tmp).
-            final_dir = final.resolve() / config.name / VERSION
-            target.symlink_to(os.path.relpath(source, final_dir))
-        else:
-            shutil.copyfile(source, target)
+        files = {"model.onnx": bundle.member_path(member).resolve()}
         if flavour == "python":
-            shutil.copyfile(TEMPLATE, version_dir / "model.py")
+            files["model.py"] = TEMPLATE
+        for name, source in files.items():
+            if member_files == "symlink":
+                # Relative to where the link will live after the rename (same depth as tmp).
+                final_dir = final.resolve() / config.name / VERSION
+                (version_dir / name).symlink_to(os.path.relpath(source, final_dir))
+            else:
+                shutil.copyfile(source, version_dir / name)
     for samples in (True, False):
         config = ensemble_config(
             bundle,
