@@ -1,31 +1,6 @@
 """Evaluation internals: data sets, the metric core, the runner, tables and figures.
 
 The public entry points are ``uqserve.evaluate.evaluate`` and
-``uqserve.evaluate.calibrate``.
+``uqserve.evaluate.calibrate``; ``uqserve.evaluate`` also exports the names
+callers need from here, so this package re-exports nothing itself.
 """
-
-from uqserve.evaluation.core import (
-    AGGREGATORS,
-    NO_EU,
-    PAPER,
-    UQSERVE,
-    BundleEvaluation,
-    ImagePrediction,
-    convention_for,
-    to_convention,
-)
-from uqserve.evaluation.sets import EvalImage, EvaluationError, SetSpec
-
-__all__ = [
-    "AGGREGATORS",
-    "NO_EU",
-    "PAPER",
-    "UQSERVE",
-    "BundleEvaluation",
-    "EvalImage",
-    "EvaluationError",
-    "ImagePrediction",
-    "SetSpec",
-    "convention_for",
-    "to_convention",
-]
