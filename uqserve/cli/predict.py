@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from uqserve.cli import app
-from uqserve.cli._common import console, err_console, fail
+from uqserve.cli._common import BundleOption, SeedOption, console, err_console, fail
 
 if TYPE_CHECKING:
     from uqserve.predict import ScanResult
@@ -28,19 +28,8 @@ def predict_command(
     out: Annotated[
         Path, typer.Option("-o", "--out", help="Results go to OUT/<scan name>/.")
     ] = Path("uqserve-out"),
-    bundle: Annotated[
-        str | None,
-        typer.Option(
-            "--bundle",
-            "-b",
-            help="Shipped bundle name or bundle folder.",
-            show_default="softmax-ensemble",
-        ),
-    ] = None,
-    seed: Annotated[
-        int | None,
-        typer.Option(help="Noise seed (default: the bundle's seed).", min=0, show_default=False),
-    ] = None,
+    bundle: BundleOption = None,
+    seed: SeedOption = None,
     batch_size: Annotated[
         int | None,
         typer.Option(

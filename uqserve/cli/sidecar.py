@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from uqserve.cli import app
-from uqserve.cli._common import fail
+from uqserve.cli._common import BundleOption, SeedOption, fail
 
 
 @app.command("sidecar")
@@ -59,18 +59,8 @@ def sidecar_command(
             min=0,
         ),
     ] = 10.0,
-    bundle: Annotated[
-        str | None,
-        typer.Option(
-            "--bundle",
-            "-b",
-            help="Shipped bundle name or bundle folder.",
-            show_default="softmax-ensemble",
-        ),
-    ] = None,
-    seed: Annotated[
-        int | None, typer.Option(help="Noise seed (default: the bundle's seed).", min=0)
-    ] = None,
+    bundle: BundleOption = None,
+    seed: SeedOption = None,
     device: Annotated[
         str, typer.Option(help="Embedded runtime device: auto, cpu or cuda.")
     ] = "auto",
