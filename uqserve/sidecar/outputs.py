@@ -130,6 +130,46 @@ def _algorithm(options: OutputOptions) -> hd.AlgorithmIdentificationSequence:
     )
 
 
+def _derived_series(
+    source: Sequence[Dataset], key: str, options: OutputOptions, kind: str, *variant: str
+) -> dict[str, Any]:
+    """Arguments every derived series shares: its source, stable UIDs, number, device."""
+    series_uid = str(source[0].SeriesInstanceUID)
+    return {
+        "source_images": list(source),
+        "series_instance_uid": derived_uid(key, series_uid, kind, *variant, "series"),
+        "series_number": _series_number(source, kind),
+        "sop_instance_uid": derived_uid(key, series_uid, kind, *variant, "instance"),
+        "instance_number": 1,
+        "manufacturer": options.manufacturer,
+        "manufacturer_model_name": options.model_name[:64],
+        "software_versions": f"uqserve {__version__}",
+        "device_serial_number": options.device_serial_number,
+    }
+
+
+def _segment_descriptions(
+    classes: Sequence[str], label: str, key: str, options: OutputOptions
+) -> list[hd.seg.SegmentDescription]:
+    """One segment per foreground class ``classes[1:]`` (number = label value);
+    ``label`` formats the class name into the segment label, e.g. ``"P({})"``."""
+    return [
+        hd.seg.SegmentDescription(
+            segment_number=k,
+            segment_label=label.format(name)[:64],
+            segmented_property_category=hd.sr.CodedConcept(
+                "MODELCLASS", SCHEME, "Model output class"
+            ),
+            segmented_property_type=_class_concept(name),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=_algorithm(options),
+            tracking_uid=derived_uid(key, "segment", k),
+            tracking_id=f"{name} ({options.model_name})"[:64],
+        )
+        for k, name in enumerate(classes[1:], start=1)
+    ]
+
+
 def _class_concept(name: str) -> hd.sr.CodedConcept:
     slug = "".join(c if c.isalnum() else "_" for c in name.upper())[:16] or "CLASS"
     return hd.sr.CodedConcept(slug, SCHEME, name[:64])
@@ -154,36 +194,12 @@ def make_segmentation(
         raise ValueError(
             f"labels hold value {int(labels.max())} but there are only {len(classes)} classes"
         )
-    descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=k,
-            segment_label=name[:64],
-            segmented_property_category=hd.sr.CodedConcept(
-                "MODELCLASS", SCHEME, "Model output class"
-            ),
-            segmented_property_type=_class_concept(name),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=_algorithm(options),
-            tracking_uid=derived_uid(key, "segment", k),
-            tracking_id=f"{name} ({options.model_name})"[:64],
-        )
-        for k, name in enumerate(classes[1:], start=1)
-    ]
-    series_uid = str(source[0].SeriesInstanceUID)
     seg_type = hd.seg.SegmentationTypeValues[options.seg_type.upper()]
     return hd.seg.Segmentation(
-        source_images=list(source),
         pixel_array=_frames(labels.astype(np.uint8)),
         segmentation_type=seg_type,
-        segment_descriptions=descriptions,
-        series_instance_uid=derived_uid(key, series_uid, "seg", options.seg_type, "series"),
-        series_number=_series_number(source, "seg"),
-        sop_instance_uid=derived_uid(key, series_uid, "seg", options.seg_type, "instance"),
-        instance_number=1,
-        manufacturer=options.manufacturer,
-        manufacturer_model_name=options.model_name[:64],
-        software_versions=f"uqserve {__version__}",
-        device_serial_number=options.device_serial_number,
+        segment_descriptions=_segment_descriptions(classes, "{}", key, options),
+        **_derived_series(source, key, options, "seg", options.seg_type),
         content_label="SEGMENTATION",
         content_description=f"uqserve segmentation ({options.model_name})"[:64],
         series_description=f"uqserve segmentation ({options.model_name})"[:64],
@@ -203,40 +219,16 @@ def make_fractional_segmentation(
     if prob.ndim != 4 or prob.shape[0] != len(classes):
         raise ValueError(f"prob must be [K={len(classes)}, X, Y, Z], got {tuple(prob.shape)}")
     _check_shape("prob[k]", prob[0], source)
-    descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=k,
-            segment_label=f"P({name})"[:64],
-            segmented_property_category=hd.sr.CodedConcept(
-                "MODELCLASS", SCHEME, "Model output class"
-            ),
-            segmented_property_type=_class_concept(name),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=_algorithm(options),
-            tracking_uid=derived_uid(key, "segment", k),
-            tracking_id=f"{name} ({options.model_name})"[:64],
-        )
-        for k, name in enumerate(classes[1:], start=1)
-    ]
     # [Z, rows, cols, segments]
     frames = np.stack(
         [_frames(np.clip(prob[k], 0.0, 1.0).astype(np.float32)) for k in range(1, len(classes))], -1
     )
-    series_uid = str(source[0].SeriesInstanceUID)
     return hd.seg.Segmentation(
-        source_images=list(source),
         pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
         fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
-        segment_descriptions=descriptions,
-        series_instance_uid=derived_uid(key, series_uid, "prob", "series"),
-        series_number=_series_number(source, "prob"),
-        sop_instance_uid=derived_uid(key, series_uid, "prob", "instance"),
-        instance_number=1,
-        manufacturer=options.manufacturer,
-        manufacturer_model_name=options.model_name[:64],
-        software_versions=f"uqserve {__version__}",
-        device_serial_number=options.device_serial_number,
+        segment_descriptions=_segment_descriptions(classes, "P({})", key, options),
+        **_derived_series(source, key, options, "prob"),
         content_label="PROBABILITY",
         content_description=f"uqserve foreground probability ({options.model_name})"[:64],
         series_description=f"uqserve probability ({options.model_name})"[:64],
@@ -276,18 +268,9 @@ def make_parametric_map(
         intercept=0.0,
         quantity_definition=hd.sr.CodedConcept(kind.upper(), SCHEME, title),
     )
-    series_uid = str(source[0].SeriesInstanceUID)
     pm = hd.pm.ParametricMap(
-        source_images=list(source),
         pixel_array=data,
-        series_instance_uid=derived_uid(key, series_uid, kind, "series"),
-        series_number=_series_number(source, kind),
-        sop_instance_uid=derived_uid(key, series_uid, kind, "instance"),
-        instance_number=1,
-        manufacturer=options.manufacturer,
-        manufacturer_model_name=options.model_name[:64],
-        software_versions=f"uqserve {__version__}",
-        device_serial_number=options.device_serial_number,
+        **_derived_series(source, key, options, kind),
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
         # Width ln K < 1 is only valid with LINEAR_EXACT (PS3.3 C.11.2.1.3).
