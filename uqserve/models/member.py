@@ -24,20 +24,18 @@ from uqserve.models.heads import HashNoise, SegNetwork
 DEFAULT_SAMPLE_CHUNK = 4
 
 
-def summarize(
-    probs: torch.Tensor, valid: torch.Tensor, reduce: str = "mean"
-) -> tuple[torch.Tensor, ...]:
-    """Reduce ``probs [B,S,K,H,W]`` to the four member outputs.
+def summarize(probs: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Reduce ``probs [B,S,K,H,W]`` over its S samples, so that chunks add up.
 
-    ``reduce="sum"`` gives sums over S instead of the mean probability and the
-    mean sample entropy (for adding up chunks of samples).
+    Returns the sum of the probabilities ``[B,K,H,W]``, the sum of the sample
+    entropies ``[B,H,W]``, the per-sample counts ``[B,S,K]`` (valid region) and
+    the labels ``[B,S,H,W]`` uint8.
     """
     _, _, k, h, w = probs.shape
-    pool = torch.mean if reduce == "mean" else torch.sum
-    mean = pool(probs, dim=1)
+    sum_p = probs.sum(dim=1)
     # 0 ln 0 = 0 exactly: clamp only inside the log (p * log(1e-30) is 0 when p is 0).
     plogp = probs * torch.log(probs.clamp_min(1e-30))
-    sample_entropy = -pool(plogp.sum(dim=2), dim=1)
+    sum_h = -plogp.sum(dim=(1, 2))
     labels = probs.argmax(dim=2)  # [B,S,H,W] int64
     rows = torch.arange(h, dtype=torch.int64).view(1, -1, 1) < valid[:, 0].view(-1, 1, 1)
     cols = torch.arange(w, dtype=torch.int64).view(1, 1, -1) < valid[:, 1].view(-1, 1, 1)
@@ -45,7 +43,7 @@ def summarize(
     classes = torch.arange(k, dtype=torch.int64).view(1, 1, -1, 1, 1)
     onehot = (labels.unsqueeze(2) == classes).to(torch.float32)  # [B,S,K,H,W]
     counts = (onehot * inside).sum(dim=(3, 4))
-    return mean, sample_entropy, counts, labels.to(torch.uint8)
+    return sum_p, sum_h, counts, labels.to(torch.uint8)
 
 
 class MemberGraph(nn.Module):
@@ -89,20 +87,15 @@ class MemberGraph(nn.Module):
         _, _, h, w = image.shape
         context = self.net.head_context(image, self.net.features(image))
         total, chunk = self.num_samples, self.sample_chunk
-        if total <= chunk:
-            noise = HashNoise(seed, offset, self.member, total, h, w)
-            return summarize(self.net.sample_probs_from(context, noise, total), valid)
         # Unrolled at export: each chunk's [B, c, K, H, W] tensors die before the next.
         parts = []
         for first in range(0, total, chunk):
             c = min(chunk, total - first)
             noise = HashNoise(seed, offset, self.member, c, h, w, first_sample=first)
-            probs = self.net.sample_probs_from(context, noise, c)
-            parts.append(summarize(probs, valid, reduce="sum"))
+            parts.append(summarize(self.net.sample_probs_from(context, noise, c), valid))
         sum_p, sum_h = parts[0][0], parts[0][1]
         for p in parts[1:]:
-            sum_p = sum_p + p[0]
-            sum_h = sum_h + p[1]
+            sum_p, sum_h = sum_p + p[0], sum_h + p[1]
         counts = torch.cat([p[2] for p in parts], dim=1)
         labels = torch.cat([p[3] for p in parts], dim=1)
         return sum_p / total, sum_h / total, counts, labels
