@@ -31,16 +31,10 @@ from uqserve.models import COMBINATIONS, ModelConfig, build_network, parse_combi
 ROOT = Path(__file__).resolve().parents[1]
 OUTS = ("mean", "sample_entropy", "sample_counts", "sample_labels")
 runner = CliRunner()
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> object:
-    # Tiny graphs: one thread is faster, and far faster on a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 @functools.cache

@@ -21,14 +21,7 @@ from uqserve.models.heads import HashNoise  # noqa: E402
 
 TINY = {"width": 8, "depth": 3}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> object:
-    # Tiny graphs: one thread is faster, and far faster on a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_combinations_cover_the_grid() -> None:
