@@ -338,10 +338,10 @@ def _write_bundle(
         files = {"model.onnx": bundle.member_path(member).resolve()}
         if flavour == "python":
             files["model.py"] = TEMPLATE
+        # Links are relative to where they will live after the rename (same depth as tmp).
+        final_dir = final.resolve() / config.name / VERSION
         for name, source in files.items():
             if member_files == "symlink":
-                # Relative to where the link will live after the rename (same depth as tmp).
-                final_dir = final.resolve() / config.name / VERSION
                 (version_dir / name).symlink_to(os.path.relpath(source, final_dir))
             else:
                 shutil.copyfile(source, version_dir / name)
