@@ -243,25 +243,21 @@ class SSNNet(SegNetwork):
         self.factor_head = nn.Conv2d(config.width, k * r, 1)
         self.diag_head = nn.Conv2d(config.width, k, 1)
 
-    def _params(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def head_context(self, image: torch.Tensor, feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(mu [B,K,H,W], factor [B,K,r,H,W], sqrt(diag) [B,K,H,W])``."""
         k, r = self.config.num_classes, self.config.ssn_rank
         b, _, h, w = feats.shape
         mu = self.mean_head(feats)
         factor = self.factor_head(feats).reshape(b, k, r, h, w)
         diag = F.softplus(self.diag_head(feats)) + self.config.ssn_eps
-        return mu, factor, diag
+        return mu, factor, torch.sqrt(diag)
 
     def _logits(self, context: tuple[torch.Tensor, ...], noise: NoiseSource) -> torch.Tensor:
-        """``context = (mu [B,K,H,W], factor [B,K,r,H,W], sqrt(diag) [B,K,H,W])``."""
         mu, factor, scale = context
         eps_r = noise.global_normal(hash_noise.STREAM_SSN_FACTOR, self.config.ssn_rank)
         eps_d = noise.pixel_normal(hash_noise.STREAM_SSN_DIAG, self.config.num_classes)
         low_rank = torch.einsum("bkrhw,bsr->bskhw", factor, eps_r)
         return mu.unsqueeze(1) + low_rank + scale.unsqueeze(1) * eps_d
-
-    def head_context(self, image: torch.Tensor, feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        mu, factor, diag = self._params(feats)
-        return mu, factor, torch.sqrt(diag)
 
     def sample_probs_from(
         self, context: tuple[torch.Tensor, ...], noise: NoiseSource, samples: int
