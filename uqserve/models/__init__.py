@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from uqserve.models.config import (
     AU_METHODS,
     COMBINATIONS,
+    DEFAULT_SAMPLE_CHUNK,
     EU_METHODS,
     ModelConfig,
     parse_combination,
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AU_METHODS",
     "COMBINATIONS",
+    "DEFAULT_SAMPLE_CHUNK",
     "EU_METHODS",
     "ModelConfig",
     "build_network",
@@ -91,7 +93,7 @@ def member_graph(
     *,
     eu: str = "ensemble",
     seed: int = 0,
-    sample_chunk: int | None = None,
+    sample_chunk: int = DEFAULT_SAMPLE_CHUNK,
 ) -> MemberGraph:
     """Wrap a trained network into the exported member contract (see ``docs/architecture.md``).
 
@@ -99,7 +101,6 @@ def member_graph(
     ``sample_chunk``: samples drawn at once (default 4); the graph's memory is that
     of one chunk, its outputs do not depend on it beyond float rounding.
     """
-    from uqserve.models.member import DEFAULT_SAMPLE_CHUNK, MemberGraph
+    from uqserve.models.member import MemberGraph
 
-    chunk = DEFAULT_SAMPLE_CHUNK if sample_chunk is None else sample_chunk
-    return MemberGraph(net, member, num_samples, eu=eu, seed=seed, sample_chunk=chunk)
+    return MemberGraph(net, member, num_samples, eu=eu, seed=seed, sample_chunk=sample_chunk)

@@ -8,6 +8,9 @@ from typing import Any
 AU_METHODS = ("softmax", "ssn", "punet", "diffusion")
 EU_METHODS = ("none", "ensemble", "mcdropout")
 COMBINATIONS = tuple(f"{au}-{eu}" for au in AU_METHODS for eu in EU_METHODS)
+#: Samples a member graph draws at once: [B, 4, K, H, W] tensors keep the head's
+#: memory near the backbone's.
+DEFAULT_SAMPLE_CHUNK = 4
 
 
 def parse_combination(name: str) -> tuple[str, str]:

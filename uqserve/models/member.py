@@ -17,11 +17,9 @@ import copy
 import torch
 from torch import nn
 
+from uqserve.models.config import DEFAULT_SAMPLE_CHUNK
 from uqserve.models.dropout import freeze_dropout_masks
 from uqserve.models.heads import HashNoise, SegNetwork
-
-#: Samples per chunk: [B, 4, K, H, W] tensors keep the head's memory near the backbone's.
-DEFAULT_SAMPLE_CHUNK = 4
 
 
 def summarize(probs: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
