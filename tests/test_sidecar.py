@@ -7,6 +7,7 @@ checked for content, references and IOD validity (``dciodvfy``).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -103,6 +104,21 @@ def _sidecar(tmp_path: Path, bundle: Path, orthanc: Orthanc | None, **kw: object
     )
     servers = kw.get("servers", ())
     return Sidecar(config, BundlePredictor(str(bundle), servers, seed=7, device="cpu"))  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def _listening(sc: Sidecar) -> Iterator[Sidecar]:
+    """Only the sidecar's listener runs; the test steps the worker with :func:`_step`."""
+    sc.scp.start()
+    try:
+        yield sc
+    finally:
+        sc.stop()
+
+
+def _step(sc: Sidecar, later: float) -> list[tuple[str, str]]:
+    """One worker pass as if ``later`` seconds had passed: series are stable, back-offs over."""
+    return sc.run_once(now=time.time() + later)
 
 
 def _frames_by_position(ds: pydicom.Dataset, source: list[pydicom.Dataset]) -> np.ndarray:
@@ -213,20 +229,16 @@ def test_bad_series_fail_with_reason_and_listener_survives(
     ds.save_as(broken.files[1])
     seg_file = get_testdata_file("liver_1frame.dcm", download=False)  # a SEG: unsupported modality
     good = write_ct_series(tmp_path / "good", phantom((32, 32, 4), seed=5))
-    with _sidecar(tmp_path, tiny_bundle, orthanc) as sc:
+    with _listening(_sidecar(tmp_path, tiny_bundle, orthanc)) as sc:
         send = lambda files: storescu(files, sc.port, called_ae="UQSIDECAR", calling_ae=SENDER)  # noqa: E731
         assert sent(send(gap.files[:2] + gap.files[3:]))
         assert sent(send(broken.files))
         if seg_file is not None:
             assert sent(send([seg_file]))
         assert sent(send(good.files))
+        outcomes = dict(_step(sc, later=60.0))
+        assert outcomes[series_key(good.series_uid)] == "delivered", outcomes
         _wait_results(orthanc, good.series_uid, 5)
-        deadline = time.monotonic() + 30
-        while (
-            time.monotonic() < deadline
-            and sc.spool.failed_reason(series_key(broken.series_uid)) is None
-        ):
-            time.sleep(0.1)
     reason = sc.spool.failed_reason(series_key(gap.series_uid))
     assert reason is not None and "1 slice(s) missing" in reason
     reason = sc.spool.failed_reason(series_key(broken.series_uid))
@@ -257,11 +269,12 @@ def test_model_server_outage_is_retried_then_failed(
         retry_base_s=0.1,
     )
     key = series_key(syn.series_uid)
-    with Sidecar(config, BundlePredictor(str(tiny_bundle), [dead], device="cpu")) as sc:
+    sc = Sidecar(config, BundlePredictor(str(tiny_bundle), [dead], device="cpu"))
+    with _listening(sc):
         assert sent(storescu(syn.files, sc.port, called_ae="UQSIDECAR", calling_ae=SENDER))
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and sc.spool.failed_reason(key) is None:
-            time.sleep(0.1)
+        # Stepped, not polled: each pass runs once the retry back-off has passed.
+        outcomes = [_step(sc, later=3600.0 * i) for i in (1, 2, 3)]
+        assert outcomes == [[(key, "retry")], [(key, "retry")], [(key, "failed")]]
         # The listener still answers after the failures.
         assert echoscu(sc.port, called_ae="UQSIDECAR").returncode == 0
     reason = sc.spool.failed_reason(key)
@@ -350,11 +363,10 @@ def test_unsendable_results_go_to_dead_letter(tmp_path: Path, tiny_bundle: Path)
         send_backoff_s=0.01,
     )
     key = series_key(syn.series_uid)
-    with Sidecar(config, BundlePredictor(str(tiny_bundle), device="cpu")) as sc:
+    sc = Sidecar(config, BundlePredictor(str(tiny_bundle), device="cpu"))
+    with _listening(sc):
         assert sent(storescu(syn.files, sc.port, called_ae="UQSIDECAR"))
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and sc.spool.done_record(key) is None:
-            time.sleep(0.1)
+        assert _step(sc, later=60.0) == [(key, "partial")]
     record = sc.spool.done_record(key)
     assert record is not None and record["status"] == "partial"
     letters = tmp_path / "spool" / "dead-letter" / key
