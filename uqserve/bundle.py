@@ -18,11 +18,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from uqserve.contracts import AGGREGATORS, AU_METHODS, DEFAULT_AGGREGATOR, EU_METHODS
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-AU_METHODS = ("softmax", "ssn", "punet", "diffusion")
-EU_METHODS = ("none", "ensemble", "mcdropout")
-AGGREGATORS = ("border", "mean", "patch", "threshold", "foreground")
 NORMALIZATIONS = ("fixed", "zscore")
 
 # Where shipped bundles live (package data).
@@ -87,7 +86,7 @@ class InputSpec:
 class OODSpec:
     """OOD flag: ``score > threshold`` with score = image-level EU under ``aggregator``."""
 
-    aggregator: str = "border"
+    aggregator: str = DEFAULT_AGGREGATOR
     threshold: float | None = None
     quantile: float = 0.95
     validation_scores: tuple[float, ...] = ()
@@ -106,7 +105,7 @@ class Manifest:
     members: tuple[Member, ...]
     input: InputSpec = field(default_factory=InputSpec)
     seed: int = 0
-    default_aggregator: str = "border"
+    default_aggregator: str = DEFAULT_AGGREGATOR
     ood: OODSpec = field(default_factory=OODSpec)
     # Free-form facts measured at export/calibration time (validation statistics,
     # bundle-level entanglement Δ scores, thresholds for the `threshold` aggregator).
@@ -167,7 +166,7 @@ class Manifest:
                 ),
                 input=inp_spec,
                 seed=int(d.get("seed", 0)),
-                default_aggregator=str(d.get("default_aggregator", "border")),
+                default_aggregator=str(d.get("default_aggregator", DEFAULT_AGGREGATOR)),
                 ood=OODSpec(**ood),
                 validation=dict(d.get("validation", {})),
                 entanglement=dict(d.get("entanglement", {})),

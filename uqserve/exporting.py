@@ -32,7 +32,6 @@ import numpy.typing as npt
 from uqserve import __version__
 from uqserve._fs import replace_dir_atomically
 from uqserve.bundle import (
-    AGGREGATORS,
     Bundle,
     InputSpec,
     Manifest,
@@ -43,6 +42,13 @@ from uqserve.bundle import (
     sha256_file,
     write_manifest,
 )
+from uqserve.contracts import (
+    AGGREGATORS,
+    MEMBER_INPUTS,
+    MEMBER_OUTPUTS,
+    PAPER_SHIFTS,
+    default_class_names,
+)
 from uqserve.models.config import ModelConfig, parse_combination
 
 if TYPE_CHECKING:
@@ -50,8 +56,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 OPSET = 18
-INPUT_NAMES = ("image", "seed", "offset", "valid")
-OUTPUT_NAMES = ("mean", "sample_entropy", "sample_counts", "sample_labels")
 PARITY_ATOL = 1e-4
 
 
@@ -110,8 +114,8 @@ def export_member(
                 str(path),
                 dynamo=False,
                 opset_version=OPSET,
-                input_names=list(INPUT_NAMES),
-                output_names=list(OUTPUT_NAMES),
+                input_names=list(MEMBER_INPUTS),
+                output_names=list(MEMBER_OUTPUTS),
                 dynamic_axes=axes,
             )
         elif exporter == "dynamo":
@@ -129,8 +133,8 @@ def export_member(
                 dynamo=True,
                 external_data=False,
                 opset_version=OPSET,
-                input_names=list(INPUT_NAMES),
-                output_names=list(OUTPUT_NAMES),
+                input_names=list(MEMBER_INPUTS),
+                output_names=list(MEMBER_OUTPUTS),
                 dynamic_shapes=shapes,
             )
             if prog is None:
@@ -249,9 +253,9 @@ def check_parity(
     """
     import torch
 
-    ort_out = _session(onnx_path).run(list(OUTPUT_NAMES), feeds)
+    ort_out = _session(onnx_path).run(list(MEMBER_OUTPUTS), feeds)
     with torch.no_grad():
-        ref = [t.numpy() for t in graph(*(torch.from_numpy(feeds[n]) for n in INPUT_NAMES))]
+        ref = [t.numpy() for t in graph(*(torch.from_numpy(feeds[n]) for n in MEMBER_INPUTS))]
     diff = max(float(np.abs(a - b).max()) for a, b in zip(ort_out[:2], ref[:2], strict=True))
     if not np.isfinite(diff) or diff > atol:
         raise ExportError(
@@ -488,9 +492,7 @@ def export_checkpoints(
             f"{ckpt / 'config.json'}: the model has {mc.num_classes} classes but "
             f"{len(classes)} class names were given ({', '.join(classes)})"
         )
-    names = (
-        tuple(classes) if classes else tuple(cfg.get("classes") or _default_classes(mc.num_classes))
-    )
+    names = tuple(classes or cfg.get("classes") or default_class_names(mc.num_classes))
     if len(names) != mc.num_classes:
         raise ExportError(
             f"{ckpt / 'config.json'}: {len(names)} class names for {mc.num_classes} classes"
@@ -547,10 +549,6 @@ def export_checkpoints(
         exporter=exporter,
         progress=progress,
     )
-
-
-def _default_classes(k: int) -> list[str]:
-    return ["background"] + (["foreground"] if k == 2 else [f"class_{i}" for i in range(1, k)])
 
 
 # --------------------------------------------------------------------------- recipes
@@ -712,7 +710,7 @@ def _normalise(images: npt.NDArray[np.float32], norm: Normalization) -> npt.NDAr
     return out
 
 
-CALIBRATION_SHIFTS = ("noise", "blur", "contrast", "jpeg")
+CALIBRATION_SHIFTS = PAPER_SHIFTS
 
 
 def calibrate_bundle(
@@ -836,7 +834,7 @@ def export_onnx_members(
     *,
     au: str = "softmax",
     outputs: str = "logits",
-    classes: Sequence[str] = ("background", "foreground"),
+    classes: Sequence[str] = default_class_names(2),
     normalization: Normalization | None = None,
     tile_size: tuple[int, int] = (128, 128),
     multiple: int = 16,

@@ -53,6 +53,7 @@ import numpy.typing as npt
 
 from uqserve import __version__
 from uqserve._fs import replace_dir_atomically
+from uqserve.contracts import default_class_names
 from uqserve.data import (
     FolderDataset,
     SyntheticSet,
@@ -168,12 +169,6 @@ class _Slices:
     classes: list[str] = field(default_factory=list)
 
 
-def _default_classes(k: int) -> list[str]:
-    if k == 2:
-        return ["background", "lesion"]
-    return ["background"] + [f"lesion_{i}" for i in range(1, k)]
-
-
 def _slices(
     data: str | os.PathLike[str] | SyntheticSet | FolderDataset,
     config: TrainConfig,
@@ -218,7 +213,7 @@ def _slices(
             annotations=list(data.annotations),
             num_classes=num_classes,
             description=desc,
-            classes=_default_classes(num_classes),
+            classes=list(default_class_names(num_classes)),
         )
     top = max(int(c.annotations.max()) for c in data)
     if top >= num_classes:
@@ -512,7 +507,7 @@ def train(
                 "model_config": model_config.to_dict(),
                 "train_config": config.to_dict(),
                 "normalization": {"scheme": "fixed", "mean": mean, "std": std, "clip": None},
-                "classes": slices.classes or _default_classes(model_config.num_classes),
+                "classes": slices.classes or list(default_class_names(model_config.num_classes)),
                 "tile_size": list(config.size),
                 "spacing": list(slices.spacing),
                 "data": slices.description,

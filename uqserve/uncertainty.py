@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from uqserve.contracts import AGGREGATORS
+
 __all__ = [
     "AGGREGATORS",
     "Accumulator",
@@ -48,8 +50,6 @@ __all__ = [
     "volume_distribution",
 ]
 
-#: Image-level aggregators understood by :func:`image_score` (same names as the manifest's).
-AGGREGATORS = ("border", "mean", "patch", "threshold", "foreground")
 
 #: Probability vectors may miss 1 by this much along K (float32 softmax, ONNX reductions).
 SUM_TOLERANCE = 1e-3

@@ -79,6 +79,7 @@ def export_command(
 ) -> None:
     """Export a bundle from a recipe, `uqserve train` checkpoints, or your own ONNX files."""
     from uqserve.bundle import BundleError, Normalization
+    from uqserve.contracts import default_class_names
     from uqserve.exporting import (
         ExportError,
         export_checkpoints,
@@ -129,7 +130,7 @@ def export_command(
                 out,
                 au=au,
                 outputs=outputs,
-                classes=names or ("background", "foreground"),
+                classes=names or default_class_names(2),
                 normalization=Normalization(scheme="fixed", mean=norm_mean, std=norm_std),
                 tile_size=(tile or 128, tile or 128),
                 multiple=multiple,

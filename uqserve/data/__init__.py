@@ -3,6 +3,7 @@
 numpy/scipy only (nibabel for NIfTI, Pillow lazily for JPEG and PNG); no torch.
 """
 
+from uqserve.contracts import PAPER_SHIFTS
 from uqserve.data.folder import (
     Case,
     FolderDataset,
@@ -11,7 +12,7 @@ from uqserve.data.folder import (
     write_example_folder,
     write_nifti,
 )
-from uqserve.data.shifts import PAPER_SHIFTS, SHIFTS, apply_shift, clahe
+from uqserve.data.shifts import SHIFTS, apply_shift, clahe
 from uqserve.data.stats import normalization_stats
 from uqserve.data.synthetic import (
     AMBIGUITIES,

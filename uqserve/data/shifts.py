@@ -46,8 +46,6 @@ from scipy import ndimage
 from uqserve.volumes.base import Volume
 
 SHIFTS = ("noise", "blur", "jpeg", "contrast", "inversion", "bias", "structures")
-# The four corruptions of the paper, in its order.
-PAPER_SHIFTS = ("noise", "blur", "contrast", "jpeg")
 
 FloatArray = npt.NDArray[np.float32]
 

@@ -23,11 +23,11 @@ import numpy.typing as npt
 
 from uqserve import metrics as M
 from uqserve import uncertainty as U
+from uqserve.contracts import AGGREGATORS, DEFAULT_AGGREGATOR
 from uqserve.evaluation.sets import EvalImage, EvaluationError, SetSpec
 
 MAPS = ("tu", "au", "eu")
-AGGREGATORS = ("border", "mean", "patch", "threshold", "foreground")
-PAPER_AGGREGATOR = "border"
+PAPER_AGGREGATOR = DEFAULT_AGGREGATOR
 
 # Conventions for the rows of the AU x EU grid (science.md section 1).
 UQSERVE = "uqserve"

@@ -15,9 +15,6 @@ import numpy.typing as npt
 
 from uqserve.bundle import Bundle
 
-INPUT_NAMES = ("image", "seed", "offset", "valid")
-OUTPUT_NAMES = ("mean", "sample_entropy", "sample_counts", "sample_labels")
-
 
 class RuntimeError_(RuntimeError):
     """A runtime that cannot serve: unreachable server, model not ready, mismatch."""

@@ -19,9 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from uqserve.bundle import Bundle, BundleError
+from uqserve.contracts import MEMBER_INPUTS, MEMBER_OUTPUTS
 from uqserve.runtime.base import (
-    INPUT_NAMES,
-    OUTPUT_NAMES,
     Batch,
     MemberOutputs,
     Runtime,
@@ -143,7 +142,7 @@ class EmbeddedRuntime(Runtime):
             "offset": np.ascontiguousarray(batch.offset, dtype=np.int64),
             "valid": np.ascontiguousarray(batch.valid, dtype=np.int64),
         }
-        names = list(OUTPUT_NAMES if want_samples else OUTPUT_NAMES[:3])
+        names = list(MEMBER_OUTPUTS if want_samples else MEMBER_OUTPUTS[:3])
         if self._pool is None:
             outs = [sess.run(names, feeds) for sess in self.sessions]
         else:
@@ -169,8 +168,8 @@ def _check_signature(sess: object, path: object, m: int) -> None:
     """The member graph must have the architecture.md inputs and outputs."""
     inputs = {i.name for i in sess.get_inputs()}  # type: ignore[attr-defined]
     outputs = {o.name for o in sess.get_outputs()}  # type: ignore[attr-defined]
-    missing = [n for n in INPUT_NAMES if n not in inputs] + [
-        n for n in OUTPUT_NAMES if n not in outputs
+    missing = [n for n in MEMBER_INPUTS if n not in inputs] + [
+        n for n in MEMBER_OUTPUTS if n not in outputs
     ]
     if missing:
         raise BundleError(

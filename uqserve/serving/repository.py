@@ -41,13 +41,12 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from uqserve._fs import replace_dir_atomically
 from uqserve.bundle import Bundle, BundleError, load_bundle, sha256_file
+from uqserve.contracts import MEMBER_INPUTS
 
 FLAVOURS = ("python", "onnxruntime")
 MEMBER_FILES = ("copy", "symlink")
 MANIFEST_PARAMETER = "uqserve_manifest"
 NOSAMPLES_SUFFIX = "_nosamples"
-ENSEMBLE_INPUTS = ("image", "seed", "offset", "valid")
-MEMBER_OUTPUTS = ("mean", "sample_entropy", "sample_counts", "sample_labels")
 VERSION = "1"
 TEMPLATE = Path(__file__).resolve().parent / "python_model.py"
 
@@ -201,7 +200,7 @@ def ensemble_config(
         step = config.ensemble_scheduling.step.add(
             model_name=member_model_name(m.name, member), model_version=-1
         )
-        for name in ENSEMBLE_INPUTS:
+        for name in MEMBER_INPUTS:
             step.input_map[name] = name
         for t in outputs:
             step.output_map[t.name] = f"{t.name}_{member}"

@@ -1,0 +1,95 @@
+"""The contracts every part of uqserve agrees on, in one place.
+
+- the member-graph signature: input and output names, dtypes and dimensions
+  (what an exported ONNX member takes and returns, what a runtime feeds it,
+  what the Triton repository declares);
+- the image-level aggregator names (``uqserve.uncertainty.image_score``, the
+  manifest's ``default_aggregator`` and ``ood.aggregator``);
+- the AU and EU method names (from the model registry, ``uqserve.models.config``);
+- the paper's four OOD corruptions;
+- the default class names of a model with K classes.
+
+Pure Python, no numpy or torch: everything imports it cheaply. The Triton
+python model (``uqserve/serving/python_model.py``) runs without uqserve and
+keeps its own copy of the names; a test checks that the two agree.
+"""
+
+from __future__ import annotations
+
+from uqserve.errors import UsageError
+from uqserve.models.config import AU_METHODS, COMBINATIONS, EU_METHODS
+
+__all__ = [
+    "AGGREGATORS",
+    "AU_METHODS",
+    "COMBINATIONS",
+    "DEFAULT_AGGREGATOR",
+    "EU_METHODS",
+    "MEMBER_INPUTS",
+    "MEMBER_INPUT_SPEC",
+    "MEMBER_OUTPUTS",
+    "MEMBER_OUTPUT_SPEC",
+    "PAPER_SHIFTS",
+    "TensorSpec",
+    "default_class_names",
+]
+
+# --------------------------------------------------------------------------- member graphs
+
+#: One tensor of the member signature: ``(dtype, dims)``. A ``str`` dimension
+#: is symbolic: ``B`` batch, ``H``/``W`` tile size (dynamic), ``C`` channels,
+#: ``K`` classes and ``S`` samples (fixed per bundle).
+TensorSpec = tuple[str, tuple[int | str, ...]]
+
+#: Inputs of every member graph, in order.
+#: image ``[B, C, H, W]`` float32, normalised; seed ``[B]`` the run seed;
+#: offset ``[B, 3]`` ``(z, y0, x0)`` of each tile; valid ``[B, 2]`` unpadded
+#: ``(rows, cols)`` of each tile.
+MEMBER_INPUT_SPEC: dict[str, TensorSpec] = {
+    "image": ("float32", ("B", "C", "H", "W")),
+    "seed": ("int64", ("B",)),
+    "offset": ("int64", ("B", 3)),
+    "valid": ("int64", ("B", 2)),
+}
+
+#: Outputs of every member graph, in order.
+#: mean ``[B, K, H, W]`` p̄ of the member; sample_entropy ``[B, H, W]`` mean
+#: per-sample entropy (nats); sample_counts ``[B, S, K]`` per-sample argmax
+#: voxel counts in the valid region; sample_labels ``[B, S, H, W]`` per-sample
+#: argmax labels (the largest output; runtimes skip it unless asked).
+MEMBER_OUTPUT_SPEC: dict[str, TensorSpec] = {
+    "mean": ("float32", ("B", "K", "H", "W")),
+    "sample_entropy": ("float32", ("B", "H", "W")),
+    "sample_counts": ("float32", ("B", "S", "K")),
+    "sample_labels": ("uint8", ("B", "S", "H", "W")),
+}
+
+MEMBER_INPUTS: tuple[str, ...] = tuple(MEMBER_INPUT_SPEC)
+MEMBER_OUTPUTS: tuple[str, ...] = tuple(MEMBER_OUTPUT_SPEC)
+
+# --------------------------------------------------------------------------- aggregators
+
+#: Image-level aggregators of an uncertainty map, in tie-break order: where two
+#: score the same, the earlier wins (``border``, the paper's, first).
+AGGREGATORS: tuple[str, ...] = ("border", "mean", "patch", "threshold", "foreground")
+#: The paper's aggregator, and the default of a bundle not yet calibrated.
+DEFAULT_AGGREGATOR = "border"
+
+# --------------------------------------------------------------------------- data
+
+#: The four corruptions of the paper, in its order (all shifts: ``uqserve.data.SHIFTS``).
+PAPER_SHIFTS: tuple[str, ...] = ("noise", "blur", "contrast", "jpeg")
+
+# --------------------------------------------------------------------------- classes
+
+
+def default_class_names(num_classes: int) -> tuple[str, ...]:
+    """Class names when none are given: ``background`` first, then ``lesion``.
+
+    Two classes: ``("background", "lesion")``; more: ``lesion_1 ... lesion_{K-1}``.
+    """
+    if num_classes < 2:
+        raise UsageError(f"num_classes must be >= 2 (background first), got {num_classes}")
+    if num_classes == 2:
+        return ("background", "lesion")
+    return ("background", *(f"lesion_{i}" for i in range(1, num_classes)))
