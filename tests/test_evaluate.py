@@ -170,6 +170,23 @@ def test_core_refuses_test_sets_before_validation() -> None:
         BundleEvaluation(num_classes=3).add(VAL, img, _oracle(img))
 
 
+def test_safe_is_nan_only_where_a_metric_is_undefined() -> None:
+    """Empty or NaN inputs and constant correlations give NaN; a shape bug still raises."""
+    from uqserve import metrics as M
+    from uqserve import uncertainty as U
+    from uqserve.evaluation.core import _safe
+
+    assert _safe(M.auroc, [0.1, 0.2], [0.3]) == pytest.approx(1.0)
+    assert math.isnan(_safe(M.auroc, [], [0.3]))  # no ID image
+    assert math.isnan(_safe(M.auroc, [0.1, math.nan], [0.3]))  # aggregator not computed
+    assert math.isnan(_safe(U.ood_delta, math.nan, 0.7))  # Δ of an undefined AUROC
+    assert math.isnan(_safe(U.rank_correlation, [1.0], [2.0], min_size=2))  # one image
+    assert math.isnan(_safe(U.rank_correlation, [1.0, 1.0], [2.0, 3.0], min_size=2))  # constant
+    probs = np.full((2, 10), 0.5, np.float32)
+    with pytest.raises(ValueError, match="do not match"):
+        _safe(M.ece, probs, np.zeros((3, 9), np.uint8))  # a shape bug is not "undefined"
+
+
 # ------------------------------------------------------------------------- end to end
 
 

@@ -14,7 +14,7 @@ deterministic subsample of voxels (for the pooled ECE / ACE statistics).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -377,7 +377,7 @@ class BundleEvaluation:
             "ged2_paper": _mean(r.ged2_paper for r in recs),
             "hm_iou": _mean(r.hm_iou for r in recs),
             "disagreement": _mean(r.disagreement for r in recs),
-            "ambiguity_spearman": _safe(lambda: M.ambiguity_correlation(au, dis)),
+            "ambiguity_spearman": _safe(M.ambiguity_correlation, au, dis, min_size=2),
         }
         for m in MAPS:
             out[f"ncc_{m}"] = _mean(r.ncc[m] for r in recs)
@@ -392,15 +392,11 @@ class BundleEvaluation:
             pool.annotations += p.annotations
             pool.maps += p.maps
         prob, ann, _ = pool.arrays()
-        out = {"ece": _safe(lambda: M.ece(prob, ann, n_bins=15))}
+        out = {"ece": _safe(M.ece, prob, ann)}
         u, correct = pool.correctness()
         for i, m in enumerate(MAPS):
             ab = self.platt.get(m)
-            out[f"ace_{m}"] = (
-                math.nan
-                if ab is None
-                else _safe(lambda i=i, ab=ab: M.ace(u[i], correct, ab[0], ab[1], n_bins=20))
-            )
+            out[f"ace_{m}"] = math.nan if ab is None else _safe(M.ace, u[i], correct, ab[0], ab[1])
         return out
 
     def _ood_metrics(self, names: Sequence[str], aggregator: str | None = None) -> dict[str, float]:
@@ -408,8 +404,8 @@ class BundleEvaluation:
         for m in MAPS:
             s_in = self._id_scores(m, aggregator)
             s_out = np.concatenate([self.scores(n, m, aggregator) for n in names])
-            out[f"auroc_{m}"] = _safe(lambda s_in=s_in, s_out=s_out: M.auroc(s_in, s_out))
-            out[f"fpr95_{m}"] = _safe(lambda s_in=s_in, s_out=s_out: M.fpr_at_95_tpr(s_in, s_out))
+            out[f"auroc_{m}"] = _safe(M.auroc, s_in, s_out)
+            out[f"fpr95_{m}"] = _safe(M.fpr_at_95_tpr, s_in, s_out)
         return out
 
     def ood_auroc_by_aggregator(self, map_name: str = "eu") -> dict[str, float]:
@@ -419,7 +415,7 @@ class BundleEvaluation:
         for agg in AGGREGATORS:
             s_in = self._id_scores(map_name, agg)
             s_out = np.concatenate([self.scores(n, map_name, agg) for n in ood])
-            out[agg] = _safe(lambda s_in=s_in, s_out=s_out: M.auroc(s_in, s_out))
+            out[agg] = _safe(M.auroc, s_in, s_out)
         return out
 
     def summary(self) -> dict[str, Any]:
@@ -471,16 +467,10 @@ class BundleEvaluation:
                 "rank_correlation": None,
                 "note": CONVENTION_NOTES[NO_EU],
             }
-        per_shift = {
-            s: _safe(lambda v=v: U.ood_delta(v["auroc_eu"], v["auroc_au"]))
-            for s, v in shifts.items()
-        }
-        amb = {
-            k: _safe(lambda v=v: U.ambiguity_delta(v["ncc_au"], v["ncc_eu"]))
-            for k, v in splits.items()
-        }
+        per_shift = {s: _safe(U.ood_delta, v["auroc_eu"], v["auroc_au"]) for s, v in shifts.items()}
+        amb = {k: _safe(U.ambiguity_delta, v["ncc_au"], v["ncc_eu"]) for k, v in splits.items()}
         cal = {
-            k: _safe(lambda v=v: U.calibration_delta(v["ace_tu"], v["ace_au"], v["ace_eu"]))
+            k: _safe(U.calibration_delta, v["ace_tu"], v["ace_au"], v["ace_eu"])
             for k, v in splits.items()
         }
         d_ood, d_amb, d_cal = _mean(per_shift.values()), _mean(amb.values()), _mean(cal.values())
@@ -492,7 +482,7 @@ class BundleEvaluation:
             "ood_per_shift": per_shift,
             "ambiguity_per_split": amb,
             "calibration_per_split": cal,
-            "rank_correlation": _safe(lambda: U.rank_correlation(au_scores, eu_scores)),
+            "rank_correlation": _safe(U.rank_correlation, au_scores, eu_scores, min_size=2),
             "note": "Δ: disentanglement; 1 = disentangled, 0 = entangled, "
             "< 0: the wrong type does better",
         }
@@ -522,12 +512,20 @@ def _platt(u: FloatArray, correct: npt.NDArray[np.bool_]) -> tuple[float, float]
     return float(a), float(b)
 
 
-def _safe(fn: Any) -> float:
-    """A metric's value, or NaN where it is undefined (constant scores, empty sets)."""
-    try:
-        v = fn()
-    except (ValueError, ZeroDivisionError, FloatingPointError):
-        return math.nan
+def _safe(fn: Callable[..., float | None], *inputs: Any, min_size: int = 1) -> float:
+    """``fn(*inputs)`` as a float, or NaN where the metric is undefined on its inputs.
+
+    Undefined means: an input has fewer than ``min_size`` values or holds NaN
+    (a set without images, the ``foreground`` aggregator where the runtime gave
+    no member foreground, a Δ of an undefined AUROC), or ``fn`` returns None
+    (a rank correlation of constant scores). Everything else ``fn`` raises
+    (a shape mismatch, a bad dtype) is a bug and propagates.
+    """
+    for x in inputs:
+        a = np.asarray(x, dtype=np.float64)
+        if a.size < min_size or not np.isfinite(a).all():
+            return math.nan
+    v = fn(*inputs)
     if v is None:
         return math.nan
     v = float(v)
