@@ -123,6 +123,15 @@ def test_bad_options(tiny_bundle: Path, scan: Path, tmp_path: Path) -> None:
     assert code == 1 and "--device 'tpu'" in err
     code, _, _ = _run(scan, "-b", tiny_bundle, "--batch-size", "0")
     assert code == 2  # Typer's usage error
+    code, _, err = _run(scan, "-o", tmp_path / "o", "-b", tiny_bundle, "--precision", "fp64")
+    assert code == 1 and "--precision 'fp64'" in err
+    code, _, err = _run(scan, "-o", tmp_path / "o", "-b", tiny_bundle, "--fast",
+                        "--precision", "fp16")  # fmt: skip
+    assert code == 1 and "contradicts --precision fp16" in err
+    # reduced precision is for GPUs: refused on a CPU, nothing written
+    code, _, err = _run(scan, "-o", tmp_path / "o", "-b", tiny_bundle, "--device", "cpu", "--fast")
+    assert code == 1 and "precision 'tf32' needs a GPU" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_dicom_folder(tiny_bundle: Path, tmp_path: Path) -> None:

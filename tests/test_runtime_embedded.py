@@ -12,8 +12,15 @@ import pytest
 
 from tests._bundles import make_tiny_bundle
 from uqserve.bundle import BundleError, load_bundle, sha256_file
+from uqserve.errors import UsageError
 from uqserve.runtime import Batch, RuntimeError_, open_runtime
-from uqserve.runtime.embedded import EmbeddedRuntime, cpu_count, cuda_available
+from uqserve.runtime.embedded import (
+    EmbeddedRuntime,
+    cpu_count,
+    cuda_available,
+    cuda_provider_options,
+    session_providers,
+)
 
 
 def _batch(b: int = 3, h: int = 32, w: int = 40, seed: int = 5) -> Batch:
@@ -146,3 +153,100 @@ def test_open_runtime(tiny_bundle: Path, tmp_path: Path) -> None:
         open_runtime(tiny_bundle, servers=["grpc://127.0.0.1:9"])
     assert "127.0.0.1:9" in str(info.value)
     assert time.perf_counter() - t0 < 60
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def test_cuda_options_keep_fp32_and_skip_exhaustive_search_by_default() -> None:
+    opts = cuda_provider_options()
+    assert opts["use_tf32"] == "0" and opts["cudnn_conv_algo_search"] == "HEURISTIC"
+    assert cuda_provider_options("tf32")["use_tf32"] == "1"
+    assert cuda_provider_options("fp16")["use_tf32"] == "0"
+    # what every member session is created with on a GPU: the options ride along
+    assert session_providers(True) == [("CUDAExecutionProvider", opts), "CPUExecutionProvider"]
+    assert session_providers(True, "tf32", "EXHAUSTIVE")[0] == (
+        "CUDAExecutionProvider",
+        {"device_id": "0", "use_tf32": "1", "cudnn_conv_algo_search": "EXHAUSTIVE"},
+    )
+    assert session_providers(False) == ["CPUExecutionProvider"]
+    with pytest.raises(UsageError, match="precision 'fp64' unknown"):
+        cuda_provider_options("fp64")
+    with pytest.raises(UsageError, match="conv_algo_search 'FAST' unknown"):
+        session_providers(True, "fp32", "FAST")
+
+
+@pytest.mark.parametrize("precision", ["tf32", "fp16"])
+def test_reduced_precision_is_refused_on_cpu(tiny_bundle: Path, precision: str) -> None:
+    with pytest.raises(UsageError, match=f"precision '{precision}' needs a GPU"):
+        EmbeddedRuntime(load_bundle(tiny_bundle), device="cpu", precision=precision)
+    with pytest.raises(UsageError, match="applies to the embedded runtime"):
+        open_runtime(tiny_bundle, servers=["grpc://127.0.0.1:1"], precision=precision)
+    with EmbeddedRuntime(load_bundle(tiny_bundle), device="cpu") as rt:
+        assert rt.precision == "fp32"
+
+
+@pytest.mark.parametrize("name", ["softmax-ensemble", "ssn-ensemble"])
+def test_fp16_member_keeps_float32_io_and_stays_close(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnx
+
+    from uqserve.runtime._fp16 import fp16_member
+
+    monkeypatch.setenv("UQSERVE_CACHE_DIR", str(tmp_path))
+    bundle = load_bundle(name)
+    path = bundle.member_path(0)
+    data = fp16_member(path, bundle.manifest.members[0].sha256)
+    cached = list((tmp_path / "fp16").glob("*.onnx"))
+    assert len(cached) == 1 and cached[0].read_bytes() == data
+    model = onnx.load_from_string(data)
+    half = {
+        v.name for v in onnx.shape_inference.infer_shapes(model).graph.value_info
+        if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    }  # fmt: skip
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert convs and all(n.output[0] in half for n in convs)
+    # norms, softmax and the entropies stay float32
+    for node in model.graph.node:
+        if node.op_type in ("InstanceNormalization", "Softmax", "Log"):
+            assert node.output[0] not in half, node.name
+    batch = _batch(b=2, h=64, w=64)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    names = ["mean", "sample_entropy", "sample_counts"]
+    got = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"]).run(
+        names, batch.feeds()
+    )
+    ref = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(
+        names, batch.feeds()
+    )
+    for g, r in zip(got, ref, strict=True):
+        assert g.dtype == r.dtype == np.float32 and g.shape == r.shape
+    diff = float(np.abs(got[0] - ref[0]).max())
+    assert 0 < diff < 5e-3  # float16 is really used, and close
+    np.testing.assert_allclose(got[0].sum(axis=1), 1.0, atol=1e-5)
+    # the cache answers the next time (same bytes, no conversion needed)
+    assert fp16_member(path, bundle.manifest.members[0].sha256) == data
+
+
+def test_sidecar_predictor_keeps_its_sessions_across_series(tiny_bundle: Path) -> None:
+    from uqserve.sidecar import BundlePredictor
+    from uqserve.volumes import Volume, VolumeError
+
+    predictor = BundlePredictor(str(tiny_bundle), device="cpu")
+    rng = np.random.default_rng(3)
+    good = Volume(
+        data=rng.normal(size=(24, 20, 2)).astype(np.float32), affine=np.eye(4), source="good"
+    )
+    try:
+        predictor(good)
+        runtime = predictor._runtime
+        assert runtime is not None
+        bad = Volume(data=np.zeros((4, 4, 2, 2), np.float32), affine=np.eye(4), source="bad")
+        with pytest.raises(VolumeError):
+            predictor(bad)
+        predictor(good)
+        assert predictor._runtime is runtime  # opened once, reused after a bad series
+    finally:
+        predictor.close()

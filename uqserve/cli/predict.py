@@ -42,6 +42,16 @@ def predict_command(
     device: Annotated[
         str, typer.Option(help="Where the embedded runtime runs: auto, cpu or cuda.")
     ] = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="GPU arithmetic: fp32 (exact, the default), tf32 or fp16 (faster; the maps "
+            "change by up to about 1e-3). Needs --device cuda or a GPU found by auto.",
+        ),
+    ] = "fp32",
+    fast: Annotated[
+        bool, typer.Option("--fast", help="Same as --precision tf32.", show_default=False)
+    ] = False,
     server: Annotated[
         list[str] | None,
         typer.Option(
@@ -79,10 +89,16 @@ def predict_command(
 
     if device not in ("auto", "cpu", "cuda"):
         fail(f"--device {device!r}: use auto, cpu or cuda")
+    if precision not in ("fp32", "tf32", "fp16"):
+        fail(f"--precision {precision!r}: use fp32, tf32 or fp16")
+    if fast:
+        if precision not in ("fp32", "tf32"):
+            fail(f"--fast means --precision tf32; it contradicts --precision {precision}")
+        precision = "tf32"
     paths = collect_scans(scans)
     try:
         loaded = load_bundle(bundle)
-        runtime = open_runtime(loaded, servers=server or None, device=device)
+        runtime = open_runtime(loaded, servers=server or None, device=device, precision=precision)
     except (BundleError, RuntimeError_, ValueError, OSError) as exc:
         fail(str(exc))
 

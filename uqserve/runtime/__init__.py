@@ -15,19 +15,29 @@ def open_runtime(
     bundle: Bundle | str | os.PathLike[str] | None = None,
     servers: Sequence[str] | None = None,
     device: str = "auto",
+    precision: str = "fp32",
 ) -> Runtime:
     """The runtime for ``bundle``: Triton when ``servers`` are given, else embedded.
 
     ``bundle`` is a loaded ``Bundle``, a shipped bundle's name or a folder
     (``None``: the default bundle). ``servers`` are Triton URLs
     (``host:port`` gRPC); the Triton runtime checks that the served model
-    matches the manifest. ``device`` applies to the embedded runtime.
+    matches the manifest. ``device`` and ``precision`` (``fp32``, ``tf32``,
+    ``fp16``; see ``uqserve.runtime.embedded``) apply to the embedded runtime;
+    a server's precision is set by its repository.
     Raises ``BundleError`` for a bad bundle, ``RuntimeError_`` when a server
     cannot be used.
     """
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle)
     if servers:
+        if precision != "fp32":
+            from uqserve.errors import UsageError
+
+            raise UsageError(
+                f"precision {precision!r} applies to the embedded runtime; a Triton server "
+                "runs its repository's graphs as written (drop precision or servers)"
+            )
         try:
             from uqserve.runtime.triton import TritonRuntime
         except ImportError as exc:
@@ -46,4 +56,4 @@ def open_runtime(
             ) from exc
     from uqserve.runtime.embedded import EmbeddedRuntime
 
-    return EmbeddedRuntime(bundle, device=device)
+    return EmbeddedRuntime(bundle, device=device, precision=precision)

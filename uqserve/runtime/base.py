@@ -61,6 +61,8 @@ class Runtime(ABC):
     name: str = "base"
     #: Slices per call when the caller does not choose (``batch_size=None``).
     preferred_batch_size: int = 8
+    #: Arithmetic of the member graphs: ``fp32`` (exact), ``tf32`` or ``fp16``.
+    precision: str = "fp32"
 
     def __init__(self, bundle: Bundle) -> None:
         self.bundle = bundle

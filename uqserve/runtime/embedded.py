@@ -8,6 +8,20 @@ members beat one member at a time with all cores (DESIGN.md measured 72 vs
 on scheduling.
 Only the outputs the caller needs are fetched: ``sample_labels`` is large
 (``[B, S, H, W]``) and is requested only with ``want_samples``.
+
+On CUDA the answer must not depend on the hardware by default:
+
+* ``precision="fp32"`` (default) turns TF32 off (``use_tf32=0``). With
+  onnxruntime's default TF32, p̄ differed from the CPU by up to 5.6e-4 and SSN
+  labels flipped on the shipped example (H200, onnxruntime-gpu 1.31.1); with
+  TF32 off the difference is 5-9e-6. ``"tf32"`` turns it on (about 15 % faster
+  per slice: softmax 1.8-2.1 vs 2.2-2.5 ms per 512² slice). ``"fp16"`` runs the
+  network body in float16 (``uqserve.runtime._fp16``), as torch autocast does.
+* cuDNN picks convolution algorithms with ``HEURISTIC`` search: ``EXHAUSTIVE``
+  (onnxruntime's default) spent 0.86 s on the first call vs 0.07 s for the same
+  steady-state speed, and it repeats for every new input shape.
+* Sessions live as long as the runtime: ``predict`` over many scans and the
+  sidecar open one runtime and reuse it.
 """
 
 from __future__ import annotations
@@ -20,6 +34,7 @@ import numpy as np
 
 from uqserve.bundle import Bundle, BundleError
 from uqserve.contracts import MEMBER_INPUTS, MEMBER_OUTPUTS
+from uqserve.errors import UsageError
 from uqserve.runtime.base import (
     Batch,
     MemberOutputs,
@@ -28,6 +43,10 @@ from uqserve.runtime.base import (
 )
 
 DEVICES = ("auto", "cpu", "cuda")
+#: ``fp32``: exact float32 (the default); ``tf32``: TF32 tensor-core matmuls and
+#: convolutions on CUDA; ``fp16``: float16 network body on CUDA.
+PRECISIONS = ("fp32", "tf32", "fp16")
+CONV_ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 
 
 def cpu_count() -> int:
@@ -36,6 +55,43 @@ def cpu_count() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def cuda_provider_options(
+    precision: str = "fp32", conv_algo_search: str = "HEURISTIC", device_id: int = 0
+) -> dict[str, str]:
+    """onnxruntime CUDA execution provider options for ``precision`` (see the module doc)."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision {precision!r} unknown; use one of {', '.join(PRECISIONS)}")
+    if conv_algo_search not in CONV_ALGO_SEARCHES:
+        raise UsageError(
+            f"conv_algo_search {conv_algo_search!r} unknown; use one of "
+            f"{', '.join(CONV_ALGO_SEARCHES)}"
+        )
+    return {
+        "device_id": str(device_id),
+        "use_tf32": "1" if precision == "tf32" else "0",
+        "cudnn_conv_algo_search": conv_algo_search,
+    }
+
+
+def session_providers(
+    use_cuda: bool, precision: str = "fp32", conv_algo_search: str = "HEURISTIC"
+) -> list[str | tuple[str, dict[str, str]]]:
+    """The ``providers`` argument of every member's ``InferenceSession``.
+
+    Raises ``UsageError`` for an unknown precision or search, and for a
+    precision other than ``fp32`` without CUDA.
+    """
+    options = cuda_provider_options(precision, conv_algo_search)
+    if not use_cuda:
+        if precision != "fp32":
+            raise UsageError(
+                f"precision {precision!r} needs a GPU (device cuda) and this runtime runs on "
+                "the CPU; use precision 'fp32'"
+            )
+        return ["CPUExecutionProvider"]
+    return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
 
 
 def cuda_available() -> bool:
@@ -62,7 +118,10 @@ class EmbeddedRuntime(Runtime):
     when a GPU is usable, else CPU). ``threads``: intra-op threads per session
     (default: the cores of this process shared among the members that run at
     once). ``workers``: members run at once (default: min(cores, M) on CPU, 1 on
-    CUDA).
+    CUDA). ``precision``: ``fp32`` (default, exact), ``tf32`` or ``fp16``; the
+    last two need CUDA and raise ``UsageError`` on a CPU (``tf32`` does nothing
+    there, and float16 convolutions on a CPU are slower and change the answer).
+    ``conv_algo_search``: cuDNN's algorithm search (``HEURISTIC`` by default).
     """
 
     name = "embedded"
@@ -73,6 +132,8 @@ class EmbeddedRuntime(Runtime):
         device: str = "auto",
         threads: int | None = None,
         workers: int | None = None,
+        precision: str = "fp32",
+        conv_algo_search: str = "HEURISTIC",
     ) -> None:
         super().__init__(bundle)
         import onnxruntime as ort
@@ -89,9 +150,8 @@ class EmbeddedRuntime(Runtime):
                 "device cuda requested but no usable GPU with onnxruntime's CUDA provider; "
                 "use --device cpu"
             )
-        providers: list[str] = ["CPUExecutionProvider"]
-        if use_cuda:
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        providers = session_providers(use_cuda, precision, conv_algo_search)
+        self.precision = precision
         cores, members = cpu_count(), bundle.manifest.num_members
         self.workers = workers or (1 if use_cuda else max(1, min(cores, members)))
         self.threads = threads or max(1, cores // self.workers)
@@ -107,11 +167,21 @@ class EmbeddedRuntime(Runtime):
         # chunked S = 64 graph peaks at about half (benchmarks/bench_predict.py).
         opts.enable_mem_pattern = False
         opts.log_severity_level = 3  # errors only: no unused-initializer chatter
+        # ENABLE_ALL (onnxruntime's default, stated so that nobody lowers it): on the
+        # shipped bundles' 256² slices, 1 thread, softmax 89 vs 157 ms with EXTENDED,
+        # SSN 257 vs 262 ms; the levels differ by up to 5e-7 in p̄, so this is also
+        # the level the golden outputs were made with.
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.sessions: list[ort.InferenceSession] = []
         for m in range(bundle.manifest.num_members):
             path = bundle.member_path(m)
+            model: str | bytes = str(path)
+            if precision == "fp16":
+                from uqserve.runtime._fp16 import fp16_member
+
+                model = fp16_member(path, bundle.manifest.members[m].sha256)
             try:
-                sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+                sess = ort.InferenceSession(model, sess_options=opts, providers=providers)
             except Exception as exc:  # onnxruntime raises its own exception types
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise BundleError(

@@ -67,8 +67,9 @@ class BundlePredictor:
     """``predict_volume`` with a runtime kept open between series.
 
     The runtime (embedded onnxruntime, or Triton when ``servers`` are given)
-    opens on first use; after a failure it is closed so the next attempt
-    reconnects. Imports predict lazily so that importing the sidecar stays
+    opens on first use and its sessions are reused for every series; after a
+    runtime failure it is closed so the next attempt reconnects (a bad series,
+    a ``ValueError``, keeps it open). Imports predict lazily so that importing the sidecar stays
     cheap and torch-free.
     """
 
@@ -98,6 +99,8 @@ class BundlePredictor:
                     self.bundle, list(self.servers) or None, device=self.device
                 )
             return predict_volume(volume, self.bundle, runtime=self._runtime, seed=self.seed)
+        except ValueError:
+            raise  # a bad scan: keep the sessions (and their cuDNN autotuning) for the next
         except Exception:
             self.close()
             raise
