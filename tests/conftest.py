@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from hypothesis import settings
 
 from tests._bundles import make_tiny_bundle
+from uqserve.schemas import validate
 
 # Every run draws the same hypothesis examples (derandomized, seeded from each test's name) and
 # never fails on timing; `--hypothesis-seed=N` still explores other draws on demand, and the
@@ -35,6 +37,44 @@ def blob_volume(shape: tuple[int, ...] = (40, 36, 5), seed: int = 0) -> npt.NDAr
         r2 = r2 + (grids[2] / 1.5) ** 2
     vol = 100.0 + 300.0 * (r2 < 1.0) + rng.normal(0.0, 20.0, shape)
     return vol.astype(np.float32)
+
+
+SCHEMA_OF = {"report.json": "report", "manifest.json": "manifest"}
+
+
+def validate_json_outputs(folder: Path) -> int:
+    """Validate every report.json and manifest.json under ``folder``; return how many."""
+    n = 0
+    for path in sorted(folder.rglob("*.json")):
+        kind = SCHEMA_OF.get(path.name)
+        if kind is not None and path.is_file():
+            validate(json.loads(path.read_text()), kind, source=str(path))  # type: ignore[arg-type]
+            n += 1
+    return n
+
+
+_CHECKED: set[Path] = set()  # tmp_path folders the per-test check has seen (or skipped)
+
+
+@pytest.fixture(autouse=True)
+def _schema_valid_outputs(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every report.json / manifest.json a test leaves in its tmp_path matches its schema."""
+    # Requested before the test so that tmp_path is torn down after this check.
+    folder = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if folder is not None:
+        _CHECKED.add(folder)
+        if not request.node.get_closest_marker("invalid_json_outputs"):
+            validate_json_outputs(folder)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _schema_valid_session_outputs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The same, at the end, for folders of session and module fixtures (shared bundles)."""
+    yield
+    base = tmp_path_factory.getbasetemp()
+    for folder in sorted(p for p in base.iterdir() if p.is_dir() and p not in _CHECKED):
+        validate_json_outputs(folder)
 
 
 @pytest.fixture(scope="module")
