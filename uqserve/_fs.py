@@ -1,39 +1,191 @@
-"""Filesystem primitives shared by every writer: nothing half-written, nothing lost."""
+"""Filesystem primitives shared by every writer: nothing half-written, nothing lost.
+
+A result folder ``final`` is built under ``.NAME.tmp-<pid>.<start>-XXXX`` beside
+it and moved into place by one rename at the end:
+
+- the commit holds an exclusive ``flock`` on the parent folder, so two writers
+  of the same ``final`` never interleave their check and rename;
+- without ``overwrite`` the rename is *no-replace* (``renameat2`` with
+  ``RENAME_NOREPLACE``): a ``final`` that appeared meanwhile is never replaced;
+- with ``overwrite`` the new folder and the old one are *exchanged* in one step
+  (``RENAME_EXCHANGE``), so ``final`` is never missing nor a mix; the last
+  writer wins. Where ``renameat2`` is missing, the lock makes the two-rename
+  fallback safe against other uqserve writers;
+- a temp folder left by a killed writer names its owner (pid and start time):
+  the next writer beside it removes those whose owner is gone.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from uqserve import _failpoints
+
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_STALE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)\.(?P<start>\d+)-[^/]+$")
+
+
+def current_umask() -> int:
+    """The process umask (read without a lasting change)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _start_time(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (Linux), ``None`` when unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22; the command name (field 2) may hold spaces and parentheses.
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _alive(pid: int, start: int) -> bool:
+    """True when process ``pid`` runs and is the one that started at ``start``."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    now = _start_time(pid)
+    return now is None or start == 0 or now == start  # pid reused: a different start time
+
+
+def owner_tag() -> str:
+    """``<pid>.<start time>``: names this process in temp folders for stale-folder cleanup."""
+    return f"{os.getpid()}.{_start_time(os.getpid()) or 0}"
+
+
+def remove_stale(final: Path) -> list[Path]:
+    """Remove ``.NAME.tmp-*`` / ``.NAME.old-*`` folders beside ``final`` whose owner died.
+
+    Only folders named for ``final`` (``NAME``) by a process that no longer
+    runs are removed (a SIGKILL or power loss leaves them). Returns what was removed.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(final.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _STALE.match(entry.name)
+        if m is None or m["name"] != final.name or not entry.is_dir() or entry.is_symlink():
+            continue
+        if _alive(int(m["pid"]), int(m["start"])):
+            continue
+        if ".old-" in entry.name[len(final.name) + 1 :] and not os.path.lexists(final):
+            # Killed between the two renames of the fallback swap: the old results come back.
+            os.rename(entry, final)
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """``renameat2(src, dst, flags)``; False where the kernel or filesystem lacks it."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
 
 @contextmanager
-def replace_dir_atomically(final: str | os.PathLike[str], mode: int = 0o755) -> Iterator[Path]:
+def _locked(folder: Path) -> Iterator[None]:
+    """Exclusive ``flock`` on ``folder`` itself (no lock file left behind)."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _commit(tmp: Path, final: Path, overwrite: bool) -> None:
+    """Move ``tmp`` to ``final``; see the module docstring for the guarantees."""
+    with _locked(final.parent):
+        _failpoints.reached("commit")
+        if not os.path.lexists(final):
+            if not _renameat2(tmp, final, _RENAME_NOREPLACE):
+                os.rename(tmp, final)  # fallback: the lock keeps uqserve writers apart
+            return
+        if not overwrite:
+            raise FileExistsError(errno.EEXIST, "exists already (written meanwhile)", str(final))
+        if _renameat2(tmp, final, _RENAME_EXCHANGE):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
+            return
+        old = final.parent / f".{final.name}.old-{owner_tag()}-{os.urandom(4).hex()}"
+        os.rename(final, old)
+        try:
+            os.rename(tmp, final)
+        except BaseException:
+            os.rename(old, final)  # put the old results back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def replace_dir_atomically(
+    final: str | os.PathLike[str], mode: int = 0o755, *, overwrite: bool = True
+) -> Iterator[Path]:
     """Yield a temp folder beside ``final`` that takes ``final``'s place on success.
 
-    An existing ``final`` is swapped out only once the new folder is complete; on
-    any error the temp folder is removed and ``final`` is left as it was. Callers
-    decide beforehand whether replacing ``final`` is allowed. ``mode`` opens up
-    the folder that ``mkdtemp`` creates private (0700), less the umask.
+    On any error (or signal) the temp folder is removed and ``final`` is left as
+    it was. ``overwrite=False``: raises ``FileExistsError`` at the end when
+    ``final`` exists by then (another writer got there first); ``True``: the
+    existing ``final`` is exchanged for the new folder in one step. ``mode``
+    opens up the folder that ``mkdtemp`` creates private (0700), less the umask.
+    Stale temp folders of dead writers of ``final`` are removed first.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    created = _make_parents(final.parent)
     try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, mode & ~umask)
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-            os.replace(final, old / final.name)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        remove_stale(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{owner_tag()}-", dir=final.parent))
+        try:
+            yield tmp
+            os.chmod(tmp, mode & ~current_umask())
+            _failpoints.reached("written")
+            _commit(tmp, final, overwrite)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:  # innermost first; a folder that is not empty stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """``mkdir -p folder``; returns the folders it created, innermost first."""
+    missing: list[Path] = []
+    p = folder
+    while not os.path.lexists(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing

@@ -6,13 +6,51 @@ a command appears only once it is implemented.
 
 from __future__ import annotations
 
-from typing import Annotated
+import signal
+import sys
+from types import FrameType
+from typing import Annotated, Any
 
 import typer
 
 from uqserve import __version__
 
-app = typer.Typer(
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C: every ``with``/``finally`` cleans up."""
+
+
+class _App(typer.Typer):
+    """The ``uqserve`` script: SIGTERM is handled like SIGINT (Ctrl-C).
+
+    Both unwind the command (temp folders removed, servers stopped) and exit
+    with 128 + the signal number: 130 after SIGINT, 143 after SIGTERM.
+    Commands that run until stopped (serve, sidecar) install their own handlers.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        received: list[int] = []
+
+        def on_term(signum: int, _frame: FrameType | None) -> None:
+            received.append(signum)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut cleanup short
+            raise _Terminated()
+
+        def on_int(signum: int, frame: FrameType | None) -> None:
+            received.append(signum)
+            signal.default_int_handler(signum, frame)
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_int)
+        try:
+            return super().__call__(*args, **kwargs)
+        except SystemExit as exc:
+            if received and exc.code not in (0, None):
+                sys.exit(128 + received[0])  # click says "Aborted!" and exits 1; be precise
+            raise
+
+
+app = _App(
     name="uqserve",
     help="Segmentation with total, aleatoric and epistemic uncertainty: export, serve, predict.",
     no_args_is_help=True,

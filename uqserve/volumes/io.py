@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from uqserve._fs import replace_dir_atomically
+from uqserve import _failpoints
+from uqserve._fs import current_umask, replace_dir_atomically
 from uqserve.volumes.base import Volume, VolumeError
 from uqserve.volumes.nifti import is_nifti_path, read_nifti
 
@@ -27,12 +28,26 @@ class OutputError(ValueError):
     """An output location that cannot be used (exists, not writable)."""
 
 
-def read_volume(path: str | os.PathLike[str], volume_index: int | None = None) -> Volume:
+def read_volume(
+    path: str | os.PathLike[str],
+    volume_index: int | None = None,
+    *,
+    max_voxels: int | None = None,
+) -> Volume:
     """Read a NIfTI file or a folder of DICOM files of one series into a ``Volume``.
 
-    ``volume_index`` picks one volume of a 4D NIfTI series. Raises ``VolumeError``.
+    ``volume_index`` picks one volume of a 4D NIfTI series. ``max_voxels``
+    caps the size read (default ``$UQSERVE_MAX_VOXELS`` or 256 Mi voxels),
+    checked before allocating. Raises ``VolumeError`` (``InputTooLargeError``
+    over the limit).
     """
     p = Path(path)
+    volume = _read(p, volume_index, max_voxels)
+    _failpoints.reached("read")
+    return volume
+
+
+def _read(p: Path, volume_index: int | None, max_voxels: int | None) -> Volume:
     if not p.exists():
         raise VolumeError(f"{p}: no such file or folder")
     if p.is_dir() or p.suffix.lower() == ".dcm":
@@ -44,10 +59,10 @@ def read_volume(path: str | os.PathLike[str], volume_index: int | None = None) -
             raise VolumeError(
                 f"{p}: reading DICOM needs the dicom extra: pip install 'uqserve[dicom]' ({exc})"
             ) from exc
-        series = read_series(p if p.is_dir() else [p])
+        series = read_series(p if p.is_dir() else [p], max_voxels=max_voxels)
         return series.volume
     if is_nifti_path(p):
-        return read_nifti(p, volume_index=volume_index)
+        return read_nifti(p, volume_index=volume_index, max_voxels=max_voxels)
     raise VolumeError(
         f"{p}: unsupported input; pass a NIfTI file (.nii, .nii.gz) or a folder of DICOM files"
     )
@@ -100,22 +115,35 @@ def atomic_output_dir(final_dir: str | os.PathLike[str], overwrite: bool = False
         raise OutputError(f"{final}: results exist already; pass --overwrite or choose another -o")
     if final.exists() and not final.is_dir():
         raise OutputError(f"{final}: exists and is not a folder; remove it or choose another -o")
-    with contextlib.ExitStack() as stack:
-        try:
-            tmp = stack.enter_context(replace_dir_atomically(final))
-        except OSError as exc:
-            raise OutputError(
-                f"{final.parent}: cannot create the output folder ({exc.strerror or exc}); "
-                "choose a writable -o"
-            ) from exc
-        yield tmp
+    try:
+        with contextlib.ExitStack() as stack:
+            try:
+                tmp = stack.enter_context(replace_dir_atomically(final, overwrite=overwrite))
+            except OSError as exc:
+                raise OutputError(
+                    f"{final.parent}: cannot create the output folder ({exc.strerror or exc}); "
+                    "choose a writable -o"
+                ) from exc
+            yield tmp
+    except FileExistsError as exc:
+        if exc.filename != str(final):
+            raise
+        # Another writer committed between our start-up check and our rename.
+        raise OutputError(
+            f"{final}: another run wrote results there meanwhile; they were kept. "
+            "Pass --overwrite to replace them, or choose another -o"
+        ) from exc
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder."""
+    """Write ``data`` to ``path`` through a temporary file in the same folder.
+
+    The file gets the mode every other output gets (0666 less the umask).
+    """
     target = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 0600; outputs follow the umask
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, target)
