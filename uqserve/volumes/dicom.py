@@ -28,7 +28,13 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from uqserve.volumes.base import Volume, VolumeError
+from uqserve.volumes.base import (
+    Volume,
+    VolumeError,
+    check_voxel_count,
+    geometry_warnings,
+    intensity_warnings,
+)
 
 __all__ = ["DicomSeries", "read_series", "uid_hash"]
 
@@ -70,6 +76,7 @@ def read_series(
     source: str | os.PathLike[str] | Sequence[str | os.PathLike[str] | Dataset],
     *,
     name: str | None = None,
+    max_voxels: int | None = None,
 ) -> DicomSeries:
     """Read one DICOM image series from a folder, a list of files or datasets.
 
@@ -82,7 +89,10 @@ def read_series(
     files hold more than one series, no image, images of different geometry
     (orientation, rows/columns, pixel spacing), duplicate or missing slices
     (non-uniform spacing along the normal), colour or compressed pixel data
-    that cannot be decoded.
+    that cannot be decoded. Sizes are checked before any pixel buffer is
+    allocated: :class:`InputTooLargeError` when rows x columns x slices exceeds
+    ``max_voxels`` (default: ``uqserve.volumes.base.voxel_limit``), and
+    :class:`VolumeError` when a header claims more pixels than its file holds.
     """
     label, items = _collect(source, name)
     loaded = [_load(item, label) for item in items]
@@ -190,7 +200,11 @@ def read_series(
     lps[:3, 2] = slice_vec
     lps[:3, 3] = positions[0]
     affine = _LPS_TO_RAS @ lps
+    warnings = geometry_warnings(label, affine)
 
+    check_voxel_count(label, (cols, rows, n), max_voxels)
+    for ds in datasets:
+        _check_pixel_bytes(ds, rows, cols, label)
     data = np.empty((cols, rows, n), dtype=np.float32)
     for k, ds in enumerate(datasets):
         data[:, :, k] = _pixels(ds, label).T
@@ -211,6 +225,7 @@ def read_series(
             "modality": str(getattr(first, "Modality", "")),
             "series": uid_hash(str(first.SeriesInstanceUID)),
             "num_instances": n,
+            "warnings": warnings + intensity_warnings(data),
         },
     )
     return DicomSeries(volume=volume, datasets=datasets)
@@ -284,6 +299,30 @@ def _check_image(ds: Dataset, label: str) -> None:
         raise VolumeError(
             f"{label}: colour images (Samples per Pixel > 1) are not supported; "
             "send grey-scale CT/MR"
+        )
+
+
+def _check_pixel_bytes(ds: Dataset, rows: int, cols: int, label: str) -> None:
+    """A header must not claim more pixels than the (uncompressed) data holds.
+
+    Checked before decoding: a damaged or hostile header (65535 x 65535) would
+    otherwise make the decoder allocate gigabytes for a file of a few bytes.
+    """
+    where = getattr(ds, "filename", None) or label
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts is not None and getattr(ts, "is_compressed", False):
+        return  # encapsulated frames: their size says nothing; the voxel limit applies
+    bits = int(getattr(ds, "BitsAllocated", 0) or 0)
+    if bits not in (1, 8, 16, 32, 64):
+        raise VolumeError(
+            f"{where}: Bits Allocated {bits} is not a valid pixel size; the file is damaged"
+        )
+    need = (rows * cols * bits + 7) // 8
+    have = len(ds.PixelData)
+    if have < need:
+        raise VolumeError(
+            f"{where}: the header claims {rows}x{cols} pixels ({need:,} bytes) but the file holds "
+            f"{have:,} bytes of pixel data; the file is damaged: re-send the series"
         )
 
 

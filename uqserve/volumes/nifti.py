@@ -17,7 +17,13 @@ import nibabel as nib
 import numpy as np
 import numpy.typing as npt
 
-from uqserve.volumes.base import Volume, VolumeError
+from uqserve.volumes.base import (
+    Volume,
+    VolumeError,
+    check_voxel_count,
+    geometry_warnings,
+    intensity_warnings,
+)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # An axis counts as through-plane when its spacing exceeds the others by this factor.
@@ -39,7 +45,12 @@ def scan_name(path: str | os.PathLike[str]) -> str:
     return name
 
 
-def read_nifti(path: str | os.PathLike[str], volume_index: int | None = None) -> Volume:
+def read_nifti(
+    path: str | os.PathLike[str],
+    volume_index: int | None = None,
+    *,
+    max_voxels: int | None = None,
+) -> Volume:
     """Read a NIfTI-1/2 file (``.nii`` or ``.nii.gz``) into a float32 ``Volume``.
 
     Returns ``data [X, Y, Z]`` (2D files: ``[X, Y, 1]``) with the scaling applied,
@@ -47,7 +58,10 @@ def read_nifti(path: str | os.PathLike[str], volume_index: int | None = None) ->
     the header for writing outputs. ``slice_axis`` is the last axis unless
     another axis has clearly the largest spacing (> 1.2x every other axis).
     4D files with more than one volume need ``volume_index`` (0-based).
-    Raises ``VolumeError`` naming the file and the fix.
+    Raises ``VolumeError`` naming the file and the fix: complex data, more than
+    ``max_voxels`` voxels (checked before reading), impossible voxel sizes.
+    Odd but usable headers (zero pixdim read as 1 mm, unusual voxel sizes,
+    huge intensities) are listed in ``meta["warnings"]``.
     """
     p = Path(path)
     src = p.name
@@ -56,7 +70,8 @@ def read_nifti(path: str | os.PathLike[str], volume_index: int | None = None) ->
     if not p.is_file():
         raise VolumeError(f"{p}: not a file; pass a .nii/.nii.gz file or a DICOM folder")
     try:
-        img = nib.load(str(p))
+        # nibabel prints header fixes (zero pixdim -> 1) on stderr; we report them instead.
+        img = _load_quietly(p)
     except Exception as exc:  # nibabel raises many types for foreign/corrupt files
         raise VolumeError(f"{p}: not a readable NIfTI file ({_reason(exc)})") from exc
     if not isinstance(img, nib.Nifti1Image):  # Nifti2Image subclasses Nifti1Image
@@ -67,6 +82,11 @@ def read_nifti(path: str | os.PathLike[str], volume_index: int | None = None) ->
     stored_shape = tuple(int(s) for s in img.shape)
     if any(s == 0 for s in stored_shape) or len(stored_shape) == 0:
         raise VolumeError(f"{p}: empty image (shape {stored_shape}); nothing to predict")
+    if np.dtype(header.get_data_dtype()).kind == "c":
+        raise VolumeError(
+            f"{p}: complex voxel data ({header.get_data_dtype()}); predict reads real "
+            "intensities: save the magnitude image (abs) instead"
+        )
     shape = _squeeze_trailing(stored_shape)
     ndim = len(shape)
     if ndim < 2 or ndim > 4:
@@ -87,6 +107,7 @@ def read_nifti(path: str | os.PathLike[str], volume_index: int | None = None) ->
             f"{p}: --volume-index {volume_index} given but the image is {ndim}D "
             "(one volume, index 0)"
         )
+    check_voxel_count(str(p), shape[:3], max_voxels)
     try:
         proxy = img.dataobj
         if ndim == 4:
@@ -107,6 +128,8 @@ def read_nifti(path: str | os.PathLike[str], volume_index: int | None = None) ->
         raise VolumeError(
             f"{p}: the header's affine is singular or not finite; fix the qform/sform"
         )
+    warnings = _zero_pixdim_warnings(p, header, ndim) + geometry_warnings(str(p), affine)
+    warnings += intensity_warnings(data)
     qcode = int(header["qform_code"])
     scode = int(header["sform_code"])
     meta: dict[str, Any] = {
@@ -117,6 +140,7 @@ def read_nifti(path: str | os.PathLike[str], volume_index: int | None = None) ->
         "sform_code": scode,
         "ndim": 2 if ndim == 2 else 3,  # 2D inputs get 2D outputs
         "volume_index": volume_index if ndim == 4 else None,
+        "warnings": warnings,
     }
     vol = Volume(data=data, affine=affine, source=src, header=header.copy(), meta=meta)
     vol.slice_axis = through_plane_axis(vol.spacing, data.shape)
@@ -183,6 +207,31 @@ def write_nifti_like(
     out = Path(path)
     nib.save(img, str(out))
     return out
+
+
+def _load_quietly(p: Path) -> Any:
+    logger = nib.imageglobals.logger
+    before, logger.disabled = logger.disabled, True
+    try:
+        return nib.load(str(p))
+    finally:
+        logger.disabled = before
+
+
+def _zero_pixdim_warnings(p: Path, header: Any, ndim: int) -> list[str]:
+    """nibabel reads a zero pixdim as 1 mm; say so (the header on disk is re-read raw)."""
+    if int(header["qform_code"]) or int(header["sform_code"]):
+        return []  # the affine comes from qform/sform, not from pixdim alone
+    try:
+        with nib.openers.ImageOpener(str(p)) as f:
+            raw = type(header).from_fileobj(f, check=False)
+    except Exception:  # the file was readable a moment ago; nothing more to say
+        return []
+    zero = [i for i in range(1, min(ndim, 3) + 1) if float(raw["pixdim"][i]) == 0.0]
+    if not zero:
+        return []
+    axes = ", ".join(f"pixdim[{i}]" for i in zero)
+    return [f"{axes} = 0 in the header: voxel size taken as 1 mm; volumes in mL assume it"]
 
 
 def _squeeze_trailing(shape: tuple[int, ...]) -> tuple[int, ...]:
