@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from rich.table import Table
+from rich.text import Text
 
 from uqserve.volumes import Volume, atomic_write_bytes
 
@@ -62,7 +63,9 @@ def _num(x: Any, digits: int = 4) -> str:
 def summary_table(report: dict[str, Any]) -> Table:
     """A short two-column rich table of one scan's report."""
     scan, bundle, scores = report["scan"], report["bundle"], report["scores"]
-    t = Table(title=f"uqserve predict · {scan['name']}", show_header=False, title_justify="left")
+    t = Table(
+        title=Text(f"uqserve predict · {scan['name']}"), show_header=False, title_justify="left"
+    )
     t.add_column("", style="bold")
     t.add_column("")
     shape = "x".join(str(s) for s in scan["shape"])
@@ -70,25 +73,34 @@ def summary_table(report: dict[str, Any]) -> Table:
     t.add_row("scan", f"{shape} voxels, {spacing} mm")
     t.add_row(
         "bundle",
-        f"{bundle['name']} ({bundle['au']}-{bundle['eu']}, M={bundle['members']}, "
-        f"S={bundle['samples']})",
+        Text(
+            f"{bundle['name']} ({bundle['au']}-{bundle['eu']}, M={bundle['members']}, "
+            f"S={bundle['samples']})"
+        ),
     )
     rt = report["runtime"]
-    t.add_row("run", f"seed {report['seed']}, {rt['name']} on {rt['device']}")
+    t.add_row("run", Text(f"seed {report['seed']}, {rt['name']} on {rt['device']}"))
     t.add_row(
         f"uncertainty ({scores['aggregator']})",
         f"TU {_num(scores['tu'])}, AU {_num(scores['au'])}, EU {_num(scores['eu'])} nats",
     )
     t.add_row("AU parts", f"sample {_num(scores['au_sample'])}, latent {_num(scores['au_latent'])}")
     ood = report["ood"]
+    # Styles as Text, never markup: names in this table are user text (`[bold]x.nii.gz`).
     if ood.get("flag") is None:
-        verdict = "no threshold (not calibrated or no EU method)"
+        verdict = ("no threshold (not calibrated or no EU method)", "")
     else:
-        verdict = "[bold red]OUT OF DISTRIBUTION[/]" if ood["flag"] else "[green]in distribution[/]"
+        flagged = ood["flag"]
+        verdict = ("OUT OF DISTRIBUTION", "bold red") if flagged else ("in distribution", "green")
     pct = (
         "" if ood.get("percentile") is None else f" (validation percentile {ood['percentile']:.0f})"
     )
-    t.add_row("OOD", f"{verdict}: EU score {_num(ood['score'])} vs τ {_num(ood['threshold'])}{pct}")
+    t.add_row(
+        "OOD",
+        Text.assemble(
+            verdict, f": EU score {_num(ood['score'])} vs τ {_num(ood['threshold'])}{pct}"
+        ),
+    )
     ent = report["entanglement"]
     t.add_row(
         "entanglement",
@@ -96,13 +108,13 @@ def summary_table(report: dict[str, Any]) -> Table:
         + ("" if not ent.get("bundle") else f"; bundle {_short(ent['bundle'])}"),
     )
     for name, v in report["volumes"].items():
-        t.add_row(f"volume {name}", _fmt_ml(v))
+        t.add_row(Text(f"volume {name}"), Text(_fmt_ml(v)))
     for w in report.get("warnings", []):
-        t.add_row("[yellow]warning[/]", w)
+        t.add_row(Text("warning", style="yellow"), Text(w))
     total = report["timings"].get("total_s", report["timings"].get("predict_s", 0.0))
     t.add_row("time", f"{total:.2f} s")
     if "outputs" in report:
-        t.add_row("written", report["outputs"]["folder"])
+        t.add_row("written", Text(report["outputs"]["folder"]))
     return t
 
 

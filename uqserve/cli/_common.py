@@ -6,10 +6,12 @@ from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
-console = Console()
-err_console = Console(stderr=True)
+# No markup anywhere: file names, bundle names and server messages are user text, and
+# `[bold]x.nii.gz` or `a[/]b` must print as written. Style with `style=` or `Text` only.
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
 
 # Options that mean the same in several commands (predict, sidecar).
 BundleOption = Annotated[
@@ -27,8 +29,12 @@ SeedOption = Annotated[
 ]
 
 
+def error_line(message: str) -> Text:
+    """``error: MESSAGE`` with a red label and the message as plain text."""
+    return Text.assemble(("error:", "bold red"), " ", message)
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print one clear error line on stderr and exit non-zero."""
-    # escape: messages carry brackets (e.g. `uqserve[server]`) that rich would eat as markup
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    err_console.print(error_line(message), highlight=False, soft_wrap=True)
     raise typer.Exit(code)

@@ -100,7 +100,7 @@ def export_command(
 
     def say(msg: str) -> None:
         if not quiet and not json_out:
-            err_console.print(f"[dim]{msg}[/]", highlight=False)
+            err_console.print(msg, style="dim", highlight=False)
 
     try:
         if recipe is not None:

@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from uqserve.cli import app
-from uqserve.cli._common import BundleOption, SeedOption, console, err_console, fail
+from uqserve.cli._common import (
+    BundleOption,
+    SeedOption,
+    console,
+    err_console,
+    error_line,
+    fail,
+)
 
 if TYPE_CHECKING:
     from uqserve.predict import ScanResult
@@ -103,9 +110,10 @@ def predict_command(
         fail(str(exc))
 
     failed: list[ScanResult] = []
-    show_progress = not (quiet or json_out)
+    # No bar when stderr is no terminal (a log file, a pipe): it would only add blank lines.
+    show_progress = not (quiet or json_out) and err_console.is_terminal
     progress = Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         console=err_console,
@@ -122,9 +130,7 @@ def predict_command(
         progress.advance(scans_task)
         if not res.ok:
             failed.append(res)
-            progress.console.print(
-                f"[bold red]error:[/] {res.error}", highlight=False, soft_wrap=True
-            )
+            progress.console.print(error_line(res.error or ""), highlight=False, soft_wrap=True)
             return
         report: dict[str, Any] = res.report or {}
         if json_out:
