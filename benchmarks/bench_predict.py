@@ -131,7 +131,7 @@ def eager_torch(nets: list[Any], volume: Any, samples: int, batch: int = 8) -> f
 
 
 def uqserve_predict(bundle_dir: Path, volume: Any, batch_size: int | None) -> dict[str, float]:
-    from uqserve.predict import predict_volume
+    from uqserve.prediction import predict_volume
     from uqserve.runtime import open_runtime
 
     rt = open_runtime(bundle_dir, device="cpu")
@@ -154,7 +154,7 @@ def _high_water_mib() -> float:
 def rss_child(bundle_dir: str, depth: int, batch_size: int | None) -> None:
     """Run in a subprocess: predict once, print peak RSS in MiB."""
     from uqserve.data import make_volume
-    from uqserve.predict import predict_volume
+    from uqserve.prediction import predict_volume
 
     vol = make_volume(0, shape=(256, 256, depth)).volume
     base = _high_water_mib()

@@ -4,7 +4,7 @@
         [--shape 256 256 32] [--batch-size 8] [--repeats 3] [--instances 2]
 
 Starts the real tritonserver of the ``server`` extra (python flavour, CPU) on
-free loopback ports and runs ``uqserve.predict.predict_volume`` on one
+free loopback ports and runs ``uqserve.predict_volume`` on one
 synthetic scan (``uqserve.data.make_volume``) three ways, interleaved so that
 load from other processes hits all of them alike:
 
@@ -86,7 +86,7 @@ def main() -> None:
 
     from uqserve.bundle import load_bundle
     from uqserve.data import make_volume
-    from uqserve.predict import predict_volume
+    from uqserve.prediction import predict_volume
     from uqserve.runtime.embedded import EmbeddedRuntime
     from uqserve.runtime.triton import TritonRuntime
     from uqserve.serving import TritonServer, write_repository

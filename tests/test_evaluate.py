@@ -303,7 +303,7 @@ def test_cli_evaluate_refuses_bad_folders_with_one_line(tmp_path: Path, problem:
 
 
 def test_calibrate_writes_a_new_manifest_version(tmp_path: Path) -> None:
-    from uqserve.predict import predict_volume
+    from uqserve.prediction import predict_volume
     from uqserve.volumes import Volume
 
     bundle = make_tiny_bundle(tmp_path / "b")

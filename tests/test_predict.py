@@ -11,10 +11,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-import uqserve.predict
+import uqserve
 from tests.conftest import SCAN_AFFINE, blob_volume, write_nifti
 from uqserve.bundle import Normalization, load_bundle
-from uqserve.predict import OUTPUT_FILES, PredictError, predict, predict_volume
+from uqserve.prediction import OUTPUT_FILES, PredictError, predict, predict_volume
 from uqserve.runtime import open_runtime
 from uqserve.uncertainty import entropy
 from uqserve.volumes import OutputError, Volume, VolumeError, read_nifti
@@ -27,7 +27,7 @@ def _volume(shape: tuple[int, int, int] = (40, 36, 5), seed: int = 0) -> Volume:
 
 
 def test_maps_match_reference_formulas(tiny_bundle: Path) -> None:
-    """Against a naive loop: whole-slice sessions, then the science.md formulas."""
+    """Against a naive loop: whole-slice sessions, TU = H[p̄], AU = mean_m H[p̄_m], EU = TU - AU."""
     vol = _volume()
     pred = predict_volume(vol, tiny_bundle, batch_size=2)
     bundle = load_bundle(tiny_bundle)

@@ -21,7 +21,7 @@ import tritonclient.grpc as grpcclient
 
 from tests.conftest import blob_volume, write_nifti
 from uqserve.bundle import BUNDLES_DIR, DEFAULT_BUNDLE, Bundle, load_bundle
-from uqserve.predict import predict, predict_volume
+from uqserve.prediction import predict, predict_volume
 from uqserve.runtime.base import Batch, RuntimeError_
 from uqserve.runtime.embedded import EmbeddedRuntime
 from uqserve.runtime.triton import (

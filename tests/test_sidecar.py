@@ -165,7 +165,7 @@ def test_end_to_end_results_reach_orthanc(
     assert set(got) == {"SEGMENTATION", "TU", "AU", "EU", "PROBABILITY", "SR"}
 
     # What the sidecar sent equals a direct prediction of the same series.
-    from uqserve.predict import predict_volume
+    from uqserve.prediction import predict_volume
     from uqserve.volumes.dicom import read_series
 
     series = read_series(syn.files)
@@ -410,7 +410,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, tiny_bundle: Path) -> None:
 
 def test_sidecar_imports_no_torch() -> None:
     code = (
-        "import sys, uqserve.sidecar, uqserve.cli.sidecar, uqserve.predict; "
+        "import sys, uqserve.sidecar, uqserve.cli.sidecar, uqserve.prediction; "
         "print('torch' in sys.modules)"
     )
     out = subprocess.run(

@@ -14,7 +14,7 @@ imports onnxruntime or torch until they are needed.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -31,18 +31,37 @@ _EXPORTS = {
     "VolumeError": "uqserve.volumes",
     "read_volume": "uqserve.volumes",
     "open_runtime": "uqserve.runtime",
-    "Prediction": "uqserve.predict",
-    "PredictError": "uqserve.predict",
-    "predict_volume": "uqserve.predict",
+    "Prediction": "uqserve.prediction",
+    "PredictError": "uqserve.prediction",
+    "Report": "uqserve.prediction",
+    "ScanResult": "uqserve.prediction",
+    "predict": "uqserve.prediction",
+    "predict_volume": "uqserve.prediction",
 }
 
-__all__ = ["__version__", "predict", *_EXPORTS]
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:  # the real signatures for type checkers; at run time names load lazily
+    from uqserve.bundle import Bundle as Bundle
+    from uqserve.bundle import BundleError as BundleError
+    from uqserve.bundle import Manifest as Manifest
+    from uqserve.bundle import load_bundle as load_bundle
+    from uqserve.prediction import PredictError as PredictError
+    from uqserve.prediction import Prediction as Prediction
+    from uqserve.prediction import Report as Report
+    from uqserve.prediction import ScanResult as ScanResult
+    from uqserve.prediction import predict as predict
+    from uqserve.prediction import predict_volume as predict_volume
+    from uqserve.runtime import open_runtime as open_runtime
+    from uqserve.uncertainty import Accumulator as Accumulator
+    from uqserve.uncertainty import Decomposition as Decomposition
+    from uqserve.uncertainty import decompose as decompose
+    from uqserve.volumes import Volume as Volume
+    from uqserve.volumes import VolumeError as VolumeError
+    from uqserve.volumes import read_volume as read_volume
 
 
 def __getattr__(name: str) -> Any:
-    if name == "predict":
-        # The module is callable: `uqserve.predict(scans, out_dir)` runs the pipeline.
-        return importlib.import_module("uqserve.predict")
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'uqserve' has no attribute {name!r}")

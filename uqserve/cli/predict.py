@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -19,7 +20,7 @@ from uqserve.cli._common import (
 )
 
 if TYPE_CHECKING:
-    from uqserve.predict import ScanResult
+    from uqserve.prediction import ScanResult
 
 
 @app.command("predict")
@@ -90,8 +91,8 @@ def predict_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from uqserve.bundle import BundleError, load_bundle
-    from uqserve.predict import PredictError, collect_scans, predict
-    from uqserve.report import summary_table
+    from uqserve.cli._summary import summary_table
+    from uqserve.prediction import PredictError, collect_scans, predict
     from uqserve.runtime import RuntimeError_, open_runtime
 
     if device not in ("auto", "cpu", "cuda"):
@@ -132,7 +133,7 @@ def predict_command(
             failed.append(res)
             progress.console.print(error_line(res.error or ""), highlight=False, soft_wrap=True)
             return
-        report: dict[str, Any] = res.report or {}
+        report: Mapping[str, Any] = res.report or {}
         if json_out:
             typer.echo(json.dumps(report))
         elif not quiet:

@@ -1,7 +1,7 @@
 """Run bundles over the evaluation sets through the runtime interface.
 
 Each 2D image becomes a ``[X, Y, 1]`` volume and goes through
-``uqserve.predict.predict_volume`` with ``want_samples=True`` (the sample
+``uqserve.predict_volume`` with ``want_samples=True`` (the sample
 labels feed GED and Hungarian IoU), on the embedded runtime or on Triton
 servers (``uqserve.runtime.open_runtime``). Images stream one at a time.
 """
@@ -64,7 +64,7 @@ def predict_image(
     batch_size: int | None = None,
 ) -> ImagePrediction:
     """One image through every member graph -> maps in the row's convention."""
-    from uqserve.predict import predict_volume
+    from uqserve.prediction import predict_volume
 
     if image.image.shape[0] != 1:
         raise EvaluationError(

@@ -3,7 +3,7 @@
 One process runs the Storage SCP (its own threads) and one worker thread. The
 worker polls the spool; a series whose newest instance is ``stable_seconds``
 old is claimed, read (:func:`uqserve.volumes.dicom.read_series`), predicted
-(:func:`uqserve.predict.predict_volume`), turned into DICOM results
+(:func:`uqserve.predict_volume`), turned into DICOM results
 (:mod:`uqserve.sidecar.outputs`) and sent with C-STORE. Failures never stop
 the listener:
 
@@ -24,7 +24,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,14 +50,16 @@ class PermanentError(ValueError):
 
 
 class PredictionLike(Protocol):
-    """What the sidecar needs from a prediction (``uqserve.predict.Prediction``)."""
+    """What the sidecar needs from a prediction (``uqserve.Prediction``)."""
 
     seg: npt.NDArray[np.uint8]
     prob: npt.NDArray[np.float32]
     tu: npt.NDArray[np.float32]
     au: npt.NDArray[np.float32]
     eu: npt.NDArray[np.float32]
-    report: dict[str, Any]
+
+    @property
+    def report(self) -> Mapping[str, Any]: ...
 
 
 Predictor = Callable[[Volume], PredictionLike]
@@ -90,7 +92,7 @@ class BundlePredictor:
         self._runtime: Any = None
 
     def __call__(self, volume: Volume) -> PredictionLike:
-        from uqserve.predict import predict_volume
+        from uqserve.prediction import predict_volume
         from uqserve.runtime import open_runtime
 
         try:

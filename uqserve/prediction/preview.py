@@ -1,4 +1,4 @@
-"""Presenting one prediction: the terminal summary table and the PNG quick-look.
+"""``preview.png``: a quick look at one prediction.
 
 The PNG is drawn with Pillow and numpy only (no matplotlib): a few slices in
 rows; columns image, segmentation overlay, TU, AU, EU. The three uncertainty
@@ -15,8 +15,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from rich.table import Table
-from rich.text import Text
 
 from uqserve.volumes import Volume, atomic_write_bytes
 
@@ -49,82 +47,6 @@ def viridis_lut(n: int = 256) -> npt.NDArray[np.uint8]:
     t = np.linspace(0.0, 1.0, n)
     lut = np.stack([np.interp(t, x, _VIRIDIS_ANCHORS[:, c]) for c in range(3)], axis=1)
     return np.round(lut).astype(np.uint8)
-
-
-def _fmt_ml(v: dict[str, Any]) -> str:
-    lo, hi = v["ci95_ml"]
-    return f"{v['mean_ml']:.2f} ± {v['std_ml']:.2f} mL  [95 %: {lo:.2f}–{hi:.2f}]"
-
-
-def _num(x: Any, digits: int = 4) -> str:
-    return "—" if x is None else f"{x:.{digits}g}" if isinstance(x, float) else str(x)
-
-
-def summary_table(report: dict[str, Any]) -> Table:
-    """A short two-column rich table of one scan's report."""
-    scan, bundle, scores = report["scan"], report["bundle"], report["scores"]
-    t = Table(
-        title=Text(f"uqserve predict · {scan['name']}"), show_header=False, title_justify="left"
-    )
-    t.add_column("", style="bold")
-    t.add_column("")
-    shape = "x".join(str(s) for s in scan["shape"])
-    spacing = "x".join(f"{s:g}" for s in scan["spacing"])
-    t.add_row("scan", f"{shape} voxels, {spacing} mm")
-    t.add_row(
-        "bundle",
-        Text(
-            f"{bundle['name']} ({bundle['au']}-{bundle['eu']}, M={bundle['members']}, "
-            f"S={bundle['samples']})"
-        ),
-    )
-    rt = report["runtime"]
-    t.add_row("run", Text(f"seed {report['seed']}, {rt['name']} on {rt['device']}"))
-    t.add_row(
-        f"uncertainty ({scores['aggregator']})",
-        f"TU {_num(scores['tu'])}, AU {_num(scores['au'])}, EU {_num(scores['eu'])} nats",
-    )
-    t.add_row("AU parts", f"sample {_num(scores['au_sample'])}, latent {_num(scores['au_latent'])}")
-    ood = report["ood"]
-    # Styles as Text, never markup: names in this table are user text (`[bold]x.nii.gz`).
-    if ood.get("flag") is None:
-        verdict = ("no threshold (not calibrated or no EU method)", "")
-    else:
-        flagged = ood["flag"]
-        verdict = ("OUT OF DISTRIBUTION", "bold red") if flagged else ("in distribution", "green")
-    pct = (
-        "" if ood.get("percentile") is None else f" (validation percentile {ood['percentile']:.0f})"
-    )
-    t.add_row(
-        "OOD",
-        Text.assemble(
-            verdict, f": EU score {_num(ood['score'])} vs τ {_num(ood['threshold'])}{pct}"
-        ),
-    )
-    ent = report["entanglement"]
-    t.add_row(
-        "entanglement",
-        f"scan AU~EU Spearman {_num(ent['scan'], 3)}"
-        + ("" if not ent.get("bundle") else f"; bundle {_short(ent['bundle'])}"),
-    )
-    for name, v in report["volumes"].items():
-        t.add_row(Text(f"volume {name}"), Text(_fmt_ml(v)))
-    for w in report.get("warnings", []):
-        t.add_row(Text("warning", style="yellow"), Text(w))
-    total = report["timings"].get("total_s", report["timings"].get("predict_s", 0.0))
-    t.add_row("time", f"{total:.2f} s")
-    if "outputs" in report:
-        t.add_row("written", Text(report["outputs"]["folder"]))
-    return t
-
-
-def _short(d: dict[str, Any], limit: int = 3) -> str:
-    items = [
-        f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-        for k, v in list(d.items())[:limit]
-        if isinstance(v, (int, float, str))
-    ]
-    return ", ".join(items)
 
 
 def preview_slices(seg: npt.NDArray[Any], n: int = 3) -> list[int]:
@@ -210,7 +132,19 @@ def render_preview(
             canvas.paste(to_panel(rgb), (pad + c * (pw + pad), y))
         draw.text((2, y + 2), f"z={z}", fill=(255, 255, 0), font=font)
     # Colour bars under the three uncertainty columns.
-    y = header + len(zs) * (ph + pad)
+    _colour_bars(canvas, draw, lut, font, y=header + len(zs) * (ph + pad), pw=pw, pad=pad, top=top)
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _colour_bars(
+    canvas: Any, draw: Any, lut: npt.NDArray[np.uint8], font: Any,
+    *, y: int, pw: int, pad: int, top: float,
+) -> None:  # fmt: skip
+    """Draw a 0..``top`` colour bar under each of the three uncertainty columns."""
+    from PIL import Image
+
     bar = np.repeat(lut[np.linspace(0, 255, pw).astype(np.intp)][None], 10, axis=0)
     for c in range(2, 5):
         x = pad + c * (pw + pad)
@@ -218,6 +152,3 @@ def render_preview(
         draw.text((x, y + 12), "0", fill=(0, 0, 0), font=font)
         label = f"{top:.2f}"
         draw.text((x + pw - 6 * len(label), y + 12), label, fill=(0, 0, 0), font=font)
-    buf = io.BytesIO()
-    canvas.save(buf, format="PNG")
-    return atomic_write_bytes(path, buf.getvalue())

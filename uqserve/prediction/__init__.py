@@ -1,0 +1,54 @@
+"""The predict pipeline: a volume in, segmentation + TU/AU/EU maps + report out.
+
+Used by ``uqserve predict``, the sidecar and ``evaluate``. From Python::
+
+    import uqserve
+    results = uqserve.predict(["scan.nii.gz"], "out")             # files in, files out
+    pred = uqserve.predict_volume(volume, "ssn-ensemble")          # arrays in memory
+
+One module per step, in the order a volume meets them:
+
+=============  ==========================================================
+``options``    option checks (seed, batch size, channels); ``PredictError``
+``intensity``  non-finite voxels out; the bundle's normalisation
+``geometry``   volume ``[X, Y, Z]`` <-> batches of padded 2D slices and back
+``accumulate`` member outputs -> running sums (``Accumulator``), counts, labels
+``scoring``    segmentation, image scores, OOD decision, entanglement, volumes
+``report``     the typed ``Report`` written as report.json
+``pipeline``   ``predict_volume``: the steps above chained, ``Prediction``
+``files``      ``predict``: the scan loop, reading and atomic writing
+``preview``    the optional preview.png
+=============  ==========================================================
+"""
+
+from __future__ import annotations
+
+from uqserve.prediction.accumulate import ProgressFn
+from uqserve.prediction.files import (
+    DEFAULT_OUT_DIR,
+    OUTPUT_FILES,
+    ScanResult,
+    collect_scans,
+    input_sha256,
+    predict,
+    write_outputs,
+)
+from uqserve.prediction.options import PredictError
+from uqserve.prediction.pipeline import Prediction, predict_volume
+from uqserve.prediction.report import Report, report_json
+
+__all__ = [
+    "DEFAULT_OUT_DIR",
+    "OUTPUT_FILES",
+    "PredictError",
+    "Prediction",
+    "ProgressFn",
+    "Report",
+    "ScanResult",
+    "collect_scans",
+    "input_sha256",
+    "predict",
+    "predict_volume",
+    "report_json",
+    "write_outputs",
+]

@@ -1,0 +1,131 @@
+"""Accumulation: member outputs, batch by batch -> running sums, class counts, labels.
+
+Each member's mean and sample entropy are cropped to the real pixels and
+streamed into an ``uncertainty.Accumulator`` slab by slab, so memory is
+O(K x voxels) whatever the number of members M and samples S. The per-sample
+class counts ``[M, S, K]`` (for the volume distribution) and, on request, the
+per-sample labels are gathered alongside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from uqserve import uncertainty
+from uqserve.bundle import Manifest
+from uqserve.prediction.geometry import SlicePlan
+from uqserve.runtime import MemberOutputs, RuntimeError_
+
+__all__ = ["Accumulated", "ProgressFn", "accumulate"]
+
+ProgressFn = Callable[[str, int, int], None]
+"""``progress(scan_name, slices_done, slices_total)``, called after every batch."""
+
+
+@dataclass
+class Accumulated:
+    """The whole volume's outputs, in the working order ``[rows, cols, depth]``.
+
+    dec            the decomposition; maps ``[rows, cols, depth]``, mean ``[K, rows, cols, depth]``
+    counts         ``[M, S, K]`` float64, voxels per class in each coherent sample
+    labels         ``[M, S, rows, cols, depth]`` uint8 with ``want_samples``, else None
+    model_s, accumulate_s  seconds waiting for the runtime, and adding its outputs up
+    """
+
+    dec: uncertainty.Decomposition
+    counts: npt.NDArray[np.float64]
+    labels: npt.NDArray[np.uint8] | None
+    model_s: float
+    accumulate_s: float
+
+
+def accumulate(
+    results: Iterator[list[MemberOutputs]],
+    plan: SlicePlan,
+    man: Manifest,
+    *,
+    want_samples: bool,
+    progress: ProgressFn | None = None,
+    source: str = "",
+) -> Accumulated:
+    """Consume the runtime's results (one list of M outputs per batch of ``plan``)."""
+    K, M, S = man.num_classes, man.num_members, man.num_samples
+    rows, cols, depth = plan.rows, plan.cols, plan.depth
+    # Slices first: each batch is then one contiguous slab of the running sums (a
+    # [X, Y, Z] domain made every add a strided write, 1.5 s of a 256^2 x 64 scan).
+    acc = uncertainty.Accumulator(K, (depth, rows, cols))
+    counts = np.zeros((M, S, K), np.float64)
+    labels = np.zeros((M, S, rows, cols, depth), np.uint8) if want_samples else None
+    t_model = t_acc = 0.0
+    z0 = 0
+    while True:
+        t0 = time.perf_counter()
+        try:
+            outs = next(results)
+        except StopIteration:
+            break
+        t_model += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        b = min(plan.batch_size, depth - z0)
+        if len(outs) != M:
+            raise RuntimeError_(f"runtime returned {len(outs)} members, bundle {man.name} has {M}")
+        for m, out in enumerate(outs):
+            _check_outputs(out, (b, K, plan.pad_h, plan.pad_w), S, m)
+            mean = np.swapaxes(out.mean[:, :, :rows, :cols], 0, 1)  # [K, b, X, Y]
+            # S = 1: the sample entropy is H[p̄_m]; let the accumulator compute it so
+            # that AU_latent is exactly 0 rather than float noise.
+            ent = None if S == 1 else out.sample_entropy[:, :rows, :cols]  # [b, X, Y]
+            acc.add(mean, ent, where=(slice(z0, z0 + b),))
+            counts[m] += out.sample_counts.sum(axis=0, dtype=np.float64)
+            if labels is not None:
+                if out.sample_labels is None:
+                    raise RuntimeError_(f"runtime returned no sample_labels for member {m}")
+                labels[m, :, :, :, z0 : z0 + b] = np.transpose(
+                    out.sample_labels[:, :, :rows, :cols], (1, 2, 3, 0)
+                )
+        t_acc += time.perf_counter() - t0
+        z0 += b
+        if progress is not None:
+            progress(source, z0, depth)
+    if z0 != depth:
+        raise RuntimeError_(f"runtime returned {z0} of {depth} slices")
+    t0 = time.perf_counter()
+    dec = _slices_last(acc.result(release=True))
+    return Accumulated(dec, counts, labels, t_model, t_acc + time.perf_counter() - t0)
+
+
+def _check_outputs(out: MemberOutputs, expected: tuple[int, int, int, int], S: int, m: int) -> None:
+    b, K, h, w = expected
+    mean, ent, cnt = out.mean, out.sample_entropy, out.sample_counts
+    if mean.shape != expected or ent.shape != (b, h, w) or cnt.shape != (b, S, K):
+        raise RuntimeError_(
+            f"member {m} returned mean {mean.shape}, sample_entropy {ent.shape}, "
+            f"sample_counts {cnt.shape}; expected {expected}, {(b, h, w)}, {(b, S, K)}: "
+            "the graph does not match its manifest; re-export the bundle"
+        )
+
+
+def _slices_last(dec: uncertainty.Decomposition) -> uncertainty.Decomposition:
+    """Maps ``[..., depth, rows, cols]`` (accumulator order) -> ``[..., rows, cols, depth]``."""
+
+    def last(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        return np.ascontiguousarray(np.moveaxis(a, -3, -1))
+
+    fg = dec.member_foreground
+    return dataclasses.replace(
+        dec,
+        mean=last(dec.mean),
+        tu=last(dec.tu),
+        au=last(dec.au),
+        eu=last(dec.eu),
+        au_sample=last(dec.au_sample),
+        au_latent=last(dec.au_latent),
+        member_foreground=None if fg is None else last(fg),
+    )
