@@ -27,7 +27,7 @@ from uqserve.bundle import (
     load_bundle,
     shipped_bundles,
 )
-from uqserve.predict import predict, predict_volume
+from uqserve.prediction import predict, predict_volume
 from uqserve.schemas import SchemaValidationError, schema, validate
 from uqserve.volumes import read_volume
 
