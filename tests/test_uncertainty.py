@@ -433,3 +433,49 @@ def test_entropy_rejects_bad_input() -> None:
         entropy(np.array([np.inf, 0.0]))
     with pytest.raises(ValueError, match="float"):
         entropy(np.array(["a", "b"]))
+
+
+@PROPS
+@given(st.integers(0, 2**32 - 1), st.integers(1, 300), st.integers(0, 3))
+def test_float32_ranks_equal_scipy_exactly(seed: int, n: int, decimals: int) -> None:
+    """The packed-key sort ranks float32 maps exactly as scipy: ties, negatives, ±0."""
+    from uqserve.uncertainty import _rank
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(scale=3, size=n).round(decimals).astype(np.float32)
+    x[rng.random(n) < 0.1] = -0.0  # equal to 0.0, different bits
+    x[rng.random(n) < 0.1] = 0.0
+    x[rng.random(n) < 0.05] = np.float32(np.finfo(np.float32).max)
+    np.testing.assert_array_equal(_rank(x), scipy.stats.rankdata(x))
+
+
+def test_scan_entanglement_large_equals_rankdata_reference() -> None:
+    """Above the parallel threshold (two threads, packed sort) the value is unchanged."""
+    from uqserve.uncertainty import _PARALLEL_RANKS
+
+    rng = np.random.default_rng(7)
+    n = 2 * _PARALLEL_RANKS
+    tu = rng.random(n).astype(np.float32)
+    au = (tu * rng.random(n)).astype(np.float32).round(4)  # many ties
+    eu = np.maximum(tu - au, 0).astype(np.float32)
+    mask = tu > 0.05 * math.log(2)
+    ra = scipy.stats.rankdata(au[mask])
+    rb = scipy.stats.rankdata(eu[mask])
+    ra -= ra.mean()
+    rb -= rb.mean()
+    ref = float(np.clip((ra @ rb) / math.sqrt(float(ra @ ra) * float(rb @ rb)), -1, 1))
+    assert scan_entanglement(tu, au, eu, 2) == ref
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_segmentation_equals_argmax(k: int) -> None:
+    from uqserve.uncertainty import segmentation
+
+    rng = np.random.default_rng(k)
+    p = rng.dirichlet(np.ones(k), size=(7, 9, 4)).astype(np.float32)
+    p = np.moveaxis(p, -1, 0).round(1)  # rounding makes ties: the lower class wins
+    got = segmentation(p)
+    assert got.dtype == np.uint8 and got.shape == (7, 9, 4)
+    np.testing.assert_array_equal(got, np.argmax(p, axis=0))
+    with pytest.raises(ValueError, match="expected"):
+        segmentation(np.zeros((300, 2)))

@@ -217,3 +217,57 @@ def test_read_volume_dicom_folder(tmp_path: Path) -> None:
     assert vol.slice_axis == 2
     with pytest.raises(VolumeError, match="not DICOM series"):
         read_volume(tmp_path / "series", volume_index=1)
+
+
+# --------------------------------------------------------------------------- gzip outputs
+
+
+@pytest.mark.parametrize("level", [0, 1, 3, 4, 9])
+def test_gzip_outputs_hold_the_same_nifti_at_every_level(tmp_path: Path, level: int) -> None:
+    vol = Volume(data=blob_volume((40, 36, 6)), affine=SCAN_AFFINE, source="s")
+    tu = np.random.default_rng(level).gamma(0.3, 0.1, size=vol.shape).astype(np.float32)
+    plain = write_nifti_like(tu, vol, tmp_path / "tu.nii")  # nibabel's own uncompressed file
+    out = write_nifti_like(tu, vol, tmp_path / "tu.nii.gz", compression_level=level)
+    blob = out.read_bytes()
+    # one gzip member, no file name (FLG = 0), mtime 0: equal maps give equal bytes
+    assert blob[:4] == b"\x1f\x8b\x08\x00" and blob[4:8] == b"\0\0\0\0"
+    assert gzip.decompress(blob) == plain.read_bytes()
+    np.testing.assert_array_equal(np.asanyarray(nib.load(str(out)).dataobj), tu)
+    again = write_nifti_like(tu, vol, tmp_path / "again.nii.gz", compression_level=level)
+    assert again.read_bytes() == blob
+    if level == 0:
+        assert len(blob) > tu.nbytes  # stored
+    else:
+        assert len(blob) < tu.nbytes
+
+
+def test_gzip_level_is_validated(tmp_path: Path) -> None:
+    from uqserve.errors import UsageError
+
+    vol = Volume(data=blob_volume((6, 5, 2)), affine=SCAN_AFFINE, source="s")
+    for bad in (-1, 10, 1.5, True):
+        with pytest.raises(UsageError, match="compression_level must be an integer from 0"):
+            write_nifti_like(vol.data, vol, tmp_path / "x.nii.gz", compression_level=bad)  # type: ignore[arg-type]
+    assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_several_maps_written_in_parallel(tmp_path: Path) -> None:
+    from uqserve.volumes import write_niftis_like
+
+    vol = Volume(data=blob_volume((20, 18, 5)), affine=SCAN_AFFINE, source="s")
+    maps = [(vol.data * k).astype(np.float32) for k in range(1, 6)]
+    paths = write_niftis_like(
+        [(m, tmp_path / f"m{k}.nii.gz") for k, m in enumerate(maps)], vol, threads=3
+    )
+    assert paths == [tmp_path / f"m{k}.nii.gz" for k in range(5)]
+    for m, p in zip(maps, paths, strict=True):
+        np.testing.assert_array_equal(np.asanyarray(nib.load(str(p)).dataobj), m)
+        serial = write_nifti_like(m, vol, tmp_path / "serial.nii.gz")
+        assert serial.read_bytes() == p.read_bytes()
+    # a bad map fails the call; the others are still written
+    with pytest.raises(ValueError, match="does not match"):
+        write_niftis_like(
+            [(maps[0], tmp_path / "ok.nii.gz"), (np.zeros((2, 2, 2)), tmp_path / "bad.nii.gz")],
+            vol,
+        )
+    assert (tmp_path / "ok.nii.gz").is_file()

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,9 +48,13 @@ __all__ = [
     "ood_delta",
     "rank_correlation",
     "scan_entanglement",
+    "segmentation",
     "volume_distribution",
 ]
 
+
+# Spearman ranks both sides in parallel threads from this many values on.
+_PARALLEL_RANKS = 1 << 16
 
 #: Probability vectors may miss 1 by this much along K (float32 softmax, ONNX reductions).
 SUM_TOLERANCE = 1e-3
@@ -201,6 +206,27 @@ def _foreground_of(member_mean: FloatArray) -> BoolArray:
         for k in range(2, member_mean.shape[0]):
             np.maximum(best, member_mean[k], out=best)
     return np.greater(best, member_mean[0])
+
+
+def segmentation(mean: npt.ArrayLike) -> npt.NDArray[np.uint8]:
+    """``argmax_k mean_k`` as uint8 labels for ``[K, *sp]`` (K <= 256).
+
+    Equal to ``np.argmax(mean, axis=0)`` (ties go to the lower class) for
+    NaN-free input, in K - 1 element-wise passes: numpy's argmax over the
+    outer axis of a large array was 3-8x slower.
+    """
+    p = np.asarray(mean)
+    if p.ndim < 1 or not 1 <= p.shape[0] <= 256:
+        raise ValueError(f"segmentation: expected [K, *sp] with 1 <= K <= 256, got {p.shape}")
+    if p.shape[0] == 2:
+        return np.greater(p[1], p[0]).view(np.uint8)
+    labels = np.zeros(p.shape[1:], np.uint8)
+    best = np.array(p[0], copy=True)
+    for k in range(1, p.shape[0]):
+        better = np.greater(p[k], best)
+        labels[better] = k
+        np.maximum(best, p[k], out=best)
+    return labels
 
 
 def _finish(
@@ -658,10 +684,7 @@ def ood_decision(
 
 def _rank(x: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float64]:
     """Ranks 1..n with ties given their average rank (as scipy.stats.rankdata)."""
-    # Tied values all get their run's average rank, so an unstable sort gives the
-    # same ranks; quicksort (SIMD in numpy) is about 3x faster than mergesort.
-    order = np.argsort(x, kind="quicksort")
-    xs = x[order]
+    order, xs = _sorted_order(x)
     # boundaries of runs of equal values
     starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
     ends = np.r_[starts[1:], xs.size]
@@ -671,8 +694,40 @@ def _rank(x: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float64]:
     return ranks
 
 
+def _sorted_order(
+    x: npt.NDArray[np.floating[Any]],
+) -> tuple[npt.NDArray[np.intp] | npt.NDArray[np.uint64], npt.NDArray[Any]]:
+    """A sorting permutation of ``x`` and keys that are equal exactly where ``x`` is.
+
+    Tied values all get their run's average rank, so any sorting order gives the
+    same ranks. For float32 the value's order-preserving bits and the index are
+    packed into one uint64 and sorted directly: 5-9x faster than ``argsort``
+    (an indirect sort) on millions of voxels.
+    """
+    if x.dtype != np.float32 or x.size >= 2**32:
+        order = np.argsort(x, kind="quicksort")
+        return order, x[order]
+    bits = (x + np.float32(0)).view(np.uint32)  # + 0: -0.0 becomes 0.0, equal to it
+    # IEEE order as unsigned integers: flip all bits of negatives, the sign bit of others.
+    flip = np.where(bits >> 31 == 1, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
+    keys = (bits ^ flip).astype(np.uint64)
+    keys <<= np.uint64(32)
+    keys |= np.arange(x.size, dtype=np.uint64)
+    keys.sort()
+    order = keys & np.uint64(0xFFFFFFFF)
+    keys >>= np.uint64(32)
+    return order, keys
+
+
 def _spearman(a: npt.NDArray[np.floating[Any]], b: npt.NDArray[np.floating[Any]]) -> float | None:
-    ra, rb = _rank(a), _rank(b)
+    if a.size >= _PARALLEL_RANKS:
+        # Two large sorts: numpy releases the GIL, so they run on two cores.
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(_rank, b)
+            ra = _rank(a)
+            rb = future.result()
+    else:
+        ra, rb = _rank(a), _rank(b)
     ra -= ra.mean()
     rb -= rb.mean()
     den = math.sqrt(float(ra @ ra) * float(rb @ rb))

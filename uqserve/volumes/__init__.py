@@ -8,7 +8,7 @@ from uqserve.volumes.io import (
     read_volume,
     sanitize,
 )
-from uqserve.volumes.nifti import read_nifti, scan_name, write_nifti_like
+from uqserve.volumes.nifti import read_nifti, scan_name, write_nifti_like, write_niftis_like
 
 __all__ = [
     "OutputError",
@@ -21,4 +21,5 @@ __all__ = [
     "sanitize",
     "scan_name",
     "write_nifti_like",
+    "write_niftis_like",
 ]
