@@ -256,6 +256,8 @@ def _zero_pixdim_warnings(p: Path, header: Any, ndim: int) -> list[str]:
         return []
     axes = ", ".join(f"pixdim[{i}]" for i in zero)
     return [f"{axes} = 0 in the header: voxel size taken as 1 mm; volumes in mL assume it"]
+
+
 def write_niftis_like(
     items: Sequence[tuple[npt.NDArray[Any], str | os.PathLike[str]]],
     reference: Volume,
