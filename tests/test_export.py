@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,12 @@ onnx = pytest.importorskip("onnx")
 from typer.testing import CliRunner  # noqa: E402
 
 from uqserve.bundle import BUNDLES_DIR, InputSpec, load_bundle, sha256_file  # noqa: E402
+from uqserve.calibration import VALIDATION_KEYS  # noqa: E402
+from uqserve.checkpoints import CheckpointError  # noqa: E402
 from uqserve.cli import app  # noqa: E402
 from uqserve.exporting import (  # noqa: E402
     ExportError,
     ExportPlan,
-    _session,
     export_checkpoints,
     export_networks,
     export_onnx_members,
@@ -76,6 +78,15 @@ def _plan(comb: str, m: int, s: int, **kw: object) -> ExportPlan:
         seed=3,
         **kw,  # type: ignore[arg-type]
     )
+
+
+def _session(path: Path) -> object:
+    """onnxruntime directly: the peer the exported graphs are checked against."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 @functools.cache
@@ -165,10 +176,15 @@ def test_calibration_fills_the_ood_section(all_bundles: dict[str, Path]) -> None
     man = load_bundle(all_bundles["ssn-ensemble"]).manifest
     assert man.ood.threshold is not None and man.ood.aggregator == man.default_aggregator
     scores = np.asarray(man.ood.validation_scores)
-    assert len(scores) == man.validation["num_id"] == 24
+    assert len(scores) == man.validation["n_validation_scores"] == 24
     assert man.ood.threshold == pytest.approx(np.quantile(scores, 0.95), rel=1e-4)
-    aurocs = man.validation["auroc_eu"]
-    assert aurocs[man.default_aggregator] == max(aurocs.values())
+    assert tuple(man.validation) == VALIDATION_KEYS
+    aurocs = {
+        k: v for k, v in man.validation["ood_auroc_eu_by_aggregator"].items() if v is not None
+    }
+    assert aurocs[man.default_aggregator] == max(aurocs.values()) == man.validation["ood_auroc_eu"]
+    assert man.validation["data"]["shifts"] == ["noise", "blur", "contrast", "jpeg"]
+    assert math.isfinite(man.entanglement["delta_mean"])
 
 
 def test_per_pixel_noise_in_graph_is_tiling_invariant(tmp_path: Path) -> None:
@@ -253,6 +269,7 @@ def _write_checkpoints(
                 "train_config": {"size": [32, 32]},
                 "normalization": {"scheme": "fixed", "mean": 0.25, "std": 2.0},
                 "num_members": len(nets),
+                "members": [{"file": f"member_{m}.safetensors"} for m in range(len(nets))],
                 "seed": 4,
             }
         )
@@ -282,9 +299,9 @@ def test_export_checkpoints(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="2 classes but 3 class names"):
         export_checkpoints(ckpt, tmp_path / "c", classes=["a", "b", "c"])
     (ckpt / "member_0.safetensors").rename(tmp_path / "moved")
-    with pytest.raises(ExportError, match=r"member_0\.safetensors: checkpoint missing"):
+    with pytest.raises(CheckpointError, match=r"member_0\.safetensors: checkpoint missing"):
         export_checkpoints(ckpt, tmp_path / "c")
-    with pytest.raises(ExportError, match="no such checkpoint folder"):
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
         export_checkpoints(tmp_path / "nowhere", tmp_path / "c")
     assert not (tmp_path / "c").exists()
 
@@ -297,7 +314,7 @@ def test_export_checkpoints_rejects_weights_of_another_model(tmp_path: Path) -> 
     conf = json.loads((ckpt / "config.json").read_text())
     conf["model_config"]["width"] = 12
     (ckpt / "config.json").write_text(json.dumps(conf))
-    with pytest.raises(ExportError, match="weights do not fit the model"):
+    with pytest.raises(CheckpointError, match="weights do not fit the model"):
         export_checkpoints(ckpt, tmp_path / "b")
     assert not (tmp_path / "b").exists()
 
@@ -500,7 +517,8 @@ def test_every_combination_has_a_recipe() -> None:
         assert path.stem == comb
         r = load_recipe(path)
         au, eu = parse_combination(comb)
-        assert r.num_members == (1 if eu == "none" else r.num_members) and r.num_members >= 1
+        # eu none has one member; ensembles and MC dropout need several to disagree
+        assert (r.num_members == 1) if eu == "none" else (r.num_members >= 2), path
         assert (r.num_samples == 1) == (au == "softmax")
         assert (r.model.dropout > 0) == (eu == "mcdropout")
 
@@ -526,3 +544,36 @@ def test_shipped_bundles(name: str, m: int, s: int) -> None:
             s,
             man.num_classes,
         )
+
+
+def test_export_then_info_and_calibrate_then_info_show_the_same_validation(
+    tmp_path: Path,
+) -> None:
+    """`uqserve export` and `uqserve calibrate` write the same keys; info shows them all."""
+    files = [str(_user_onnx(tmp_path / f"f{i}.onnx", seed=i)) for i in range(2)]
+    out = tmp_path / "bundle"
+    res = runner.invoke(app, ["export", "--onnx", *files, "--tile", "32", "-o", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+
+    def info() -> tuple[dict[str, object], str]:
+        as_json = runner.invoke(app, ["info", str(out), "--json"])
+        table = runner.invoke(app, ["info", str(out)], env={"COLUMNS": "200"})
+        assert as_json.exit_code == 0 and table.exit_code == 0, as_json.output + table.output
+        return json.loads(as_json.output), table.output
+
+    exported, table = info()
+    assert tuple(exported["validation"]) == VALIDATION_KEYS  # type: ignore[arg-type]
+    for key in (*VALIDATION_KEYS, "delta_mean"):
+        assert f".{key} " in table, key
+    small = ["--n-test", "4", "--n-val", "4", "--n-ood", "2", "--size", "32", "-q"]
+    res = runner.invoke(app, ["calibrate", str(out), *small])
+    assert res.exit_code == 0, res.output
+    calibrated, table_after = info()
+    assert calibrated["manifest_version"] == 2
+    assert tuple(calibrated["validation"]) == tuple(exported["validation"])  # type: ignore[arg-type]
+    assert set(calibrated["entanglement"]) == set(exported["entanglement"])  # type: ignore[arg-type]
+    rows = [line.split("│")[1].strip() for line in table.splitlines() if line.count("│") == 3]
+    rows_after = [
+        line.split("│")[1].strip() for line in table_after.splitlines() if line.count("│") == 3
+    ]
+    assert rows_after == rows

@@ -1,21 +1,17 @@
-"""Evaluate bundles (science.md sections 4-5) and calibrate a bundle's OOD settings.
+"""Evaluate bundles: downstream metrics, OOD detection and the entanglement scores Δ.
 
 ``evaluate`` runs bundles over in-distribution test sets with several
 annotators (low and high ambiguity) and over OOD sets of every shift and
 severity, and reports every downstream metric, the paper's entanglement
-scores Δ and the AU-EU rank correlation. ``calibrate`` picks a bundle's
-default aggregator and OOD threshold on validation data and records them,
-with the bundle's Δ scores, in a new manifest version.
+scores Δ and the AU-EU rank correlation. ``calibrate`` (from
+:mod:`uqserve.calibration`, importable from here) picks a bundle's default
+aggregator and OOD threshold and records them in a new manifest version.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
-import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,14 +22,10 @@ import numpy as np
 from uqserve import __version__
 from uqserve import uncertainty as U
 from uqserve.bundle import (
-    MANIFEST_NAME,
     Bundle,
-    Manifest,
-    OODSpec,
     load_bundle,
-    verify_checksums,
-    write_manifest,
 )
+from uqserve.calibration import calibrate
 from uqserve.evaluation.core import (
     AGGREGATORS,
     NO_EU,
@@ -60,7 +52,13 @@ from uqserve.evaluation.report import (
     write_results,
 )
 from uqserve.evaluation.runner import _Progress, bundle_info, run_bundle, source_for
-from uqserve.evaluation.sets import DEFAULT_SEVERITIES, EvalImage, EvaluationError, SetSpec
+from uqserve.evaluation.sets import (
+    DEFAULT_SEVERITIES,
+    EvalImage,
+    EvaluationError,
+    SetSpec,
+    data_options,
+)
 
 __all__ = [
     "AGGREGATORS",
@@ -79,26 +77,6 @@ __all__ = [
     "summary_row",
     "to_convention",
 ]
-
-
-def _data_options(
-    n_test: int,
-    n_val: int,
-    n_ood: int,
-    size: Sequence[int] | None,
-    shifts: Sequence[str] | None,
-    severities: Sequence[float],
-    seed: int,
-) -> dict[str, Any]:
-    return {
-        "n_test": n_test,
-        "n_val": n_val,
-        "n_ood": n_ood,
-        "size": None if size is None else tuple(int(s) for s in size),
-        "shifts": None if shifts is None else tuple(shifts),
-        "severities": tuple(severities),
-        "seed": seed,
-    }
 
 
 def _ood_threshold(bundle: Bundle, ev: BundleEvaluation) -> float | None:
@@ -154,7 +132,7 @@ def evaluate(
         raise EvaluationError(
             f"unknown aggregator {aggregator!r}; choose from {', '.join(AGGREGATORS)}"
         )
-    options = _data_options(n_test, n_val, n_ood, size, shifts, severities, seed)
+    options = data_options(n_test, n_val, n_ood, size, shifts, severities, seed)
     # Everything a user can get wrong is checked before the first image runs.
     loaded = [load_bundle(b) for b in bundles]
     sources = [source_for(b, data, options) for b in loaded]
@@ -233,134 +211,3 @@ def _with_means(row: dict[str, Any]) -> dict[str, Any]:
         ]
         row[f"auroc_{m}_mean"] = float(np.mean(vals)) if vals else None
     return row
-
-
-def calibrate(
-    bundle: str | os.PathLike[str],
-    data: str | os.PathLike[str] = "synthetic",
-    *,
-    servers: Sequence[str] | None = None,
-    device: str = "auto",
-    n_test: int = 32,
-    n_val: int = 32,
-    n_ood: int = 16,
-    size: Sequence[int] | None = None,
-    shifts: Sequence[str] | None = None,
-    severities: Sequence[float] = DEFAULT_SEVERITIES,
-    seed: int = 0,
-    quantile: float = 0.95,
-    progress: bool = False,
-) -> Manifest:
-    """Calibrate ``bundle`` in place on validation data; return the new manifest.
-
-    - default aggregator: the one whose image-level EU separates the ID from
-      the OOD validation sets best (AUROC; ties go to the earlier of
-      ``border mean patch threshold foreground``);
-    - OOD threshold: the ``quantile`` of image-level EU on the ID validation
-      set (``val``), under that aggregator;
-    - ``entanglement``: the bundle's Δ scores and AU-EU rank correlation;
-      ``validation``: the statistics they came from.
-
-    The manifest gets ``manifest_version + 1``; the old one is kept as
-    ``manifest.v<N>.json``; member checksums are verified before and after.
-    Bundles with one member (no EU method) get no OOD threshold: their EU is
-    0 in ``predict``.
-    """
-    b = load_bundle(bundle)
-    if not 0.0 < quantile < 1.0:
-        raise EvaluationError(f"quantile must lie in (0, 1), got {quantile}")
-    options = _data_options(n_test, n_val, n_ood, size, shifts, severities, seed)
-    source = source_for(b, data, options)
-    prog = _Progress(progress)
-    with prog.session():
-        task = prog.task(
-            f"{b.manifest.name} ({b.manifest.combination})", 1 + len(source.sets("calibration"))
-        )
-        ev = run_bundle(
-            b,
-            source,
-            split="calibration",
-            servers=servers,
-            device=device,
-            progress=prog,
-            bundle_task=task,
-            seed=seed + b.manifest.seed,
-        )
-    summary = ev.summary()
-    man = b.manifest
-    by_agg = summary["ood_auroc_eu_by_aggregator"]
-    delta = summary["delta"]
-    ood = man.ood
-    default_aggregator = man.default_aggregator
-    validation: dict[str, Any] = {
-        "calibrated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "uqserve_version": __version__,
-        "data": source.description,
-        "ood_auroc_eu_by_aggregator": by_agg,
-        # The `threshold` aggregator's cut-offs per map, set on the ID validation set
-        # (predict reads this key).
-        "thresholds": ev.predict_thresholds(),
-        "platt": summary["platt"],
-        "id": {
-            k: summary["splits"]["id"].get(k)
-            for k in ("dice", "ece", "ged2", "hm_iou", "ncc_au", "ace_tu")
-        },
-    }
-    if ev.convention == UQSERVE:
-        finite = {k: v for k, v in by_agg.items() if v is not None and math.isfinite(v)}
-        if not finite:
-            raise EvaluationError(
-                f"{b.path}: no aggregator gave a finite OOD AUROC; check the data"
-            )
-        best = max(finite.values())
-        default_aggregator = next(a for a in AGGREGATORS if finite.get(a) == best)
-        val_scores = ev.scores("val", "eu", default_aggregator)
-        tau = U.calibrate_ood_threshold(val_scores, quantile)
-        ood = OODSpec(
-            aggregator=default_aggregator,
-            threshold=float(tau),
-            quantile=float(quantile),
-            validation_scores=tuple(float(v) for v in np.sort(val_scores)),
-        )
-        validation["ood_auroc_eu"] = best
-        validation["n_validation_scores"] = int(val_scores.size)
-    else:
-        validation["ood"] = "no EU method (one member): predict reports EU = 0 and no OOD flag"
-    entanglement = {
-        "delta_ood": delta.get("ood"),
-        "delta_ambiguity": delta.get("ambiguity"),
-        "delta_calibration": delta.get("calibration"),
-        "delta_mean": delta.get("mean"),
-        "rank_correlation": delta.get("rank_correlation"),
-        "convention": summary["convention"],
-        "note": delta.get("note", ""),
-        "aggregator": summary["aggregator"],
-        "data": source.description.get("source"),
-    }
-    new = dataclasses.replace(
-        man,
-        default_aggregator=default_aggregator,
-        ood=ood,
-        validation=clean(validation),
-        entanglement=clean(entanglement),
-        manifest_version=man.manifest_version + 1,
-    )
-    _write_new_manifest(b, new)
-    return new
-
-
-def _write_new_manifest(b: Bundle, new: Manifest) -> None:
-    """Keep ``manifest.v<N>.json``, then replace ``manifest.json`` atomically."""
-    verify_checksums(b)  # members must not have changed while we ran
-    old_version = b.manifest.manifest_version
-    backup = b.path / f"manifest.v{old_version}.json"
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-backup-", suffix=".json", dir=b.path)
-    os.close(fd)
-    try:
-        shutil.copyfile(b.path / MANIFEST_NAME, tmp)
-        os.replace(tmp, backup)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    write_manifest(b.path, new)
-    verify_checksums(Bundle(path=b.path, manifest=new))

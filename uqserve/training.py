@@ -53,6 +53,9 @@ import numpy.typing as npt
 
 from uqserve import __version__
 from uqserve._fs import replace_dir_atomically
+from uqserve.checkpoints import CONFIG_NAME
+from uqserve.checkpoints import Checkpoints as Checkpoints  # the reader lives there
+from uqserve.checkpoints import load_checkpoints as load_checkpoints
 from uqserve.contracts import default_class_names
 from uqserve.data import (
     FolderDataset,
@@ -66,7 +69,6 @@ from uqserve.models import ModelConfig, build_network, parse_combination
 if TYPE_CHECKING:
     from torch import nn
 
-CONFIG_NAME = "config.json"
 FORMAT = "uqserve-checkpoints"
 FORMAT_VERSION = 1
 DEFAULT_DROPOUT = 0.2
@@ -578,49 +580,3 @@ class _Progress:
                 self._bar.update(task, completed=step + 1, loss=loss)
 
         return update
-
-
-# --------------------------------------------------------------------------- loading
-
-
-@dataclass
-class Checkpoints:
-    """A checkpoint folder read back: the config and one network per weight file."""
-
-    path: Path
-    config: dict[str, Any]
-    model_config: ModelConfig
-    networks: list[Any]  # torch.nn.Module, in eval mode
-
-    @property
-    def combination(self) -> str:
-        return str(self.config["combination"])
-
-
-def load_checkpoints(ckpt_dir: str | os.PathLike[str]) -> Checkpoints:
-    """Read a folder written by :func:`train` (networks in ``eval()`` mode, on CPU)."""
-    from safetensors.torch import load_file
-
-    path = Path(ckpt_dir)
-    cfg_path = path / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise TrainError(f"{cfg_path}: missing; pass a folder written by `uqserve train`")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-        au, _ = parse_combination(str(cfg["combination"]))
-        mc = ModelConfig.from_dict(dict(cfg["model_config"]))
-        files = [path / str(m["file"]) for m in cfg["members"]]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise TrainError(f"{cfg_path}: malformed ({exc}); re-run `uqserve train`") from exc
-    nets = []
-    for f in files:
-        if not f.is_file():
-            raise TrainError(f"{f}: checkpoint missing; re-run `uqserve train`")
-        net = build_network(au, mc)
-        try:
-            net.load_state_dict(load_file(str(f)))
-        except Exception as exc:
-            first = str(exc).splitlines()[0] if str(exc) else repr(exc)
-            raise TrainError(f"{f}: weights do not fit config.json ({first})") from exc
-        nets.append(net.eval())
-    return Checkpoints(path=path, config=cfg, model_config=mc, networks=nets)

@@ -133,8 +133,8 @@ def calibrate(
 ) -> None:
     """Pick the default aggregator and OOD threshold; record Δ in a new manifest version."""
     from uqserve.bundle import BundleError
+    from uqserve.calibration import calibrate as run_calibrate
     from uqserve.evaluate import EvaluationError
-    from uqserve.evaluate import calibrate as run_calibrate
     from uqserve.runtime import RuntimeError_
 
     try:

@@ -158,6 +158,22 @@ def _info_dict(bundle: Any) -> dict[str, Any]:
     return d
 
 
+def _format(value: Any) -> str:
+    """One table cell: numbers to 4 significant digits, dicts as ``key value`` pairs."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_format(v)}" for k, v in value.items()) or "–"
+    if isinstance(value, list | tuple):
+        return ", ".join(_format(v) for v in value) or "–"
+    return "–" if value is None or value == "" else str(value)
+
+
+def _section_rows(section: str, values: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every key of ``manifest.validation`` or ``manifest.entanglement``, one row each."""
+    return [(f"{section}.{k}", _format(v)) for k, v in values.items()]
+
+
 @app.command("info")
 def info_command(
     bundle: Annotated[
@@ -212,15 +228,8 @@ def info_command(
         ("created", m.created),
         ("checksums", "verified" if verify else "not checked"),
     ]
-    if "dice_id" in m.validation:
-        rows.append(("validation Dice (ID)", str(m.validation["dice_id"])))
-    if "auroc_eu" in m.validation:
-        rows.append(
-            (
-                "EU AUROC by aggregator",
-                ", ".join(f"{k} {v}" for k, v in m.validation["auroc_eu"].items()),
-            )
-        )
+    rows += _section_rows("validation", m.validation)
+    rows += _section_rows("entanglement", m.entanglement)
     for k, v in rows:
         t.add_row(k, v)
     for i, mem in enumerate(m.members):

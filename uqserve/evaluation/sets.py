@@ -347,3 +347,24 @@ def make_source(
         n_ood=n_ood,
         seed=seed,
     )
+
+
+def data_options(
+    n_test: int,
+    n_val: int,
+    n_ood: int,
+    size: Sequence[int] | None,
+    shifts: Sequence[str] | None,
+    severities: Sequence[float],
+    seed: int,
+) -> dict[str, Any]:
+    """The options of ``make_source`` as one dict (what evaluate and calibrate pass on)."""
+    return {
+        "n_test": n_test,
+        "n_val": n_val,
+        "n_ood": n_ood,
+        "size": None if size is None else tuple(int(s) for s in size),
+        "shifts": None if shifts is None else tuple(shifts),
+        "severities": tuple(severities),
+        "seed": seed,
+    }

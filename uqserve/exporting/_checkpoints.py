@@ -1,0 +1,116 @@
+"""Export a checkpoint folder written by ``uqserve train`` as a bundle."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from uqserve.bundle import Bundle, InputSpec, Normalization
+from uqserve.checkpoints import CONFIG_NAME, Checkpoints, load_checkpoints, read_checkpoint_config
+from uqserve.contracts import default_class_names
+from uqserve.exporting._plan import ExportError, ExportPlan
+from uqserve.exporting._torch import export_networks
+from uqserve.exporting._writer import Say
+
+
+def _normalization(cfg: dict[str, Any]) -> Normalization:
+    norm = cfg.get("normalization") or {}
+    if isinstance(norm, dict):
+        clip = norm.get("clip")
+        return Normalization(
+            scheme=str(norm.get("scheme", "fixed")),
+            mean=float(norm.get("mean", 0.0)),
+            std=float(norm.get("std", 1.0)),
+            clip=(float(clip[0]), float(clip[1])) if clip is not None else None,
+        )
+    mean, std = norm
+    return Normalization(scheme="fixed", mean=float(mean), std=float(std))
+
+
+def _class_names(ck: Checkpoints, classes: Sequence[str] | None) -> tuple[str, ...]:
+    k = ck.model_config.num_classes
+    source = ck.path / CONFIG_NAME
+    if classes is not None and len(classes) != k:
+        raise ExportError(
+            f"{source}: the model has {k} classes but "
+            f"{len(classes)} class names were given ({', '.join(classes)})"
+        )
+    names = tuple(classes or ck.config.get("classes") or default_class_names(k))
+    if len(names) != k:
+        raise ExportError(f"{source}: {len(names)} class names for {k} classes")
+    return names
+
+
+def _num_members(ck: Checkpoints, num_members: int | None) -> int:
+    """Bundle members: trained networks (ensemble), frozen masks (MC dropout), or 1."""
+    if ck.eu == "ensemble":
+        return len(ck.files) if num_members is None else num_members
+    if ck.eu == "mcdropout":
+        tc = ck.config.get("train_config", {})
+        return int(num_members or ck.config.get("bundle_members") or tc.get("num_masks") or 10)
+    return 1
+
+
+def export_checkpoints(
+    ckpt_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    num_members: int | None = None,
+    num_samples: int | None = None,
+    seed: int | None = None,
+    name: str | None = None,
+    classes: Sequence[str] | None = None,
+    tile_size: tuple[int, int] | None = None,
+    calibrate: bool = True,
+    overwrite: bool = False,
+    exporter: str = "torchscript",
+    progress: Say | None = None,
+) -> Bundle:
+    """Export a folder written by ``uqserve train`` (``config.json`` + weight files).
+
+    ``num_members`` applies to MC dropout (how many frozen masks; default 10 or
+    the training config's) and to ensembles (the first ``num_members`` trained
+    members; default all).
+    """
+    ck = read_checkpoint_config(ckpt_dir)  # cheap checks before torch loads anything
+    names = _class_names(ck, classes)
+    m = _num_members(ck, num_members)
+    ck = load_checkpoints(ckpt_dir, members=m if ck.eu == "ensemble" else None)
+    mc, cfg = ck.model_config, ck.config
+    tc = cfg.get("train_config", {})
+    tile = tile_size or tuple(cfg.get("tile_size") or tc.get("size") or (64, 64))[:2]
+    plan = ExportPlan(
+        name=name or Path(out_dir).name,
+        au=ck.au,
+        eu=ck.eu,
+        num_members=m,
+        num_samples=int(num_samples or mc.num_samples) if ck.au != "softmax" else 1,
+        classes=names,
+        input=InputSpec(
+            channels=mc.in_channels,
+            tile_size=(int(tile[0]), int(tile[1])),
+            multiple=mc.multiple,
+            normalization=_normalization(cfg),
+        ),
+        seed=int(cfg.get("seed", 0) if seed is None else seed),
+        extra={
+            "model_config": mc.to_dict(),
+            "source": "checkpoints",
+            "exporter": exporter,
+            # Calibration slices are drawn like the training images (same object scale).
+            "calibration_size": int(tc.get("image_size") or max(int(tile[0]), int(tile[1]))),
+            "training": {k: cfg[k] for k in ("validation", "data") if k in cfg},
+        },
+    )
+    return export_networks(
+        ck.networks,
+        out_dir,
+        plan,
+        mc,
+        overwrite=overwrite,
+        calibrate=calibrate,
+        exporter=exporter,
+        progress=progress,
+    )

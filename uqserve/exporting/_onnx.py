@@ -1,0 +1,324 @@
+"""ONNX graph editing: the member signature, and your own ONNX graphs as members.
+
+:func:`conform_signature` makes an exported graph's inputs and outputs exactly
+the member contract of :mod:`uqserve.contracts`. :func:`wrap_onnx_member`
+turns a plain ``[B,C,H,W] -> [B,K,H,W]`` graph (e.g. one nnU-Net fold) into a
+member with the onnx API (no torch needed); :func:`export_onnx_members`
+writes such graphs as a softmax bundle.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from uqserve import __version__
+from uqserve.bundle import Bundle, BundleError, InputSpec, Normalization, load_bundle
+from uqserve.contracts import (
+    MEMBER_INPUT_SPEC,
+    MEMBER_OUTPUT_SPEC,
+    TensorSpec,
+    default_class_names,
+)
+from uqserve.exporting._plan import ExportError, ExportPlan
+from uqserve.exporting._writer import atomic_bundle_dir, finish_bundle
+
+if TYPE_CHECKING:
+    import onnx
+
+_ONNX_TYPES = {"float32": 1, "uint8": 2, "int64": 7}  # onnx.TensorProto's enum values
+
+
+def _value_info(name: str, spec: TensorSpec, sizes: dict[str, int]) -> onnx.ValueInfoProto:
+    """The contract's ``spec`` with the fixed sizes (``C``, ``K``, ``S``) filled in."""
+    from onnx import helper
+
+    dtype, dims = spec
+    shape = [sizes.get(d, d) if isinstance(d, str) else d for d in dims]
+    return helper.make_tensor_value_info(name, _ONNX_TYPES[dtype], shape)
+
+
+def member_value_infos(
+    channels: int, num_classes: int, num_samples: int
+) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+    """The member signature's inputs and outputs as ONNX value infos, in order."""
+    sizes = {"C": channels, "K": num_classes, "S": num_samples}
+    return (
+        [_value_info(n, s, sizes) for n, s in MEMBER_INPUT_SPEC.items()],
+        [_value_info(n, s, sizes) for n, s in MEMBER_OUTPUT_SPEC.items()],
+    )
+
+
+def conform_signature(
+    model: onnx.ModelProto, channels: int, num_classes: int, num_samples: int
+) -> None:
+    """Make ``model``'s inputs and outputs exactly the member contract (in place).
+
+    Adds any of ``image, seed, offset, valid`` the exporter dropped, orders the
+    inputs, and writes readable dimension names ``B, H, W`` and the fixed sizes.
+    """
+    want_in, want_out = member_value_infos(channels, num_classes, num_samples)
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    names_in = {vi.name for vi in want_in}
+    extra = [vi.name for vi in g.input if vi.name not in names_in and vi.name not in inits]
+    if extra:
+        raise ExportError(f"graph has unexpected inputs {extra}")
+    missing = [vi.name for vi in want_out if vi.name not in {o.name for o in g.output}]
+    if missing:
+        raise ExportError(f"graph lacks outputs {missing}")
+    keep_inits = [vi for vi in g.input if vi.name in inits]
+    del g.input[:]
+    g.input.extend(want_in + keep_inits)
+    del g.output[:]
+    g.output.extend(want_out)
+
+
+def export_onnx_members(
+    onnx_files: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    au: str = "softmax",
+    outputs: str = "logits",
+    classes: Sequence[str] | None = None,
+    normalization: Normalization | None = None,
+    tile_size: tuple[int, int] = (128, 128),
+    multiple: int = 16,
+    name: str | None = None,
+    seed: int = 0,
+    calibrate: bool = True,
+    overwrite: bool = False,
+) -> Bundle:
+    """Wrap your own ONNX graphs (``[B,C,H,W] -> [B,K,H,W]``) into a bundle.
+
+    ``classes`` default to ``uqserve.contracts.default_class_names(2)``.
+    Each graph becomes one member (two or more: a softmax ensemble, e.g. five
+    nnU-Net folds; one: ``eu = none``). ``outputs`` says whether the graph
+    returns ``logits`` (softmax is added) or ``probs``. The wrapper adds the
+    contract's outputs (mean, entropy, per-sample counts in the valid region,
+    labels) and the unused ``seed``/``offset`` inputs with the onnx API.
+    """
+    if au != "softmax":
+        raise ExportError(f"--au {au}: only softmax members can be brought as plain ONNX graphs")
+    if outputs not in ("logits", "probs"):
+        raise ExportError(f"--outputs {outputs}: choose logits or probs")
+    if not onnx_files:
+        raise ExportError("no ONNX files given; pass one file per member")
+    classes = tuple(classes) if classes is not None else default_class_names(2)
+    if len(classes) < 2:
+        raise ExportError(f"--classes {','.join(classes)}: need at least two (background first)")
+    wrapped = [wrap_onnx_member(f, num_classes=len(classes), outputs=outputs) for f in onnx_files]
+    channels = {c for _, c, _ in wrapped}
+    if len(channels) != 1:
+        raise ExportError(
+            f"the members take different channel counts {sorted(channels)}; they must agree"
+        )
+    opsets = {o for _, _, o in wrapped}
+    plan = ExportPlan(
+        name=name or Path(out_dir).name,
+        au="softmax",
+        eu="ensemble" if len(wrapped) > 1 else "none",
+        num_members=len(wrapped),
+        num_samples=1,
+        classes=classes,
+        input=InputSpec(
+            channels=channels.pop(),
+            tile_size=tile_size,
+            multiple=multiple,
+            normalization=normalization or Normalization(),
+        ),
+        seed=seed,
+        extra={"source": "onnx", "outputs": outputs, "files": [Path(f).name for f in onnx_files]},
+    )
+    import onnx
+
+    with atomic_bundle_dir(out_dir, overwrite) as tmp:
+        files = [f"member_{m}.onnx" for m in range(len(wrapped))]
+        for (model, _, _), f in zip(wrapped, files, strict=True):
+            onnx.save(model, str(tmp / f))
+        check = functools.partial(_smoke_run, sources=[Path(f) for f in onnx_files])
+        finish_bundle(tmp, plan, files, max(opsets), calibrate=calibrate, check=check)
+    return load_bundle(out_dir, verify=True)
+
+
+def _smoke_run(bundle: Bundle, sources: Sequence[Path]) -> None:
+    """Load and run the wrapped members once through the runtime interface."""
+    import numpy as np
+
+    from uqserve.runtime import Batch
+    from uqserve.runtime.embedded import EmbeddedRuntime
+
+    man = bundle.manifest
+    h = w = max(man.input.multiple, 8)
+    batch = Batch(
+        image=np.zeros((1, man.input.channels, h, w), np.float32),
+        seed=np.zeros(1, np.int64),
+        offset=np.zeros((1, 3), np.int64),
+        valid=np.array([[h, w]], np.int64),
+    )
+    try:
+        with EmbeddedRuntime(bundle, device="cpu", threads=1, workers=1) as rt:
+            rt.infer(batch)
+    except (BundleError, RuntimeError) as exc:  # onnxruntime's run errors are RuntimeErrors
+        names = ", ".join(f"member_{m} = {s.name}" for m, s in enumerate(sources))
+        raise ExportError(
+            f"the wrapped graphs do not run ({exc}; {names}); check their input/output shapes"
+        ) from exc
+
+
+def _read_user_graph(path: Path, num_classes: int) -> tuple[onnx.ModelProto, str, int, int]:
+    """Load and check a user graph; returns ``(model, input name, channels, opset)``."""
+    import onnx
+    from onnx import TensorProto
+
+    if not path.is_file():
+        raise ExportError(f"{path}: no such file")
+    try:
+        user = onnx.load(str(path))
+        onnx.checker.check_model(user)
+    except Exception as exc:
+        raise ExportError(
+            f"{path}: not a valid ONNX model ({type(exc).__name__}); pass an .onnx file"
+        ) from exc
+    g = user.graph
+    inits = {i.name for i in g.initializer}
+    ins = [vi for vi in g.input if vi.name not in inits]
+    if len(ins) != 1 or len(g.output) != 1:
+        raise ExportError(
+            f"{path}: needs exactly one input [B,C,H,W] and one output [B,K,H,W], "
+            f"has inputs {[vi.name for vi in ins]} and outputs {[vi.name for vi in g.output]}"
+        )
+    vin, vout = ins[0], g.output[0]
+
+    def dims(vi: onnx.ValueInfoProto) -> list[int | str]:
+        return [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+            for d in vi.type.tensor_type.shape.dim
+        ]
+
+    din, dout = dims(vin), dims(vout)
+    if (
+        vin.type.tensor_type.elem_type != TensorProto.FLOAT
+        or len(din) != 4
+        or not isinstance(din[1], int)
+    ):
+        raise ExportError(
+            f"{path}: input {vin.name!r} must be float32 [B, C, H, W] with fixed C, got {din}"
+        )
+    if vout.type.tensor_type.elem_type != TensorProto.FLOAT or len(dout) != 4:
+        raise ExportError(f"{path}: output {vout.name!r} must be float32 [B, K, H, W], got {dout}")
+    if isinstance(dout[1], int) and dout[1] != num_classes:
+        raise ExportError(
+            f"{path}: the graph outputs {dout[1]} classes but {num_classes} class names were given"
+        )
+    opset = next((o.version for o in user.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        raise ExportError(f"{path}: opset {opset} is too old; re-export it at opset 13 or newer")
+    return user, vin.name, int(din[1]), opset
+
+
+def _contract_nodes(src_out: str, k: int, outputs: str) -> tuple[list[Any], list[Any]]:
+    """Nodes and constants computing the member outputs from the user's ``[B,K,H,W]``."""
+    from onnx import TensorProto, helper
+
+    c = helper.make_tensor
+    consts = [
+        c("wrap_axes_k", TensorProto.INT64, [1], [1]),
+        c("wrap_axes_hw", TensorProto.INT64, [2], [2, 3]),
+        c("wrap_tiny", TensorProto.FLOAT, [], [1e-30]),
+        c("wrap_zero", TensorProto.INT64, [], [0]),
+        c("wrap_one", TensorProto.INT64, [], [1]),
+        c("wrap_classes", TensorProto.INT64, [1, k, 1, 1], list(range(k))),
+        c("wrap_i0", TensorProto.INT64, [1], [0]),
+        c("wrap_i1", TensorProto.INT64, [1], [1]),
+        c("wrap_i2", TensorProto.INT64, [1], [2]),
+        c("wrap_i3", TensorProto.INT64, [1], [3]),
+        c("wrap_shape_b11", TensorProto.INT64, [3], [-1, 1, 1]),
+        c("wrap_shape_1h1", TensorProto.INT64, [3], [1, -1, 1]),
+        c("wrap_shape_11w", TensorProto.INT64, [3], [1, 1, -1]),
+    ]
+    mk = helper.make_node
+    if outputs == "logits":
+        nodes = [mk("Softmax", [src_out], ["mean"], axis=1)]
+    else:
+        nodes = [mk("Identity", [src_out], ["mean"])]
+    nodes += [
+        # sample_entropy = -sum_k p ln p with 0 ln 0 = 0 (clamp only inside the log)
+        mk("Max", ["mean", "wrap_tiny"], ["wrap_pc"]),
+        mk("Log", ["wrap_pc"], ["wrap_logp"]),
+        mk("Mul", ["mean", "wrap_logp"], ["wrap_plogp"]),
+        mk("ReduceSum", ["wrap_plogp", "wrap_axes_k"], ["wrap_negent"], keepdims=0),
+        mk("Neg", ["wrap_negent"], ["sample_entropy"]),
+        # labels [B,1,H,W]
+        mk("ArgMax", ["mean"], ["wrap_labels"], axis=1, keepdims=1),
+        mk("Cast", ["wrap_labels"], ["sample_labels"], to=TensorProto.UINT8),
+        # valid-region mask [B,1,H,W]
+        mk("Shape", ["mean"], ["wrap_shape"]),
+        mk("Gather", ["wrap_shape", "wrap_i2"], ["wrap_h1"]),
+        mk("Gather", ["wrap_shape", "wrap_i3"], ["wrap_w1"]),
+        mk("Squeeze", ["wrap_h1"], ["wrap_h"]),
+        mk("Squeeze", ["wrap_w1"], ["wrap_w"]),
+        mk("Range", ["wrap_zero", "wrap_h", "wrap_one"], ["wrap_rows"]),
+        mk("Range", ["wrap_zero", "wrap_w", "wrap_one"], ["wrap_cols"]),
+        mk("Reshape", ["wrap_rows", "wrap_shape_1h1"], ["wrap_rows3"]),
+        mk("Reshape", ["wrap_cols", "wrap_shape_11w"], ["wrap_cols3"]),
+        mk("Gather", ["valid", "wrap_i0"], ["wrap_vr"], axis=1),
+        mk("Gather", ["valid", "wrap_i1"], ["wrap_vc"], axis=1),
+        mk("Reshape", ["wrap_vr", "wrap_shape_b11"], ["wrap_vr3"]),
+        mk("Reshape", ["wrap_vc", "wrap_shape_b11"], ["wrap_vc3"]),
+        mk("Less", ["wrap_rows3", "wrap_vr3"], ["wrap_inr"]),
+        mk("Less", ["wrap_cols3", "wrap_vc3"], ["wrap_inc"]),
+        mk("And", ["wrap_inr", "wrap_inc"], ["wrap_in"]),
+        mk("Unsqueeze", ["wrap_in", "wrap_axes_k"], ["wrap_in4"]),
+        # counts [B,1,K] = sum over valid pixels of one-hot(labels)
+        mk("Equal", ["wrap_labels", "wrap_classes"], ["wrap_onehot"]),
+        mk("And", ["wrap_onehot", "wrap_in4"], ["wrap_onehot_in"]),
+        mk("Cast", ["wrap_onehot_in"], ["wrap_onehot_f"], to=TensorProto.FLOAT),
+        mk("ReduceSum", ["wrap_onehot_f", "wrap_axes_hw"], ["wrap_counts"], keepdims=0),
+        mk("Unsqueeze", ["wrap_counts", "wrap_axes_k"], ["sample_counts"]),
+    ]
+    return nodes, consts
+
+
+def wrap_onnx_member(
+    path: str | os.PathLike[str], *, num_classes: int, outputs: str = "logits"
+) -> tuple[onnx.ModelProto, int, int]:
+    """Wrap one user graph into the member contract; returns ``(model, channels, opset)``."""
+    import onnx
+    from onnx import helper
+
+    path = Path(path)
+    user, input_name, channels, opset = _read_user_graph(path, num_classes)
+    # Rename everything of the user's graph so our node names cannot clash.
+    user = onnx.compose.add_prefix(user, "user_")
+    g = user.graph
+    src_in = g.input[[vi.name for vi in g.input].index("user_" + input_name)].name
+    nodes, consts = _contract_nodes(g.output[0].name, num_classes, outputs)
+    inputs, outs = member_value_infos(channels, num_classes, 1)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["image"], [src_in], name="wrap_image"), *g.node, *nodes],
+        f"uqserve_member_{path.stem}",
+        inputs=inputs,
+        outputs=outs,
+        initializer=list(g.initializer) + consts,
+    )
+    graph.value_info.extend(g.value_info)
+    model = helper.make_model(
+        graph,
+        opset_imports=list(user.opset_import),
+        producer_name="uqserve",
+        producer_version=__version__,
+    )
+    model.ir_version = user.ir_version
+    if user.functions:
+        model.functions.extend(user.functions)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:  # onnx raises its own error types
+        raise ExportError(
+            f"{path}: the wrapped graph is not valid ({exc}); check its input/output shapes"
+        ) from exc
+    return model, channels, opset

@@ -1,0 +1,51 @@
+"""What a bundle is before it is written: the export plan, its manifest, the export error."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from uqserve import __version__
+from uqserve.bundle import InputSpec, Manifest, Member
+from uqserve.errors import UsageError
+
+#: The ONNX opset uqserve exports member graphs at.
+OPSET = 18
+
+
+class ExportError(UsageError):
+    """An export that cannot proceed; the message names the file and the fix."""
+
+
+@dataclass
+class ExportPlan:
+    """What one bundle is: combination, members, samples, classes, preprocessing."""
+
+    name: str
+    au: str
+    eu: str
+    num_members: int
+    num_samples: int
+    classes: tuple[str, ...]
+    input: InputSpec
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def manifest(self, members: tuple[Member, ...], opset: int) -> Manifest:
+        """The (not yet calibrated) manifest of these member files."""
+        return Manifest(
+            name=self.name,
+            au=self.au,
+            eu=self.eu,
+            num_members=self.num_members,
+            num_samples=self.num_samples,
+            classes=self.classes,
+            members=members,
+            input=self.input,
+            seed=self.seed,
+            opset=opset,
+            uqserve_version=__version__,
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            extra=self.extra,
+        )

@@ -1,0 +1,87 @@
+"""Write a bundle folder atomically: member files, manifest, checks, calibration.
+
+The bundle is assembled in a temp folder next to the target and renamed onto
+it at the end, so a failed export leaves nothing (and an existing bundle
+untouched).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from uqserve._fs import replace_dir_atomically
+from uqserve.bundle import Bundle, Manifest, Member, load_bundle, sha256_file, write_manifest
+from uqserve.exporting._plan import ExportError, ExportPlan
+
+Say = Callable[[str], None]
+
+
+@contextmanager
+def atomic_bundle_dir(target: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp folder next to ``target``; rename it to ``target`` on success.
+
+    Refuses an existing ``target`` unless ``overwrite``; on failure nothing is left.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise ExportError(f"{target}: already exists; pass --overwrite to replace it")
+    with replace_dir_atomically(target) as tmp:
+        yield tmp
+        _publish_permissions(tmp)
+
+
+def _publish_permissions(folder: Path) -> None:
+    """mkstemp creates private (0600) files; a bundle is shared data."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~umask)
+
+
+def calibrate_bundle(bundle: Bundle, **options: Any) -> Manifest:
+    """Calibrate a freshly exported bundle (:data:`uqserve.calibration.EXPORT_CALIBRATION`).
+
+    Synthetic slices are drawn at the training image size when the export
+    recorded one (``extra.calibration_size``: the same object scale as in
+    training), else at the tile size. ``options`` override
+    :func:`uqserve.calibration.calibrate_manifest`'s. Returns the new manifest.
+    """
+    from uqserve.calibration import EXPORT_CALIBRATION, calibrate_manifest
+
+    man = bundle.manifest
+    cal, mult = int(man.extra.get("calibration_size") or 0), man.input.multiple
+    size = (cal - cal % mult, cal - cal % mult) if cal >= mult else man.input.tile_size
+    kwargs: dict[str, Any] = {"size": size, "device": "cpu", **EXPORT_CALIBRATION, **options}
+    return calibrate_manifest(bundle, **kwargs)
+
+
+def finish_bundle(
+    folder: Path,
+    plan: ExportPlan,
+    files: Sequence[str],
+    opset: int,
+    *,
+    calibrate: bool,
+    check: Callable[[Bundle], None] | None = None,
+    say: Say | None = None,
+) -> None:
+    """Write the manifest of the member ``files`` in ``folder``, check, calibrate, verify.
+
+    ``check`` runs on the uncalibrated bundle (parity, a smoke run) before
+    calibration spends time on it.
+    """
+    members = tuple(Member(file=f, sha256=sha256_file(folder / f)) for f in files)
+    manifest = plan.manifest(members, opset)
+    write_manifest(folder, manifest)
+    if check is not None:
+        check(Bundle(folder, manifest))
+    if calibrate:
+        if say is not None:
+            say("calibrating the default aggregator and OOD threshold on synthetic data")
+        write_manifest(folder, calibrate_bundle(Bundle(folder, manifest)))
+    load_bundle(folder, verify=True)
