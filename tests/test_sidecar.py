@@ -419,7 +419,7 @@ def test_sidecar_imports_no_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
-# The routing rule from README.md ("Next to a PACS"), verbatim.
+# The routing rule from docs/guides/sidecar.md ("Orthanc routing rule"), verbatim.
 ROUTE_LUA = """
 function OnStableSeries(seriesId, tags, metadata)
   local modality = tags['Modality']
@@ -458,6 +458,6 @@ def test_orthanc_routes_new_series_through_the_sidecar(tmp_path: Path, tiny_bund
         assert len(pacs.get(f"/studies/{studies[0]}/series")) == 1 + 5
 
 
-def test_readme_shows_the_tested_routing_rule() -> None:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert ROUTE_LUA.strip() in readme
+def test_docs_show_the_tested_routing_rule() -> None:
+    page = Path(__file__).resolve().parents[1] / "docs" / "guides" / "sidecar.md"
+    assert ROUTE_LUA.strip() in page.read_text()
