@@ -64,7 +64,7 @@ def test_readme_picture_is_a_predict_preview() -> None:
     with Image.open(ROOT / path) as img:
         assert img.format == "PNG"
         width, height = img.size
-    from uqserve.report import PANEL
+    from uqserve.prediction.preview import PANEL
 
     pad = 6
     assert width == pad + 5 * (PANEL + pad)  # image, overlay, TU, AU, EU
