@@ -181,3 +181,10 @@ def test_report_schema_matches_the_report_type() -> None:
         assert set(spec["properties"]) == set(hints), name
         assert set(spec["required"]) == set(hints) - optional, name
         assert spec["additionalProperties"] is False, name
+
+
+def test_manifest_schema_describes_every_validation_key() -> None:
+    from uqserve.calibration import VALIDATION_KEYS
+
+    described = schema("manifest")["$defs"]["validation"]["properties"]
+    assert set(VALIDATION_KEYS) <= set(described)
