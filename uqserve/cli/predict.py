@@ -73,6 +73,16 @@ def predict_command(
         typer.Option("--volume-index", help="Pick this volume (0-based) of a 4D NIfTI.", min=0),
     ] = None,
     png: Annotated[bool, typer.Option("--png", help="Also write preview.png.")] = False,
+    compression_level: Annotated[
+        int,
+        typer.Option(
+            "--compression-level",
+            help="gzip level of the .nii.gz maps: 0 (none) to 9 (smallest, slowest); 1-3 use "
+            "the fast ISA-L compressor.",
+            min=0,
+            max=9,
+        ),
+    ] = 1,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print each report as one JSON line instead of a table.")
     ] = False,
@@ -148,6 +158,7 @@ def predict_command(
                 seed=seed,
                 batch_size=batch_size,
                 png=png,
+                compression_level=compression_level,
                 overwrite=overwrite,
                 volume_index=volume_index,
                 on_error="skip",
