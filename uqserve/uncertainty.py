@@ -1,7 +1,7 @@
 """Uncertainty decomposition, streaming accumulation, image scores, OOD and Δ.
 
-Pure numpy; imports nothing of uqserve and no I/O library. The formulas are
-those of ``science.md`` (sections 1-4):
+Pure numpy; imports no I/O library (only the aggregator names of
+``uqserve.contracts``). The formulas (docs: concepts, uncertainty decomposition):
 
 * ``p̄_m = mean_s p_{m,s}``, ``p̄ = mean_m p̄_m``
 * ``TU = H[p̄]``, ``AU = mean_m H[p̄_m]``, ``EU = TU - AU`` (>= 0 by Jensen)
@@ -540,7 +540,7 @@ def image_score(
 ) -> float:
     """Aggregate an uncertainty map ``[*sp]`` into one image-level score.
 
-    Aggregators (science.md section 3):
+    Aggregators:
 
     * ``border``: sum of the map / number of label changes between neighbouring
       voxels of ``seg`` along each axis; the plain sum if ``seg`` has no border.

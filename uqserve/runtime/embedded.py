@@ -3,8 +3,8 @@
 One ``InferenceSession`` per member. On CPU the members of a batch run in
 parallel threads (onnxruntime releases the GIL), each session with
 ``cores // workers`` intra-op threads: on small CPUs several single-threaded
-members beat one member at a time with all cores (DESIGN.md measured 72 vs
-85 ms on 2 cores). Results are collected in member order, so nothing depends
+members beat one member at a time with all cores (72 vs 85 ms measured on
+2 cores). Results are collected in member order, so nothing depends
 on scheduling.
 Only the outputs the caller needs are fetched: ``sample_labels`` is large
 (``[B, S, H, W]``) and is requested only with ``want_samples``.
