@@ -361,20 +361,25 @@ def test_unsendable_results_go_to_dead_letter(tmp_path: Path, tiny_bundle: Path)
         send_to=Peer("NOBODY", "127.0.0.1", free_port()),  # a PACS that is down
         send_retries=1,
         send_backoff_s=0.01,
+        max_attempts=2,
     )
     key = series_key(syn.series_uid)
     sc = Sidecar(config, BundlePredictor(str(tiny_bundle), device="cpu"))
     with _listening(sc):
         assert sent(storescu(syn.files, sc.port, called_ae="UQSIDECAR"))
-        assert _step(sc, later=60.0) == [(key, "partial")]
+        # An unreachable PACS is temporary: the built results wait in out/ for the next try...
+        assert _step(sc, later=60.0) == [(key, "retry")]
+        assert len(list((tmp_path / "spool" / "out" / key).glob("*.dcm"))) == 5
+        # ...and go to dead-letter/ when the last try fails too: none delivered.
+        assert _step(sc, later=3600.0) == [(key, "undelivered")]
     record = sc.spool.done_record(key)
-    assert record is not None and record["status"] == "partial"
+    assert record is not None and record["status"] == "undelivered"
     letters = tmp_path / "spool" / "dead-letter" / key
     dcm = sorted(letters.glob("*.dcm"))
     assert len(dcm) == 5 and len(record["dead_letter"]) == 5  # SEG, 3 maps, SR
     for f in dcm:
         reason = (letters / f"{f.name}.reason.json").read_text()
-        assert "peer unreachable" in reason and "2 attempt(s)" in reason
+        assert "peer unreachable" in reason and "after 2 attempts" in reason
         assert pydicom.dcmread(f).StudyInstanceUID == syn.study_uid  # intact, can be re-sent
 
 

@@ -7,8 +7,10 @@ therefore never prints a foreign message:
 
 * Python warnings are routed into logging as category + source module + a
   fixed text (:func:`guard_logs` replaces ``warnings.showwarning``);
-* the loggers of pydicom, highdicom and pynetdicom stop propagating and hand
-  each record to a scrubber that re-logs logger name + level + a fixed text;
+* records of pydicom, highdicom and pynetdicom lose their text when they are
+  created (a log record factory), whichever handler then sees them; those
+  loggers stop propagating and hand each record to a scrubber that re-logs
+  logger name + level + source line once on ``uqserve.sidecar``;
 * exceptions are described by :func:`describe` (type + fixed text), except
   uqserve's own errors, whose messages are written never to quote tag values.
 """
@@ -18,9 +20,10 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import TextIO
+from typing import Any, TextIO
 
 from uqserve.errors import UqserveError
 from uqserve.volumes import VolumeError
@@ -58,6 +61,18 @@ class _Scrubber(logging.Handler):
         )
 
 
+def _scrubbing_factory(base: Callable[..., logging.LogRecord]) -> Callable[..., logging.LogRecord]:
+    def make(
+        name: str, level: int, fn: str, lno: int, msg: object, args: Any, *rest: Any, **kw: Any
+    ) -> logging.LogRecord:
+        if name.split(".", 1)[0] in LIBRARIES:
+            msg, args = _WITHHELD, ()
+            rest = (None, *rest[1:]) if rest else rest  # exc_info: its text may quote values
+        return base(name, level, fn, lno, msg, args, *rest, **kw)
+
+    return make
+
+
 def _show_warning(
     message: Warning | str,
     category: type[Warning],
@@ -81,6 +96,7 @@ def guard_logs() -> None:
         if _installed:
             return
         warnings.showwarning = _show_warning
+        logging.setLogRecordFactory(_scrubbing_factory(logging.getLogRecordFactory()))
         scrubber = _Scrubber()
         for name in LIBRARIES:
             lib = logging.getLogger(name)

@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -63,10 +63,10 @@ __all__ = [
     "OutputOptions",
     "build_outputs",
     "derived_uid",
+    "make_deterministic",
     "make_fractional_segmentation",
     "make_parametric_map",
     "make_report",
-    "make_deterministic",
     "make_segmentation",
     "sanitize_sources",
     "write_datasets",
@@ -174,8 +174,8 @@ def sanitize_sources(source: Sequence[Dataset]) -> tuple[list[Dataset], list[str
     out = []
     for ds in source:
         new = Dataset()
-        for tag in ds.keys():
-            new[tag] = ds.get_item(tag)
+        for elem_tag in ds.keys():
+            new[elem_tag] = ds.get_item(elem_tag)
         if hasattr(ds, "file_meta"):
             new.file_meta = ds.file_meta
         for keyword in COPIED_ATTRIBUTES:

@@ -70,6 +70,9 @@ class SendResult:
 
     sent: list[Path] = field(default_factory=list)
     failed: dict[Path, str] = field(default_factory=dict)
+    # Those of ``failed`` the peer answered with a failure status (it will not
+    # take them); the others could not be sent (peer unreachable, aborted).
+    refused: set[Path] = field(default_factory=set)
 
     @property
     def ok(self) -> bool:
@@ -85,13 +88,15 @@ def send_files(
     backoff_s: float = 1.0,
     timeout_s: float = 30.0,
     sleep: Callable[[float], None] = time.sleep,
+    on_sent: Callable[[Path], None] | None = None,
 ) -> SendResult:
     """C-STORE ``files`` to ``peer`` in one association per attempt.
 
     A file the peer refuses with a failure status, or that cannot be sent
     because the association fails, is retried up to ``retries`` more times
     (waiting ``backoff_s * 2**attempt``); what still failed is in
-    ``SendResult.failed`` with the last reason.
+    ``SendResult.failed`` with the last reason. ``on_sent(path)`` is called as
+    soon as the peer has stored ``path`` (so a crash later does not resend it).
     """
     pending = [Path(f) for f in files]
     result = SendResult()
@@ -118,6 +123,7 @@ def send_files(
             )
             for f in pending:
                 reasons[f] = f"{why} ({peer}) after {attempt + 1} attempt(s)"
+                result.refused.discard(f)
             log.warning(
                 "send to %s failed: %s (attempt %d of %d)", peer, why, attempt + 1, retries + 1
             )
@@ -128,13 +134,20 @@ def send_files(
                 try:
                     status = assoc.send_c_store(f)
                 except (ValueError, RuntimeError) as exc:  # no accepted context, association lost
-                    reasons[f] = f"not sent: {exc}"
+                    reasons[f] = f"not sent: {type(exc).__name__}: {exc}"
+                    if isinstance(exc, ValueError):  # the peer accepted no context for it
+                        result.refused.add(f)
                     still.append(f)
                     continue
                 code = int(getattr(status, "Status", -1)) if status else -1
                 if code in _OK_STATUSES:
                     result.sent.append(f)
+                    result.refused.discard(f)
+                    if on_sent is not None:
+                        on_sent(f)
                 else:
+                    if code >= 0:
+                        result.refused.add(f)
                     reasons[f] = (
                         "no response (timeout or abort)"
                         if code < 0
@@ -146,6 +159,7 @@ def send_files(
                 assoc.release()
         pending = still
     result.failed = {f: reasons[f] for f in pending}
+    result.refused &= set(pending)
     return result
 
 
