@@ -47,7 +47,7 @@ from uqserve.sidecar.outputs import (
     sanitize_sources,
     write_datasets,
 )
-from uqserve.sidecar.scp import SUPPORTED_MODALITIES, StorageSCP
+from uqserve.sidecar.scp import SUPPORTED_MODALITIES, Limits, StorageSCP
 from uqserve.sidecar.sender import Peer, dead_letter, send_files
 from uqserve.sidecar.spool import SeriesState, Spool, instances_digest
 from uqserve.volumes import Volume, VolumeError
@@ -65,6 +65,8 @@ class PermanentError(UsageError):
 class PeerUnavailable(ServiceError):
     """The receiving PACS could not be reached for some results: retry the series later."""
 
+
+_DEVICES = ("auto", "cpu", "cuda")  # as uqserve.runtime.embedded.DEVICES, without importing it
 
 # Modality values shown in logs: plain codes only (a hostile value could hold anything).
 _SAFE_MODALITY = re.compile(r"[A-Z0-9_ ]{0,16}")
@@ -106,21 +108,29 @@ class BundlePredictor:
     ) -> None:
         from uqserve.bundle import load_bundle
 
+        if device not in _DEVICES:
+            raise UsageError(f"device {device!r} unknown; use one of {', '.join(_DEVICES)}")
         self.bundle = load_bundle(bundle)
         self.servers = tuple(servers)
         self.seed = seed
         self.device = device
         self._runtime: Any = None
 
-    def __call__(self, volume: Volume) -> PredictionLike:
-        from uqserve.prediction import predict_volume
+    def open(self) -> None:
+        """Open the runtime now (idempotent): a device without a GPU, an unreachable
+        or mismatched server fail here, before the sidecar listens."""
         from uqserve.runtime import open_runtime
 
+        if self._runtime is None:
+            self._runtime = open_runtime(
+                self.bundle, list(self.servers) or None, device=self.device
+            )
+
+    def __call__(self, volume: Volume) -> PredictionLike:
+        from uqserve.prediction import predict_volume
+
         try:
-            if self._runtime is None:
-                self._runtime = open_runtime(
-                    self.bundle, list(self.servers) or None, device=self.device
-                )
+            self.open()
             return predict_volume(volume, self.bundle, runtime=self._runtime, seed=self.seed)
         except ValueError:
             raise  # a bad scan: keep the sessions (and their cuDNN autotuning) for the next
@@ -154,6 +164,7 @@ class SidecarConfig:
     send_retries: int = 3
     send_backoff_s: float = 2.0
     poll_s: float = 0.5
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
         if self.stable_seconds < 0:
@@ -181,6 +192,7 @@ class Sidecar:
             modalities=config.modalities,
             on_store=lambda key: self._wake.set(),
             on_unsupported=self._unsupported,
+            limits=config.limits,
         )
         self._stop = threading.Event()
         self._wake = threading.Event()

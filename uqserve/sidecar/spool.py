@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from uqserve.errors import UsageError
+
 __all__ = ["SeriesState", "Spool", "instances_digest", "series_key"]
 
 STATE = "state.json"
@@ -97,8 +99,22 @@ class Spool:
         # get a full stable period from now, so senders can resume first.
         self.opened = time.time()
         self._lock = threading.Lock()
-        for sub in ("incoming", "work", "out", "failed", "dead-letter", "done", "tmp"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            for sub in ("incoming", "work", "out", "failed", "dead-letter", "done", "tmp"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            probe = self.root / "tmp" / f".probe-{os.getpid()}"
+            with open(probe, "wb") as f:  # root ignores permission bits: try for real
+                f.write(b"ok")
+                f.flush()
+                os.fsync(f.fileno())
+            probe.unlink()
+        except OSError as exc:
+            what = (
+                "is not a folder"
+                if self.root.exists() and not self.root.is_dir()
+                else (f"cannot be written ({exc.strerror or type(exc).__name__})")
+            )
+            raise UsageError(f"spool {self.root} {what}; pass a writable folder as spool") from exc
         for part in (self.root / "tmp").iterdir():  # leftovers of a crash mid-write
             with contextlib.suppress(OSError):
                 part.unlink()
