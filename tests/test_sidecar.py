@@ -242,7 +242,7 @@ def test_bad_series_fail_with_reason_and_listener_survives(
     reason = sc.spool.failed_reason(series_key(gap.series_uid))
     assert reason is not None and "1 slice(s) missing" in reason
     reason = sc.spool.failed_reason(series_key(broken.series_uid))
-    assert reason is not None and "cannot read pixel data" in reason
+    assert reason is not None and "pixel data" in reason
     if seg_file is not None:
         seg_series = str(pydicom.dcmread(seg_file, stop_before_pixels=True).SeriesInstanceUID)
         reason = sc.spool.failed_reason(series_key(seg_series))
