@@ -63,7 +63,6 @@ class BundleInfo(TypedDict):
 class RuntimeInfo(TypedDict):
     name: str  # "embedded" or "triton"
     device: str
-    precision: NotRequired[str]  # "tf32" or "fp16"; absent for exact float32
 
 
 class ImageScores(TypedDict):
@@ -169,7 +168,7 @@ def build_report(
             "manifest_sha256": bundle.manifest_sha256,
         },
         "seed": seed,
-        "runtime": _runtime_info(runtime),
+        "runtime": {"name": runtime.name, "device": runtime.device},
         "scores": scores.image,
         "ood": scores.ood,
         "entanglement": {"scan": scores.entanglement, "bundle": dict(man.entanglement) or None},
@@ -200,11 +199,3 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, np.floating):
         return float(obj)
     return obj
-
-
-def _runtime_info(runtime: Runtime) -> RuntimeInfo:
-    """Name and device; the precision only when it is not exact float32 (the default)."""
-    info: RuntimeInfo = {"name": runtime.name, "device": runtime.device}
-    if runtime.precision != "fp32":
-        info["precision"] = runtime.precision
-    return info

@@ -28,10 +28,12 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+from uqserve.errors import ServiceError
+
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 
 
-class ServerError(RuntimeError):
+class ServerError(ServiceError):
     """The server cannot start or stopped: missing extra, taken port, bad repository."""
 
 
