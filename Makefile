@@ -9,14 +9,14 @@ STAMP := $(VENV)/.installed
 # pull a multi-GB CUDA build. nvidia-pytriton pins numpy<2: one resolver run.
 TORCH := torch==2.13.0
 
-.PHONY: install demo test test-fast lint format bundles clean
+.PHONY: install demo test test-fast lint docs format bundles clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[export,server,dicom,eval,dev]'
+	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[export,server,dicom,eval,dev,docs]'
 	touch $(STAMP)
 
 demo: install
@@ -29,11 +29,16 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not triton and not dicom"
 
 lint: install
-	$(BIN)/ruff check uqserve tests benchmarks
-	$(BIN)/ruff format --check uqserve tests benchmarks
+	$(BIN)/ruff check uqserve tests benchmarks docs/hooks.py
+	$(BIN)/ruff format --check uqserve tests benchmarks docs/hooks.py
 	$(BIN)/mypy uqserve
 	$(BIN)/hadolint --failure-threshold info Dockerfile
 	$(BIN)/kubernetes-validate --strict deploy/kubernetes/*.yaml
+
+# The documentation site in site/ (docs/, mkdocs.yml); warnings are errors
+# (not --quiet: it hides the warnings, and with them the strict check).
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 format: install
 	$(BIN)/ruff format uqserve tests benchmarks
@@ -44,4 +49,4 @@ bundles: install
 	scripts/build_bundles.sh
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) site build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

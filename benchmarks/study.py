@@ -119,7 +119,7 @@ def _f(v: float | None, d: int = 2) -> str:
 
 
 def findings(rows: list[dict[str, Any]], margin: float = 0.03) -> list[str]:
-    """One sentence per finding of the paper (science.md section 6): agree, differ, inconclusive.
+    """One sentence per finding of the paper about the AU x EU grid: agree, differ, inconclusive.
 
     ``margin``: differences smaller than this are called inconclusive (one
     seed, small test sets).
@@ -298,7 +298,7 @@ def write_study(
         "",
         "![Δ scores and OOD AUROC per combination](figures/summary.png)",
         "",
-        "## Compared with the paper (science.md section 6)",
+        "## Compared with the paper's findings",
         "",
         "Verdicts use a margin of 0.03: smaller differences are called inconclusive (one seed).",
         *_training_caveat(timings),

@@ -54,6 +54,28 @@ def test_batch_size_does_not_change_outputs(tiny_bundle: Path, scan: Path, tmp_p
         np.testing.assert_array_equal(x, y)
 
 
+def test_compression_level_changes_bytes_not_maps(
+    tiny_bundle: Path, scan: Path, tmp_path: Path
+) -> None:
+    import gzip
+
+    import nibabel as nib
+
+    for level in ("0", "1", "9"):
+        code, _, err = _run(scan, "-o", tmp_path / level, "-b", tiny_bundle, "-q",
+                            "--compression-level", level)  # fmt: skip
+        assert code == 0, err
+    for name in ("seg", "prob", "tu", "au", "eu"):
+        files = {lv: tmp_path / lv / "scan" / f"{name}.nii.gz" for lv in ("0", "1", "9")}
+        payload = {lv: gzip.decompress(f.read_bytes()) for lv, f in files.items()}
+        assert payload["0"] == payload["1"] == payload["9"]  # the same NIfTI inside
+        assert files["0"].stat().st_size > files["1"].stat().st_size
+        assert files["1"].read_bytes() != files["9"].read_bytes()  # igzip vs zlib
+        assert np.asanyarray(nib.load(str(files["1"])).dataobj).shape == (40, 36, 5)
+    code, _, _ = _run(scan, "-o", tmp_path / "x", "-b", tiny_bundle, "--compression-level", "10")
+    assert code == 2 and not (tmp_path / "x").exists()
+
+
 def test_bad_scans_are_skipped(tiny_bundle: Path, tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()

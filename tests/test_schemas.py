@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -154,3 +155,36 @@ def test_loaded_manifest_round_trips_valid() -> None:
     """What write_manifest would write for a shipped bundle validates."""
     written = json.dumps(load_bundle(shipped_bundles()[0]).manifest.to_dict())
     validate(json.loads(written), "manifest")
+
+
+def test_report_schema_matches_the_report_type() -> None:
+    """Same keys, and the same required keys, as the TypedDicts of uqserve.prediction.report."""
+    from uqserve.prediction import report as r
+
+    s = schema("report")
+    blocks: dict[str, tuple[Any, dict[str, Any]]] = {
+        "report": (r.Report, s),
+        "scan": (r.ScanInfo, s["properties"]["scan"]),
+        "bundle": (r.BundleInfo, s["properties"]["bundle"]),
+        "runtime": (r.RuntimeInfo, s["properties"]["runtime"]),
+        "scores": (r.ImageScores, s["properties"]["scores"]),
+        "ood": (r.OodInfo, s["properties"]["ood"]),
+        "entanglement": (r.Entanglement, s["properties"]["entanglement"]),
+        "volumes": (r.VolumeStats, s["properties"]["volumes"]["additionalProperties"]),
+        "timings": (r.Timings, s["properties"]["timings"]),
+        "outputs": (r.Outputs, s["properties"]["outputs"]),
+    }
+    for name, (typed, spec) in blocks.items():
+        # Evaluated hints: the module's string annotations hide NotRequired from the TypedDict.
+        hints = typing.get_type_hints(typed, include_extras=True)
+        optional = {k for k, h in hints.items() if typing.get_origin(h) is typing.NotRequired}
+        assert set(spec["properties"]) == set(hints), name
+        assert set(spec["required"]) == set(hints) - optional, name
+        assert spec["additionalProperties"] is False, name
+
+
+def test_manifest_schema_describes_every_validation_key() -> None:
+    from uqserve.calibration import VALIDATION_KEYS
+
+    described = schema("manifest")["$defs"]["validation"]["properties"]
+    assert set(VALIDATION_KEYS) <= set(described)

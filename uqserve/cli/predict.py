@@ -13,7 +13,6 @@ from uqserve.cli import app
 from uqserve.cli._common import (
     BundleOption,
     SeedOption,
-    cli_message,
     console,
     err_console,
     error_line,
@@ -74,6 +73,16 @@ def predict_command(
         typer.Option("--volume-index", help="Pick this volume (0-based) of a 4D NIfTI.", min=0),
     ] = None,
     png: Annotated[bool, typer.Option("--png", help="Also write preview.png.")] = False,
+    compression_level: Annotated[
+        int,
+        typer.Option(
+            "--compression-level",
+            help="gzip level of the .nii.gz maps: 0 (none) to 9 (smallest, slowest); 1-3 use "
+            "the fast ISA-L compressor.",
+            min=0,
+            max=9,
+        ),
+    ] = 1,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print each report as one JSON line instead of a table.")
     ] = False,
@@ -91,10 +100,10 @@ def predict_command(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from uqserve.bundle import load_bundle
+    from uqserve.bundle import BundleError, load_bundle
     from uqserve.cli._summary import summary_table
-    from uqserve.prediction import collect_scans, predict
-    from uqserve.runtime import open_runtime
+    from uqserve.prediction import PredictError, collect_scans, predict
+    from uqserve.runtime import RuntimeError_, open_runtime
 
     if device not in ("auto", "cpu", "cuda"):
         fail(f"--device {device!r}: use auto, cpu or cuda")
@@ -105,8 +114,11 @@ def predict_command(
             fail(f"--fast means --precision tf32; it contradicts --precision {precision}")
         precision = "tf32"
     paths = collect_scans(scans)
-    loaded = load_bundle(bundle)
-    runtime = open_runtime(loaded, servers=server or None, device=device, precision=precision)
+    try:
+        loaded = load_bundle(bundle)
+        runtime = open_runtime(loaded, servers=server or None, device=device, precision=precision)
+    except (BundleError, RuntimeError_, ValueError, OSError) as exc:
+        fail(str(exc))
 
     failed: list[ScanResult] = []
     # No bar when stderr is no terminal (a log file, a pipe): it would only add blank lines.
@@ -129,8 +141,7 @@ def predict_command(
         progress.advance(scans_task)
         if not res.ok:
             failed.append(res)
-            message = cli_message(res.error or "")
-            progress.console.print(error_line(message), highlight=False, soft_wrap=True)
+            progress.console.print(error_line(res.error or ""), highlight=False, soft_wrap=True)
             return
         report: Mapping[str, Any] = res.report or {}
         if json_out:
@@ -138,20 +149,24 @@ def predict_command(
         elif not quiet:
             console.print(summary_table(report))
 
-    with progress, runtime:
-        predict(
-            paths,
-            out,
-            runtime=runtime,
-            seed=seed,
-            batch_size=batch_size,
-            png=png,
-            overwrite=overwrite,
-            volume_index=volume_index,
-            on_error="skip",
-            progress=on_slices if show_progress else None,
-            on_scan=on_scan,
-        )
+    try:
+        with progress, runtime:
+            predict(
+                paths,
+                out,
+                runtime=runtime,
+                seed=seed,
+                batch_size=batch_size,
+                png=png,
+                compression_level=compression_level,
+                overwrite=overwrite,
+                volume_index=volume_index,
+                on_error="skip",
+                progress=on_slices if show_progress else None,
+                on_scan=on_scan,
+            )
+    except (BundleError, RuntimeError_, PredictError) as exc:
+        fail(str(exc))
     if failed:
         fail(f"{len(failed)} of {len(paths)} scans failed; see the lines above", code=1)
     if not (quiet or json_out):

@@ -86,6 +86,33 @@ def sidecar_command(
             "--retry-seconds", help="First retry delay; doubles per attempt (max 1 h).", min=0
         ),
     ] = 30.0,
+    max_associations: Annotated[
+        int,
+        typer.Option(
+            "--max-associations", help="Associations served at once; more are rejected.", min=1
+        ),
+    ] = 32,
+    acse_timeout: Annotated[
+        float,
+        typer.Option(
+            "--acse-timeout",
+            help="Seconds a peer may take to open (or release) an association; "
+            "idle connections are closed after this.",
+            min=0.1,
+        ),
+    ] = 10.0,
+    dimse_timeout: Annotated[
+        float,
+        typer.Option(
+            "--dimse-timeout", help="Seconds to wait for the next DIMSE message.", min=0.1
+        ),
+    ] = 30.0,
+    network_timeout: Annotated[
+        float,
+        typer.Option(
+            "--network-timeout", help="Close an association silent for this long.", min=0.1
+        ),
+    ] = 60.0,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log every received instance.")
     ] = False,
@@ -94,7 +121,8 @@ def sidecar_command(
 
     Runs until SIGTERM or Ctrl-C. Logs never contain patient identifiers.
     """
-    from uqserve.sidecar import OutputOptions, Peer, Sidecar, SidecarConfig
+    from uqserve.errors import UqserveError, UsageError
+    from uqserve.sidecar import Limits, OutputOptions, Peer, Sidecar, SidecarConfig
     from uqserve.sidecar.sender import check_ae_title, parse_address
     from uqserve.sidecar.service import BundlePredictor
 
@@ -102,32 +130,46 @@ def sidecar_command(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    host, port = parse_address(listen, default_port=11112)
-    peer = Peer.parse(send_to) if send_to else None
-    allowed = tuple(
-        check_ae_title(a, "--allow AE title") for a in (allow or "").split(",") if a.strip()
-    )
-    config = SidecarConfig(
-        spool=spool,
-        ae_title=check_ae_title(ae_title, "--ae-title"),
-        host=host,
-        port=port,
-        allow=allowed,
-        send_to=peer,
-        stable_seconds=stable_seconds,
-        outputs=OutputOptions(seg_type=seg_type.lower(), fractional=fractional, report=report),
-        max_attempts=max_attempts,
-        retry_base_s=retry_seconds,
-    )
-    servers = [s.removeprefix("grpc://") for s in server or []]
-    predictor = BundlePredictor(bundle, servers, seed=seed, device=device)
+    # Everything that cannot work is refused here, before the port is opened:
+    # options, bundle, device, model server, spool.
     try:
-        sidecar = Sidecar(config, predictor)  # creates the spool folders
-    except OSError as exc:
-        fail(f"{spool}: {exc.strerror or exc}; choose a writable --spool folder")
+        host, port = parse_address(listen, default_port=11112)
+        peer = Peer.parse(send_to) if send_to else None
+        allowed = tuple(
+            check_ae_title(a, "--allow AE title") for a in (allow or "").split(",") if a.strip()
+        )
+        config = SidecarConfig(
+            spool=spool,
+            ae_title=check_ae_title(ae_title, "--ae-title"),
+            host=host,
+            port=port,
+            allow=allowed,
+            send_to=peer,
+            stable_seconds=stable_seconds,
+            outputs=OutputOptions(seg_type=seg_type.lower(), fractional=fractional, report=report),
+            max_attempts=max_attempts,
+            retry_base_s=retry_seconds,
+            limits=Limits(
+                acse_s=acse_timeout,
+                dimse_s=dimse_timeout,
+                network_s=network_timeout,
+                max_associations=max_associations,
+            ),
+        )
+        servers = [s.removeprefix("grpc://") for s in server or []]
+        predictor = BundlePredictor(bundle, servers, seed=seed, device=device)
+        predictor.open()
+    except (UqserveError, ValueError, RuntimeError) as exc:
+        fail(str(exc))
     try:
-        sidecar.start()  # binds the listening port
+        sidecar = Sidecar(config, predictor)  # creates the spool and writes a probe file
+    except UsageError as exc:
+        predictor.close()
+        fail(str(exc).replace("as spool", "with --spool"))
+    try:
+        sidecar.start()
     except OSError as exc:
+        predictor.close()
         fail(
             f"cannot listen on {listen} ({exc.strerror or exc}); "
             "choose a free port with --listen HOST:PORT"

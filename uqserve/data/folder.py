@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from uqserve.errors import UsageError
 from uqserve.volumes.base import Volume
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".png")
@@ -44,7 +43,7 @@ _FORMAT = (
 )
 
 
-class FolderError(UsageError):
+class FolderError(ValueError):
     """A data folder that cannot be used; the message names the file and the fix."""
 
 

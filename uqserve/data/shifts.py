@@ -43,7 +43,6 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from uqserve.errors import UsageError
 from uqserve.volumes.base import Volume
 
 SHIFTS = ("noise", "blur", "jpeg", "contrast", "inversion", "bias", "structures")
@@ -64,7 +63,7 @@ def _as_planes(image: npt.NDArray[np.floating], volume: bool | None) -> tuple[Fl
     if x.ndim == 2:
         return x[None], False
     if x.ndim != 3:
-        raise UsageError(
+        raise ValueError(
             f"image must be [H, W], [C, H, W] or a volume [X, Y, Z], got shape {x.shape}"
         )
     if volume is None:
@@ -252,9 +251,9 @@ def apply_shift(
     returns  float32 array of the same shape (or a ``Volume``).
     """
     if kind not in _FUNCS:
-        raise UsageError(f"unknown shift {kind!r}; choose one of {', '.join(SHIFTS)}")
+        raise ValueError(f"unknown shift {kind!r}; choose one of {', '.join(SHIFTS)}")
     if not 0.0 <= float(severity) <= 1.0:
-        raise UsageError(f"severity must be in [0, 1], got {severity}")
+        raise ValueError(f"severity must be in [0, 1], got {severity}")
     if isinstance(image, Volume):
         data = apply_shift(image.data, kind, severity, seed, volume=True)
         assert isinstance(data, np.ndarray)
@@ -268,7 +267,7 @@ def apply_shift(
         )
     arr = np.asarray(image)
     if not np.issubdtype(arr.dtype, np.number) or not np.all(np.isfinite(arr)):
-        raise UsageError("image must be a finite numeric array")
+        raise ValueError("image must be a finite numeric array")
     planes, spatial = _as_planes(arr, volume)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), SHIFTS.index(kind)]))
     out = _FUNCS[kind](planes, float(severity), rng, spatial)

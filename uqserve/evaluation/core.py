@@ -2,8 +2,8 @@
 
 The core knows nothing about runtimes or files. ``BundleEvaluation`` takes one
 ``ImagePrediction`` per image (arrays) for the validation set first, then for
-the test sets, and ``summary()`` computes the metrics of science.md section 5
-and the entanglement scores Δ of section 4 with ``uqserve.metrics`` and
+the test sets, and ``summary()`` computes the downstream metrics
+and the entanglement scores Δ with ``uqserve.metrics`` and
 ``uqserve.uncertainty``. The runner feeds it from the bundle's member graphs;
 tests feed it known predictions.
 
@@ -29,7 +29,7 @@ from uqserve.evaluation.sets import EvalImage, EvaluationError, SetSpec
 MAPS = ("tu", "au", "eu")
 PAPER_AGGREGATOR = DEFAULT_AGGREGATOR
 
-# Conventions for the rows of the AU x EU grid (science.md section 1).
+# Conventions for the rows of the AU x EU grid.
 UQSERVE = "uqserve"
 PAPER = "paper convention"
 NO_EU = "no EU method"
@@ -456,7 +456,7 @@ class BundleEvaluation:
         }
 
     def _deltas(self, splits: dict[str, Any], shifts: dict[str, Any]) -> dict[str, Any]:
-        """Δ per task (science.md section 4) and the AU-EU rank correlation."""
+        """Δ per task and the AU-EU rank correlation."""
         au_scores, eu_scores = self._id_scores("au"), self._id_scores("eu")
         if self.convention == NO_EU:
             return {

@@ -10,8 +10,10 @@ per-sample labels are gathered alongside.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +23,7 @@ import numpy.typing as npt
 from uqserve import uncertainty
 from uqserve.bundle import Manifest
 from uqserve.prediction.geometry import SlicePlan
-from uqserve.runtime import MemberOutputs, RuntimeServiceError
+from uqserve.runtime import MemberOutputs, RuntimeError_
 
 __all__ = ["Accumulated", "ProgressFn", "accumulate"]
 
@@ -75,9 +77,7 @@ def accumulate(
         t0 = time.perf_counter()
         b = min(plan.batch_size, depth - z0)
         if len(outs) != M:
-            raise RuntimeServiceError(
-                f"runtime returned {len(outs)} members, bundle {man.name} has {M}"
-            )
+            raise RuntimeError_(f"runtime returned {len(outs)} members, bundle {man.name} has {M}")
         for m, out in enumerate(outs):
             _check_outputs(out, (b, K, plan.pad_h, plan.pad_w), S, m)
             mean = np.swapaxes(out.mean[:, :, :rows, :cols], 0, 1)  # [K, b, X, Y]
@@ -88,7 +88,7 @@ def accumulate(
             counts[m] += out.sample_counts.sum(axis=0, dtype=np.float64)
             if labels is not None:
                 if out.sample_labels is None:
-                    raise RuntimeServiceError(f"runtime returned no sample_labels for member {m}")
+                    raise RuntimeError_(f"runtime returned no sample_labels for member {m}")
                 labels[m, :, :, :, z0 : z0 + b] = np.transpose(
                     out.sample_labels[:, :, :rows, :cols], (1, 2, 3, 0)
                 )
@@ -97,7 +97,7 @@ def accumulate(
         if progress is not None:
             progress(source, z0, depth)
     if z0 != depth:
-        raise RuntimeServiceError(f"runtime returned {z0} of {depth} slices")
+        raise RuntimeError_(f"runtime returned {z0} of {depth} slices")
     t0 = time.perf_counter()
     dec = _slices_last(acc.result(release=True))
     return Accumulated(dec, counts, labels, t_model, t_acc + time.perf_counter() - t0)
@@ -107,7 +107,7 @@ def _check_outputs(out: MemberOutputs, expected: tuple[int, int, int, int], S: i
     b, K, h, w = expected
     mean, ent, cnt = out.mean, out.sample_entropy, out.sample_counts
     if mean.shape != expected or ent.shape != (b, h, w) or cnt.shape != (b, S, K):
-        raise RuntimeServiceError(
+        raise RuntimeError_(
             f"member {m} returned mean {mean.shape}, sample_entropy {ent.shape}, "
             f"sample_counts {cnt.shape}; expected {expected}, {(b, h, w)}, {(b, S, K)}: "
             "the graph does not match its manifest; re-export the bundle"
@@ -120,14 +120,16 @@ def _slices_last(dec: uncertainty.Decomposition) -> uncertainty.Decomposition:
     def last(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
         return np.ascontiguousarray(np.moveaxis(a, -3, -1))
 
-    fg = dec.member_foreground
-    return dataclasses.replace(
-        dec,
-        mean=last(dec.mean),
-        tu=last(dec.tu),
-        au=last(dec.au),
-        eu=last(dec.eu),
-        au_sample=last(dec.au_sample),
-        au_latent=last(dec.au_latent),
-        member_foreground=None if fg is None else last(fg),
-    )
+    # Seven strided copies of the whole volume; numpy releases the GIL while copying.
+    names = ("mean", "tu", "au", "eu", "au_sample", "au_latent", "member_foreground")
+    arrays = {n: getattr(dec, n) for n in names if getattr(dec, n) is not None}
+    with ThreadPoolExecutor(_copy_threads(), thread_name_prefix="uqserve-layout") as pool:
+        moved = dict(zip(arrays, pool.map(last, arrays.values()), strict=True))
+    return dataclasses.replace(dec, **moved)  # type: ignore[arg-type]
+
+
+def _copy_threads() -> int:
+    try:
+        return max(1, min(4, len(os.sched_getaffinity(0))))
+    except AttributeError:  # not on Linux
+        return max(1, min(4, os.cpu_count() or 1))

@@ -30,9 +30,13 @@ from uqserve.volumes import (
     atomic_output_dir,
     read_volume,
     scan_name,
-    write_nifti_like,
+    write_niftis_like,
 )
-from uqserve.volumes.nifti import is_nifti_path
+from uqserve.volumes.nifti import (
+    DEFAULT_COMPRESSION_LEVEL,
+    check_compression_level,
+    is_nifti_path,
+)
 
 __all__ = [
     "DEFAULT_OUT_DIR",
@@ -94,19 +98,33 @@ def input_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_outputs(pred: Prediction, volume: Volume, folder: Path, *, png: bool = False) -> Outputs:
+def write_outputs(
+    pred: Prediction,
+    volume: Volume,
+    folder: Path,
+    *,
+    png: bool = False,
+    compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+) -> Outputs:
     """Write seg/prob/tu/au/eu NIfTI files (and ``preview.png``) into ``folder``.
 
     ``prob`` holds the foreground probability ``[X, Y, Z]`` for two classes,
-    else all of them ``[X, Y, Z, K]``. Returns the ``outputs`` entry of the
-    report (file names). ``report.json`` is written by the caller, last.
+    else all of them ``[X, Y, Z, K]``. The five files are gzipped at
+    ``compression_level`` (0-9) in parallel threads. Returns the ``outputs``
+    entry of the report (file names). ``report.json`` is written by the
+    caller, last.
     """
     K = pred.prob.shape[0]
-    write_nifti_like(pred.seg, volume, folder / "seg.nii.gz")
     prob = pred.prob[1] if K == 2 else np.moveaxis(pred.prob, 0, -1)
-    write_nifti_like(np.ascontiguousarray(prob, dtype=np.float32), volume, folder / "prob.nii.gz")
-    for key in ("tu", "au", "eu"):
-        write_nifti_like(getattr(pred, key).astype(np.float32), volume, folder / f"{key}.nii.gz")
+    maps = [
+        (pred.seg, folder / "seg.nii.gz"),
+        (np.ascontiguousarray(prob, dtype=np.float32), folder / "prob.nii.gz"),
+        *(
+            (getattr(pred, k).astype(np.float32), folder / f"{k}.nii.gz")
+            for k in ("tu", "au", "eu")
+        ),
+    ]
+    write_niftis_like(maps, volume, compression_level=compression_level)
     files = list(OUTPUT_FILES)
     if png:
         from uqserve.prediction.preview import render_preview
@@ -127,9 +145,11 @@ def predict(
     seed: int | None = None,
     batch_size: int | None = None,
     device: str = "auto",
+    precision: str = "fp32",
     servers: Sequence[str] | None = None,
     runtime: Runtime | None = None,
     png: bool = False,
+    compression_level: int = DEFAULT_COMPRESSION_LEVEL,
     overwrite: bool = False,
     volume_index: int | None = None,
     on_error: str = "raise",
@@ -147,10 +167,13 @@ def predict(
     (``VolumeError``, ``OutputError``, ...); ``"skip"`` records it in the
     ``ScanResult`` and goes on. Bundle and runtime errors always raise.
     ``progress(scan, slices_done, slices_total)`` is called after every
-    batch, ``on_scan(result)`` after every scan.
+    batch, ``on_scan(result)`` after every scan. ``precision`` (``fp32``,
+    ``tf32``, ``fp16``) applies to an embedded runtime opened here on a GPU;
+    ``compression_level`` (0-9) to the gzipped maps.
     """
     check_on_error(on_error)
     check_batch_size(batch_size)
+    check_compression_level(compression_level)
     if isinstance(scans, (str, os.PathLike)):
         scans = [scans]
     paths = collect_scans(scans)
@@ -159,7 +182,7 @@ def predict(
     out = Path(out_dir)
     own_runtime = runtime is None
     if runtime is None:
-        runtime = open_runtime(bundle, servers=servers, device=device)
+        runtime = open_runtime(bundle, servers=servers, device=device, precision=precision)
     results: list[ScanResult] = []
     seen: dict[str, Path] = {}
     try:
@@ -176,6 +199,7 @@ def predict(
                 res.out_dir, res.report = _predict_file(
                     path, out / name, runtime, seed=seed, batch_size=batch_size, png=png,
                     overwrite=overwrite, volume_index=volume_index, progress=progress,
+                    compression_level=compression_level,
                 )  # fmt: skip
             except (VolumeError, OutputError, PredictError) as exc:
                 if on_error == "raise":
@@ -205,6 +229,7 @@ def _predict_file(
     overwrite: bool,
     volume_index: int | None,
     progress: ProgressFn | None,
+    compression_level: int = DEFAULT_COMPRESSION_LEVEL,
 ) -> tuple[Path, Report]:
     """One scan: read, predict, write the maps, then ``report.json`` last."""
     t0 = time.perf_counter()
@@ -218,7 +243,9 @@ def _predict_file(
         report = pred.report
         report["scan"]["name"] = path.name
         report["scan"]["sha256"] = input_sha256(path)
-        report["outputs"] = write_outputs(pred, volume, tmp, png=png)
+        report["outputs"] = write_outputs(
+            pred, volume, tmp, png=png, compression_level=compression_level
+        )
         report["outputs"]["folder"] = str(final)
         report["timings"]["read_s"] = t_read
         report["timings"]["write_s"] = time.perf_counter() - t1

@@ -63,6 +63,7 @@ class BundleInfo(TypedDict):
 class RuntimeInfo(TypedDict):
     name: str  # "embedded" or "triton"
     device: str
+    precision: NotRequired[str]  # "tf32" or "fp16"; absent for exact float32
 
 
 class ImageScores(TypedDict):
@@ -168,7 +169,7 @@ def build_report(
             "manifest_sha256": bundle.manifest_sha256,
         },
         "seed": seed,
-        "runtime": {"name": runtime.name, "device": runtime.device},
+        "runtime": _runtime_info(runtime),
         "scores": scores.image,
         "ood": scores.ood,
         "entanglement": {"scan": scores.entanglement, "bundle": dict(man.entanglement) or None},
@@ -199,3 +200,11 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, np.floating):
         return float(obj)
     return obj
+
+
+def _runtime_info(runtime: Runtime) -> RuntimeInfo:
+    """Name and device; the precision only when it is not exact float32 (the default)."""
+    info: RuntimeInfo = {"name": runtime.name, "device": runtime.device}
+    if runtime.precision != "fp32":
+        info["precision"] = runtime.precision
+    return info

@@ -33,7 +33,7 @@ class Scores:
 
 def segment(mean: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
     """The segmentation: argmax over classes of the mean prediction ``[K, *sp]`` -> ``[*sp]``."""
-    return np.argmax(mean, axis=0).astype(np.uint8)
+    return uncertainty.segmentation(mean)
 
 
 def score_prediction(

@@ -6,9 +6,9 @@ import os
 from collections.abc import Sequence
 
 from uqserve.bundle import Bundle, load_bundle
-from uqserve.runtime.base import Batch, MemberOutputs, Runtime, RuntimeServiceError
+from uqserve.runtime.base import Batch, MemberOutputs, Runtime, RuntimeError_
 
-__all__ = ["Batch", "MemberOutputs", "Runtime", "RuntimeServiceError", "open_runtime"]
+__all__ = ["Batch", "MemberOutputs", "Runtime", "RuntimeError_", "open_runtime"]
 
 
 def open_runtime(
@@ -25,7 +25,7 @@ def open_runtime(
     matches the manifest. ``device`` and ``precision`` (``fp32``, ``tf32``,
     ``fp16``; see ``uqserve.runtime.embedded``) apply to the embedded runtime;
     a server's precision is set by its repository.
-    Raises ``BundleError`` for a bad bundle, ``RuntimeServiceError`` when a server
+    Raises ``BundleError`` for a bad bundle, ``RuntimeError_`` when a server
     cannot be used.
     """
     if not isinstance(bundle, Bundle):
@@ -41,18 +41,18 @@ def open_runtime(
         try:
             from uqserve.runtime.triton import TritonRuntime
         except ImportError as exc:
-            raise RuntimeServiceError(
+            raise RuntimeError_(
                 f"the Triton runtime is not available in this install ({exc}); "
-                "run without `servers` to predict in-process"
+                "run without --server to predict in-process"
             ) from exc
         try:
             return TritonRuntime(bundle, list(servers))
-        except RuntimeServiceError:
+        except RuntimeError_:
             raise
         except (OSError, ConnectionError, TimeoutError) as exc:
-            raise RuntimeServiceError(
+            raise RuntimeError_(
                 f"cannot connect to {', '.join(servers)} ({exc}); check that `uqserve serve` "
-                "runs there, or drop `servers` to predict in-process"
+                "runs there, or drop --server to predict in-process"
             ) from exc
     from uqserve.runtime.embedded import EmbeddedRuntime
 

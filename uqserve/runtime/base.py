@@ -14,12 +14,10 @@ import numpy as np
 import numpy.typing as npt
 
 from uqserve.bundle import Bundle
-from uqserve.errors import ServiceError
 
 
-class RuntimeServiceError(ServiceError):
-    """A runtime that cannot serve: unreachable server, model not ready, mismatch,
-    or outputs that do not match the manifest."""
+class RuntimeError_(RuntimeError):
+    """A runtime that cannot serve: unreachable server, model not ready, mismatch."""
 
 
 @dataclass(frozen=True)

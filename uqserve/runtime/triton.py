@@ -34,8 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from uqserve.bundle import Bundle
-from uqserve.errors import UsageError
-from uqserve.runtime.base import Batch, MemberOutputs, Runtime, RuntimeServiceError
+from uqserve.runtime.base import Batch, MemberOutputs, Runtime, RuntimeError_
 from uqserve.serving.repository import (
     manifest_identity,
     nosamples_model_name,
@@ -55,7 +54,7 @@ _TRANSIENT = {
 _LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
 
-class TritonUnavailableError(RuntimeServiceError):
+class TritonUnavailableError(RuntimeError_):
     """No server answered in time (after retries and failover)."""
 
 
@@ -63,7 +62,7 @@ class TritonNotReadyError(TritonUnavailableError):
     """The server answers but does not have the bundle's models ready (yet)."""
 
 
-class TritonMismatchError(RuntimeServiceError):
+class TritonMismatchError(RuntimeError_):
     """A server serves a different bundle than the local manifest."""
 
 
@@ -74,17 +73,15 @@ def parse_server(url: str) -> tuple[str, str]:
         text = f"grpc://{text}"
     parts = urlsplit(text)
     if parts.scheme != "grpc":
-        raise UsageError(
-            f"`servers`: {url!r} is not gRPC; write grpc://HOST:PORT (default port 8001)"
+        raise ValueError(
+            f"--server {url!r}: only gRPC is supported; write grpc://HOST:PORT (default port 8001)"
         )
     if not parts.hostname:
-        raise UsageError(f"`servers`: {url!r} has no host; write grpc://HOST:PORT")
+        raise ValueError(f"--server {url!r}: no host; write grpc://HOST:PORT")
     try:
         port = parts.port or DEFAULT_GRPC_PORT
     except ValueError as exc:
-        raise UsageError(
-            f"`servers`: {url!r} has a bad port ({exc}); write grpc://HOST:PORT"
-        ) from exc
+        raise ValueError(f"--server {url!r}: bad port ({exc}); write grpc://HOST:PORT") from exc
     host = parts.hostname
     target_host = f"[{host}]" if ":" in host else host
     return f"grpc://{target_host}:{port}", f"{target_host}:{port}"
@@ -182,26 +179,26 @@ class TritonRuntime(Runtime):
         if isinstance(servers, str):
             servers = [servers]
         if not servers:
-            raise UsageError("no server given: pass at least one grpc://HOST:PORT")
+            raise ValueError("no server given: pass at least one grpc://HOST:PORT")
         if timeout_s <= 0:
-            raise UsageError(f"timeout_s must be > 0, got {timeout_s}")
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if max_in_flight < 1:
-            raise UsageError(f"max_in_flight must be >= 1, got {max_in_flight}")
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         if retries < 0:
-            raise UsageError(f"retries must be >= 0, got {retries}")
+            raise ValueError(f"retries must be >= 0, got {retries}")
         try:
             import tritonclient.grpc  # noqa: F401
         except ImportError as exc:  # pragma: no cover - a base dependency
-            raise RuntimeServiceError(
+            raise RuntimeError_(
                 "tritonclient is not installed: pip install 'tritonclient[grpc]'"
             ) from exc
         self._servers = [_Server(*parse_server(s)) for s in servers]
         if shared_memory:
             remote = [s.url for s in self._servers if not s.local]
             if remote:
-                raise UsageError(
+                raise ValueError(
                     f"shared memory needs servers on this host; {', '.join(remote)} is not "
-                    "(pass `shared_memory=False`)"
+                    "(drop --shared-memory)"
                 )
         self.timeout_s = float(timeout_s)
         self.max_in_flight = int(max_in_flight)
@@ -288,7 +285,7 @@ class TritonRuntime(Runtime):
             except InferenceServerException as exc:
                 raise TritonUnavailableError(
                     f"{server.url}: server unreachable ({_short(exc)}); start one with "
-                    "`uqserve serve` or check `servers`"
+                    "`uqserve serve` or check --server"
                 ) from exc
             try:
                 ready = all(
@@ -310,7 +307,7 @@ class TritonRuntime(Runtime):
             except InferenceServerException as exc:
                 if (exc.status() or "") in _TRANSIENT:
                     raise TritonUnavailableError(f"{server.url}: {_short(exc)}") from exc
-                raise RuntimeServiceError(
+                raise RuntimeError_(
                     f"{server.url}: cannot query model {self.model_name!r}: {_short(exc)}"
                 ) from exc
             served_id = served_identity(config)
@@ -342,7 +339,7 @@ class TritonRuntime(Runtime):
 
     def infer(self, batch: Batch, want_samples: bool = False) -> list[MemberOutputs]:
         if self._closed:
-            raise RuntimeServiceError("the Triton runtime is closed")
+            raise RuntimeError_("the Triton runtime is closed")
         _check_batch(batch, self.bundle)
         from tritonclient.utils import InferenceServerException
 
@@ -361,9 +358,7 @@ class TritonRuntime(Runtime):
             except InferenceServerException as exc:
                 status = exc.status() or ""
                 if status not in _TRANSIENT:
-                    raise RuntimeServiceError(
-                        f"{server.url}: inference failed: {_short(exc)}"
-                    ) from exc
+                    raise RuntimeError_(f"{server.url}: inference failed: {_short(exc)}") from exc
                 self._mark_down(server, f"{server.url}: {_short(exc)}", attempt)
                 # The server may have restarted with another model: check again before reuse.
                 server.verified = False
@@ -448,7 +443,7 @@ class TritonRuntime(Runtime):
             for name, _, dt in out_specs:
                 arr = result.as_numpy(name)
                 if arr is None:
-                    raise RuntimeServiceError(f"{server.url}: response lacks output {name!r}")
+                    raise RuntimeError_(f"{server.url}: response lacks output {name!r}")
                 got[name] = arr.astype(dt, copy=False)
         return [
             MemberOutputs(
@@ -509,10 +504,10 @@ class TritonRuntime(Runtime):
 def _check_batch(batch: Batch, bundle: Bundle) -> None:
     image = batch.image
     if image.ndim != 4:
-        raise UsageError(f"batch.image must be [B, C, H, W], got shape {image.shape}")
+        raise ValueError(f"batch.image must be [B, C, H, W], got shape {image.shape}")
     b, c = image.shape[:2]
     if c != bundle.manifest.input.channels:
-        raise UsageError(
+        raise ValueError(
             f"batch.image has {c} channels but bundle {bundle.manifest.name!r} expects "
             f"{bundle.manifest.input.channels}"
         )
@@ -522,7 +517,7 @@ def _check_batch(batch: Batch, bundle: Bundle) -> None:
         ("valid", batch.valid, (b, 2)),
     ):
         if tuple(np.shape(arr)) != shape:
-            raise UsageError(
+            raise ValueError(
                 f"batch.{name} must have shape {list(shape)}, got {list(np.shape(arr))}"
             )
 

@@ -28,12 +28,10 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from uqserve.errors import ServiceError
-
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 
 
-class ServerError(ServiceError):
+class ServerError(RuntimeError):
     """The server cannot start or stopped: missing extra, taken port, bad repository."""
 
 

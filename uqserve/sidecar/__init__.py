@@ -6,12 +6,14 @@ results (built with highdicom) to a PACS by C-STORE.
 """
 
 from uqserve.sidecar.outputs import OutputOptions, build_outputs, write_datasets
+from uqserve.sidecar.scp import Limits
 from uqserve.sidecar.sender import Peer, SendResult, send_files
 from uqserve.sidecar.service import BundlePredictor, PermanentError, Sidecar, SidecarConfig
 from uqserve.sidecar.spool import Spool, series_key
 
 __all__ = [
     "BundlePredictor",
+    "Limits",
     "OutputOptions",
     "Peer",
     "PermanentError",

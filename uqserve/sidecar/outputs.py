@@ -18,9 +18,16 @@ axis) this module writes, each in its own series of the source study:
   (OHIF, Weasis, Orthanc's Stone viewer, dcmtk's ``dsr2html``) show it as
   text, and the numbers stay machine-readable with units.
 
-Every UID of an output is derived from the source series UID and a key (the
-bundle checksum and seed), so processing the same series twice — after a
-crash, say — re-sends the same instances instead of duplicating them.
+Every UID of an output is derived from a key (the bundle checksum and seed),
+the source series UID and the *set* of source SOP Instance UIDs, and every
+date and time in it from the source series (:func:`make_deterministic`): the
+same series processed twice — after a crash, say — gives byte-identical
+objects, and a different set of instances (part of a series re-sent) gives
+different UIDs, so a PACS never holds two different objects under one UID.
+
+Patient and study attributes highdicom copies and refuses when invalid (a
+PatientSex of ``U``, an impossible date) are blanked in a copy of the source
+(:func:`sanitize_sources`) and named in the SR instead of failing the series.
 
 Array conventions: ``[X=columns, Y=rows, Z=slices]`` as in
 :class:`uqserve.volumes.Volume`; ``prob`` is ``[K, X, Y, Z]``.
@@ -31,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -40,21 +48,27 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 import numpy.typing as npt
+from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
+from pydicom.valuerep import DA, TM, validate_value
 
 from uqserve import __version__
-from uqserve.errors import UsageError
 
 __all__ = [
     "MAP_KINDS",
     "OutputOptions",
     "build_outputs",
     "derived_uid",
+    "make_deterministic",
     "make_fractional_segmentation",
     "make_parametric_map",
     "make_report",
     "make_segmentation",
+    "sanitize_sources",
     "write_datasets",
 ]
 
@@ -95,13 +109,137 @@ class OutputOptions:
 
     def __post_init__(self) -> None:
         if self.seg_type not in ("binary", "labelmap"):
-            raise UsageError(f"seg_type {self.seg_type!r}: choose 'binary' or 'labelmap'")
+            raise ValueError(f"seg_type {self.seg_type!r}: choose 'binary' or 'labelmap'")
 
 
 def derived_uid(*parts: object) -> str:
     """A deterministic UID (``2.25.<128-bit integer>``) from ``parts``."""
     digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()[:16]
     return f"2.25.{int.from_bytes(digest, 'big')}"
+
+
+def source_digest(source: Sequence[Dataset]) -> str:
+    """A hash of the sorted SOP Instance UIDs of ``source``: which images an output covers."""
+    uids = sorted(str(ds.SOPInstanceUID) for ds in source)
+    return hashlib.sha256("\x1f".join(uids).encode()).hexdigest()[:32]
+
+
+def _uid(key: str, source: Sequence[Dataset], *parts: object) -> str:
+    """An output UID: the key, the source series, the set of its images, the role."""
+    series_uid = str(source[0].SeriesInstanceUID)
+    return derived_uid(key, series_uid, source_digest(source), *parts)
+
+
+# Attributes highdicom copies from the source and converts strictly (a bad
+# value raises); all are Type 2, so an empty value is valid.
+COPIED_ATTRIBUTES = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+def _valid(keyword: str, value: Any) -> bool:
+    if value is None or value == "":
+        return True
+    if isinstance(value, MultiValue):
+        return False
+    vr = dictionary_VR(keyword)
+    try:
+        validate_value(vr, value, pydicom_config.RAISE)
+        if vr == "DA":
+            DA(value)
+        elif vr == "TM":
+            TM(value)
+    except (ValueError, TypeError, OverflowError):
+        return False
+    return keyword != "PatientSex" or str(value) in ("M", "F", "O")
+
+
+def sanitize_sources(source: Sequence[Dataset]) -> tuple[list[Dataset], list[str]]:
+    """Copies of ``source`` whose invalid or missing copied attributes are empty.
+
+    Returns ``(datasets, omitted)``: ``omitted`` names (keywords only, never
+    values) the attributes that held an invalid value in some image. The
+    copies share elements with ``source`` (no pixel data is copied); the
+    originals are not changed.
+    """
+    omitted: set[str] = set()
+    out = []
+    for ds in source:
+        new = Dataset()
+        for elem_tag in ds.keys():
+            new[elem_tag] = ds.get_item(elem_tag)
+        if hasattr(ds, "file_meta"):
+            new.file_meta = ds.file_meta
+        for keyword in COPIED_ATTRIBUTES:
+            tag = tag_for_keyword(keyword)
+            assert tag is not None
+            present = tag in ds
+            try:
+                value = ds[tag].value if present else None
+            except (ValueError, TypeError, OverflowError):
+                value = object()  # undecodable counts as invalid
+            if present and _valid(keyword, value):
+                continue
+            if present:
+                omitted.add(keyword)
+            new[tag] = DataElement(tag, dictionary_VR(keyword), "")
+        out.append(new)
+    return out, sorted(omitted)
+
+
+_DATE_TIME_PAIRS = (
+    ("SeriesDate", "SeriesTime"),
+    ("AcquisitionDate", "AcquisitionTime"),
+    ("StudyDate", "StudyTime"),
+)
+
+
+def _source_datetime(source: Sequence[Dataset]) -> tuple[str, str]:
+    """(date, time) of the source series, the first valid of series, acquisition, study.
+
+    Falls back to 19700101 000000: outputs must not depend on when they were made.
+    """
+    for date_kw, time_kw in _DATE_TIME_PAIRS:
+        date = str(getattr(source[0], date_kw, "") or "")
+        time_ = str(getattr(source[0], time_kw, "") or "")
+        if re.fullmatch(r"\d{8}", date) and _valid(date_kw, date):
+            return date, time_.split(".")[0] if _valid(time_kw, time_) and time_ else "000000"
+    return "19700101", "000000"
+
+
+def make_deterministic(ds: Dataset, source: Sequence[Dataset], key: str) -> Dataset:
+    """Replace what highdicom makes up per call: creation times and organisation UIDs.
+
+    Dates and times come from the source series (:func:`_source_datetime`);
+    every DimensionOrganizationUID is derived from the output's own UID.
+    Rebuilding an output from the same series then gives the same bytes.
+    """
+    date, time_ = _source_datetime(source)
+    for kw in ("ContentDate", "InstanceCreationDate"):
+        if kw in ds:
+            setattr(ds, kw, date)
+    for kw in ("ContentTime", "InstanceCreationTime"):
+        if kw in ds:
+            setattr(ds, kw, time_)
+    renamed: dict[str, str] = {}
+    for elem in ds.iterall():
+        if elem.keyword == "ContributionDateTime":
+            elem.value = date + time_
+        elif elem.keyword == "DimensionOrganizationUID":
+            old = str(elem.value)
+            new = renamed.setdefault(
+                old, derived_uid(key, str(ds.SOPInstanceUID), "dimension", len(renamed))
+            )
+            elem.value = new
+    return ds
 
 
 def _frames(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
@@ -112,7 +250,7 @@ def _frames(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
 def _check_shape(name: str, arr: npt.NDArray[Any], source: Sequence[Dataset]) -> None:
     expected = (int(source[0].Columns), int(source[0].Rows), len(source))
     if tuple(arr.shape) != expected:
-        raise UsageError(
+        raise ValueError(
             f"{name} has shape {tuple(arr.shape)} but the source series is [X, Y, Z] = {expected}; "
             "pass arrays in the volume's array order"
         )
@@ -135,12 +273,11 @@ def _derived_series(
     source: Sequence[Dataset], key: str, options: OutputOptions, kind: str, *variant: str
 ) -> dict[str, Any]:
     """Arguments every derived series shares: its source, stable UIDs, number, device."""
-    series_uid = str(source[0].SeriesInstanceUID)
     return {
         "source_images": list(source),
-        "series_instance_uid": derived_uid(key, series_uid, kind, *variant, "series"),
+        "series_instance_uid": _uid(key, source, kind, *variant, "series"),
         "series_number": _series_number(source, kind),
-        "sop_instance_uid": derived_uid(key, series_uid, kind, *variant, "instance"),
+        "sop_instance_uid": _uid(key, source, kind, *variant, "instance"),
         "instance_number": 1,
         "manufacturer": options.manufacturer,
         "manufacturer_model_name": options.model_name[:64],
@@ -190,9 +327,9 @@ def make_segmentation(
     """
     _check_shape("labels", labels, source)
     if len(classes) < 2:
-        raise UsageError("classes needs background plus at least one foreground class")
+        raise ValueError("classes needs background plus at least one foreground class")
     if labels.size and int(labels.max()) >= len(classes):
-        raise UsageError(
+        raise ValueError(
             f"labels hold value {int(labels.max())} but there are only {len(classes)} classes"
         )
     seg_type = hd.seg.SegmentationTypeValues[options.seg_type.upper()]
@@ -218,7 +355,7 @@ def make_fractional_segmentation(
 ) -> hd.seg.Segmentation:
     """A FRACTIONAL (PROBABILITY) SEG of ``prob [K, X, Y, Z]`` for each foreground class."""
     if prob.ndim != 4 or prob.shape[0] != len(classes):
-        raise UsageError(f"prob must be [K={len(classes)}, X, Y, Z], got {tuple(prob.shape)}")
+        raise ValueError(f"prob must be [K={len(classes)}, X, Y, Z], got {tuple(prob.shape)}")
     _check_shape("prob[k]", prob[0], source)
     # [Z, rows, cols, segments]
     frames = np.stack(
@@ -252,11 +389,11 @@ def make_parametric_map(
     largest entropy ``num_classes`` classes allow.
     """
     if kind not in MAP_KINDS:
-        raise UsageError(f"kind {kind!r}: choose one of {', '.join(MAP_KINDS)}")
+        raise ValueError(f"kind {kind!r}: choose one of {', '.join(MAP_KINDS)}")
     _check_shape(f"{kind} map", values, source)
     data = _frames(np.asarray(values, dtype=np.float32))
     if not np.all(np.isfinite(data)):
-        raise UsageError(f"{kind} map holds NaN or infinite values")
+        raise ValueError(f"{kind} map holds NaN or infinite values")
     title, explanation = MAP_KINDS[kind]
     ln_k = math.log(max(num_classes, 2))
     lo, hi = float(data.min()), float(data.max())
@@ -376,11 +513,13 @@ def make_report(
     key: str,
     options: OutputOptions = OutputOptions(),
     evidence: Sequence[Dataset] = (),
+    omitted: Sequence[str] = (),
 ) -> hd.sr.ComprehensiveSR:
     """A Comprehensive SR holding the report facts as coded, numeric and text items.
 
     ``evidence`` (e.g. the SEG and maps) is listed with the source images in
-    the Current Requested Procedure Evidence Sequence.
+    the Current Requested Procedure Evidence Sequence. ``omitted`` names source
+    attributes left empty in every output because their values were invalid.
     """
     facts = report_facts(report)
     root = hd.sr.ContainerContentItem(
@@ -388,6 +527,12 @@ def make_report(
     )
     items: list[Any] = [_text("Summary", summary_line(report), "SUMMARY")]
     items.append(_text("Model", f"{options.model_name} ({options.model_version})", "MODEL"))
+    if omitted:
+        note = (
+            f"Left empty in these results because the source images hold invalid values: "
+            f"{', '.join(omitted)}."
+        )
+        items.append(_text("Omitted source attributes", note, "OMITTED"))
     ood = facts["ood"]
     if ood and ood.get("score") is not None:
         items.append(_num("OOD score (image-level EU)", float(ood["score"]), NAT, "OODSCORE"))
@@ -433,13 +578,12 @@ def make_report(
                 _num(f"{name} volume, 97.5 % quantile", float(ci[1]), MILLILITER, f"VOLHI{i}")
             )
     root.ContentSequence = hd.sr.ContentSequence(items)
-    series_uid = str(source[0].SeriesInstanceUID)
     return hd.sr.ComprehensiveSR(
         evidence=[*source, *evidence],
         content=root,
-        series_instance_uid=derived_uid(key, series_uid, "report", "series"),
+        series_instance_uid=_uid(key, source, "report", "series"),
         series_number=_series_number(source, "report"),
-        sop_instance_uid=derived_uid(key, series_uid, "report", "instance"),
+        sop_instance_uid=_uid(key, source, "report", "instance"),
         instance_number=1,
         manufacturer=options.manufacturer,
         is_complete=True,
@@ -463,13 +607,15 @@ def build_outputs(
     ``source`` sorted as the volume's last axis; ``seg [X, Y, Z]``;
     ``maps`` has ``tu``, ``au``, ``eu`` ``[X, Y, Z]``; ``prob [K, X, Y, Z]`` is
     needed when ``options.fractional``. ``key`` makes the UIDs deterministic
-    (use the bundle checksum and the seed).
+    (use the bundle checksum and the seed). Invalid copied patient/study
+    attributes are left empty and named in the SR (:func:`sanitize_sources`).
     """
     if not source:
-        raise UsageError("no source images")
+        raise ValueError("no source images")
     missing = [k for k in MAP_KINDS if k not in maps]
     if missing:
-        raise UsageError(f"maps lacks {', '.join(missing)}; pass tu, au and eu")
+        raise ValueError(f"maps lacks {', '.join(missing)}; pass tu, au and eu")
+    source, omitted = sanitize_sources(source)
     out: list[Dataset] = [make_segmentation(source, seg, classes, key=key, options=options)]
     for kind in MAP_KINDS:
         out.append(
@@ -479,11 +625,15 @@ def build_outputs(
         )
     if options.fractional:
         if prob is None:
-            raise UsageError("options.fractional needs prob [K, X, Y, Z]")
+            raise ValueError("options.fractional needs prob [K, X, Y, Z]")
         out.append(make_fractional_segmentation(source, prob, classes, key=key, options=options))
     if options.report and report is not None:
-        out.append(make_report(source, report, key=key, options=options, evidence=list(out)))
-    return out
+        out.append(
+            make_report(
+                source, report, key=key, options=options, evidence=list(out), omitted=omitted
+            )
+        )
+    return [make_deterministic(ds, source, key) for ds in out]
 
 
 def output_name(ds: Dataset) -> str:

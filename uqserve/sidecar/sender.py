@@ -16,8 +16,6 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from uqserve.errors import UsageError
-
 __all__ = ["Peer", "SendResult", "dead_letter", "parse_address", "send_files"]
 
 log = logging.getLogger("uqserve.sidecar")
@@ -28,10 +26,10 @@ _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # 16 chars, no backslash o
 
 
 def check_ae_title(title: str, what: str = "AE title") -> str:
-    """Return ``title`` stripped, or raise UsageError naming the rule it breaks."""
+    """Return ``title`` stripped, or raise ValueError naming the rule it breaks."""
     t = title.strip()
     if not _AE_RE.match(t):
-        raise UsageError(f"{what} {title!r}: 1 to 16 printable ASCII characters, no backslash")
+        raise ValueError(f"{what} {title!r}: 1 to 16 printable ASCII characters, no backslash")
     return t
 
 
@@ -39,10 +37,10 @@ def parse_address(text: str, default_port: int = 104) -> tuple[str, int]:
     """``HOST:PORT`` (or ``[v6]:PORT``, or ``HOST``) -> (host, port)."""
     m = re.fullmatch(r"\[?([^\[\]]+?)\]?(?::(\d+))?", text.strip())
     if not m or not m.group(1):
-        raise UsageError(f"address {text!r}: expected HOST:PORT, e.g. 0.0.0.0:11112")
+        raise ValueError(f"address {text!r}: expected HOST:PORT, e.g. 0.0.0.0:11112")
     port = int(m.group(2)) if m.group(2) else default_port
     if not 0 < port < 65536:
-        raise UsageError(f"address {text!r}: port must be 1-65535")
+        raise ValueError(f"address {text!r}: port must be 1-65535")
     return m.group(1), port
 
 
@@ -57,7 +55,7 @@ class Peer:
     @classmethod
     def parse(cls, text: str) -> Peer:
         if "@" not in text:
-            raise UsageError(f"peer {text!r}: expected AE@HOST:PORT, e.g. ORTHANC@pacs.local:4242")
+            raise ValueError(f"peer {text!r}: expected AE@HOST:PORT, e.g. ORTHANC@pacs.local:4242")
         ae, addr = text.split("@", 1)
         host, port = parse_address(addr)
         return cls(check_ae_title(ae, "peer AE title"), host, port)
@@ -72,6 +70,9 @@ class SendResult:
 
     sent: list[Path] = field(default_factory=list)
     failed: dict[Path, str] = field(default_factory=dict)
+    # Those of ``failed`` the peer answered with a failure status (it will not
+    # take them); the others could not be sent (peer unreachable, aborted).
+    refused: set[Path] = field(default_factory=set)
 
     @property
     def ok(self) -> bool:
@@ -87,13 +88,15 @@ def send_files(
     backoff_s: float = 1.0,
     timeout_s: float = 30.0,
     sleep: Callable[[float], None] = time.sleep,
+    on_sent: Callable[[Path], None] | None = None,
 ) -> SendResult:
     """C-STORE ``files`` to ``peer`` in one association per attempt.
 
     A file the peer refuses with a failure status, or that cannot be sent
     because the association fails, is retried up to ``retries`` more times
     (waiting ``backoff_s * 2**attempt``); what still failed is in
-    ``SendResult.failed`` with the last reason.
+    ``SendResult.failed`` with the last reason. ``on_sent(path)`` is called as
+    soon as the peer has stored ``path`` (so a crash later does not resend it).
     """
     pending = [Path(f) for f in files]
     result = SendResult()
@@ -120,6 +123,7 @@ def send_files(
             )
             for f in pending:
                 reasons[f] = f"{why} ({peer}) after {attempt + 1} attempt(s)"
+                result.refused.discard(f)
             log.warning(
                 "send to %s failed: %s (attempt %d of %d)", peer, why, attempt + 1, retries + 1
             )
@@ -130,13 +134,20 @@ def send_files(
                 try:
                     status = assoc.send_c_store(f)
                 except (ValueError, RuntimeError) as exc:  # no accepted context, association lost
-                    reasons[f] = f"not sent: {exc}"
+                    reasons[f] = f"not sent: {type(exc).__name__}: {exc}"
+                    if isinstance(exc, ValueError):  # the peer accepted no context for it
+                        result.refused.add(f)
                     still.append(f)
                     continue
                 code = int(getattr(status, "Status", -1)) if status else -1
                 if code in _OK_STATUSES:
                     result.sent.append(f)
+                    result.refused.discard(f)
+                    if on_sent is not None:
+                        on_sent(f)
                 else:
+                    if code >= 0:
+                        result.refused.add(f)
                     reasons[f] = (
                         "no response (timeout or abort)"
                         if code < 0
@@ -148,6 +159,7 @@ def send_files(
                 assoc.release()
         pending = still
     result.failed = {f: reasons[f] for f in pending}
+    result.refused &= set(pending)
     return result
 
 

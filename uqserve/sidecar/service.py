@@ -7,20 +7,26 @@ old is claimed, read (:func:`uqserve.volumes.dicom.read_series`), predicted
 (:mod:`uqserve.sidecar.outputs`) and sent with C-STORE. Failures never stop
 the listener:
 
-* permanent (malformed or incomplete series, unsupported modality): the
-  series moves to ``failed/`` with the reason;
-* transient (the model server is down, the disk is full, anything
-  unexpected): retried after ``retry_base_s * 2**(attempt-1)`` seconds (at most
-  an hour) up to ``max_attempts``, then failed with the last reason;
-* results the PACS does not take go to ``dead-letter/`` with the reason.
+* permanent (malformed or incomplete series, unsupported modality, images
+  highdicom refuses; any :class:`~uqserve.errors.UsageError`): the series
+  moves to ``failed/`` with the reason, without retries;
+* transient (the model server is down, the disk is full, the PACS is
+  unreachable, anything unexpected): retried after
+  ``retry_base_s * 2**(attempt-1)`` seconds (at most an hour) up to
+  ``max_attempts``, then failed with the last reason; results already built
+  are kept in ``out/`` between tries, and only those not yet stored are sent;
+* results the PACS refuses, or still cannot take after the last try, go to
+  ``dead-letter/`` with the reason.
 
 Logs name series by a hash of the Series Instance UID only: never patient
-names, IDs, birth dates or UIDs.
+names, IDs, birth dates or UIDs, and never a library's message text
+(:mod:`uqserve.sidecar._privacy`).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import threading
 import time
@@ -33,21 +39,37 @@ import numpy as np
 import numpy.typing as npt
 
 from uqserve import __version__
-from uqserve.errors import UsageError
-from uqserve.sidecar.outputs import OutputOptions, build_outputs, write_datasets
-from uqserve.sidecar.scp import SUPPORTED_MODALITIES, StorageSCP
+from uqserve.errors import ServiceError, UqserveError, UsageError
+from uqserve.sidecar._privacy import describe, guard_logs, traceback_lines
+from uqserve.sidecar.outputs import (
+    OutputOptions,
+    build_outputs,
+    sanitize_sources,
+    write_datasets,
+)
+from uqserve.sidecar.scp import SUPPORTED_MODALITIES, Limits, StorageSCP
 from uqserve.sidecar.sender import Peer, dead_letter, send_files
-from uqserve.sidecar.spool import Spool
+from uqserve.sidecar.spool import SeriesState, Spool, instances_digest
 from uqserve.volumes import Volume, VolumeError
 from uqserve.volumes.dicom import read_series
 
-__all__ = ["BundlePredictor", "PermanentError", "Sidecar", "SidecarConfig"]
+__all__ = ["BundlePredictor", "PeerUnavailable", "PermanentError", "Sidecar", "SidecarConfig"]
 
 log = logging.getLogger("uqserve.sidecar")
 
 
 class PermanentError(UsageError):
     """A series that will never succeed as sent (retrying cannot help)."""
+
+
+class PeerUnavailable(ServiceError):
+    """The receiving PACS could not be reached for some results: retry the series later."""
+
+
+_DEVICES = ("auto", "cpu", "cuda")  # as uqserve.runtime.embedded.DEVICES, without importing it
+
+# Modality values shown in logs: plain codes only (a hostile value could hold anything).
+_SAFE_MODALITY = re.compile(r"[A-Z0-9_ ]{0,16}")
 
 
 class PredictionLike(Protocol):
@@ -86,21 +108,29 @@ class BundlePredictor:
     ) -> None:
         from uqserve.bundle import load_bundle
 
+        if device not in _DEVICES:
+            raise UsageError(f"device {device!r} unknown; use one of {', '.join(_DEVICES)}")
         self.bundle = load_bundle(bundle)
         self.servers = tuple(servers)
         self.seed = seed
         self.device = device
         self._runtime: Any = None
 
-    def __call__(self, volume: Volume) -> PredictionLike:
-        from uqserve.prediction import predict_volume
+    def open(self) -> None:
+        """Open the runtime now (idempotent): a device without a GPU, an unreachable
+        or mismatched server fail here, before the sidecar listens."""
         from uqserve.runtime import open_runtime
 
+        if self._runtime is None:
+            self._runtime = open_runtime(
+                self.bundle, list(self.servers) or None, device=self.device
+            )
+
+    def __call__(self, volume: Volume) -> PredictionLike:
+        from uqserve.prediction import predict_volume
+
         try:
-            if self._runtime is None:
-                self._runtime = open_runtime(
-                    self.bundle, list(self.servers) or None, device=self.device
-                )
+            self.open()
             return predict_volume(volume, self.bundle, runtime=self._runtime, seed=self.seed)
         except ValueError:
             raise  # a bad scan: keep the sessions (and their cuDNN autotuning) for the next
@@ -134,20 +164,22 @@ class SidecarConfig:
     send_retries: int = 3
     send_backoff_s: float = 2.0
     poll_s: float = 0.5
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
         if self.stable_seconds < 0:
-            raise UsageError(f"stable_seconds must be >= 0, got {self.stable_seconds}")
+            raise ValueError(f"stable_seconds must be >= 0, got {self.stable_seconds}")
         if self.max_attempts < 1:
-            raise UsageError(f"max_attempts must be >= 1, got {self.max_attempts}")
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if not 0 <= self.port < 65536:
-            raise UsageError(f"port {self.port} out of range 0-65535")
+            raise ValueError(f"port {self.port} out of range 0-65535")
 
 
 class Sidecar:
     """The running sidecar: ``start()``, then ``stop()`` (or use as a context manager)."""
 
     def __init__(self, config: SidecarConfig, predictor: Predictor) -> None:
+        guard_logs()
         self.config = config
         self.predictor = predictor
         self.spool = Spool(config.spool)
@@ -160,6 +192,7 @@ class Sidecar:
             modalities=config.modalities,
             on_store=lambda key: self._wake.set(),
             on_unsupported=self._unsupported,
+            limits=config.limits,
         )
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -207,15 +240,17 @@ class Sidecar:
         while not self._stop.is_set():
             try:
                 self.run_once()
-            except Exception:  # a bug must not kill the worker; the series stays spooled
-                log.exception("worker pass failed")
+            except Exception as exc:  # a bug must not kill the worker; the series stays spooled
+                log.error(
+                    "worker pass failed: %s at %s",
+                    describe(exc),
+                    traceback_lines(exc.__traceback__),
+                )
             self._wake.wait(self.config.poll_s)
             self._wake.clear()
 
     def _unsupported(self, key: str, reason: str) -> None:
         if self.spool.failed_reason(key) is None:
-            from uqserve.sidecar.spool import SeriesState
-
             self.spool.fail(key, reason, SeriesState(key=key))
             log.warning("series %s not processed: %s", key, reason)
 
@@ -233,43 +268,31 @@ class Sidecar:
     def process(self, key: str) -> str:
         """Process one series.
 
-        Returns ``delivered``, ``written``, ``partial``, ``retry`` or ``failed``.
+        Returns ``delivered``, ``written``, ``partial`` (some results in
+        dead-letter/), ``undelivered`` (all of them there), ``duplicate`` (a
+        re-sent part of a finished series, dropped), ``retry`` or ``failed``.
         """
         self.spool.claim(key)
         state = self.spool.load_state(key)
+        names = [p.name for p in self.spool.instances(key)]
+        done = self.spool.done_record(key)
+        if done and set(names) < set(done.get("instances", [])):
+            # Results for the whole series are out already; a 2-of-8 re-send must
+            # not add results for a fragment of it.
+            self.spool.drop_resend(key, names)
+            log.info(
+                "series %s: %d re-sent instance(s) of a finished series dropped", key, len(names)
+            )
+            return "duplicate"
         state.attempts += 1
         self.spool.save_state(state)  # a crash mid-way still counts as an attempt
         t0 = time.perf_counter()
         try:
-            record = self._process(key)
-        except (VolumeError, PermanentError) as exc:
-            reason = str(exc)
-            state.history.append({"attempt": state.attempts, "error": reason, "time": time.time()})
-            self.spool.fail(key, reason, state)
-            log.warning("series %s failed: %s", key, reason)
-            return "failed"
+            record = self._process(key, state)
+        except (VolumeError, UsageError) as exc:  # the input will never work as sent
+            return self._give_up(key, state, describe(exc))
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            state.history.append({"attempt": state.attempts, "error": reason, "time": time.time()})
-            state.last_error = reason
-            if state.attempts >= self.config.max_attempts:
-                self.spool.fail(
-                    key, f"gave up after {state.attempts} attempts; last error: {reason}", state
-                )
-                log.error("series %s failed after %d attempts: %s", key, state.attempts, reason)
-                return "failed"
-            delay = min(self.config.retry_base_s * 2 ** (state.attempts - 1), 3600.0)
-            state.next_attempt = time.time() + delay
-            self.spool.save_state(state)
-            log.warning(
-                "series %s: attempt %d of %d failed (%s); retrying in %.0f s",
-                key,
-                state.attempts,
-                self.config.max_attempts,
-                reason,
-                delay,
-            )
-            return "retry"
+            return self._retry_or_give_up(key, state, exc)
         record["attempts"] = state.attempts
         record["seconds"] = round(time.perf_counter() - t0, 3)
         self.spool.finish(key, record)
@@ -283,15 +306,97 @@ class Sidecar:
         )
         return str(record["status"])
 
-    def _process(self, key: str) -> dict[str, Any]:
+    def _give_up(self, key: str, state: SeriesState, reason: str) -> str:
+        state.history.append({"attempt": state.attempts, "error": reason, "time": time.time()})
+        self.spool.fail(key, reason, state)
+        log.warning("series %s failed: %s", key, reason)
+        return "failed"
+
+    def _retry_or_give_up(self, key: str, state: SeriesState, exc: Exception) -> str:
+        reason = describe(exc)
+        if not isinstance(exc, UqserveError):
+            log.debug(
+                "series %s: %s raised at %s",
+                key,
+                type(exc).__name__,
+                traceback_lines(exc.__traceback__),
+            )
+        if state.attempts >= self.config.max_attempts:
+            if isinstance(exc, PeerUnavailable):  # results are built: keep them, for an operator
+                return self._dead_letter_rest(key, state, reason)
+            return self._give_up(
+                key, state, f"gave up after {state.attempts} attempts; last error: {reason}"
+            )
+        state.history.append({"attempt": state.attempts, "error": reason, "time": time.time()})
+        state.last_error = reason
+        delay = min(self.config.retry_base_s * 2 ** (state.attempts - 1), 3600.0)
+        state.next_attempt = time.time() + delay
+        self.spool.save_state(state)
+        log.warning(
+            "series %s: attempt %d of %d failed (%s); retrying in %.0f s",
+            key,
+            state.attempts,
+            self.config.max_attempts,
+            reason,
+            delay,
+        )
+        return "retry"
+
+    def _dead_letter_rest(self, key: str, state: SeriesState, reason: str) -> str:
+        record = dict(state.record)
+        out = self.spool.out_dir(key)
+        reason = f"{reason}; gave up after {state.attempts} attempts"
+        rest = {p: reason for p in sorted(out.glob("*.dcm"))}
+        dead_letter(rest, self.spool.dead_letter_dir(key))
+        record["dead_letter"] = {
+            **record.get("dead_letter", {}),
+            **{p.name: why for p, why in rest.items()},
+        }
+        record["status"] = "partial" if record.get("sent") else "undelivered"
+        record["attempts"] = state.attempts
+        record["instances"] = [p.name for p in self.spool.instances(key)]
+        self.spool.finish(key, record)
+        log.error(
+            "series %s %s: %d result(s) moved to dead-letter/%s after %d attempts (%s)",
+            key,
+            record["status"],
+            len(rest),
+            key,
+            state.attempts,
+            reason,
+        )
+        return str(record["status"])
+
+    def _process(self, key: str, state: SeriesState) -> dict[str, Any]:
         files = self.spool.instances(key)
         if not files:
             raise PermanentError(f"series {key}: no instances in the spool")
+        names = [p.name for p in files]
+        digest = instances_digest(names)
+        out = self.spool.out_dir(key)
+        if state.built != digest or not out.is_dir():
+            # New, or instances arrived since the results were built: build (again).
+            state.built, state.record = None, {}
+            self.spool.save_state(state)
+            state.record = self._build(key, files, out)
+            state.built = digest
+            self.spool.save_state(state)
+        record = dict(state.record)
+        record["instances"] = names
+        if self.config.send_to is None:
+            record["status"] = "written"
+            record["folder"] = str(out)
+            return record
+        return self._send(key, state, record)
+
+    def _build(self, key: str, files: list[Path], out: Path) -> dict[str, Any]:
+        """Read, predict and write the results into ``out``; return what the record needs."""
         series = read_series(files, name=f"series {key}")
         modality = series.modality.upper()
         if modality not in self.config.modalities:
+            shown = modality if _SAFE_MODALITY.fullmatch(modality) else "unreadable"
             raise PermanentError(
-                f"series {key}: unsupported modality {modality or 'none'!r}; "
+                f"series {key}: unsupported modality {shown or 'none'!r}; "
                 f"the sidecar processes {', '.join(self.config.modalities)} series"
             )
         log.info(
@@ -314,52 +419,91 @@ class Sidecar:
                     "model_version": f"uqserve {__version__}; bundle {sha[:12]}",
                 }
             )
-        datasets = build_outputs(
-            series.datasets,
-            seg=pred.seg,
-            maps={"tu": pred.tu, "au": pred.au, "eu": pred.eu},
-            prob=pred.prob,
-            classes=classes,
-            key=f"{sha}:{report.get('seed')}",
-            report=report,
-            options=options,
-        )
-        out = self.spool.out_dir(key)
+        try:
+            datasets = build_outputs(
+                series.datasets,
+                seg=pred.seg,
+                maps={"tu": pred.tu, "au": pred.au, "eu": pred.eu},
+                prob=pred.prob,
+                classes=classes,
+                key=f"{sha}:{report.get('seed')}",
+                report=report,
+                options=options,
+            )
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            # highdicom refusing these images: the same images will be refused again.
+            raise PermanentError(
+                f"series {key}: results cannot be built from these images "
+                f"({type(exc).__name__} in highdicom; details withheld: they may quote tag values)"
+            ) from exc
+        _, omitted = sanitize_sources(series.datasets)
+        if omitted:
+            log.warning(
+                "series %s: invalid %s in the source images left empty in the results",
+                key,
+                ", ".join(omitted),
+            )
         shutil.rmtree(out, ignore_errors=True)
         paths = write_datasets(datasets, out)
         ood = report.get("ood")
         ood = ood if isinstance(ood, dict) else {}
-        record: dict[str, Any] = {
+        return {
             "modality": modality,
             "slices": len(series.datasets),
             "outputs": [p.name for p in paths],
+            "omitted_attributes": omitted,
             "ood_flag": ood.get("flag"),
+            "sent": [],
             "dead_letter": {},
         }
-        if self.config.send_to is None:
-            record["status"] = "written"
-            record["folder"] = str(out)
-            return record
+
+    def _send(self, key: str, state: SeriesState, record: dict[str, Any]) -> dict[str, Any]:
+        """Send what is left in out/<key>; each result is deleted once the peer stored it.
+
+        A result the peer refuses (a failure status) goes to dead-letter/ at once;
+        an unreachable peer raises :class:`PeerUnavailable`, and the series is retried.
+        """
+        peer = self.config.send_to
+        assert peer is not None
+        paths = sorted(self.spool.out_dir(key).glob("*.dcm"))
+        sent: list[str] = record["sent"]
+
+        def stored(path: Path) -> None:  # gone from out/ as soon as the peer has it
+            sent.append(path.name)
+            path.unlink(missing_ok=True)
+
         result = send_files(
             paths,
-            self.config.send_to,
+            peer,
             calling_ae=self.config.ae_title,
             retries=self.config.send_retries,
             backoff_s=self.config.send_backoff_s,
+            on_sent=stored,
         )
-        for p in result.sent:
-            p.unlink(missing_ok=True)
-        if result.failed:
-            dead_letter(result.failed, self.spool.dead_letter_dir(key))
-            record["dead_letter"] = {p.name: why for p, why in result.failed.items()}
+        refused = {p: why for p, why in result.failed.items() if p in result.refused}
+        if refused:
+            dead_letter(refused, self.spool.dead_letter_dir(key))
+            record["dead_letter"] = {
+                **record["dead_letter"],
+                **{p.name: w for p, w in refused.items()},
+            }
             log.error(
-                "series %s: %d of %d result(s) not accepted by %s, moved to dead-letter/%s",
+                "series %s: %d result(s) refused by %s, moved to dead-letter/%s",
                 key,
-                len(result.failed),
-                len(paths),
-                self.config.send_to,
+                len(refused),
+                peer,
                 key,
             )
-        record["status"] = "delivered" if result.ok else "partial"
-        record["sent_to"] = str(self.config.send_to)
+        state.record = {k: v for k, v in record.items() if k != "instances"}
+        self.spool.save_state(state)
+        unreached = len(result.failed) - len(refused)
+        if unreached:
+            raise PeerUnavailable(
+                f"{unreached} result(s) not stored by {peer}: peer unreachable or aborted"
+            )
+        if record["dead_letter"]:
+            record["status"] = "partial" if sent else "undelivered"
+        else:
+            record["status"] = "delivered"
+        record["sent_to"] = str(peer)
         return record

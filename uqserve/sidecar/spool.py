@@ -34,7 +34,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SeriesState", "Spool", "series_key"]
+from uqserve.errors import UsageError
+
+__all__ = ["SeriesState", "Spool", "instances_digest", "series_key"]
 
 STATE = "state.json"
 
@@ -75,6 +77,17 @@ class SeriesState:
     next_attempt: float = 0.0
     last_error: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    # Which set of instances the results in out/<series> were built from
+    # (``instances_digest``), and what is known about them so far (slices,
+    # outputs, what was sent, what went to dead-letter/): a restart or a retry
+    # sends what is left instead of predicting again.
+    built: str | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def instances_digest(names: list[str]) -> str:
+    """A hash of a set of spooled instance names (themselves hashes of SOP Instance UIDs)."""
+    return hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:32]
 
 
 class Spool:
@@ -86,8 +99,22 @@ class Spool:
         # get a full stable period from now, so senders can resume first.
         self.opened = time.time()
         self._lock = threading.Lock()
-        for sub in ("incoming", "work", "out", "failed", "dead-letter", "done", "tmp"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            for sub in ("incoming", "work", "out", "failed", "dead-letter", "done", "tmp"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            probe = self.root / "tmp" / f".probe-{os.getpid()}"
+            with open(probe, "wb") as f:  # root ignores permission bits: try for real
+                f.write(b"ok")
+                f.flush()
+                os.fsync(f.fileno())
+            probe.unlink()
+        except OSError as exc:
+            what = (
+                "is not a folder"
+                if self.root.exists() and not self.root.is_dir()
+                else (f"cannot be written ({exc.strerror or type(exc).__name__})")
+            )
+            raise UsageError(f"spool {self.root} {what}; pass a writable folder as spool") from exc
         for part in (self.root / "tmp").iterdir():  # leftovers of a crash mid-write
             with contextlib.suppress(OSError):
                 part.unlink()
@@ -192,6 +219,14 @@ class Spool:
 
     def dead_letter_dir(self, key: str) -> Path:
         return self.root / "dead-letter" / key
+
+    def drop_resend(self, key: str, names: list[str]) -> None:
+        """Instances that repeat part of a finished series: note them in its record, drop them."""
+        record = self.done_record(key) or {"key": key}
+        ignored = list(record.get("ignored_resends", []))
+        ignored.append({"time": time.time(), "instances": len(names)})
+        _write_json(self.root / "done" / f"{key}.json", {**record, "ignored_resends": ignored})
+        shutil.rmtree(self.root / "work" / key, ignore_errors=True)
 
     def finish(self, key: str, record: dict[str, Any]) -> None:
         """A series is done: keep a record, drop its instances and delivered results."""

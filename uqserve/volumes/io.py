@@ -20,12 +20,11 @@ import numpy.typing as npt
 
 from uqserve import _failpoints
 from uqserve._fs import current_umask, replace_dir_atomically
-from uqserve.errors import UsageError
 from uqserve.volumes.base import Volume, VolumeError
 from uqserve.volumes.nifti import is_nifti_path, read_nifti
 
 
-class OutputError(UsageError):
+class OutputError(ValueError):
     """An output location that cannot be used (exists, not writable)."""
 
 
@@ -53,7 +52,7 @@ def _read(p: Path, volume_index: int | None, max_voxels: int | None) -> Volume:
         raise VolumeError(f"{p}: no such file or folder")
     if p.is_dir() or p.suffix.lower() == ".dcm":
         if volume_index not in (None, 0):
-            raise VolumeError(f"{p}: `volume_index` applies to 4D NIfTI files, not DICOM series")
+            raise VolumeError(f"{p}: --volume-index applies to 4D NIfTI files, not DICOM series")
         try:
             from uqserve.volumes.dicom import read_series
         except ImportError as exc:
@@ -113,13 +112,9 @@ def atomic_output_dir(final_dir: str | os.PathLike[str], overwrite: bool = False
     """
     final = Path(final_dir)
     if final.exists() and not overwrite:
-        raise OutputError(
-            f"{final}: results exist already; pass `overwrite=True` or choose another `out_dir`"
-        )
+        raise OutputError(f"{final}: results exist already; pass --overwrite or choose another -o")
     if final.exists() and not final.is_dir():
-        raise OutputError(
-            f"{final}: exists and is not a folder; remove it or choose another `out_dir`"
-        )
+        raise OutputError(f"{final}: exists and is not a folder; remove it or choose another -o")
     try:
         with contextlib.ExitStack() as stack:
             try:
@@ -127,7 +122,7 @@ def atomic_output_dir(final_dir: str | os.PathLike[str], overwrite: bool = False
             except OSError as exc:
                 raise OutputError(
                     f"{final.parent}: cannot create the output folder ({exc.strerror or exc}); "
-                    "choose a writable `out_dir`"
+                    "choose a writable -o"
                 ) from exc
             yield tmp
     except FileExistsError as exc:
@@ -136,7 +131,7 @@ def atomic_output_dir(final_dir: str | os.PathLike[str], overwrite: bool = False
         # Another writer committed between our start-up check and our rename.
         raise OutputError(
             f"{final}: another run wrote results there meanwhile; they were kept. "
-            "Pass `overwrite=True` to replace them, or choose another `out_dir`"
+            "Pass --overwrite to replace them, or choose another -o"
         ) from exc
 
 

@@ -112,13 +112,13 @@ def read_nifti(
         if volume_index is None:
             raise VolumeError(
                 f"{p}: 4D series with {n} volumes (shape {stored_shape}); "
-                f"pick one with `volume_index` 0..{n - 1}"
+                f"pick one with --volume-index 0..{n - 1}"
             )
         if not 0 <= volume_index < n:
-            raise VolumeError(f"{p}: `volume_index={volume_index}` out of range 0..{n - 1}")
+            raise VolumeError(f"{p}: --volume-index {volume_index} out of range 0..{n - 1}")
     elif volume_index not in (None, 0):
         raise VolumeError(
-            f"{p}: `volume_index={volume_index}` given but the image is {ndim}D "
+            f"{p}: --volume-index {volume_index} given but the image is {ndim}D "
             "(one volume, index 0)"
         )
     check_voxel_count(str(p), shape[:3], max_voxels)
@@ -194,10 +194,10 @@ def write_nifti_like(
     ``compression_level`` (0-9, gzip's scale) applies to ``.nii.gz`` paths.
     Writes to ``path`` directly; use it inside ``atomic_output_dir``.
     """
-    _check_level(compression_level)
+    check_compression_level(compression_level)
     arr = np.asarray(array)
     if tuple(arr.shape[:3]) != reference.shape or arr.ndim not in (3, 4):
-        raise UsageError(
+        raise ValueError(
             f"array shape {arr.shape} does not match the reference volume {reference.shape} "
             "(expected [X, Y, Z] or [X, Y, Z, N])"
         )
@@ -271,7 +271,7 @@ def write_niftis_like(
     cores of this process). Every file is attempted; the first error is raised
     after all have finished.
     """
-    _check_level(compression_level)
+    check_compression_level(compression_level)
     if threads is not None and (isinstance(threads, bool) or threads < 1):
         raise UsageError(f"threads must be an integer >= 1 or None, got {threads!r}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -287,7 +287,8 @@ def write_niftis_like(
     return [f.result() for f in futures]
 
 
-def _check_level(level: int) -> None:
+def check_compression_level(level: int) -> None:
+    """Raise ``UsageError`` unless ``level`` is an integer 0..9."""
     if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 9:
         raise UsageError(
             f"compression_level must be an integer from 0 (no compression) to 9 (smallest), "

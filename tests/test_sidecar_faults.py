@@ -1,0 +1,485 @@
+"""The sidecar under hostile input, kills, idle peers and settings that cannot work.
+
+Real peers on loopback throughout: dcmtk's ``storescu`` sends, a real Orthanc
+or a pynetdicom Storage SCP receives, the sidecar runs in-process (stepped
+with ``run_once``) or as the real ``uqserve sidecar`` CLI in a subprocess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from tests.dicom_peers import (
+    Orthanc,
+    SyntheticSeries,
+    free_port,
+    phantom,
+    require,
+    sent,
+    storescu,
+    wait_port,
+    write_ct_series,
+)
+from uqserve.sidecar import (
+    BundlePredictor,
+    Limits,
+    OutputOptions,
+    Peer,
+    Sidecar,
+    SidecarConfig,
+    build_outputs,
+    series_key,
+)
+
+# The test itself writes and reads the invalid values; pydicom warns about them here.
+pytestmark = [pytest.mark.dicom, pytest.mark.filterwarnings("ignore:Invalid value for VR")]
+
+SENDER = "MODALITY1"
+CLI = [sys.executable, "-c", "from uqserve.cli import app; app()", "sidecar"]
+
+# A distinctive value in every patient, study and series field (and invalid UIDs,
+# PatientSex U, an impossible birth date and study time): none may reach a log.
+HOSTILE = {
+    "PatientName": "ZQXSURNAMEONLY",  # one component: highdicom warns, quoting it
+    "PatientID": "ZQX-PATIENT-ID",
+    "PatientBirthDate": "19991399",  # month 13: highdicom refuses it
+    "PatientSex": "U",  # not M/F/O: highdicom refuses it
+    "PatientAge": "ZQXA",
+    "OtherPatientIDs": "ZQX-OTHER-ID",
+    "PatientAddress": "ZQX 1 Hidden Lane",
+    "AccessionNumber": "ZQX-ACCESSION",
+    "StudyID": "ZQXSTUDYID",
+    "StudyDescription": "ZQX study description",
+    "SeriesDescription": "ZQX series description",
+    "StudyTime": "2561ZQ",  # not a time
+    "ReferringPhysicianName": "ZQX^Referrer",
+    "InstitutionName": "ZQX Institution",
+    "InstitutionAddress": "ZQX Institution Street",
+    "StationName": "ZQXSTATION",
+    "OperatorsName": "ZQX^Operator",
+    "PerformingPhysicianName": "ZQX^Performer",
+}
+BAD_UID = "1.2.826.0.1.3680043.99.0777"  # a zero-led component: pydicom warns, quoting it
+SECRETS = [*HOSTILE.values(), "ZQX", "99.0777", "19991399", "2561ZQ"]
+SECRETS.remove("U")
+
+
+def hostile_series(folder: Path, shape: tuple[int, int, int] = (32, 32, 4)) -> SyntheticSeries:
+    syn = write_ct_series(folder, phantom(shape, seed=4), shuffle_names=False)
+    syn.study_uid, syn.series_uid = f"{BAD_UID}.1", f"{BAD_UID}.2"
+    for k, path in enumerate(syn.files):
+        ds = pydicom.dcmread(path)
+        for keyword, value in HOSTILE.items():
+            setattr(ds, keyword, value)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = syn.study_uid, syn.series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{BAD_UID}.3.{k + 1}"
+        ds.save_as(path, enforce_file_format=True)
+    return syn
+
+
+def _no_secrets(text: str) -> None:
+    leaked = [s for s in SECRETS if s in text]
+    assert not leaked, f"log leaks {leaked}"
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    require("Orthanc", "storescu")
+    with Orthanc(tmp_path_factory.mktemp("orthanc")) as o:
+        yield o
+
+
+def _results(orthanc: Orthanc, study_uid: str) -> list[pydicom.Dataset]:
+    """Every non-image object Orthanc holds in ``study_uid``."""
+    import urllib.request
+
+    out = []
+    for iid in orthanc.get("/instances"):
+        tags = orthanc.get(f"/instances/{iid}/simplified-tags")
+        if tags.get("Modality") in ("CT", "MR") or tags.get("StudyInstanceUID") != study_uid:
+            continue
+        with urllib.request.urlopen(f"{orthanc.url}/instances/{iid}/file", timeout=10) as r:
+            out.append(pydicom.dcmread(io.BytesIO(r.read())))
+    return out
+
+
+def _start_cli(args: list[str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    """The real ``uqserve sidecar``, output to ``log``; returns once it listens."""
+    with open(log, "ab") as logf:
+        proc = subprocess.Popen(
+            [*CLI, "--listen", f"127.0.0.1:{port}", *args],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sidecar exited with {proc.returncode}: {log.read_text()[-3000:]}")
+        with contextlib.suppress(TimeoutError):
+            wait_port(port, timeout=0.5)
+            return proc
+    proc.kill()
+    raise TimeoutError(f"sidecar did not listen within 60 s: {log.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# --------------------------------------------------------------------------- 10, 11
+
+
+def test_hostile_patient_data_gives_results_and_never_reaches_a_log(
+    tmp_path: Path, tiny_bundle: Path, orthanc: Orthanc
+) -> None:
+    syn = hostile_series(tmp_path / "ct")
+    port, log = free_port(), tmp_path / "sidecar.log"
+    args = [
+        "--ae-title", "UQSIDECAR", "--allow", SENDER, "--verbose",
+        "--send-to", f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}",
+        "--spool", str(tmp_path / "spool"), "--stable-seconds", "0.5",
+        "--bundle", str(tiny_bundle), "--seed", "3", "--device", "cpu",
+    ]  # fmt: skip
+    proc = _start_cli(args, port, log)
+    try:
+        assert sent(storescu(syn.files, port, called_ae="UQSIDECAR", calling_ae=SENDER))
+        got = orthanc.wait_for(
+            lambda o: (r := _results(o, syn.study_uid)) and len(r) >= 5 and r, timeout=120
+        )
+    finally:
+        _stop(proc)
+    text = log.read_text()
+    _no_secrets(text)  # --verbose: DEBUG and up, so every default-level line too
+    key = series_key(syn.series_uid)
+    assert f"series {key} delivered" in text
+    assert "UserWarning from highdicom/base.py" in text  # the warning happened, without its text
+    assert "invalid PatientBirthDate, PatientSex, StudyTime" in text
+    # Results file into the patient and study; the invalid values are left empty
+    # and the SR says so.
+    for ds in got:
+        assert ds.PatientID == HOSTILE["PatientID"] and ds.StudyInstanceUID == syn.study_uid
+        assert ds.PatientSex == "" and ds.PatientBirthDate == "" and ds.StudyTime == ""
+    (sr,) = [ds for ds in got if ds.Modality == "SR"]
+    texts = " ".join(str(item.get("TextValue", "")) for item in sr.ContentSequence)
+    assert "PatientBirthDate, PatientSex, StudyTime" in texts
+
+
+def test_bad_input_fails_at_once_without_retries(tmp_path: Path, tiny_bundle: Path) -> None:
+    require("storescu")
+    syn = write_ct_series(tmp_path / "ct", phantom((16, 16, 3)), shuffle_names=False)
+    ds = pydicom.dcmread(syn.files[1])
+    ds.PixelData = ds.PixelData[:100]  # truncated pixel data
+    ds.save_as(syn.files[1])
+    config = SidecarConfig(
+        spool=tmp_path / "spool", ae_title="UQSIDECAR", host="127.0.0.1", port=0, max_attempts=5
+    )
+    sc = Sidecar(config, BundlePredictor(str(tiny_bundle), device="cpu"))
+    sc.scp.start()
+    try:
+        assert sent(storescu(syn.files, sc.port, called_ae="UQSIDECAR"))
+        key = series_key(syn.series_uid)
+        assert sc.run_once(now=time.time() + 60) == [(key, "failed")]
+    finally:
+        sc.stop()
+    import json
+
+    reason = json.loads((tmp_path / "spool" / "failed" / key / "reason.json").read_text())
+    assert reason["attempts"] == 1 and "pixel data" in reason["reason"]
+
+
+# --------------------------------------------------------------------------- 12
+
+
+def _sources(syn: SyntheticSeries) -> list[pydicom.Dataset]:
+    ds = [pydicom.dcmread(f) for f in syn.files]
+    return sorted(ds, key=lambda d: float(d.ImagePositionPatient[2]))
+
+
+def _outputs(source: list[pydicom.Dataset], key: str = "k") -> list[pydicom.Dataset]:
+    shape = (int(source[0].Columns), int(source[0].Rows), len(source))
+    m = np.full(shape, 0.2, np.float32)
+    seg = np.zeros(shape, np.uint8)
+    seg[4:8, 4:8, :] = 1
+    return build_outputs(
+        source,
+        seg=seg,
+        maps={"tu": m, "au": m, "eu": m},
+        classes=["background", "lesion"],
+        key=key,
+        report={"volumes": {}},
+        options=OutputOptions(),
+    )
+
+
+def test_output_uids_depend_on_the_set_of_source_instances(tmp_path: Path) -> None:
+    source = _sources(write_ct_series(tmp_path / "ct", phantom((16, 16, 8))))
+    whole = {str(d.SOPInstanceUID) for d in _outputs(source)}
+    part = {str(d.SOPInstanceUID) for d in _outputs(source[3:5])}
+    series = {str(d.SeriesInstanceUID) for d in _outputs(source[3:5])}
+    assert len(whole) == len(part) == 5
+    assert not whole & part  # a 2-frame SEG never shares a UID with the 8-frame one
+    assert not series & {str(d.SeriesInstanceUID) for d in _outputs(source)}
+
+
+def _bytes(ds: pydicom.Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_rebuilt_outputs_are_byte_identical(tmp_path: Path) -> None:
+    source = _sources(write_ct_series(tmp_path / "ct", phantom((16, 16, 4))))
+    first = [_bytes(d) for d in _outputs(source)]
+    time.sleep(1.1)  # highdicom stamps creation times in seconds: let the clock move on
+    assert [_bytes(d) for d in _outputs(source)] == first
+
+
+def test_resending_part_of_a_finished_series_adds_nothing(
+    tmp_path: Path, tiny_bundle: Path, orthanc: Orthanc
+) -> None:
+    syn = write_ct_series(tmp_path / "ct", phantom((32, 32, 8), seed=6))
+    config = SidecarConfig(
+        spool=tmp_path / "spool",
+        ae_title="UQSIDECAR",
+        host="127.0.0.1",
+        port=0,
+        send_to=Peer(orthanc.aet, "127.0.0.1", orthanc.dicom_port),
+    )
+    key = series_key(syn.series_uid)
+    sc = Sidecar(config, BundlePredictor(str(tiny_bundle), seed=1, device="cpu"))
+    sc.scp.start()
+    try:
+        assert sent(storescu(syn.files, sc.port, called_ae="UQSIDECAR"))
+        assert sc.run_once(now=time.time() + 60) == [(key, "delivered")]
+        before = sorted(str(d.SOPInstanceUID) for d in _results(orthanc, syn.study_uid))
+        assert len(before) == 5
+        assert sent(storescu(syn.files[2:4], sc.port, called_ae="UQSIDECAR"))
+        assert sc.run_once(now=time.time() + 120) == [(key, "duplicate")]
+    finally:
+        sc.stop()
+    after = _results(orthanc, syn.study_uid)
+    assert sorted(str(d.SOPInstanceUID) for d in after) == before
+    (seg,) = [d for d in after if d.Modality == "SEG"]
+    assert int(seg.NumberOfFrames) == 8
+    record = sc.spool.done_record(key)
+    assert record is not None and record["status"] == "delivered"
+    assert record["ignored_resends"][0]["instances"] == 2
+
+
+# --------------------------------------------------------------------------- 13
+
+
+class RecordingSCP:
+    """A real Storage SCP (pynetdicom) that keeps what it receives, byte for byte.
+
+    While ``hold`` is set, the C-STORE after the first one waits (the sender is
+    then mid-send) until ``release`` is set.
+    """
+
+    def __init__(self) -> None:
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+        self.received: list[tuple[str, bytes]] = []
+        self.second_arrived = threading.Event()
+        self.release = threading.Event()
+        self.hold = True
+        self.ae = AE(ae_title="RECEIVER")
+        for cx in AllStoragePresentationContexts:
+            assert cx.abstract_syntax is not None
+            self.ae.add_supported_context(
+                cx.abstract_syntax, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+            )
+        self.port = free_port()
+        self.server = self.ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
+        )
+
+    def _store(self, event: Any) -> int:
+        raw = event.request.DataSet.getvalue()
+        self.received.append((str(event.request.AffectedSOPInstanceUID), raw))
+        if self.hold and len(self.received) == 2:
+            self.second_arrived.set()
+            self.release.wait(30)
+            return 0xA700  # never acknowledged as stored
+        return 0x0000
+
+    def close(self) -> None:
+        self.release.set()
+        assert self.server is not None
+        self.server.shutdown()
+
+
+def test_killed_mid_send_then_restarted_sends_the_same_bytes(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
+    require("storescu")
+    syn = write_ct_series(tmp_path / "ct", phantom((32, 32, 4), seed=8))
+    receiver = RecordingSCP()
+    port, log = free_port(), tmp_path / "sidecar.log"
+    args = [
+        "--ae-title", "UQSIDECAR", "--send-to", f"RECEIVER@127.0.0.1:{receiver.port}",
+        "--spool", str(tmp_path / "spool"), "--stable-seconds", "0.5",
+        "--bundle", str(tiny_bundle), "--seed", "3", "--device", "cpu",
+    ]  # fmt: skip
+    try:
+        first = _start_cli(args, port, log)
+        try:
+            assert sent(storescu(syn.files, port, called_ae="UQSIDECAR"))
+            assert receiver.second_arrived.wait(120), log.read_text()[-2000:]
+            first.send_signal(signal.SIGKILL)  # 1 of 5 results stored, the 2nd in flight
+            first.wait(timeout=10)
+        finally:
+            _stop(first)
+        receiver.hold = False
+        receiver.release.set()
+        second = _start_cli(args, port, log)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and len({u for u, _ in receiver.received}) < 5:
+                time.sleep(0.2)
+        finally:
+            _stop(second)
+    finally:
+        receiver.close()
+    by_uid: dict[str, set[bytes]] = {}
+    for uid, raw in receiver.received:
+        by_uid.setdefault(uid, set()).add(raw)
+    assert len(by_uid) == 5, log.read_text()[-2000:]
+    assert all(len(versions) == 1 for versions in by_uid.values())  # re-sent = same bytes
+    # Only what was not stored is sent again: the first result once, the held one twice.
+    assert len(receiver.received) == 6
+    record = (tmp_path / "spool" / "done" / f"{series_key(syn.series_uid)}.json").read_text()
+    assert '"status": "delivered"' in record
+
+
+# --------------------------------------------------------------------------- 14
+
+
+def _idle_sockets(port: int, n: int) -> list[socket.socket]:
+    return [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(n)]
+
+
+def test_idle_connections_do_not_lock_out_senders(
+    tmp_path: Path, tiny_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    require("storescu")
+    syn = write_ct_series(tmp_path / "ct", phantom((16, 16, 2)))
+    config = SidecarConfig(
+        spool=tmp_path / "spool",
+        ae_title="UQSIDECAR",
+        host="127.0.0.1",
+        port=0,
+        limits=Limits(acse_s=1.0, max_associations=4),
+    )
+    sc = Sidecar(config, BundlePredictor(str(tiny_bundle), device="cpu"))
+    sc.scp.start()
+    idle = _idle_sockets(sc.port, 10)
+    try:
+        time.sleep(0.3)  # the listener has taken them all
+        refused = storescu(syn.files, sc.port, called_ae="UQSIDECAR", calling_ae=SENDER)
+        assert not sent(refused)
+        assert "association limit reached (4 in progress" in caplog.text
+        assert "allowed list" not in caplog.text  # the sender is not blamed
+        t0 = time.monotonic()
+        while not sent(storescu(syn.files, sc.port, called_ae="UQSIDECAR", calling_ae=SENDER)):
+            assert time.monotonic() - t0 < 15, "idle connections still lock senders out"
+            time.sleep(0.2)
+        # The idle sockets were closed by the sidecar (ARTIM timeout), not by us.
+        for s in idle:
+            s.settimeout(5)
+            with contextlib.suppress(ConnectionResetError):
+                while s.recv(4096):
+                    pass
+        wrong = storescu(syn.files, sc.port, called_ae="SOMEONEELSE", calling_ae=SENDER)
+        assert not sent(wrong)
+        assert "called AE title 'SOMEONEELSE' is not this node's 'UQSIDECAR'" in caplog.text
+    finally:
+        for s in idle:
+            s.close()
+        sc.stop()
+
+
+def test_default_limit_serves_a_sender_beside_ten_idle_connections(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
+    require("storescu")
+    syn = write_ct_series(tmp_path / "ct", phantom((16, 16, 2)))
+    config = SidecarConfig(spool=tmp_path / "spool", ae_title="UQSIDECAR", host="127.0.0.1", port=0)
+    sc = Sidecar(config, BundlePredictor(str(tiny_bundle), device="cpu"))
+    sc.scp.start()
+    idle = _idle_sockets(sc.port, 10)
+    try:
+        t0 = time.monotonic()
+        assert sent(storescu(syn.files, sc.port, called_ae="UQSIDECAR", calling_ae=SENDER))
+        assert time.monotonic() - t0 < 5
+    finally:
+        for s in idle:
+            s.close()
+        sc.stop()
+
+
+# --------------------------------------------------------------------------- 15
+
+
+def test_cli_refuses_settings_that_cannot_work_before_listening(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    busy_port = busy.getsockname()[1]
+    cases = [
+        (["--device", "tpu"], "device 'tpu' unknown"),
+        (["--spool", str(a_file)], f"spool {a_file} is not a folder"),
+        (["--server", f"127.0.0.1:{free_port()}"], "no Triton server reachable"),
+        (["--listen", f"127.0.0.1:{busy_port}"], "cannot listen on"),
+    ]
+    if os.geteuid() == 0 or not os.access("/sys", os.W_OK):
+        cases.append((["--spool", "/sys/uqserve-spool"], "cannot be written"))
+    from uqserve.runtime.embedded import cuda_available
+
+    if not cuda_available():
+        cases.append((["--device", "cuda"], "no usable GPU"))
+    port = free_port()
+    procs = []
+    for extra, needle in cases:
+        base = [*CLI, "--listen", f"127.0.0.1:{port}", "--bundle", str(tiny_bundle)]
+        base += ["--spool", str(tmp_path / "spool")]
+        procs.append((subprocess.Popen(base + extra, stderr=subprocess.PIPE, text=True), needle))
+    try:
+        for proc, needle in procs:
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 1, err
+            assert needle in err and "Traceback" not in err, err
+            assert len(err.strip().splitlines()) == 1, err
+            if "cannot listen" not in needle:
+                assert "cannot listen" not in err and "free port" not in err
+    finally:
+        busy.close()
+    with pytest.raises(OSError):  # none of them ever listened
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
