@@ -1,4 +1,4 @@
-"""Export: all 12 combinations to real ONNX members run in onnxruntime, bundles, BYO ONNX, CLI."""
+"""Export: all 20 combinations to real ONNX members run in onnxruntime, bundles, BYO ONNX, CLI."""
 
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def _run(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def all_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """All 12 combinations, trained a few steps at 32x32, exported (parity checked inside)."""
+    """All 20 combinations, trained a few steps at 32x32, exported (parity checked inside)."""
     root = tmp_path_factory.mktemp("bundles")
     out = {}
     for comb in COMBINATIONS:
@@ -111,7 +111,7 @@ def all_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         cfg = ModelConfig(
             width=8, depth=3, num_samples=s, dropout=0.2 if eu == "mcdropout" else 0.0
         )
-        nets = _train(au, cfg, m if eu == "ensemble" else 1)
+        nets = _train(au, cfg, m if eu in ("ensemble", "swag", "swagdiag") else 1)
         b = export_networks(
             nets, root / comb, _plan(comb, m, s), cfg, calibrate=(comb == "ssn-ensemble")
         )
@@ -346,7 +346,7 @@ def test_recipe_route_trains_with_uqserve_training_then_exports(tmp_path: Path) 
     bad.write_text('combination = "ssn-ensemble"\n[train]\nstepz = 3\n')
     with pytest.raises(ExportError, match="stepz"):
         export_recipe(bad, tmp_path / "c")
-    bad.write_text('combination = "ssn-swag"\n')
+    bad.write_text('combination = "ssn-laplace"\n')
     with pytest.raises(ExportError, match="unknown combination"):
         load_recipe(bad)
 

@@ -11,6 +11,11 @@
 * mcdropout: one network trained with channel dropout (p = 0.2 unless the
   model config sets one); the exporter turns it into ``num_masks`` members
   with frozen masks;
+* swag / swagdiag: one network trained at a constant learning rate (after
+  the warm-up); over its last ``swag_snapshots * swag_every`` steps the raw
+  weights are collected every ``swag_every`` steps into SWAG statistics
+  (``swag.safetensors``, see ``uqserve.models.swag``); ``member_0`` holds
+  their mean. The exporter draws ``swag_draws`` weight sets as members;
 * none: one network.
 
 Every step draws a batch of random crops; each image's target is the label
@@ -69,6 +74,10 @@ from uqserve.models import ModelConfig, build_network, parse_combination
 if TYPE_CHECKING:
     from torch import nn
 
+    from uqserve.models.swag import SwagStats
+
+SWAG_FILE = "swag.safetensors"
+SWAG_METHODS = ("swag", "swagdiag")
 FORMAT = "uqserve-checkpoints"
 FORMAT_VERSION = 1
 DEFAULT_DROPOUT = 0.2
@@ -96,6 +105,11 @@ class TrainConfig:
     ema_decay: float = 0.99
     num_members: int = 5  # ensemble: independently trained networks
     num_masks: int = 10  # mcdropout: frozen masks (members) made at export
+    # swag/swagdiag: K snapshots, one every N steps over the last K*N steps;
+    # the exporter draws swag_draws members.
+    swag_snapshots: int = 30
+    swag_every: int = 10
+    swag_draws: int = 10
     dropout: float = DEFAULT_DROPOUT  # mcdropout, when the model config has none
     augment: bool = True
     noise_std: float = 0.1  # max Gaussian-noise augmentation, in normalised units
@@ -127,8 +141,10 @@ class TrainConfig:
             problems.append("grad_clip must be > 0")
         if not 0.0 <= self.ema_decay < 1.0:
             problems.append("ema_decay must be in [0, 1)")
-        if self.num_members < 1 or self.num_masks < 1:
-            problems.append("num_members and num_masks must be >= 1")
+        if self.num_members < 1 or self.num_masks < 1 or self.swag_draws < 1:
+            problems.append("num_members, num_masks and swag_draws must be >= 1")
+        if self.swag_snapshots < 2 or self.swag_every < 1:
+            problems.append("swag_snapshots must be >= 2 and swag_every >= 1")
         if not 0.0 < self.dropout < 1.0:
             problems.append("dropout must be in (0, 1)")
         if self.num_images < 1 or self.image_size < 8:
@@ -288,9 +304,11 @@ def default_threads() -> int:
     return max(1, min(4, (os.cpu_count() or 1) // 2))
 
 
-def _lr_factor(step: int, config: TrainConfig) -> float:
+def _lr_factor(step: int, config: TrainConfig, constant: bool = False) -> float:
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
+    if constant:  # SWAG: the snapshots sample around one stationary learning rate
+        return 1.0
     t = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
@@ -304,17 +322,30 @@ def _train_member(
     mean: float,
     std: float,
     on_step: Callable[[int, float], None],
-) -> tuple[nn.Module, list[float]]:
-    """Train one network; returns it holding its EMA weights, and per-step losses."""
+    swag: str | None = None,
+) -> tuple[nn.Module, list[float], SwagStats | None]:
+    """Train one network; returns it, its per-step losses and (``swag``) SWAG statistics.
+
+    The network holds its EMA weights, or for ``swag`` ("swag" or "swagdiag")
+    the SWAG mean of the raw weights.
+    """
     import torch
+
+    from uqserve.models.swag import SwagCollector, load_parameters, mean_weights, snapshot_steps
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x7EA1]))
     net = build_network(au, model_config)
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: _lr_factor(s, config, constant=swag is not None)
+    )
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    collector, snaps = None, set()
+    if swag is not None:
+        collector = SwagCollector(net, config.swag_snapshots, diag_only=swag == "swagdiag")
+        snaps = set(snapshot_steps(config.steps, config.swag_snapshots, config.swag_every))
     losses = []
     for step in range(config.steps):
         x, y = _batch(slices, rng, config.batch_size, config.size, mean, std, config)
@@ -336,10 +367,15 @@ def _train_member(
                     ema[k].mul_(decay).add_(v, alpha=1.0 - decay)
                 else:
                     ema[k].copy_(v)
+        if collector is not None and step in snaps:
+            collector.collect(net)
         losses.append(float(loss.detach()))
         on_step(step, losses[-1])
     net.load_state_dict(ema)
-    return net.eval(), losses
+    if collector is None:
+        return net.eval(), losses, None
+    stats = collector.stats()
+    return load_parameters(net, mean_weights(stats)).eval(), losses, stats
 
 
 def _curve(losses: Sequence[float], points: int = 50) -> list[float]:
@@ -442,13 +478,25 @@ def train(
             f"size {config.size[0]}x{config.size[1]} must be a multiple of {m} "
             f"(depth {model_config.depth}); use e.g. {m * max(1, round(config.size[0] / m))}"
         )
+    swag = eu if eu in SWAG_METHODS else None
+    if swag and config.steps < config.swag_snapshots * config.swag_every:
+        raise TrainError(
+            f"{eu} collects {config.swag_snapshots} snapshots every {config.swag_every} steps: "
+            f"steps must be >= {config.swag_snapshots * config.swag_every}, got {config.steps}"
+        )
     out = Path(out_dir)
     _prepare_out(out, overwrite)
 
     slices = _slices(data, config, model_config.num_classes)
     mean, std = normalization_stats(slices.images)
     num_nets = config.num_members if eu == "ensemble" else 1
-    bundle_members = {"ensemble": num_nets, "mcdropout": config.num_masks, "none": 1}[eu]
+    bundle_members = {
+        "ensemble": num_nets,
+        "mcdropout": config.num_masks,
+        "swag": config.swag_draws,
+        "swagdiag": config.swag_draws,
+        "none": 1,
+    }[eu]
 
     import torch
 
@@ -471,8 +519,16 @@ def train(
             with _Progress(progress, num_nets, config.steps, combination) as bar:
                 for k in range(num_nets):
                     t0 = time.perf_counter()
-                    net, losses = _train_member(
-                        au, model_config, slices, config, seed + k, mean, std, bar.callback(k)
+                    net, losses, stats = _train_member(
+                        au,
+                        model_config,
+                        slices,
+                        config,
+                        seed + k,
+                        mean,
+                        std,
+                        bar.callback(k),
+                        swag=swag,
                     )
                     seconds = time.perf_counter() - t0
                     fname = f"member_{k}.safetensors"
@@ -481,6 +537,8 @@ def train(
                         tmp / fname,
                         {"combination": combination, "member": str(k), "seed": str(seed + k)},
                     )
+                    if stats is not None:
+                        stats.save(tmp / SWAG_FILE)
                     entry: dict[str, Any] = {
                         "file": fname,
                         "seed": seed + k,
@@ -514,6 +572,7 @@ def train(
                 "spacing": list(slices.spacing),
                 "data": slices.description,
                 "members": members,
+                **(_swag_entry(config, swag) if swag else {}),
                 "validation": (
                     {
                         "num_images": config.validate,
@@ -530,6 +589,18 @@ def train(
     finally:
         torch.set_num_threads(threads_before)
     return out
+
+
+def _swag_entry(config: TrainConfig, swag: str) -> dict[str, Any]:
+    return {
+        "swag": {
+            "file": SWAG_FILE,
+            "diag_only": swag == "swagdiag",
+            "snapshots": config.swag_snapshots,
+            "every": config.swag_every,
+            "draws": config.swag_draws,
+        }
+    }
 
 
 class _Progress:

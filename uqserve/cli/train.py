@@ -10,6 +10,14 @@ import typer
 from uqserve.cli import app
 from uqserve.cli._common import console, fail
 
+# The TrainConfig field that --members sets, per EU method.
+_MEMBERS_FIELD = {
+    "none": "num_members",
+    "ensemble": "num_members",
+    "mcdropout": "num_masks",
+    "swag": "swag_draws",
+    "swagdiag": "swag_draws",
+}
 _DATA_HELP = (
     "`synthetic` (generated, default) or a folder DATA/<case>/image.nii.gz + "
     "DATA/<case>/label_<annotator>.nii.gz (.nii or 2D .png also work)."
@@ -29,7 +37,7 @@ def train_command(
             "--members",
             "-m",
             min=1,
-            help="Ensemble: networks to train (5). MC dropout: masks (10).",
+            help="Ensemble: networks to train (5). MC dropout: masks (10). SWAG: draws (10).",
         ),
     ] = None,
     steps: Annotated[int, typer.Option(min=1, help="Optimiser steps per network.")] = 600,
@@ -77,7 +85,7 @@ def train_command(
         )
         extra = {}
         if members is not None:
-            extra["num_members" if eu == "ensemble" else "num_masks"] = members
+            extra[_MEMBERS_FIELD[eu]] = members
         config = TrainConfig(
             steps=steps,
             batch_size=batch_size,

@@ -44,13 +44,35 @@ def _class_names(ck: Checkpoints, classes: Sequence[str] | None) -> tuple[str, .
 
 
 def _num_members(ck: Checkpoints, num_members: int | None) -> int:
-    """Bundle members: trained networks (ensemble), frozen masks (MC dropout), or 1."""
+    """Bundle members: trained networks (ensemble), frozen masks (MC dropout),
+    weight draws (SWAG), or 1."""
     if ck.eu == "ensemble":
         return len(ck.files) if num_members is None else num_members
     if ck.eu == "mcdropout":
         tc = ck.config.get("train_config", {})
         return int(num_members or ck.config.get("bundle_members") or tc.get("num_masks") or 10)
+    if ck.eu in ("swag", "swagdiag"):
+        return int(num_members or ck.config.get("bundle_members") or 10)
     return 1
+
+
+def _swag_draws(ck: Checkpoints, draws: int, seed: int) -> list[Any]:
+    """``draws`` copies of the SWA-mean network with SWAG weight draws ``0 .. draws-1``."""
+    import copy
+
+    from uqserve.models import swag
+
+    path = ck.path / str(ck.config.get("swag", {}).get("file", swag.FILE_NAME))
+    if not path.is_file():
+        raise ExportError(f"{path}: SWAG statistics missing; re-run `uqserve train`")
+    try:
+        stats = swag.SwagStats.load(path)
+        return [
+            swag.load_parameters(copy.deepcopy(ck.networks[0]), swag.draw_weights(stats, d, seed))
+            for d in range(draws)
+        ]
+    except ValueError as exc:
+        raise ExportError(str(exc)) from exc
 
 
 def export_checkpoints(
@@ -71,7 +93,8 @@ def export_checkpoints(
     """Export a folder written by ``uqserve train`` (``config.json`` + weight files).
 
     ``num_members`` applies to MC dropout (how many frozen masks; default 10 or
-    the training config's) and to ensembles (the first ``num_members`` trained
+    the training config's), to SWAG (how many weight draws, seeded by the
+    bundle seed; default the training config's) and to ensembles (the first ``num_members`` trained
     members; default all).
     """
     ck = read_checkpoint_config(ckpt_dir)  # cheap checks before torch loads anything
@@ -104,8 +127,12 @@ def export_checkpoints(
             "training": {k: cfg[k] for k in ("validation", "data") if k in cfg},
         },
     )
+    nets = ck.networks
+    if ck.eu in ("swag", "swagdiag"):
+        nets = _swag_draws(ck, m, plan.seed)
+        plan.extra["swag"] = {**cfg.get("swag", {}), "draw_seed": plan.seed, "scale": 1.0}
     return export_networks(
-        ck.networks,
+        nets,
         out_dir,
         plan,
         mc,

@@ -103,6 +103,8 @@ def export_recipe(
         train_kwargs.setdefault("num_members", recipe.num_members)
     elif eu == "mcdropout":
         train_kwargs.setdefault("num_masks", recipe.num_members)
+    elif eu in ("swag", "swagdiag"):
+        train_kwargs.setdefault("swag_draws", recipe.num_members)
     try:
         tc = training.TrainConfig(**train_kwargs)
     except (TypeError, ValueError) as exc:

@@ -161,12 +161,16 @@ def check_parity(
     return diffs
 
 
+#: EU methods exported from one network per member (SWAG: one per weight draw).
+NET_PER_MEMBER = ("ensemble", "swag", "swagdiag")
+
+
 def _check_nets(plan: ExportPlan, n: int) -> None:
-    if plan.eu == "ensemble" and n != plan.num_members:
+    if plan.eu in NET_PER_MEMBER and n != plan.num_members:
         raise ExportError(
-            f"ensemble of {plan.num_members} members needs {plan.num_members} networks, got {n}"
+            f"{plan.eu} of {plan.num_members} members needs {plan.num_members} networks, got {n}"
         )
-    if plan.eu != "ensemble" and n != 1:
+    if plan.eu not in NET_PER_MEMBER and n != 1:
         raise ExportError(f"eu {plan.eu!r} exports one trained network, got {n}")
     if plan.eu == "none" and plan.num_members != 1:
         raise ExportError("eu 'none' has exactly one member")
@@ -185,8 +189,9 @@ def export_networks(
 ) -> Bundle:
     """Export trained networks as one bundle (parity-checked, calibrated, atomic).
 
-    ``nets`` holds one network per member for ``ensemble``, exactly one for
-    ``none`` and ``mcdropout`` (whose M members are the frozen dropout masks).
+    ``nets`` holds one network per member for ``ensemble`` and ``swag``/``swagdiag``
+    (the weight draws), exactly one for ``none`` and ``mcdropout`` (whose M
+    members are the frozen dropout masks).
     """
     from uqserve.models import member_graph
     from uqserve.runtime.embedded import EmbeddedRuntime
@@ -196,7 +201,7 @@ def export_networks(
     mult = model_config.multiple
     side = max(32, mult * ((32 + mult - 1) // mult))
     graphs = [
-        member_graph(nets[m] if plan.eu == "ensemble" else nets[0], m, plan.num_samples,
+        member_graph(nets[m] if plan.eu in NET_PER_MEMBER else nets[0], m, plan.num_samples,
                      eu=plan.eu, seed=plan.seed)
         for m in range(plan.num_members)
     ]  # fmt: skip

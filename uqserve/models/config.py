@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 AU_METHODS = ("softmax", "ssn", "punet", "diffusion")
-EU_METHODS = ("none", "ensemble", "mcdropout")
+EU_METHODS = ("none", "ensemble", "mcdropout", "swag", "swagdiag")
 COMBINATIONS = tuple(f"{au}-{eu}" for au in AU_METHODS for eu in EU_METHODS)
 #: Samples a member graph draws at once: [B, 4, K, H, W] tensors keep the head's
 #: memory near the backbone's.
