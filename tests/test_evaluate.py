@@ -23,6 +23,7 @@ from onnx import numpy_helper
 from typer.testing import CliRunner
 
 from tests._bundles import make_tiny_bundle
+from uqserve import uncertainty as U
 from uqserve.bundle import MANIFEST_NAME, BundleError, load_bundle
 from uqserve.cli import app
 from uqserve.data import make_slice
@@ -129,6 +130,24 @@ def test_eu_as_scaled_copy_of_au_is_fully_entangled() -> None:
     for task in ("ood", "ambiguity", "calibration"):
         assert delta[task] == pytest.approx(0.0, abs=0.02), (task, delta)
     assert delta["rank_correlation"] == pytest.approx(1.0)
+
+
+def test_summary_holds_what_every_paper_delta_is_computed_from() -> None:
+    inversion = SetSpec("ood-inversion-1", "ood", shift="inversion", severity=1.0)
+    s = _run_core(_scaled_copy, [ID_LOW, OOD, inversion], n=6).summary()
+    d, shifts = s["delta"], s["shifts"]
+    # Per-shift AUROCs of AU and EU; the paper's means use its shifts only (here: noise).
+    assert set(shifts) == {"noise", "inversion"}
+    assert d["auroc_eu_paper"] == shifts["noise"]["auroc_eu"]
+    assert d["auroc_au_paper"] == shifts["noise"]["auroc_au"]
+    assert d["ood"] == pytest.approx(
+        U.ood_delta(shifts["noise"]["auroc_eu"], shifts["noise"]["auroc_au"])
+    )
+    assert d["paper"]["shifts_used"] == ["noise"] and "inversion" in d["ood_per_shift"]
+    amb = d["paper"]["ambiguity"]
+    assert amb["ood"]["ncc_au"] == shifts["noise"]["ncc_au"]
+    assert amb["id"]["ncc_eu"] == s["splits"]["id"]["ncc_eu"]
+    assert d["ambiguity"] == pytest.approx((amb["id"]["delta"] + amb["ood"]["delta"]) / 2)
 
 
 def test_input_ignoring_model_has_chance_ood_auroc_core() -> None:

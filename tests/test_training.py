@@ -150,8 +150,10 @@ def test_train_from_folder(tmp_path: Path) -> None:
 
 
 def test_bad_input_fails_with_one_clear_line(tmp_path: Path, easy: object) -> None:
-    with pytest.raises(TrainError, match=r"unknown combination 'softmax-swag'.*softmax-ensemble"):
-        train("softmax-swag", tmp_path / "x", config=_quick(), model_config=TINY, data=easy)
+    with pytest.raises(
+        TrainError, match=r"unknown combination 'softmax-laplace'.*softmax-ensemble"
+    ):
+        train("softmax-laplace", tmp_path / "x", config=_quick(), model_config=TINY, data=easy)
     with pytest.raises(TrainError, match=r"nowhere: not a folder"):
         train(
             "softmax-none",
@@ -226,7 +228,7 @@ def test_cli_train_and_refuse_overwrite(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["softmax-swag"], "unknown combination"),
+        (["softmax-laplace"], "unknown combination"),
         (["ssn-none", "--members", "3"], "exactly one member"),
         (["softmax-none", "--data", "/nonexistent/folder"], "not a folder"),
     ],

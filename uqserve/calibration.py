@@ -218,6 +218,8 @@ def _rounded(v: float | None) -> float | None:
 def _entanglement(summary: dict[str, Any], description: dict[str, Any]) -> dict[str, Any]:
     delta = summary["delta"]
     return {
+        "auroc_au_paper": delta.get("auroc_au_paper"),
+        "auroc_eu_paper": delta.get("auroc_eu_paper"),
         "delta_ood": delta.get("ood"),
         "delta_ambiguity": delta.get("ambiguity"),
         "delta_calibration": delta.get("calibration"),

@@ -24,6 +24,7 @@ import numpy.typing as npt
 from uqserve import metrics as M
 from uqserve import uncertainty as U
 from uqserve.contracts import AGGREGATORS, DEFAULT_AGGREGATOR
+from uqserve.evaluation.paper import paper_scores
 from uqserve.evaluation.sets import EvalImage, EvaluationError, SetSpec
 
 MAPS = ("tu", "au", "eu")
@@ -440,7 +441,11 @@ class BundleEvaluation:
         shifts: dict[str, Any] = {}
         for shift in dict.fromkeys(self.specs[n].shift for n in ood_sets):
             names = [n for n in ood_sets if self.specs[n].shift == shift]
-            shifts[str(shift)] = self._ood_metrics(names)
+            shifts[str(shift)] = {
+                **self._image_metrics(names),
+                **self._voxel_metrics(names),
+                **self._ood_metrics(names),
+            }
         delta = self._deltas(splits, shifts)
         return {
             "convention": self.convention,
@@ -456,7 +461,7 @@ class BundleEvaluation:
         }
 
     def _deltas(self, splits: dict[str, Any], shifts: dict[str, Any]) -> dict[str, Any]:
-        """Δ per task and the AU-EU rank correlation."""
+        """The paper's Δ per task (``evaluation/paper.py``) and the AU-EU rank correlation."""
         au_scores, eu_scores = self._id_scores("au"), self._id_scores("eu")
         if self.convention == NO_EU:
             return {
@@ -467,24 +472,23 @@ class BundleEvaluation:
                 "rank_correlation": None,
                 "note": CONVENTION_NOTES[NO_EU],
             }
+        # Δ per shift, every shift (the paper's Δ below uses its four only).
         per_shift = {s: _safe(U.ood_delta, v["auroc_eu"], v["auroc_au"]) for s, v in shifts.items()}
-        amb = {k: _safe(U.ambiguity_delta, v["ncc_au"], v["ncc_eu"]) for k, v in splits.items()}
-        cal = {
-            k: _safe(U.calibration_delta, v["ace_tu"], v["ace_au"], v["ace_eu"])
-            for k, v in splits.items()
-        }
-        d_ood, d_amb, d_cal = _mean(per_shift.values()), _mean(amb.values()), _mean(cal.values())
+        paper = paper_scores(splits["id"], shifts)
         return {
-            "ood": d_ood,
-            "ambiguity": d_amb,
-            "calibration": d_cal,
-            "mean": _mean([d_ood, d_amb, d_cal]),
+            "ood": paper["delta_ood"],
+            "ambiguity": paper["delta_ambiguity"],
+            "calibration": paper["delta_calibration"],
+            "mean": paper["delta_mean"],
+            "auroc_au_paper": paper["auroc_au_paper"],
+            "auroc_eu_paper": paper["auroc_eu_paper"],
+            "paper": paper,
             "ood_per_shift": per_shift,
-            "ambiguity_per_split": amb,
-            "calibration_per_split": cal,
             "rank_correlation": _safe(U.rank_correlation, au_scores, eu_scores, min_size=2),
             "note": "Δ: disentanglement; 1 = disentangled, 0 = entangled, "
-            "< 0: the wrong type does better",
+            "< 0: the wrong type does better. OOD: AUROCs averaged over the paper's "
+            "shifts (noise, blur, contrast, jpeg); ambiguity and calibration: mean of "
+            "Δ on ID and Δ on the mean of those shifts.",
         }
 
     def image_table(self) -> list[dict[str, Any]]:

@@ -76,6 +76,8 @@ def summary_row(bundle: dict[str, Any]) -> dict[str, Any]:
         row[f"auroc_au_{shift}"] = v.get("auroc_au")
     if "ood" in res["splits"]:
         row["auroc_eu_all"] = res["splits"]["ood"].get("auroc_eu")
+    row["auroc_au_paper"] = delta.get("auroc_au_paper")
+    row["auroc_eu_paper"] = delta.get("auroc_eu_paper")
     row["delta_ood"] = delta.get("ood")
     row["delta_ambiguity"] = delta.get("ambiguity")
     row["delta_calibration"] = delta.get("calibration")
@@ -174,8 +176,18 @@ def tidy_rows(results: dict[str, Any]) -> Iterator[dict[str, Any]]:
             if isinstance(value, int | float) or value is None:
                 yield {**base, "scope": "delta", "name": "all", "metric": metric, "value": value}
             elif isinstance(value, dict):
-                for name, v in value.items():
+                for name, v in _flat(value):
                     yield {**base, "scope": "delta", "name": name, "metric": metric, "value": v}
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``("a.b", number)`` for every number (or None) in nested dicts; lists skipped."""
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _flat(v, name + ".")
+        elif (isinstance(v, int | float) and not isinstance(v, bool)) or v is None:
+            yield name, v
 
 
 def results_csv(results: dict[str, Any]) -> str:
