@@ -142,11 +142,11 @@ TRAIN = {
 @pytest.mark.parametrize("eu", ["swag", "swagdiag"])
 def test_swag_bundle_runs_end_to_end_through_predict(tmp_path: Path, eu: str) -> None:
     from safetensors.torch import load_file
-    from uqserve.prediction import predict_volume
 
     from uqserve.bundle import sha256_file
     from uqserve.exporting import export_checkpoints
     from uqserve.models import ModelConfig
+    from uqserve.prediction import predict_volume
     from uqserve.training import TrainConfig, TrainError, train
     from uqserve.volumes import Volume
 
