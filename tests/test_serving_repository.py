@@ -307,3 +307,83 @@ def test_committed_model_repository_is_up_to_date(tmp_path: Path, flavour: str) 
     for m, member in enumerate(bundle.manifest.members):
         data = (committed / f"{bundle.manifest.name}_member_{m}" / "1" / "model.onnx").read_bytes()
         assert hashlib.sha256(data).hexdigest() == member.sha256
+
+
+# --------------------------------------------------------------------------- reduce on the server
+
+
+@pytest.mark.parametrize("flavour", ["python", "onnxruntime"])
+def test_reduce_server_adds_a_reduction_step_and_its_ensemble(
+    tmp_path: Path, tiny_bundle: Path, flavour: str
+) -> None:
+    from uqserve.serving.repository import REDUCE_PARAMETER
+
+    runner = CliRunner()
+    out = tmp_path / "repo"
+    result = runner.invoke(
+        app, ["repo", str(tiny_bundle), "-o", str(out), "--flavour", flavour, "--reduce", "server"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "tiny-ssn_reduce" in validate_repository(out)
+    reduced = text_format.Parse((out / "tiny-ssn_reduced" / "config.pbtxt").read_text(),
+                                mc.ModelConfig())  # fmt: skip
+    # the members' outputs stay inside the server: only the sums are returned
+    assert {t.name for t in reduced.output} == {
+        "mean_sum", "entropy_sum", "sample_entropy_sum", "foreground", "sample_counts"
+    }  # fmt: skip
+    steps = [s.model_name for s in reduced.ensemble_scheduling.step]
+    assert steps == ["tiny-ssn_member_0", "tiny-ssn_member_1", "tiny-ssn_reduce"]
+    for name in ("tiny-ssn", "tiny-ssn_nosamples", "tiny-ssn_reduced"):
+        cfg = text_format.Parse((out / name / "config.pbtxt").read_text(), mc.ModelConfig())
+        assert cfg.parameters[REDUCE_PARAMETER].string_value == "server"
+    graph = onnx.load(str(out / "tiny-ssn_reduce" / "1" / "model.onnx"))
+    assert len(graph.graph.input) == 3 * 2  # mean, sample_entropy, sample_counts per member
+    assert (out / "tiny-ssn_reduce" / "1" / "model.py").is_file() == (flavour == "python")
+    # a plain repository has none of it
+    plain = write_repository(tiny_bundle, tmp_path / "plain")
+    assert not (plain / "tiny-ssn_reduced").exists()
+    cfg = text_format.Parse((plain / "tiny-ssn" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert REDUCE_PARAMETER not in cfg.parameters
+    with pytest.raises(RepositoryError, match="unknown reduce 'gpu'"):
+        write_repository(tiny_bundle, tmp_path / "r", reduce="gpu")
+
+
+@pytest.mark.parametrize(("members", "samples", "classes"), [(1, 1, 2), (3, 4, 3)])
+def test_reduce_graph_gives_what_the_accumulator_adds(
+    members: int, samples: int, classes: int
+) -> None:
+    """The server's sums vs the client adding each member: equal to float32 rounding."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from uqserve.serving.reduce import reduce_graph
+    from uqserve.uncertainty import Accumulator, entropy
+
+    rng = np.random.default_rng(members)
+    b, h, w = 2, 5, 7
+    feeds = {}
+    one = Accumulator(classes, (b, h, w))
+    for m in range(members):
+        p = np.moveaxis(rng.dirichlet(np.ones(classes) * 0.3, size=(b, h, w)), -1, 1)
+        p[0, :, 0, 0] = np.eye(classes)[m % classes]  # exact zeros: 0 ln 0 = 0
+        p = p.astype(np.float32)
+        hs = (entropy(p, axis=1) * rng.random((b, h, w))).astype(np.float32)  # <= H[p̄_m]
+        counts = rng.integers(0, 9, (b, samples, classes)).astype(np.float32)
+        feeds |= {f"mean_{m}": p, f"sample_entropy_{m}": hs, f"sample_counts_{m}": counts}
+        one.add(np.swapaxes(p, 0, 1), None if samples == 1 else hs)
+    sess = ort.InferenceSession(reduce_graph(members, classes, samples),
+                                providers=["CPUExecutionProvider"])  # fmt: skip
+    out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
+    assert out["foreground"].dtype == np.bool_
+    np.testing.assert_array_equal(
+        out["sample_counts"], np.stack([feeds[f"sample_counts_{m}"] for m in range(members)], 1)
+    )
+    summed = Accumulator(classes, (b, h, w))
+    summed.add_sums(np.swapaxes(out["mean_sum"], 0, 1), out["entropy_sum"],
+                    None if samples == 1 else out["sample_entropy_sum"], out["foreground"],
+                    members)  # fmt: skip
+    a, r = one.result(), summed.result()
+    np.testing.assert_array_equal(a.mean, r.mean)  # member-order float32 adds, as the client
+    np.testing.assert_array_equal(a.member_foreground, r.member_foreground)
+    for name in ("tu", "au", "eu", "au_sample", "au_latent"):
+        np.testing.assert_allclose(getattr(r, name), getattr(a, name), atol=2e-6, err_msg=name)

@@ -479,3 +479,53 @@ def test_segmentation_equals_argmax(k: int) -> None:
     np.testing.assert_array_equal(got, np.argmax(p, axis=0))
     with pytest.raises(ValueError, match="expected"):
         segmentation(np.zeros((300, 2)))
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+def test_add_sums_equals_adding_members_one_by_one(samples: int) -> None:
+    """What a server-side reduction sends (sums in member order) gives the same maps."""
+    probs = make_probs(4, 3, samples, 3, (6, 7, 5), 0.3, np.float32)  # [M, S, K, *sp]
+    means = probs.mean(axis=1, dtype=np.float32)  # [M, K, *sp]
+    sample_h = np.stack([entropy(p, axis=1).mean(axis=0) for p in probs]).astype(np.float32)
+    one = Accumulator(3, (6, 7, 5))
+    summed = Accumulator(3, (6, 7, 5))
+    for half in (slice(0, 3), slice(3, 7)):  # two slabs along the second axis
+        mean_sum = np.zeros((3, 6, 4 if half.start == 3 else 3, 5), np.float32)
+        h_sum = np.zeros(mean_sum.shape[1:], np.float32)
+        hs_sum = np.zeros_like(h_sum)
+        fg = np.zeros(h_sum.shape, bool)
+        for m in range(3):
+            pm = means[m][:, :, half]
+            one.add(pm, None if samples == 1 else sample_h[m][:, half], where=(slice(None), half))
+            mean_sum += pm
+            h_sum += entropy(pm)
+            hs_sum += sample_h[m][:, half]
+            fg |= np.argmax(pm, axis=0) != 0
+        summed.add_sums(mean_sum, h_sum, None if samples == 1 else hs_sum, fg, 3,
+                        where=(slice(None), half))  # fmt: skip
+    a, b = one.result(), summed.result()
+    assert a.num_members == b.num_members == 3
+    for name in ("mean", "tu", "au", "eu", "au_sample", "au_latent", "member_foreground"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    if samples == 1:
+        assert not b.au_latent.any()
+
+
+def test_add_sums_rejects_what_no_members_give() -> None:
+    acc = Accumulator(2, (4,))
+    p = np.full((2, 4), 1.0, np.float32)  # two members' sum: each column sums to 2
+    ok = (p, np.zeros(4, np.float32), None, np.zeros(4, bool))
+    with pytest.raises(ValueError, match="do not sum to 1"):
+        acc.add_sums(*ok, members=1)
+    with pytest.raises(ValueError, match="members must be >= 1"):
+        acc.add_sums(*ok, members=0)
+    with pytest.raises(ValueError, match=r"entropy_sum must lie in \[0, members x ln K"):
+        acc.add_sums(p, np.full(4, 1.5, np.float32), None, ok[3], members=2)
+    with pytest.raises(ValueError, match="sample_entropy_sum must lie in"):
+        acc.add_sums(p, np.full(4, 0.5, np.float32), np.ones(4, np.float32), ok[3], members=2)
+    with pytest.raises(ValueError, match="foreground has shape"):
+        acc.add_sums(p, ok[1], None, np.zeros(3, bool), members=2)
+    acc.add_sums(*ok, members=2)
+    acc.add(np.full((2, 4), 0.5, np.float32))
+    r = acc.result()
+    assert r.num_members == 3 and np.allclose(r.mean, 0.5)

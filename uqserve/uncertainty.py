@@ -414,10 +414,7 @@ class Accumulator:
                 f"Accumulator.add: member_mean has shape {pm.shape}, expected "
                 f"{(self.num_classes, *shape)} ([K, *slab]) for where={where!r}"
             )
-        # uint16 member counts: only after 65535 adds can a voxel's count overflow
-        limit = np.iinfo(self._count.dtype).max
-        if self._adds >= limit and int(self._count[full].max()) >= limit:
-            raise ValueError(f"Accumulator.add: more than {limit} members per voxel")
+        self._check_room(full, 1, "add")
         h = _entropy_into(np.empty(shape, np.float32), pm, pmin > 0)
         if member_sample_entropy is None:
             hs: FloatArray = h
@@ -441,6 +438,79 @@ class Accumulator:
         np.add(self._count[full], 1, out=self._count[full])
         np.logical_or(self._foreground[full], _foreground_of(pm), out=self._foreground[full])
         self._adds += 1
+
+    def add_sums(
+        self,
+        mean_sum: npt.ArrayLike,
+        entropy_sum: npt.ArrayLike,
+        sample_entropy_sum: npt.ArrayLike | None,
+        foreground: npt.ArrayLike,
+        members: int,
+        where: tuple[slice, ...] | None = None,
+    ) -> None:
+        """Add ``members`` members at once, summed elsewhere (a Triton reduction step).
+
+        Args:
+            mean_sum: ``[K, *sub]`` Σ_m p̄_m over the members.
+            entropy_sum: ``[*sub]`` Σ_m H[p̄_m] (nats).
+            sample_entropy_sum: ``[*sub]`` Σ_m of the members' mean per-sample
+                entropies; None for softmax members (S = 1): then it is
+                ``entropy_sum`` exactly, as :meth:`add` does.
+            foreground: ``[*sub]`` bool, some member's argmax is a class >= 1.
+            members: how many members the sums hold (>= 1).
+            where: the slab, as in :meth:`add`.
+
+        Raises:
+            ValueError: shapes do not fit, or the sums cannot come from
+                ``members`` probability vectors and their entropies.
+        """
+        self._check_usable("add_sums")
+        if isinstance(members, bool) or int(members) != members or members < 1:
+            raise ValueError(f"Accumulator.add_sums: members must be >= 1, got {members!r}")
+        full, shape = self._region(where)
+        pm = np.ascontiguousarray(np.asarray(mean_sum), dtype=np.float32)
+        if pm.shape != (self.num_classes, *shape):
+            raise ValueError(
+                f"Accumulator.add_sums: mean_sum has shape {pm.shape}, expected "
+                f"{(self.num_classes, *shape)} ([K, *slab]) for where={where!r}"
+            )
+        _check_probabilities(
+            pm / np.float32(members), 0, "Accumulator.add_sums(mean_sum / members)"
+        )
+        tol = members * SUM_TOLERANCE * (1 + math.log(self.num_classes))
+        h = _finite_array(entropy_sum, "Accumulator.add_sums(entropy_sum)")
+        hs = h if sample_entropy_sum is None else _finite_array(
+            sample_entropy_sum, "Accumulator.add_sums(sample_entropy_sum)"
+        )  # fmt: skip
+        fg = np.asarray(foreground, dtype=bool)
+        for name, arr in (("entropy_sum", h), ("sample_entropy_sum", hs), ("foreground", fg)):
+            if arr.shape != shape:
+                raise ValueError(
+                    f"Accumulator.add_sums: {name} has shape {arr.shape}, expected {shape}"
+                )
+        h_max = members * math.log(self.num_classes) + tol
+        if float(h.min()) < -tol or float(h.max()) > h_max:
+            raise ValueError(
+                f"Accumulator.add_sums: entropy_sum must lie in [0, members x ln K = {h_max:.4g}]"
+            )
+        if hs is not h and (float(hs.min()) < -tol or bool(np.greater(hs, h + tol).any())):
+            raise ValueError(
+                "Accumulator.add_sums: sample_entropy_sum must lie in [0, entropy_sum]"
+            )
+        self._check_room(full, int(members), "add_sums")
+        sub = (slice(None), *full)
+        np.add(self._sum_mean[sub], pm, out=self._sum_mean[sub])
+        np.add(self._sum_h[full], h, out=self._sum_h[full], casting="unsafe")
+        np.add(self._sum_hs[full], hs, out=self._sum_hs[full], casting="unsafe")
+        np.add(self._count[full], int(members), out=self._count[full], casting="unsafe")
+        np.logical_or(self._foreground[full], fg, out=self._foreground[full])
+        self._adds += int(members)
+
+    def _check_room(self, full: tuple[slice, ...], n: int, what: str) -> None:
+        """uint16 member counts: only after 65535 members can a voxel's count overflow."""
+        limit = int(np.iinfo(self._count.dtype).max)
+        if self._adds + n > limit and int(self._count[full].max()) + n > limit:
+            raise ValueError(f"Accumulator.{what}: more than {limit} members per voxel")
 
     def result(self, *, release: bool = False) -> Decomposition:
         """The decomposition of everything added so far.

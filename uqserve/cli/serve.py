@@ -43,6 +43,14 @@ def repo_command(
         typer.Option(help="onnxruntime threads per instance (default: cores / instances).", min=1),
     ] = None,
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", min=1)] = 32,
+    reduce: Annotated[
+        str,
+        typer.Option(
+            help="client: every member's outputs go to the client; server: the ensemble also "
+            "sums them on the server (K + 2 numbers per voxel cross the network instead of "
+            "M x (K + 1)); clients use it by themselves.",
+        ),
+    ] = "client",
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a non-empty OUT.")
     ] = False,
@@ -60,6 +68,7 @@ def repo_command(
             instances=instances,
             threads=threads,
             max_batch_size=max_batch_size,
+            reduce=reduce,
             overwrite=overwrite,
         )
     except (BundleError, RepositoryError, OSError) as exc:
@@ -98,6 +107,14 @@ def serve_command(
     log: Annotated[
         Path | None, typer.Option("--log", help="Write the server log here (default: a temp file).")
     ] = None,
+    reduce: Annotated[
+        str,
+        typer.Option(
+            help="client: every member's outputs go to the client; server: the ensemble also "
+            "sums them on the server (K + 2 numbers per voxel cross the network instead of "
+            "M x (K + 1)); clients use it by themselves.",
+        ),
+    ] = "client",
 ) -> None:
     """Run the real tritonserver (from the `server` extra) until Ctrl-C or SIGTERM."""
     from uqserve.bundle import BundleError, load_bundle
@@ -125,7 +142,7 @@ def serve_command(
             else:
                 loaded = [load_bundle(b) for b in bundle] if bundle else [load_bundle(None)]
                 repo_dir = write_repository(
-                    loaded, Path(tmp) / "repository", "python", instances=instances
+                    loaded, Path(tmp) / "repository", "python", instances=instances, reduce=reduce
                 )
                 models = [b.manifest.name for b in loaded]
             server = TritonServer(

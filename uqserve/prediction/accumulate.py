@@ -23,7 +23,7 @@ import numpy.typing as npt
 from uqserve import uncertainty
 from uqserve.bundle import Manifest
 from uqserve.prediction.geometry import SlicePlan
-from uqserve.runtime import MemberOutputs, RuntimeError_
+from uqserve.runtime import MemberOutputs, ReducedOutputs, RuntimeError_
 
 __all__ = ["Accumulated", "ProgressFn", "accumulate"]
 
@@ -49,7 +49,7 @@ class Accumulated:
 
 
 def accumulate(
-    results: Iterator[list[MemberOutputs]],
+    results: Iterator[list[MemberOutputs] | ReducedOutputs],
     plan: SlicePlan,
     man: Manifest,
     *,
@@ -57,7 +57,8 @@ def accumulate(
     progress: ProgressFn | None = None,
     source: str = "",
 ) -> Accumulated:
-    """Consume the runtime's results (one list of M outputs per batch of ``plan``)."""
+    """Consume the runtime's results: per batch of ``plan``, a list of M member outputs
+    or their sums (``ReducedOutputs``, from a server that reduces)."""
     K, M, S = man.num_classes, man.num_members, man.num_samples
     rows, cols, depth = plan.rows, plan.cols, plan.depth
     # Slices first: each batch is then one contiguous slab of the running sums (a
@@ -76,6 +77,13 @@ def accumulate(
         t_model += time.perf_counter() - t0
         t0 = time.perf_counter()
         b = min(plan.batch_size, depth - z0)
+        if isinstance(outs, ReducedOutputs):
+            _add_reduced(acc, counts, outs, (b, K, plan.pad_h, plan.pad_w), plan, man, z0)
+            t_acc += time.perf_counter() - t0
+            z0 += b
+            if progress is not None:
+                progress(source, z0, depth)
+            continue
         if len(outs) != M:
             raise RuntimeError_(f"runtime returned {len(outs)} members, bundle {man.name} has {M}")
         for m, out in enumerate(outs):
@@ -101,6 +109,39 @@ def accumulate(
     t0 = time.perf_counter()
     dec = _slices_last(acc.result(release=True))
     return Accumulated(dec, counts, labels, t_model, t_acc + time.perf_counter() - t0)
+
+
+def _add_reduced(
+    acc: uncertainty.Accumulator,
+    counts: npt.NDArray[np.float64],
+    out: ReducedOutputs,
+    expected: tuple[int, int, int, int],
+    plan: SlicePlan,
+    man: Manifest,
+    z0: int,
+) -> None:
+    """Add one batch of server-side sums (all M members at once) to ``acc`` and ``counts``."""
+    b, K, h, w = expected
+    M, S = man.num_members, man.num_samples
+    shapes = (out.mean_sum.shape, out.entropy_sum.shape, out.sample_entropy_sum.shape,
+              out.foreground.shape, out.sample_counts.shape)  # fmt: skip
+    if shapes != (expected, (b, h, w), (b, h, w), (b, h, w), (b, M, S, K)):
+        raise RuntimeError_(
+            f"the server's reduction returned shapes {shapes}; expected {expected}, "
+            f"{(b, h, w)} (x3), {(b, M, S, K)}: the repository does not match the bundle; "
+            "regenerate it with `uqserve repo --reduce server`"
+        )
+    rows, cols = plan.rows, plan.cols
+    acc.add_sums(
+        np.swapaxes(out.mean_sum[:, :, :rows, :cols], 0, 1),  # [K, b, X, Y]
+        out.entropy_sum[:, :rows, :cols],
+        # S = 1: the sample entropy is H[p̄_m] (AU_latent exactly 0), as for members.
+        None if S == 1 else out.sample_entropy_sum[:, :rows, :cols],
+        out.foreground[:, :rows, :cols],
+        M,
+        where=(slice(z0, z0 + b),),
+    )
+    counts += out.sample_counts.sum(axis=0, dtype=np.float64)
 
 
 def _check_outputs(out: MemberOutputs, expected: tuple[int, int, int, int], S: int, m: int) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +34,7 @@ from uqserve.prediction.intensity import clean, normalization
 from uqserve.prediction.options import check_batch_size, check_channels, resolve_seed
 from uqserve.prediction.report import Report, Timings, build_report
 from uqserve.prediction.scoring import score_prediction, segment
-from uqserve.runtime import Runtime, open_runtime
+from uqserve.runtime import MemberOutputs, ReducedOutputs, Runtime, open_runtime
 from uqserve.volumes import Volume
 
 __all__ = ["Prediction", "predict_volume"]
@@ -124,7 +125,13 @@ def _run(
     t_norm = time.perf_counter() - t0
 
     batches = iter_batches(work, plan, intensity, seed)
-    results = runtime.infer_many(batches, want_samples=want_samples)
+    # A server that reduces sends the members' sums, K + 2 numbers per voxel instead of
+    # M x (K + 1); sample labels still need every member's outputs.
+    results: Iterator[list[MemberOutputs] | ReducedOutputs] = (
+        runtime.infer_many_reduced(batches)
+        if runtime.reduces and not want_samples
+        else runtime.infer_many(batches, want_samples=want_samples)
+    )
     acc = accumulate(
         results, plan, man, want_samples=want_samples, progress=progress, source=volume.source
     )

@@ -6,9 +6,9 @@ import os
 from collections.abc import Sequence
 
 from uqserve.bundle import Bundle, load_bundle
-from uqserve.runtime.base import Batch, MemberOutputs, Runtime, RuntimeError_
+from uqserve.runtime.base import Batch, MemberOutputs, ReducedOutputs, Runtime, RuntimeError_
 
-__all__ = ["Batch", "MemberOutputs", "Runtime", "RuntimeError_", "open_runtime"]
+__all__ = ["Batch", "MemberOutputs", "ReducedOutputs", "Runtime", "RuntimeError_", "open_runtime"]
 
 
 def open_runtime(

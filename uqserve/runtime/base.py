@@ -55,6 +55,24 @@ class MemberOutputs:
     sample_labels: npt.NDArray[np.uint8] | None = None
 
 
+@dataclass(frozen=True)
+class ReducedOutputs:
+    """All members' outputs for one batch, summed by the server (``reduce="server"``).
+
+    mean_sum           ``[B, K, H, W]`` float32, Σ_m p̄_m
+    entropy_sum        ``[B, H, W]`` float32, Σ_m H[p̄_m] (nats)
+    sample_entropy_sum ``[B, H, W]`` float32, Σ_m of the mean per-sample entropies
+    foreground         ``[B, H, W]`` bool, some member's argmax is a class >= 1
+    sample_counts      ``[B, M, S, K]`` float32, every member's per-sample counts
+    """
+
+    mean_sum: npt.NDArray[np.float32]
+    entropy_sum: npt.NDArray[np.float32]
+    sample_entropy_sum: npt.NDArray[np.float32]
+    foreground: npt.NDArray[np.bool_]
+    sample_counts: npt.NDArray[np.float32]
+
+
 class Runtime(ABC):
     """Runs batches through all M members of one bundle."""
 
@@ -63,6 +81,9 @@ class Runtime(ABC):
     preferred_batch_size: int = 8
     #: Arithmetic of the member graphs: ``fp32`` (exact), ``tf32`` or ``fp16``.
     precision: str = "fp32"
+    #: True when :meth:`infer_reduced` returns sums made where the members ran
+    #: (a Triton ensemble with a reduction step), so fewer bytes travel.
+    reduces: bool = False
 
     def __init__(self, bundle: Bundle) -> None:
         self.bundle = bundle
@@ -82,6 +103,15 @@ class Runtime(ABC):
         """Results in the order of ``batches``; implementations may pipeline."""
         for batch in batches:
             yield self.infer(batch, want_samples)
+
+    def infer_reduced(self, batch: Batch) -> ReducedOutputs:
+        """The members' outputs for ``batch`` summed (only where ``reduces``)."""
+        raise NotImplementedError(f"the {self.name} runtime does not reduce; check .reduces")
+
+    def infer_many_reduced(self, batches: Iterable[Batch]) -> Iterator[ReducedOutputs]:
+        """:meth:`infer_reduced` for each batch, in order; implementations may pipeline."""
+        for batch in batches:
+            yield self.infer_reduced(batch)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release sessions or connections."""

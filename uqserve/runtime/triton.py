@@ -15,6 +15,10 @@ are not wanted, so the members never compute them) and turns the
   and yields results in order.
 - ``shared_memory=True`` (same-host servers only) passes tensors through
   Triton system shared memory instead of the gRPC message.
+- A repository written with ``reduce="server"`` sums the members on the
+  server (ensemble ``<bundle>_reduced``): the runtime then ``reduces`` and
+  ``infer_reduced`` receives K + 2 numbers per voxel instead of M x (K + 1).
+  ``reduce="auto"`` (default) uses it when every server offers it.
 """
 
 from __future__ import annotations
@@ -24,23 +28,26 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
 import numpy.typing as npt
 
 from uqserve.bundle import Bundle
-from uqserve.runtime.base import Batch, MemberOutputs, Runtime, RuntimeError_
+from uqserve.runtime.base import Batch, MemberOutputs, ReducedOutputs, Runtime, RuntimeError_
 from uqserve.serving.repository import (
+    REDUCE_PARAMETER,
     manifest_identity,
     nosamples_model_name,
+    reduced_model_name,
     served_identity,
 )
 
+_T = TypeVar("_T")
 DEFAULT_GRPC_PORT = 8001
 # gRPC statuses worth retrying elsewhere; anything else is a bug or bad input.
 _TRANSIENT = {
@@ -92,6 +99,7 @@ class _Server:
     url: str
     target: str
     verified: bool = False
+    reduces: bool = False  # serves <bundle>_reduced
     down_until: float = 0.0
     failures: int = 0
     last_error: str = ""
@@ -159,7 +167,9 @@ class TritonRuntime(Runtime):
     ``retries``: extra attempts on transient errors, with exponential back-off
     starting at ``backoff_s`` and moving to the next server each time.
     ``shared_memory``: pass tensors through Triton system shared memory
-    (servers on this host only).
+    (servers on this host only). ``reduce``: ``auto`` (use the server-side
+    reduction when every server has it), ``client`` (never) or ``server``
+    (required: an error if a server lacks it).
     """
 
     name = "triton"
@@ -174,8 +184,13 @@ class TritonRuntime(Runtime):
         retries: int = 3,
         backoff_s: float = 0.2,
         shared_memory: bool = False,
+        reduce: str = "auto",
     ) -> None:
         super().__init__(bundle)
+        if reduce not in ("auto", "client", "server"):
+            raise ValueError(f"reduce must be 'auto', 'client' or 'server', got {reduce!r}")
+        self._reduce = reduce
+        self._reduce_decided = False
         if isinstance(servers, str):
             servers = [servers]
         if not servers:
@@ -227,6 +242,15 @@ class TritonRuntime(Runtime):
             not_ready = any(isinstance(e, TritonNotReadyError) for e in errors)
             cls = TritonNotReadyError if not_ready else TritonUnavailableError
             raise cls(self._unavailable_message())
+        verified = [s for s in self._servers if s.verified]
+        self.reduces = self._reduce != "client" and all(s.reduces for s in verified)
+        if self._reduce == "server" and not self.reduces:
+            lacking = ", ".join(s.url for s in verified if not s.reduces)
+            raise RuntimeError_(
+                f"{lacking}: the repository does not reduce on the server; write it with "
+                "`uqserve repo --reduce server` or use reduce 'auto'"
+            )
+        self._reduce_decided = True
 
     # ------------------------------------------------------------------ properties
     @property
@@ -310,6 +334,7 @@ class TritonRuntime(Runtime):
                 raise RuntimeError_(
                     f"{server.url}: cannot query model {self.model_name!r}: {_short(exc)}"
                 ) from exc
+            self._check_reduce(server, client, config, timeout)
             served_id = served_identity(config)
             mismatch = _describe_mismatch(self._identity, served_id)
             if mismatch:
@@ -320,6 +345,24 @@ class TritonRuntime(Runtime):
                 )
             server.verified = True
             server.failures = 0
+
+    def _check_reduce(self, server: _Server, client: Any, config: Any, timeout: float) -> None:
+        """Does ``server`` reduce? A late server must agree with the decision made at start."""
+        flag = config.parameters[REDUCE_PARAMETER].string_value if (
+            REDUCE_PARAMETER in config.parameters
+        ) else ""  # fmt: skip
+        server.reduces = flag == "server" and self._reduce != "client"
+        if server.reduces and not client.is_model_ready(
+            reduced_model_name(self.model_name), client_timeout=timeout
+        ):
+            raise TritonNotReadyError(
+                f"{server.url}: model {reduced_model_name(self.model_name)!r} is not ready"
+            )
+        if self._reduce_decided and self.reduces and not server.reduces:
+            raise TritonMismatchError(
+                f"{server.url}: does not reduce on the server but the other servers do; "
+                "serve the same repository everywhere"
+            )
 
     def _unavailable_message(self) -> str:
         details = "; ".join(s.last_error or f"{s.url}: no answer" for s in self._servers)
@@ -338,6 +381,31 @@ class TritonRuntime(Runtime):
         return min(self._servers, key=lambda s: s.down_until)
 
     def infer(self, batch: Batch, want_samples: bool = False) -> list[MemberOutputs]:
+        got = self._call(batch, "samples" if want_samples else "members")
+        return [
+            MemberOutputs(
+                mean=got[f"mean_{i}"],
+                sample_entropy=got[f"sample_entropy_{i}"],
+                sample_counts=got[f"sample_counts_{i}"],
+                sample_labels=got.get(f"sample_labels_{i}"),
+            )
+            for i in range(self.bundle.manifest.num_members)
+        ]
+
+    def infer_reduced(self, batch: Batch) -> ReducedOutputs:
+        if not self.reduces:
+            raise RuntimeError_("the servers do not reduce (see .reduces); use infer()")
+        got = self._call(batch, "reduced")
+        return ReducedOutputs(
+            mean_sum=got["mean_sum"],
+            entropy_sum=got["entropy_sum"],
+            sample_entropy_sum=got["sample_entropy_sum"],
+            foreground=got["foreground"],
+            sample_counts=got["sample_counts"],
+        )
+
+    def _call(self, batch: Batch, mode: str) -> dict[str, npt.NDArray[Any]]:
+        """One request with retries and failover; ``mode``: samples, members or reduced."""
         if self._closed:
             raise RuntimeError_("the Triton runtime is closed")
         _check_batch(batch, self.bundle)
@@ -351,7 +419,7 @@ class TritonRuntime(Runtime):
                 time.sleep(wait)
             try:
                 self._verify(server)
-                outputs = self._infer_on(server, batch, want_samples)
+                outputs = self._infer_on(server, batch, mode)
             except TritonUnavailableError as exc:
                 self._mark_down(server, str(exc), attempt)
                 continue
@@ -374,18 +442,20 @@ class TritonRuntime(Runtime):
         server.last_error = message
         server.down_until = time.monotonic() + self.backoff_s * (2 ** min(attempt, 6))
 
-    def _infer_on(self, server: _Server, batch: Batch, want_samples: bool) -> list[MemberOutputs]:
-        import tritonclient.grpc as grpcclient
-
+    def _out_specs(
+        self, b: int, h: int, w: int, mode: str
+    ) -> list[tuple[str, tuple[int, ...], Any]]:
+        """``(name, shape, dtype)`` of the outputs a ``mode`` request returns."""
         m = self.bundle.manifest
-        b, _, h, w = batch.image.shape
-        arrays: list[tuple[str, npt.NDArray[Any], str]] = [
-            ("image", np.ascontiguousarray(batch.image, dtype=np.float32), "FP32"),
-            ("seed", np.ascontiguousarray(batch.seed, dtype=np.int64).reshape(b, 1), "INT64"),
-            ("offset", np.ascontiguousarray(batch.offset, dtype=np.int64).reshape(b, 3), "INT64"),
-            ("valid", np.ascontiguousarray(batch.valid, dtype=np.int64).reshape(b, 2), "INT64"),
-        ]
         k, s = m.num_classes, m.num_samples
+        if mode == "reduced":
+            return [
+                ("mean_sum", (b, k, h, w), np.float32),
+                ("entropy_sum", (b, h, w), np.float32),
+                ("sample_entropy_sum", (b, h, w), np.float32),
+                ("foreground", (b, h, w), np.bool_),
+                ("sample_counts", (b, m.num_members, s, k), np.float32),
+            ]
         out_specs: list[tuple[str, tuple[int, ...], Any]] = []
         for i in range(m.num_members):
             out_specs += [
@@ -393,9 +463,26 @@ class TritonRuntime(Runtime):
                 (f"sample_entropy_{i}", (b, h, w), np.float32),
                 (f"sample_counts_{i}", (b, s, k), np.float32),
             ]
-            if want_samples:
+            if mode == "samples":
                 out_specs.append((f"sample_labels_{i}", (b, s, h, w), np.uint8))
-        model = self.model_name if want_samples else nosamples_model_name(self.model_name)
+        return out_specs
+
+    def _infer_on(self, server: _Server, batch: Batch, mode: str) -> dict[str, npt.NDArray[Any]]:
+        import tritonclient.grpc as grpcclient
+
+        b, _, h, w = batch.image.shape
+        arrays: list[tuple[str, npt.NDArray[Any], str]] = [
+            ("image", np.ascontiguousarray(batch.image, dtype=np.float32), "FP32"),
+            ("seed", np.ascontiguousarray(batch.seed, dtype=np.int64).reshape(b, 1), "INT64"),
+            ("offset", np.ascontiguousarray(batch.offset, dtype=np.int64).reshape(b, 3), "INT64"),
+            ("valid", np.ascontiguousarray(batch.valid, dtype=np.int64).reshape(b, 2), "INT64"),
+        ]
+        out_specs = self._out_specs(b, h, w, mode)
+        model = {
+            "samples": self.model_name,
+            "members": nosamples_model_name(self.model_name),
+            "reduced": reduced_model_name(self.model_name),
+        }[mode]
         client = self._client(server)
 
         inputs = []
@@ -445,26 +532,25 @@ class TritonRuntime(Runtime):
                 if arr is None:
                     raise RuntimeError_(f"{server.url}: response lacks output {name!r}")
                 got[name] = arr.astype(dt, copy=False)
-        return [
-            MemberOutputs(
-                mean=got[f"mean_{i}"],
-                sample_entropy=got[f"sample_entropy_{i}"],
-                sample_counts=got[f"sample_counts_{i}"],
-                sample_labels=got.get(f"sample_labels_{i}"),
-            )
-            for i in range(m.num_members)
-        ]
+        return got
 
     def infer_many(
         self, batches: Iterable[Batch], want_samples: bool = False
     ) -> Iterator[list[MemberOutputs]]:
         """Results in the order of ``batches`` with up to ``max_in_flight`` batches in flight."""
+        return self._pipelined(lambda b: self.infer(b, want_samples), batches)
+
+    def infer_many_reduced(self, batches: Iterable[Batch]) -> Iterator[ReducedOutputs]:
+        """:meth:`infer_reduced` pipelined like :meth:`infer_many`."""
+        return self._pipelined(self.infer_reduced, batches)
+
+    def _pipelined(self, fn: Callable[[Batch], _T], batches: Iterable[Batch]) -> Iterator[_T]:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="uqserve-triton")
-        pending: deque[Future[list[MemberOutputs]]] = deque()
+        pending: deque[Future[_T]] = deque()
         try:
             for batch in batches:
-                pending.append(self._pool.submit(self.infer, batch, want_samples))
+                pending.append(self._pool.submit(fn, batch))
                 if len(pending) >= self.max_in_flight:
                     yield pending.popleft().result()
             while pending:

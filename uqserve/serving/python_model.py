@@ -11,6 +11,8 @@ Config parameters it reads (all strings, see ``uqserve.serving.repository``):
 ``uqserve_sha256``    expected sha256 of that file; loading fails on a mismatch
 ``intra_op_threads``  onnxruntime intra-op threads; ``0`` = cores / (instances x members)
 ``uqserve_num_members``  members served side by side (for the ``0`` rule)
+``uqserve_role``      ``member`` (default) or ``reduce``: the ensemble's reduction step,
+                      whose inputs are the config's (the members' outputs), fed as they come
 
 Requests that share a tile shape and the same requested outputs are run as
 one onnxruntime call; only the requested outputs are computed and returned
@@ -35,7 +37,7 @@ DTYPES = {"image": np.float32, "seed": np.int64, "offset": np.int64, "valid": np
 
 
 class TritonPythonModel:
-    """One member: ``[B, C, H, W]`` slices in, the member's reduced outputs out."""
+    """One member (``[B, C, H, W]`` slices in, its outputs out) or the reduction step."""
 
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
@@ -63,6 +65,8 @@ class TritonPythonModel:
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        self.member = params.get("uqserve_role", "member") == "member"
+        self.inputs = INPUTS if self.member else tuple(t["name"] for t in config["input"])
         self.graph_outputs = [o.name for o in self.session.get_outputs()]
         self.output_dtypes = {
             o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]
@@ -74,7 +78,7 @@ class TritonPythonModel:
         errors: dict[int, str] = {}
         for i, request in enumerate(requests):
             try:
-                feeds_of.append(_feeds(request))
+                feeds_of.append(_feeds(request, self.inputs, self.member))
             except ValueError as exc:
                 feeds_of.append(None)
                 errors[i] = str(exc)
@@ -86,14 +90,14 @@ class TritonPythonModel:
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, feeds in enumerate(feeds_of):
             if feeds is not None:
-                key = (feeds["image"].shape[1:], wanted_of[i])
+                key = (tuple(feeds[n].shape[1:] for n in self.inputs), wanted_of[i])
                 groups.setdefault(key, []).append(i)
 
         results: dict[int, dict[str, np.ndarray]] = {}
         for (_, wanted), members in groups.items():
             batch = {
                 name: np.concatenate([feeds_of[i][name] for i in members])  # type: ignore[index]
-                for name in INPUTS
+                for name in self.inputs
             }
             try:
                 arrays = self.session.run(list(wanted), batch)
@@ -103,7 +107,7 @@ class TritonPythonModel:
                 continue
             start = 0
             for i in members:
-                b = feeds_of[i]["image"].shape[0]  # type: ignore[index]
+                b = feeds_of[i][self.inputs[0]].shape[0]  # type: ignore[index]
                 results[i] = {n: a[start : start + b] for n, a in zip(wanted, arrays, strict=True)}
                 start += b
 
@@ -125,14 +129,16 @@ class TritonPythonModel:
         self.session = None
 
 
-def _feeds(request: Any) -> dict[str, np.ndarray]:
-    """The four graph inputs of one request, with the graph's shapes and dtypes."""
+def _feeds(request: Any, names: tuple[str, ...], member: bool) -> dict[str, np.ndarray]:
+    """The graph inputs of one request; a member's with the graph's shapes and dtypes."""
     feeds = {}
-    for name in INPUTS:
+    for name in names:
         tensor = pb_utils.get_input_tensor_by_name(request, name)
         if tensor is None:
             raise ValueError(f"input {name!r} is missing")
-        feeds[name] = np.asarray(tensor.as_numpy(), dtype=DTYPES[name])
+        feeds[name] = np.asarray(tensor.as_numpy(), dtype=DTYPES.get(name))
+    if not member:
+        return feeds
     b = feeds["image"].shape[0]
     # The config declares seed as dims [1] (Triton needs a non-empty shape); the graph wants [B].
     feeds["seed"] = feeds["seed"].reshape(b)

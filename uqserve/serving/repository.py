@@ -13,6 +13,21 @@ lean twin of it without ``sample_labels`` (``<bundle>_nosamples``):
 <repo>/<bundle>_member_<m>/1/model.py          python flavour only: runs model.onnx (copy or link)
 ```
 
+With ``reduce="server"`` (``uqserve repo --reduce server``) two more models
+sum the members' outputs on the server (``uqserve.serving.reduce``), so that
+K + 2 numbers per voxel cross the network instead of M x (K + 1):
+
+```
+<repo>/<bundle>_reduce/1/model.onnx           the reduction graph (model.py too, python flavour)
+<repo>/<bundle>_reduced/config.pbtxt          ensemble: the members, then the reduction;
+                                                mean_sum, entropy_sum, sample_entropy_sum,
+                                                foreground, sample_counts out
+```
+
+and every ensemble carries the parameter ``uqserve_reduce: server``, which
+the Triton runtime reads to use ``<bundle>_reduced`` when it does not need
+sample labels.
+
 Two flavours come from the same bundle: ``onnxruntime`` (platform
 ``onnxruntime_onnx``, GPU instances, for the NGC tritonserver image) and
 ``python`` (the generic ``model.py`` of ``python_model.py``, CPU instances,
@@ -47,6 +62,8 @@ FLAVOURS = ("python", "onnxruntime")
 MEMBER_FILES = ("copy", "symlink")
 MANIFEST_PARAMETER = "uqserve_manifest"
 NOSAMPLES_SUFFIX = "_nosamples"
+REDUCE_MODES = ("client", "server")
+REDUCE_PARAMETER = "uqserve_reduce"
 VERSION = "1"
 TEMPLATE = Path(__file__).resolve().parent / "python_model.py"
 
@@ -77,6 +94,16 @@ def member_model_name(bundle_name: str, member: int) -> str:
 def nosamples_model_name(bundle_name: str) -> str:
     """Triton model name of the ensemble without ``sample_labels`` outputs."""
     return f"{bundle_name}{NOSAMPLES_SUFFIX}"
+
+
+def reduce_model_name(bundle_name: str) -> str:
+    """Triton model name of the reduction step (``reduce="server"``)."""
+    return f"{bundle_name}_reduce"
+
+
+def reduced_model_name(bundle_name: str) -> str:
+    """Triton model name of the ensemble that returns the members' sums."""
+    return f"{bundle_name}_reduced"
 
 
 def manifest_identity(bundle: Bundle) -> dict[str, Any]:
@@ -176,6 +203,7 @@ def ensemble_config(
     max_batch_size: int,
     max_inflight_requests: int,
     samples: bool = True,
+    reduce: str = "client",
 ) -> mc.ModelConfig:
     """The ensemble that fans the four inputs out to every member.
 
@@ -207,6 +235,75 @@ def ensemble_config(
     if max_inflight_requests:  # 0 = no limit; older servers do not know the field
         config.ensemble_scheduling.max_inflight_requests = max_inflight_requests
     _param(config, MANIFEST_PARAMETER, json.dumps(manifest_identity(bundle), sort_keys=True))
+    if reduce == "server":
+        _param(config, REDUCE_PARAMETER, "server")
+    return config
+
+
+def _reduce_tensors(bundle: Bundle) -> tuple[list[_Tensor], list[_Tensor]]:
+    """Inputs (the members' outputs) and outputs of the reduction step."""
+    m = bundle.manifest
+    k, s, n = m.num_classes, m.num_samples, m.num_members
+    _, member_outputs = _member_tensors(bundle)
+    inputs = [
+        _Tensor(f"{t.name}_{i}", t.dtype, t.dims)
+        for i in range(n)
+        for t in member_outputs
+        if t.name != "sample_labels"
+    ]
+    outputs = [
+        _Tensor("mean_sum", mc.TYPE_FP32, (k, -1, -1)),
+        _Tensor("entropy_sum", mc.TYPE_FP32, (-1, -1)),
+        _Tensor("sample_entropy_sum", mc.TYPE_FP32, (-1, -1)),
+        _Tensor("foreground", mc.TYPE_BOOL, (-1, -1)),
+        _Tensor("sample_counts", mc.TYPE_FP32, (n, s, k)),
+    ]
+    return inputs, outputs
+
+
+def reduce_config(
+    bundle: Bundle, flavour: str, *, max_batch_size: int, max_queue_delay_us: int
+) -> mc.ModelConfig:
+    """The ``ModelConfig`` of the reduction step (one instance: it is element-wise work)."""
+    name = reduce_model_name(bundle.manifest.name)
+    config = mc.ModelConfig(name=name, max_batch_size=max_batch_size)
+    _add_io(config, *_reduce_tensors(bundle))
+    config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
+    if flavour == "onnxruntime":
+        config.platform = "onnxruntime_onnx"
+        config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_GPU)
+    else:
+        config.backend = "python"
+        config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+        _param(config, "onnx_file", "model.onnx")
+        _param(config, "intra_op_threads", 0)
+        _param(config, "uqserve_num_members", 1)
+        _param(config, "uqserve_role", "reduce")
+    return config
+
+
+def reduced_ensemble_config(
+    bundle: Bundle, *, max_batch_size: int, max_inflight_requests: int
+) -> mc.ModelConfig:
+    """``<bundle>_reduced``: the members without sample labels, then the reduction step."""
+    config = ensemble_config(
+        bundle,
+        max_batch_size=max_batch_size,
+        max_inflight_requests=max_inflight_requests,
+        samples=False,
+        reduce="server",
+    )
+    config.name = reduced_model_name(bundle.manifest.name)
+    del config.output[:]  # the members' outputs stay inside the server
+    inputs, outputs = _reduce_tensors(bundle)
+    step = config.ensemble_scheduling.step.add(
+        model_name=reduce_model_name(bundle.manifest.name), model_version=-1
+    )
+    for t in inputs:
+        step.input_map[t.name] = t.name
+    for t in outputs:
+        step.output_map[t.name] = t.name
+        config.output.add(name=t.name, data_type=t.dtype, dims=list(t.dims))
     return config
 
 
@@ -229,6 +326,7 @@ def write_repository(
     threads: int | None = None,
     max_inflight_requests: int | None = None,
     max_queue_delay_us: int = 1000,
+    reduce: str = "client",
     overwrite: bool = False,
 ) -> Path:
     """Write a Triton model repository for one or several bundles to ``out_dir``.
@@ -245,12 +343,17 @@ def write_repository(
     ``max_inflight_requests`` bounds the requests in flight at each ensemble
     step (memory); it defaults to 16 for onnxruntime and is left out (0) for
     python, because the Triton 2.51 of nvidia-pytriton rejects the field.
+    ``reduce``: ``client`` (the members' outputs go to the client) or
+    ``server`` (a reduction step and the ``<bundle>_reduced`` ensemble are
+    added; needs the ``onnx`` package).
 
     The repository is written to a temporary sibling folder and renamed, so a
     failure leaves nothing behind. Returns ``out_dir``.
     """
     if flavour not in FLAVOURS:
         raise RepositoryError(f"unknown flavour {flavour!r}: use one of {', '.join(FLAVOURS)}")
+    if reduce not in REDUCE_MODES:
+        raise RepositoryError(f"unknown reduce {reduce!r}: use one of {', '.join(REDUCE_MODES)}")
     if member_files not in MEMBER_FILES:
         raise RepositoryError(
             f"unknown member_files {member_files!r}: use one of {', '.join(MEMBER_FILES)}"
@@ -302,6 +405,7 @@ def write_repository(
                 threads=threads,
                 max_inflight_requests=max_inflight_requests,
                 max_queue_delay_us=max_queue_delay_us,
+                reduce=reduce,
             )
         validate_repository(tmp)
     return out
@@ -319,6 +423,7 @@ def _write_bundle(
     threads: int | None,
     max_inflight_requests: int,
     max_queue_delay_us: int,
+    reduce: str,
 ) -> None:
     m = bundle.manifest
     for member in range(m.num_members):
@@ -350,12 +455,51 @@ def _write_bundle(
             max_batch_size=max_batch_size,
             max_inflight_requests=max_inflight_requests,
             samples=samples,
+            reduce=reduce,
         )
-        version_dir = root / config.name / VERSION
-        version_dir.mkdir(parents=True)
-        # Triton needs the version folder even for an ensemble; git keeps no empty folders.
-        (version_dir / ".gitkeep").write_text("")
-        (root / config.name / "config.pbtxt").write_text(_config_text(config, flavour, m.name))
+        _write_ensemble(root, config, flavour, m.name)
+    if reduce == "server":
+        _write_reduce(
+            bundle, root, flavour, max_batch_size=max_batch_size,
+            max_inflight_requests=max_inflight_requests, max_queue_delay_us=max_queue_delay_us,
+        )  # fmt: skip
+
+
+def _write_ensemble(root: Path, config: mc.ModelConfig, flavour: str, bundle_name: str) -> None:
+    version_dir = root / config.name / VERSION
+    version_dir.mkdir(parents=True)
+    # Triton needs the version folder even for an ensemble; git keeps no empty folders.
+    (version_dir / ".gitkeep").write_text("")
+    (root / config.name / "config.pbtxt").write_text(_config_text(config, flavour, bundle_name))
+
+
+def _write_reduce(
+    bundle: Bundle,
+    root: Path,
+    flavour: str,
+    *,
+    max_batch_size: int,
+    max_inflight_requests: int,
+    max_queue_delay_us: int,
+) -> None:
+    """The reduction model (a generated graph, always a file) and its ensemble."""
+    from uqserve.serving.reduce import reduce_graph
+
+    m = bundle.manifest
+    config = reduce_config(
+        bundle, flavour, max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us
+    )
+    version_dir = root / config.name / VERSION
+    version_dir.mkdir(parents=True)
+    (root / config.name / "config.pbtxt").write_text(_config_text(config, flavour, m.name))
+    graph = reduce_graph(m.num_members, m.num_classes, m.num_samples)
+    (version_dir / "model.onnx").write_bytes(graph)
+    if flavour == "python":
+        shutil.copyfile(TEMPLATE, version_dir / "model.py")
+    ensemble = reduced_ensemble_config(
+        bundle, max_batch_size=max_batch_size, max_inflight_requests=max_inflight_requests
+    )
+    _write_ensemble(root, ensemble, flavour, m.name)
 
 
 # --------------------------------------------------------------------------- validation
@@ -578,6 +722,10 @@ __all__ = [
     "member_model_name",
     "nosamples_model_name",
     "read_config",
+    "reduce_config",
+    "reduce_model_name",
+    "reduced_ensemble_config",
+    "reduced_model_name",
     "served_identity",
     "validate_repository",
     "write_repository",
