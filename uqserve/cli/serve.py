@@ -13,6 +13,15 @@ import typer
 from uqserve.cli import app
 from uqserve.cli._common import console, fail
 
+ReduceOption = Annotated[
+    str,
+    typer.Option(
+        help="client: every member's outputs go to the client; server: the ensemble also "
+        "sums them on the server (K + 2 numbers per voxel cross the network instead of "
+        "M x (K + 1)); clients use it by themselves.",
+    ),
+]
+
 
 @app.command("repo")
 def repo_command(
@@ -43,14 +52,7 @@ def repo_command(
         typer.Option(help="onnxruntime threads per instance (default: cores / instances).", min=1),
     ] = None,
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", min=1)] = 32,
-    reduce: Annotated[
-        str,
-        typer.Option(
-            help="client: every member's outputs go to the client; server: the ensemble also "
-            "sums them on the server (K + 2 numbers per voxel cross the network instead of "
-            "M x (K + 1)); clients use it by themselves.",
-        ),
-    ] = "client",
+    reduce: ReduceOption = "client",
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a non-empty OUT.")
     ] = False,
@@ -107,14 +109,7 @@ def serve_command(
     log: Annotated[
         Path | None, typer.Option("--log", help="Write the server log here (default: a temp file).")
     ] = None,
-    reduce: Annotated[
-        str,
-        typer.Option(
-            help="client: every member's outputs go to the client; server: the ensemble also "
-            "sums them on the server (K + 2 numbers per voxel cross the network instead of "
-            "M x (K + 1)); clients use it by themselves.",
-        ),
-    ] = "client",
+    reduce: ReduceOption = "client",
 ) -> None:
     """Run the real tritonserver (from the `server` extra) until Ctrl-C or SIGTERM."""
     from uqserve.bundle import BundleError, load_bundle
