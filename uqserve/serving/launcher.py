@@ -30,6 +30,28 @@ from types import TracebackType
 
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 
+# The watchdog: a tiny process that outlives a launcher killed with SIGKILL. It waits
+# for EOF on its stdin (the launcher holds the only write end, so EOF means the launcher
+# is gone, however it died), then kills the server's process group (tritonserver and
+# its python backend stubs) and removes the work folder and shared-memory regions.
+_WATCHDOG = """
+import glob, os, shutil, signal, sys
+pgid, workdir, shm_prefix = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+while sys.stdin.buffer.read(4096):
+    pass
+try:
+    os.killpg(pgid, signal.SIGKILL)
+except OSError:
+    pass
+shutil.rmtree(workdir, ignore_errors=True)
+for region in glob.glob("/dev/shm/" + shm_prefix + "*"):
+    try:
+        os.unlink(region)
+    except OSError:
+        pass
+"""
+
 
 class ServerError(RuntimeError):
     """The server cannot start or stopped: missing extra, taken port, bad repository."""
@@ -77,7 +99,9 @@ class TritonServer:
     ``start()`` returns once ``/v2/health/ready`` answers 200 (all models
     loaded) or raises ``ServerError`` with the reason and the log's tail.
     ``stop()`` sends SIGTERM, waits, then kills. The server's log goes to
-    ``log_path`` (in the work folder unless given).
+    ``log_path`` (in the work folder unless given). The server dies with this
+    process however it ends: a watchdog process kills the server's process group
+    and removes its work folder when this process is gone, even after SIGKILL.
     """
 
     def __init__(
@@ -115,6 +139,7 @@ class TritonServer:
         self._log_path: Path | None = None
         self._workdir: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
         self._keep_log = False
         self._killed = False
         self._shm_prefix = f"uqserve_{os.getpid()}_{id(self):x}_"
@@ -230,6 +255,14 @@ class TritonServer:
                 cwd=self._workdir,
                 start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop it
             )
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, str(self._process.pid), str(self._workdir),
+             self._shm_prefix],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
         try:
             self._wait_ready()
         except BaseException:
@@ -277,6 +310,13 @@ class TritonServer:
         """Stop the server (SIGTERM, then SIGKILL after ``timeout_s``); return its exit code."""
         code = None
         proc = self._process
+        if self._watchdog is not None:
+            # We clean up ourselves (and may keep the log): the watchdog must not.
+            self._watchdog.kill()
+            self._watchdog.wait()
+            if self._watchdog.stdin is not None:
+                self._watchdog.stdin.close()
+            self._watchdog = None
         if proc is not None:
             if proc.poll() is not None and not self._killed:
                 self._keep_log = True  # it died on its own: the log says why
