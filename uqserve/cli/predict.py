@@ -68,9 +68,31 @@ def predict_command(
             show_default=False,
         ),
     ] = None,
+    timeout: Annotated[
+        float,
+        typer.Option("--timeout", help="Seconds to wait for each server request.", min=0.001),
+    ] = 60.0,
+    deadline: Annotated[
+        float | None,
+        typer.Option(
+            "--deadline",
+            help="Seconds a scan may take on the servers, retries included (default: no limit).",
+            min=0.001,
+            show_default=False,
+        ),
+    ] = None,
     volume_index: Annotated[
         int | None,
         typer.Option("--volume-index", help="Pick this volume (0-based) of a 4D NIfTI.", min=0),
+    ] = None,
+    max_voxels: Annotated[
+        int | None,
+        typer.Option(
+            "--max-voxels",
+            help="Refuse scans with more voxels (default: $UQSERVE_MAX_VOXELS or 268435456).",
+            min=1,
+            show_default=False,
+        ),
     ] = None,
     png: Annotated[bool, typer.Option("--png", help="Also write preview.png.")] = False,
     compression_level: Annotated[
@@ -116,7 +138,10 @@ def predict_command(
     paths = collect_scans(scans)
     try:
         loaded = load_bundle(bundle)
-        runtime = open_runtime(loaded, servers=server or None, device=device, precision=precision)
+        runtime = open_runtime(
+            loaded, servers=server or None, device=device, precision=precision,
+            timeout_s=timeout, deadline_s=deadline,
+        )  # fmt: skip
     except (BundleError, RuntimeError_, ValueError, OSError) as exc:
         fail(str(exc))
 
@@ -161,6 +186,7 @@ def predict_command(
                 compression_level=compression_level,
                 overwrite=overwrite,
                 volume_index=volume_index,
+                max_voxels=max_voxels,
                 on_error="skip",
                 progress=on_slices if show_progress else None,
                 on_scan=on_scan,

@@ -16,6 +16,9 @@ def open_runtime(
     servers: Sequence[str] | None = None,
     device: str = "auto",
     precision: str = "fp32",
+    *,
+    timeout_s: float | None = None,
+    deadline_s: float | None = None,
 ) -> Runtime:
     """The runtime for ``bundle``: Triton when ``servers`` are given, else embedded.
 
@@ -24,7 +27,9 @@ def open_runtime(
     (``host:port`` gRPC); the Triton runtime checks that the served model
     matches the manifest. ``device`` and ``precision`` (``fp32``, ``tf32``,
     ``fp16``; see ``uqserve.runtime.embedded``) apply to the embedded runtime;
-    a server's precision is set by its repository.
+    a server's precision is set by its repository. ``timeout_s`` (per request,
+    default 60 s) and ``deadline_s`` (per scan, retries included; default none)
+    apply to servers (see ``TritonRuntime``).
     Raises ``BundleError`` for a bad bundle, ``RuntimeError_`` when a server
     cannot be used.
     """
@@ -39,14 +44,19 @@ def open_runtime(
                 "runs its repository's graphs as written (drop precision or servers)"
             )
         try:
-            from uqserve.runtime.triton import TritonRuntime
+            from uqserve.runtime.triton import DEFAULT_TIMEOUT_S, TritonRuntime
         except ImportError as exc:
             raise RuntimeError_(
                 f"the Triton runtime is not available in this install ({exc}); "
                 "run without --server to predict in-process"
             ) from exc
         try:
-            return TritonRuntime(bundle, list(servers))
+            return TritonRuntime(
+                bundle,
+                list(servers),
+                timeout_s=DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s,
+                deadline_s=deadline_s,
+            )
         except RuntimeError_:
             raise
         except (OSError, ConnectionError, TimeoutError) as exc:

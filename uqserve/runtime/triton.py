@@ -24,6 +24,7 @@ are not wanted, so the members never compute them) and turns the
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 import uuid
@@ -49,6 +50,9 @@ from uqserve.serving.repository import (
 
 _T = TypeVar("_T")
 DEFAULT_GRPC_PORT = 8001
+DEFAULT_TIMEOUT_S = 60.0  # per request: a 256 x 256 x 8 batch of a large bundle on a busy CPU
+# The health check between attempts: a live server answers in milliseconds.
+HEALTH_TIMEOUT_S = 5.0
 # gRPC statuses worth retrying elsewhere; anything else is a bug or bad input.
 _TRANSIENT = {
     "StatusCode.UNAVAILABLE",
@@ -163,9 +167,13 @@ class TritonRuntime(Runtime):
     """Runs batches on one or more tritonservers that serve ``bundle``.
 
     ``servers``: gRPC URLs (``grpc://HOST:PORT``). ``timeout_s``: per request.
+    ``deadline_s``: the most one ``infer`` or one ``infer_many`` (a whole scan)
+    may take, retries included (``None``: no limit beyond the retries).
     ``max_in_flight``: batches sent concurrently by ``infer_many``.
     ``retries``: extra attempts on transient errors, with exponential back-off
-    starting at ``backoff_s`` and moving to the next server each time.
+    starting at ``backoff_s`` and moving to the next server each time. After a
+    failed attempt the server's health is checked: when no server answers it
+    (stopped, hung, gone) the call fails at once instead of retrying.
     ``shared_memory``: pass tensors through Triton system shared memory
     (servers on this host only). ``reduce``: ``auto`` (use the server-side
     reduction when every server has it), ``client`` (never) or ``server``
@@ -179,7 +187,8 @@ class TritonRuntime(Runtime):
         bundle: Bundle,
         servers: Sequence[str],
         *,
-        timeout_s: float = 60.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        deadline_s: float | None = None,
         max_in_flight: int = 4,
         retries: int = 3,
         backoff_s: float = 0.2,
@@ -195,8 +204,10 @@ class TritonRuntime(Runtime):
             servers = [servers]
         if not servers:
             raise ValueError("no server given: pass at least one grpc://HOST:PORT")
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s}")
+        if deadline_s is not None and not deadline_s > 0:
+            raise ValueError(f"deadline_s must be > 0 seconds or None, got {deadline_s}")
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         if retries < 0:
@@ -216,6 +227,7 @@ class TritonRuntime(Runtime):
                     "(drop --shared-memory)"
                 )
         self.timeout_s = float(timeout_s)
+        self.deadline_s = None if deadline_s is None else float(deadline_s)
         self.max_in_flight = int(max_in_flight)
         self.retries = int(retries)
         self.backoff_s = float(backoff_s)
@@ -381,7 +393,17 @@ class TritonRuntime(Runtime):
         return min(self._servers, key=lambda s: s.down_until)
 
     def infer(self, batch: Batch, want_samples: bool = False) -> list[MemberOutputs]:
-        got = self._call(batch, "samples" if want_samples else "members")
+        return self._members(self._call(batch, _mode(want_samples), self._deadline()))
+
+    def infer_reduced(self, batch: Batch) -> ReducedOutputs:
+        self._check_reduces()
+        return _reduced(self._call(batch, "reduced", self._deadline()))
+
+    def _check_reduces(self) -> None:
+        if not self.reduces:
+            raise RuntimeError_("the servers do not reduce (see .reduces); use infer()")
+
+    def _members(self, got: dict[str, npt.NDArray[Any]]) -> list[MemberOutputs]:
         return [
             MemberOutputs(
                 mean=got[f"mean_{i}"],
@@ -392,37 +414,35 @@ class TritonRuntime(Runtime):
             for i in range(self.bundle.manifest.num_members)
         ]
 
-    def infer_reduced(self, batch: Batch) -> ReducedOutputs:
-        if not self.reduces:
-            raise RuntimeError_("the servers do not reduce (see .reduces); use infer()")
-        got = self._call(batch, "reduced")
-        return ReducedOutputs(
-            mean_sum=got["mean_sum"],
-            entropy_sum=got["entropy_sum"],
-            sample_entropy_sum=got["sample_entropy_sum"],
-            foreground=got["foreground"],
-            sample_counts=got["sample_counts"],
-        )
+    def _deadline(self) -> float:
+        """``time.monotonic()`` value by which the current call must be done."""
+        return math.inf if self.deadline_s is None else time.monotonic() + self.deadline_s
 
-    def _call(self, batch: Batch, mode: str) -> dict[str, npt.NDArray[Any]]:
-        """One request with retries and failover; ``mode``: samples, members or reduced."""
+    def _call(self, batch: Batch, mode: str, end: float) -> dict[str, npt.NDArray[Any]]:
+        """One request with retries and failover, done by ``end`` (``time.monotonic()``).
+
+        ``mode``: samples, members or reduced.
+        """
         if self._closed:
             raise RuntimeError_("the Triton runtime is closed")
         _check_batch(batch, self.bundle)
         from tritonclient.utils import InferenceServerException
 
         attempts = self.retries + 1
+        silent: set[str] = set()  # servers that failed a request and then the health check
         for attempt in range(attempts):
             server = self._pick()
-            wait = server.down_until - time.monotonic()
+            wait = min(server.down_until, end) - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
+            timeout = min(self.timeout_s, end - time.monotonic())
+            if timeout <= 0:
+                break
             try:
                 self._verify(server)
-                outputs = self._infer_on(server, batch, mode)
+                outputs = self._infer_on(server, batch, mode, timeout)
             except TritonUnavailableError as exc:
                 self._mark_down(server, str(exc), attempt)
-                continue
             except InferenceServerException as exc:
                 status = exc.status() or ""
                 if status not in _TRANSIENT:
@@ -430,12 +450,37 @@ class TritonRuntime(Runtime):
                 self._mark_down(server, f"{server.url}: {_short(exc)}", attempt)
                 # The server may have restarted with another model: check again before reuse.
                 server.verified = False
-                continue
-            server.failures = 0
-            return outputs
+            else:
+                server.failures = 0
+                return outputs
+            if time.monotonic() >= end:
+                break
+            if not self._answers(server, end):
+                silent.add(server.target)
+                if len(silent) == len(self._servers):
+                    raise TritonUnavailableError(
+                        "no server answers its health check after a failed request (stopped, "
+                        f"hung or gone): {self._unavailable_message()}"
+                    )
+        if time.monotonic() >= end:
+            raise TritonUnavailableError(
+                f"no result within the deadline of {self.deadline_s:g} s: "
+                f"{self._unavailable_message()}"
+            )
         raise TritonUnavailableError(
             f"inference failed after {attempts} attempt(s): {self._unavailable_message()}"
         )
+
+    def _answers(self, server: _Server, end: float) -> bool:
+        """Health check between attempts: does ``server`` answer ``is_server_live`` quickly?"""
+        from tritonclient.utils import InferenceServerException
+
+        timeout = min(self.timeout_s, HEALTH_TIMEOUT_S, max(end - time.monotonic(), 0.01))
+        try:
+            return bool(self._client(server).is_server_live(client_timeout=timeout))
+        except InferenceServerException as exc:
+            server.last_error = f"{server.url}: {_short(exc)}; health check unanswered"
+            return False
 
     def _mark_down(self, server: _Server, message: str, attempt: int) -> None:
         server.failures += 1
@@ -467,7 +512,9 @@ class TritonRuntime(Runtime):
                 out_specs.append((f"sample_labels_{i}", (b, s, h, w), np.uint8))
         return out_specs
 
-    def _infer_on(self, server: _Server, batch: Batch, mode: str) -> dict[str, npt.NDArray[Any]]:
+    def _infer_on(
+        self, server: _Server, batch: Batch, mode: str, timeout: float
+    ) -> dict[str, npt.NDArray[Any]]:
         import tritonclient.grpc as grpcclient
 
         b, _, h, w = batch.image.shape
@@ -512,7 +559,7 @@ class TritonRuntime(Runtime):
             for inp, (_, array, _) in zip(inputs, arrays, strict=True):
                 inp.set_data_from_numpy(array)
 
-        result = client.infer(model, inputs, outputs=outputs, client_timeout=self.timeout_s)
+        result = client.infer(model, inputs, outputs=outputs, client_timeout=timeout)
 
         got: dict[str, npt.NDArray[Any]] = {}
         if slot is not None:
@@ -537,12 +584,18 @@ class TritonRuntime(Runtime):
     def infer_many(
         self, batches: Iterable[Batch], want_samples: bool = False
     ) -> Iterator[list[MemberOutputs]]:
-        """Results in the order of ``batches`` with up to ``max_in_flight`` batches in flight."""
-        return self._pipelined(lambda b: self.infer(b, want_samples), batches)
+        """Results in the order of ``batches`` with up to ``max_in_flight`` batches in flight.
+
+        One ``deadline_s`` covers all the batches (a scan).
+        """
+        mode, end = _mode(want_samples), self._deadline()
+        return self._pipelined(lambda b: self._members(self._call(b, mode, end)), batches)
 
     def infer_many_reduced(self, batches: Iterable[Batch]) -> Iterator[ReducedOutputs]:
         """:meth:`infer_reduced` pipelined like :meth:`infer_many`."""
-        return self._pipelined(self.infer_reduced, batches)
+        self._check_reduces()
+        end = self._deadline()
+        return self._pipelined(lambda b: _reduced(self._call(b, "reduced", end)), batches)
 
     def _pipelined(self, fn: Callable[[Batch], _T], batches: Iterable[Batch]) -> Iterator[_T]:
         if self._pool is None:
@@ -585,6 +638,20 @@ class TritonRuntime(Runtime):
                 pass
         self._slots.clear()
         self._clients.clear()
+
+
+def _mode(want_samples: bool) -> str:
+    return "samples" if want_samples else "members"
+
+
+def _reduced(got: dict[str, npt.NDArray[Any]]) -> ReducedOutputs:
+    return ReducedOutputs(
+        mean_sum=got["mean_sum"],
+        entropy_sum=got["entropy_sum"],
+        sample_entropy_sum=got["sample_entropy_sum"],
+        foreground=got["foreground"],
+        sample_counts=got["sample_counts"],
+    )
 
 
 def _check_batch(batch: Batch, bundle: Bundle) -> None:
