@@ -331,6 +331,122 @@ def test_cli_serve_starts_prints_endpoints_and_stops_on_sigterm(tiny_bundle: Pat
             proc.wait()
 
 
+def _children(pid: int) -> set[int]:
+    """Direct children of ``pid`` (Linux /proc)."""
+    kids: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids.update(int(c) for c in (task / "children").read_text().split())
+    return kids
+
+
+def _process_group(pgid: int) -> set[int]:
+    members = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            members.add(int(stat.parent.name))
+    return members
+
+
+def _wait_all_gone(pids: set[int], timeout_s: float) -> set[int]:
+    """Wait (pidfd, no polling) until every process in ``pids`` has exited; the survivors."""
+    fds = {}
+    for pid in pids:
+        try:
+            fds[os.pidfd_open(pid)] = pid
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout_s
+    try:
+        while fds and time.monotonic() < deadline:
+            ready, _, _ = select.select(list(fds), [], [], deadline - time.monotonic())
+            for fd in ready:
+                os.close(fd)
+                del fds[fd]
+        return set(fds.values())
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_cli_serve_killed_with_sigkill_takes_tritonserver_and_stubs_along(
+    tiny_bundle: Path,
+) -> None:
+    proc = subprocess.Popen(
+        [*UQSERVE, "serve", "--bundle", str(tiny_bundle), "--instances", "1",
+         "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        text = _read_until(proc, "ready", 90)
+        assert "ready" in text, text
+        kids = _children(proc.pid)  # tritonserver and its watchdog
+        (server_pid,) = [k for k in kids if Path(f"/proc/{k}/exe").resolve().name == "tritonserver"]
+        group = _process_group(server_pid)  # tritonserver + python backend stubs
+        assert len(group) >= 3, group  # the server and one stub per member at least
+        workdir = Path(os.readlink(f"/proc/{server_pid}/cwd"))
+        assert workdir.name.startswith("uqserve-tritonserver-")
+        proc.kill()
+        proc.wait()
+        survivors = _wait_all_gone(kids | group, 60)
+        assert survivors == set(), f"still running after the launcher died: {survivors}"
+        assert not workdir.exists()
+        assert not list(Path("/dev/shm").glob(f"uqserve_{proc.pid}_*"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_stalled_server_fails_within_timeout_and_deadline(
+    own_server: TritonServer, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """SIGSTOP mid-scan: the client gives up after one timeout plus a health check,
+    or at the deadline, instead of 60 s x retries; the CLI's --timeout reaches it."""
+    scan = write_nifti(tmp_path / "long.nii.gz", blob_volume((32, 32, 40)))
+    assert own_server.pid is not None
+    stopped = threading.Event()
+
+    def stall(_name: str, done: int, _total: int) -> None:
+        if done >= 2 and not stopped.is_set():
+            os.kill(own_server.pid, signal.SIGSTOP)  # type: ignore[arg-type]
+            stopped.set()
+
+    bundle = load_bundle(tiny_bundle)
+    try:
+        with TritonRuntime(bundle, [own_server.grpc_url], timeout_s=2, retries=5) as rt:
+            t0 = time.monotonic()
+            with pytest.raises(TritonUnavailableError, match="health check"):
+                predict([scan], tmp_path / "a", runtime=rt, batch_size=2, progress=stall)
+            assert time.monotonic() - t0 < 20
+        assert stopped.is_set() and not (tmp_path / "a").exists()
+        # The deadline bounds a scan however many retries are allowed.
+        os.kill(own_server.pid, signal.SIGCONT)
+        stopped.clear()
+        with TritonRuntime(
+            bundle, [own_server.grpc_url], timeout_s=30, deadline_s=3, retries=50
+        ) as rt:
+            t0 = time.monotonic()
+            with pytest.raises(TritonUnavailableError, match="within the deadline of 3 s"):
+                predict([scan], tmp_path / "b", runtime=rt, batch_size=2, progress=stall)
+            assert time.monotonic() - t0 < 20
+        # The CLI: --timeout bounds the start-up check against a stalled server.
+        t0 = time.monotonic()
+        r = subprocess.run(
+            [*UQSERVE, "predict", str(scan), "-o", str(tmp_path / "c"), "-b", str(tiny_bundle),
+             "--server", own_server.grpc_url, "--timeout", "2"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert time.monotonic() - t0 < 30
+        assert r.returncode == 1 and own_server.grpc_url in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    finally:
+        os.kill(own_server.pid, signal.SIGCONT)
+
+
 def test_cli_serve_port_taken_and_missing_extra(tiny_bundle: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -133,7 +133,7 @@ def _commit(tmp: Path, final: Path, overwrite: bool) -> None:
         if not overwrite:
             raise FileExistsError(errno.EEXIST, "exists already (written meanwhile)", str(final))
         if _renameat2(tmp, final, _RENAME_EXCHANGE):
-            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
+            _remove(tmp)  # tmp now holds the old folder (or the old symlink)
             return
         old = final.parent / f".{final.name}.old-{owner_tag()}-{os.urandom(4).hex()}"
         os.rename(final, old)
@@ -142,7 +142,15 @@ def _commit(tmp: Path, final: Path, overwrite: bool) -> None:
         except BaseException:
             os.rename(old, final)  # put the old results back
             raise
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder tree, or a symlink or file (never what a symlink points to)."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -67,7 +68,11 @@ class Normalization:
         if self.clip is not None:
             x = np.clip(x, *self.clip)
         mu = float(np.mean(x, dtype=np.float64))
-        sd = float(np.sqrt(np.mean((x - np.float32(mu)) ** 2, dtype=np.float64)))
+        with np.errstate(over="ignore"):
+            sd = float(np.sqrt(np.mean((x - np.float32(mu)) ** 2, dtype=np.float64)))
+        if not math.isfinite(sd):
+            # Squares of extreme intensities (|x| > 1.8e19) overflow float32: redo in float64.
+            sd = float(np.sqrt(np.var(x, dtype=np.float64)))
         return mu, (1.0 / sd if sd > 0 else 1.0)
 
 
@@ -209,8 +214,17 @@ class Manifest:
             problems.append(f"ood.aggregator {self.ood.aggregator!r} unknown")
         if self.input.normalization.scheme not in NORMALIZATIONS:
             problems.append(f"normalization {self.input.normalization.scheme!r} unknown")
-        if self.input.normalization.std <= 0:
-            problems.append("normalization std must be > 0")
+        norm = self.input.normalization
+        if not (math.isfinite(norm.std) and norm.std > 0):  # NaN <= 0 is False
+            problems.append(f"normalization std must be a finite number > 0, got {norm.std}")
+        if not math.isfinite(norm.mean):
+            problems.append(f"normalization mean must be a finite number, got {norm.mean}")
+        if norm.clip is not None and not (
+            all(math.isfinite(c) for c in norm.clip) and norm.clip[0] < norm.clip[1]
+        ):
+            problems.append(
+                f"normalization clip must be two finite numbers, low < high: {norm.clip}"
+            )
         if problems:
             raise BundleError(f"{source}: " + "; ".join(problems))
 

@@ -25,7 +25,9 @@ BundleOption = Annotated[
 ]
 SeedOption = Annotated[
     int | None,
-    typer.Option(help="Noise seed (default: the bundle's seed).", min=0, show_default=False),
+    typer.Option(
+        help="Noise seed (default: the bundle's seed).", min=0, max=2**63 - 1, show_default=False
+    ),
 ]
 
 

@@ -9,6 +9,7 @@ touches earlier results.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -17,12 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
-from uqserve.bundle import Bundle
+from uqserve.bundle import Bundle, BundleError
 from uqserve.prediction.accumulate import ProgressFn
-from uqserve.prediction.options import PredictError, check_batch_size, check_on_error
+from uqserve.prediction.options import (
+    PredictError,
+    check_batch_size,
+    check_on_error,
+    resolve_seed,
+)
 from uqserve.prediction.pipeline import Prediction, predict_volume
 from uqserve.prediction.report import Outputs, Report, report_json
-from uqserve.runtime import Runtime, open_runtime
+from uqserve.runtime import Runtime, RuntimeError_, open_runtime
 from uqserve.volumes import (
     OutputError,
     Volume,
@@ -32,6 +38,7 @@ from uqserve.volumes import (
     scan_name,
     write_niftis_like,
 )
+from uqserve.volumes.base import voxel_limit
 from uqserve.volumes.nifti import (
     DEFAULT_COMPRESSION_LEVEL,
     check_compression_level,
@@ -47,6 +54,8 @@ __all__ = [
     "predict",
     "write_outputs",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_OUT_DIR = Path("uqserve-out")
 OUTPUT_FILES = ("seg.nii.gz", "prob.nii.gz", "tu.nii.gz", "au.nii.gz", "eu.nii.gz", "report.json")
@@ -152,6 +161,9 @@ def predict(
     compression_level: int = DEFAULT_COMPRESSION_LEVEL,
     overwrite: bool = False,
     volume_index: int | None = None,
+    max_voxels: int | None = None,
+    timeout_s: float | None = None,
+    deadline_s: float | None = None,
     on_error: str = "raise",
     progress: ProgressFn | None = None,
     on_scan: Callable[[ScanResult], None] | None = None,
@@ -169,11 +181,16 @@ def predict(
     ``progress(scan, slices_done, slices_total)`` is called after every
     batch, ``on_scan(result)`` after every scan. ``precision`` (``fp32``,
     ``tf32``, ``fp16``) applies to an embedded runtime opened here on a GPU;
-    ``compression_level`` (0-9) to the gzipped maps.
+    ``compression_level`` (0-9) to the gzipped maps. ``max_voxels`` refuses
+    larger scans before reading them (see ``read_volume``). ``timeout_s`` (per
+    request) and ``deadline_s`` (per scan) bound the wait for ``servers``.
+    A scan that fails for any reason does not stop the others with ``"skip"``.
     """
     check_on_error(on_error)
     check_batch_size(batch_size)
     check_compression_level(compression_level)
+    if max_voxels is not None:
+        voxel_limit(max_voxels)  # a bad limit is an option error, not a per-scan one
     if isinstance(scans, (str, os.PathLike)):
         scans = [scans]
     paths = collect_scans(scans)
@@ -182,10 +199,19 @@ def predict(
     out = Path(out_dir)
     own_runtime = runtime is None
     if runtime is None:
-        runtime = open_runtime(bundle, servers=servers, device=device, precision=precision)
+        runtime = open_runtime(
+            bundle, servers=servers, device=device, precision=precision,
+            timeout_s=timeout_s, deadline_s=deadline_s,
+        )  # fmt: skip
+    elif timeout_s is not None or deadline_s is not None:
+        raise PredictError(
+            "timeout_s and deadline_s apply when predict opens the runtime; "
+            "pass them to the runtime you give instead"
+        )
     results: list[ScanResult] = []
     seen: dict[str, Path] = {}
     try:
+        seed = resolve_seed(seed, runtime.bundle.manifest)  # before any file is read
         for path in paths:
             name = scan_name(path)
             res = ScanResult(source=path, name=name)
@@ -198,8 +224,8 @@ def predict(
                 seen[name] = path
                 res.out_dir, res.report = _predict_file(
                     path, out / name, runtime, seed=seed, batch_size=batch_size, png=png,
-                    overwrite=overwrite, volume_index=volume_index, progress=progress,
-                    compression_level=compression_level,
+                    overwrite=overwrite, volume_index=volume_index, max_voxels=max_voxels,
+                    progress=progress, compression_level=compression_level,
                 )  # fmt: skip
             except (VolumeError, OutputError, PredictError) as exc:
                 if on_error == "raise":
@@ -209,6 +235,23 @@ def predict(
                 if on_error == "raise":
                     raise OutputError(f"{out / name}: cannot write results ({exc})") from exc
                 res.error = f"{out / name}: cannot write results ({exc.strerror or exc})"
+            except MemoryError:
+                if on_error == "raise":
+                    raise
+                res.error = (
+                    f"{path}: not enough memory for this scan; free memory or lower max_voxels"
+                )
+            except (RuntimeError_, BundleError):
+                raise  # the runtime or bundle is unusable: every further scan would fail too
+            except Exception as exc:
+                if on_error == "raise":
+                    raise
+                # A bug, but one scan's bug must not cost the others their results.
+                log.debug("predict failed on %s", path, exc_info=True)
+                res.error = (
+                    f"{path}: internal error ({type(exc).__name__}: {exc}); "
+                    "please report it with this scan"
+                )
             results.append(res)
             if on_scan is not None:
                 on_scan(res)
@@ -228,13 +271,14 @@ def _predict_file(
     png: bool,
     overwrite: bool,
     volume_index: int | None,
+    max_voxels: int | None,
     progress: ProgressFn | None,
     compression_level: int = DEFAULT_COMPRESSION_LEVEL,
 ) -> tuple[Path, Report]:
     """One scan: read, predict, write the maps, then ``report.json`` last."""
     t0 = time.perf_counter()
     with atomic_output_dir(final, overwrite=overwrite) as tmp:
-        volume = read_volume(path, volume_index=volume_index)
+        volume = read_volume(path, volume_index=volume_index, max_voxels=max_voxels)
         t_read = time.perf_counter() - t0
         pred = predict_volume(
             volume, runtime=runtime, seed=seed, batch_size=batch_size, progress=progress

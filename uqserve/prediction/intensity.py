@@ -7,7 +7,7 @@ numbers from training, or the scan's own mean/std for ``zscore``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -15,23 +15,42 @@ import numpy.typing as npt
 from uqserve.bundle import Manifest
 from uqserve.volumes import Volume, VolumeError, sanitize
 
-__all__ = ["Intensity", "clean", "normalization"]
+__all__ = ["INPUT_LIMIT", "Intensity", "bounded_warning", "clean", "normalization"]
+
+
+# Graph inputs are bounded to +-INPUT_LIMIT: normalised scans lie within +-100, and a
+# larger input (one voxel of 3e38) would only overflow inside the network.
+INPUT_LIMIT = 1e6
 
 
 @dataclass(frozen=True)
 class Intensity:
-    """``(shift, scale, clip)``: the graph input is ``(clip(x) - shift) * scale``."""
+    """``(shift, scale, clip)``: the graph input is ``(clip(x) - shift) * scale``.
+
+    ``shift64``/``scale64`` keep the float64 values for slabs whose float32
+    arithmetic overflows. ``bounded`` counts the voxels limited to ``INPUT_LIMIT``.
+    """
 
     shift: np.float32
     scale: np.float32
     clip: tuple[float, float] | None
+    shift64: float = 0.0
+    scale64: float = 1.0
+    bounded: list[int] = field(default_factory=lambda: [0])
 
     def apply(self, slab: npt.NDArray[np.float32]) -> None:
-        """Normalise a float32 slab in place (any shape)."""
+        """Normalise a float32 slab in place (any shape), bounded to +-``INPUT_LIMIT``."""
         if self.clip is not None:
             np.clip(slab, self.clip[0], self.clip[1], out=slab)
-        slab -= self.shift
-        slab *= self.scale
+        raw = slab.copy() if _extreme(slab) else None
+        with np.errstate(over="ignore"):
+            slab -= self.shift
+            slab *= self.scale
+        if raw is not None:
+            # float32 may overflow to inf here (x - shift beyond 3.4e38): redo in float64.
+            exact = (raw.astype(np.float64) - self.shift64) * self.scale64
+            self.bounded[0] += int(np.count_nonzero(np.abs(exact) > INPUT_LIMIT))
+            slab[...] = np.clip(exact, -INPUT_LIMIT, INPUT_LIMIT)
 
 
 def clean(volume: Volume, warnings: list[str]) -> tuple[Volume, int]:
@@ -59,4 +78,30 @@ def normalization(
     shift, scale = norm.shift_scale(None if norm.scheme == "fixed" else work)
     if norm.scheme == "zscore" and scale == 1.0 and float(np.ptp(work)) == 0.0:
         warnings.append(f"{source}: constant intensity; z-score normalisation used std 1")
-    return Intensity(np.float32(shift), np.float32(scale), clip)
+    return Intensity(np.float32(shift), np.float32(scale), clip, shift, scale)
+
+
+def _extreme(slab: npt.NDArray[np.float32]) -> bool:
+    """Whether a slab may leave the float32 range or ``INPUT_LIMIT`` once normalised.
+
+    A cheap test (two reductions) that is false for every ordinary scan, so that
+    those keep the float32 arithmetic bit for bit.
+    """
+    if slab.size == 0:
+        return False
+    return bool(max(abs(float(slab.max())), abs(float(slab.min()))) > _EXTREME)
+
+
+# Beyond this magnitude the float32 path is not trusted (x - shift, times scale).
+_EXTREME = 1e15
+
+
+def bounded_warning(intensity: Intensity) -> list[str]:
+    """The report warning for voxels whose normalised value was limited, if any."""
+    n = intensity.bounded[0]
+    if not n:
+        return []
+    return [
+        f"{n} voxels normalised beyond +-{INPUT_LIMIT:g} were limited to it "
+        "(extreme intensities: check the scan's scale factor)"
+    ]

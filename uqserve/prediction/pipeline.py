@@ -30,7 +30,7 @@ import numpy.typing as npt
 from uqserve.bundle import Bundle
 from uqserve.prediction.accumulate import ProgressFn, accumulate
 from uqserve.prediction.geometry import iter_batches, plan_slices, to_volume_order
-from uqserve.prediction.intensity import clean, normalization
+from uqserve.prediction.intensity import bounded_warning, clean, normalization
 from uqserve.prediction.options import check_batch_size, check_channels, resolve_seed
 from uqserve.prediction.report import Report, Timings, build_report
 from uqserve.prediction.scoring import score_prediction, segment
@@ -115,7 +115,8 @@ def _run(
     man = bundle.manifest
     seed = resolve_seed(seed, man)
     check_channels(man)
-    warnings: list[str] = []
+    # The reader's findings first (zero pixdim, odd voxel sizes, huge intensities).
+    warnings: list[str] = [str(w) for w in volume.meta.get("warnings", [])]
     volume, n_bad = clean(volume, warnings)
     plan = plan_slices(volume, man, batch_size)
     work = plan.working(volume.data)  # a view, no copy
@@ -136,6 +137,7 @@ def _run(
         results, plan, man, want_samples=want_samples, progress=progress, source=volume.source
     )
 
+    warnings += bounded_warning(intensity)
     t0 = time.perf_counter()
     dec = acc.dec
     seg = segment(dec.mean)

@@ -1,0 +1,216 @@
+"""Hostile scans, bundles and output places through predict: one line, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from tests.conftest import blob_volume, write_nifti
+from uqserve.bundle import BundleError, Normalization, load_bundle
+from uqserve.prediction import PredictError, predict
+
+UQSERVE = str(Path(sys.executable).parent / "uqserve")
+
+
+def cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [UQSERVE, "predict", *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    return proc
+
+
+def extreme(kind: str) -> npt.NDArray[np.float32]:
+    v = blob_volume((24, 20, 3))
+    if kind == "one +3e38":
+        v[3, 4, 1] = 3e38
+    elif kind == "one -3e38":
+        v[3, 4, 1] = -3e38
+    elif kind == "both":
+        v[3, 4, 1], v[5, 5, 0] = -3e38, 3e38
+    elif kind == "scan x 3e38":
+        v = (v / 500 * 3e38).astype(np.float32)
+    elif kind == "all -3e38 but one":
+        v[:] = -3e38
+        v[0, 0, 0] = 3e38
+    return v
+
+
+KINDS = ["one +3e38", "one -3e38", "both", "scan x 3e38", "all -3e38 but one"]
+
+
+@pytest.fixture(scope="module")
+def fixed_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests._bundles import make_tiny_bundle
+
+    norm = Normalization(scheme="fixed", mean=100.0, std=50.0)
+    return make_tiny_bundle(tmp_path_factory.mktemp("b") / "fixed", normalization=norm)
+
+
+@pytest.mark.parametrize("which", ["tiny_bundle", "fixed_bundle"])
+def test_extreme_finite_voxels_give_finite_maps_and_a_warning(
+    request: pytest.FixtureRequest, which: str, tmp_path: Path
+) -> None:
+    bundle = request.getfixturevalue(which)
+    scans = [write_nifti(tmp_path / f"s{i}.nii.gz", extreme(k)) for i, k in enumerate(KINDS)]
+    results = predict(scans, tmp_path / "out", bundle, on_error="skip")
+    assert [r.error for r in results] == [None] * len(KINDS)
+    for res in results:
+        assert res.report is not None and res.out_dir is not None
+        assert any("e+38 in magnitude" in w for w in res.report["warnings"])
+        for name in ("tu", "au", "eu", "prob"):
+            data = np.asanyarray(nib.load(str(res.out_dir / f"{name}.nii.gz")).dataobj)
+            assert np.all(np.isfinite(data)), (res.name, name)
+        lesion = res.report["volumes"]["lesion"]
+        assert math.isfinite(lesion["mean_ml"]) and math.isfinite(lesion["std_ml"])
+
+
+def test_cli_extreme_scan_then_ordinary_scan(tiny_bundle: Path, tmp_path: Path) -> None:
+    a = write_nifti(tmp_path / "a.nii.gz", extreme("one +3e38"))
+    b = write_nifti(tmp_path / "b.nii.gz", blob_volume((24, 20, 3)))
+    proc = cli(a, b, "-o", tmp_path / "o", "-b", tiny_bundle, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # no numpy overflow warnings either
+    assert [json.loads(x)["scan"]["name"] for x in proc.stdout.splitlines()] == [a.name, b.name]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("std", float("nan"), "std must be a finite number > 0, got nan"),
+        ("std", float("inf"), "std must be a finite number > 0, got inf"),
+        ("mean", float("nan"), "mean must be a finite number, got nan"),
+        ("clip", [5.0, 1.0], "clip must be two finite numbers, low < high"),
+    ],
+)
+def test_bundle_with_bad_normalization_is_refused_at_load(
+    tiny_bundle: Path, tmp_path: Path, field: str, value: object, match: str
+) -> None:
+    import shutil
+
+    bad = Path(shutil.copytree(tiny_bundle, tmp_path / "bad"))
+    man = json.loads((bad / "manifest.json").read_text())
+    man["input"]["normalization"][field] = value
+    (bad / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(BundleError, match=match):
+        load_bundle(bad, verify=False)
+    scan = write_nifti(tmp_path / "s.nii.gz", blob_volume((24, 20, 3)))
+    proc = cli(scan, "-o", tmp_path / "o", "-b", bad)
+    assert proc.returncode == 1 and match in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_seed_range_is_checked_before_any_file_is_read(tiny_bundle: Path, tmp_path: Path) -> None:
+    with pytest.raises(PredictError, match=r"seed must be in 0\.\.2\^63-1"):
+        predict([tmp_path / "missing.nii.gz"], tmp_path / "o", tiny_bundle, seed=2**63)
+    proc = cli(tmp_path / "missing.nii.gz", "-b", tiny_bundle, "--seed", str(2**63))
+    assert proc.returncode == 2 and "--seed" in proc.stderr and "missing" not in proc.stderr
+
+
+def test_failed_scan_leaves_no_output_folder(tiny_bundle: Path, tmp_path: Path) -> None:
+    (tmp_path / "bad.nii.gz").write_bytes(b"junk")
+    proc = cli(tmp_path / "bad.nii.gz", "-o", tmp_path / "new" / "out", "-b", tiny_bundle)
+    assert proc.returncode == 1
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()  # an existing, empty -o is the user's: it stays
+    assert cli(tmp_path / "bad.nii.gz", "-o", tmp_path / "mine", "-b", tiny_bundle).returncode
+    assert (tmp_path / "mine").is_dir()
+
+
+def test_header_oddities_reach_report_warnings_or_are_refused(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    img = nib.Nifti1Image(blob_volume((24, 20, 3)), None)
+    img.header["pixdim"][1:4] = 0
+    nib.save(img, str(tmp_path / "zero.nii.gz"))
+    write_nifti(tmp_path / "scaled.nii.gz", blob_volume((24, 20, 3)) * 1e20)
+    write_nifti(tmp_path / "huge.nii.gz", blob_volume((24, 20, 3)), np.diag([1e30, 1, 1, 1]))
+    data = blob_volume((24, 20, 3)).astype(np.complex64) * 1j
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "cplx.nii.gz"))
+    proc = cli(
+        *sorted(tmp_path.glob("*.nii.gz")), "-o", tmp_path / "o", "-b", tiny_bundle, "--json"
+    )
+    assert proc.returncode == 1
+    reports = {json.loads(x)["scan"]["name"]: json.loads(x) for x in proc.stdout.splitlines()}
+    assert sorted(reports) == ["scaled.nii.gz", "zero.nii.gz"]
+    assert any(
+        "pixdim[1], pixdim[2], pixdim[3] = 0" in w for w in reports["zero.nii.gz"]["warnings"]
+    )
+    assert any("intensities up to" in w for w in reports["scaled.nii.gz"]["warnings"])
+    errors = proc.stderr.strip().splitlines()
+    assert len(errors) == 3
+    assert "cplx.nii.gz: complex voxel data" in errors[0]
+    assert "huge.nii.gz: voxel size 1e+30x1x1 mm is impossible" in errors[1]
+
+
+def test_output_places_that_cannot_work(tiny_bundle: Path, tmp_path: Path) -> None:
+    scan = write_nifti(tmp_path / "scan.nii.gz", blob_volume((24, 20, 3)))
+    # -o is the input file itself: refused, the scan untouched.
+    before = scan.read_bytes()
+    proc = cli(scan, "-o", scan, "-b", tiny_bundle)
+    assert proc.returncode == 1 and "cannot create the output folder" in proc.stderr
+    assert scan.read_bytes() == before
+    # -o a symlink to a folder: results land in the folder, the link stays a link.
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert cli(scan, "-o", tmp_path / "link", "-b", tiny_bundle).returncode == 0
+    assert (tmp_path / "real" / "scan" / "report.json").is_file()
+    assert (tmp_path / "link").is_symlink()
+    # The scan's own result folder is a symlink: with --overwrite the link is replaced,
+    # never the folder it points to.
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "keep.txt").write_text("mine")
+    (tmp_path / "o2").mkdir()
+    (tmp_path / "o2" / "scan").symlink_to(tmp_path / "elsewhere")
+    assert cli(scan, "-o", tmp_path / "o2", "-b", tiny_bundle, "--overwrite").returncode == 0
+    assert (tmp_path / "elsewhere" / "keep.txt").read_text() == "mine"
+    assert (tmp_path / "o2" / "scan" / "report.json").is_file()
+    assert not (tmp_path / "o2" / "scan").is_symlink()
+    assert sorted(p.name for p in (tmp_path / "o2").iterdir()) == ["scan"]
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Mount small tmpfs folders (root only; skipped elsewhere)."""
+    mounted: list[Path] = []
+
+    def mount(options: str) -> Path:
+        where = tmp_path / f"fs{len(mounted)}"
+        where.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+                           capture_output=True, text=True)  # fmt: skip
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()})")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in reversed(mounted):
+        subprocess.run(["umount", str(where)], check=False)
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0, reason="mounts need root")
+def test_disk_full_and_read_only_output(
+    tiny_bundle: Path, tmp_path: Path, mount_tmpfs: Callable[[str], Path]
+) -> None:
+    scan = write_nifti(tmp_path / "scan.nii.gz", blob_volume((48, 40, 6)))
+    full = mount_tmpfs("size=48k")
+    proc = cli(scan, "-o", full / "out", "-b", tiny_bundle)
+    assert proc.returncode == 1
+    assert "cannot write results (No space left on device)" in proc.stderr
+    assert list(full.iterdir()) == []  # neither a temp folder nor the -o folder stays
+    ro = mount_tmpfs("size=1m,ro")
+    proc = cli(scan, "-o", ro / "out", "-b", tiny_bundle)
+    assert proc.returncode == 1 and "Read-only file system" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 2
