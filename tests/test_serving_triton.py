@@ -308,15 +308,24 @@ def _read_until(proc: subprocess.Popen[str], marker: str, timeout_s: float) -> s
     return data.decode(errors="replace")
 
 
-def test_cli_serve_starts_prints_endpoints_and_stops_on_sigterm(tiny_bundle: Path) -> None:
+def _serve_until_ready(bundle: Path) -> tuple[subprocess.Popen[str], str]:
+    """``uqserve serve`` on free ports, and its output up to the "ready" line."""
     proc = subprocess.Popen(
-        [*UQSERVE, "serve", "--bundle", str(tiny_bundle), "--instances", "1",
+        [*UQSERVE, "serve", "--bundle", str(bundle), "--instances", "1",
          "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
+    text = _read_until(proc, "ready", 90)
+    if "ready" not in text:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(text)
+    return proc, text
+
+
+def test_cli_serve_starts_prints_endpoints_and_stops_on_sigterm(tiny_bundle: Path) -> None:
+    proc, text = _serve_until_ready(tiny_bundle)
     try:
-        text = _read_until(proc, "ready", 90)
-        assert "ready" in text, text
         url = re.search(r"gRPC\s+(grpc://\S+)", text)
         assert url, text
         with TritonRuntime(load_bundle(tiny_bundle), [url.group(1)]) as rt:
@@ -375,14 +384,8 @@ def _wait_all_gone(pids: set[int], timeout_s: float) -> set[int]:
 def test_cli_serve_killed_with_sigkill_takes_tritonserver_and_stubs_along(
     tiny_bundle: Path,
 ) -> None:
-    proc = subprocess.Popen(
-        [*UQSERVE, "serve", "--bundle", str(tiny_bundle), "--instances", "1",
-         "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    proc, _ = _serve_until_ready(tiny_bundle)
     try:
-        text = _read_until(proc, "ready", 90)
-        assert "ready" in text, text
         kids = _children(proc.pid)  # tritonserver and its watchdog
         (server_pid,) = [k for k in kids if Path(f"/proc/{k}/exe").resolve().name == "tritonserver"]
         group = _process_group(server_pid)  # tritonserver + python backend stubs
