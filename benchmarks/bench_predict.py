@@ -1,16 +1,23 @@
 """Benchmark `uqserve predict` against naive clients, side by side in one run; prints JSON.
 
-    .venv/bin/python benchmarks/bench_predict.py [--depth 64] [--repeats 1] [--no-torch]
+    .venv/bin/python benchmarks/bench_predict.py [--shape 512 512 64] [--device cuda]
+        [--precision fp32|tf32|fp16] [--repeats 1] [--no-torch] [--no-rss]
 
-On a synthetic 256 x 256 x DEPTH volume (uqserve.data.make_volume) it measures:
+On a synthetic X x Y x Z volume (uqserve.data.make_volume, default 256 x 256 x
+64) it measures:
 
-* ``softmax_ensemble``: uqserve's pipeline vs (a) a naive loop that runs each
+* for each bundle, the whole file pipeline of ``uqserve.predict`` (read a
+  .nii.gz, predict, write five gzipped maps and report.json) with its stages
+  from report.json (``read_s``, ``normalize_s``, ``model_s``,
+  ``accumulate_s``, ``scores_s``, ``write_s``), ``outside_s`` = everything
+  but the model, ``outside_fraction`` and ``scans_per_hour``;
+* ``softmax_ensemble``: uqserve's in-memory pipeline (``predict_volume``) vs
+  (a) a naive loop that runs each
   member's ONNX session slice by slice, fetches every output (sample labels
   included) and stacks all member/sample outputs in memory before computing
   the maps with numpy;
 * ``ssn_ensemble``: the same, plus (b) eager PyTorch re-running the whole
   network once per sample (what torch code without the in-graph S axis does);
-* the share of uqserve's wall time spent outside the model graphs;
 * peak RSS of ``predict`` for an SSN bundle with S = 4 vs S = 64, each in its
   own subprocess.
 
@@ -68,7 +75,7 @@ def build_bundle(out: Path, au: str, members: int, samples: int) -> tuple[Path, 
     return out, nets
 
 
-def naive_onnx(bundle_dir: Path, volume: Any) -> float:
+def naive_onnx(bundle_dir: Path, volume: Any, device: str = "cpu") -> float:
     """(a): per member, per slice session runs; stack everything; maps at the end."""
     import onnxruntime as ort
 
@@ -84,7 +91,9 @@ def naive_onnx(bundle_dir: Path, volume: Any) -> float:
     means, ents, labels = [], [], []
     for m in range(b.manifest.num_members):
         sess = ort.InferenceSession(
-            str(b.member_path(m)), sess_options=opts, providers=["CPUExecutionProvider"]
+            str(b.member_path(m)),
+            sess_options=opts,
+            providers=["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"],
         )
         mm, ee, ll = [], [], []
         for z in range(Z):
@@ -112,33 +121,52 @@ def naive_onnx(bundle_dir: Path, volume: Any) -> float:
     return time.perf_counter() - t0
 
 
-def eager_torch(nets: list[Any], volume: Any, samples: int, batch: int = 8) -> float:
+def eager_torch(
+    nets: list[Any], volume: Any, samples: int, device: str = "cpu", batch: int = 8
+) -> float:
     """(b): eager PyTorch, the whole network re-run for every sample."""
     import torch
 
     x = volume.data
     norm = torch.from_numpy(((x - x.mean()) / x.std()).astype(np.float32))
-    slices = norm.permute(2, 0, 1).unsqueeze(1).contiguous()  # [Z, 1, X, Y]
+    slices = norm.permute(2, 0, 1).unsqueeze(1).contiguous().to(device)  # [Z, 1, X, Y]
+    nets = [net.to(device) for net in nets]
     t0 = time.perf_counter()
     with torch.inference_mode():
-        sums = torch.zeros(2, *slices.shape[2:], slices.shape[0])
+        sums = torch.zeros(2, *slices.shape[2:], slices.shape[0], device=device)
         for net in nets:
             for _s in range(samples):
                 for z0 in range(0, slices.shape[0], batch):
                     p = net(slices[z0 : z0 + batch], samples=1)[:, 0]  # [b, K, X, Y]
                     sums[..., z0 : z0 + batch] += p.permute(1, 2, 3, 0)
+        if device == "cuda":
+            torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
-def uqserve_predict(bundle_dir: Path, volume: Any, batch_size: int | None) -> dict[str, float]:
-    from uqserve.prediction import predict_volume
-    from uqserve.runtime import open_runtime
+STAGES = ("read_s", "normalize_s", "model_s", "accumulate_s", "scores_s", "write_s")
 
-    rt = open_runtime(bundle_dir, device="cpu")
+
+def uqserve_predict(rt: Any, volume: Any, batch_size: int | None) -> dict[str, float]:
+    """In memory, as the naive clients: ``predict_volume`` on an open runtime."""
+    from uqserve.prediction import predict_volume
+
     t0 = time.perf_counter()
     pred = predict_volume(volume, runtime=rt, batch_size=batch_size)
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "model_s": pred.report["timings"]["model_s"]}
+
+
+def uqserve_files(rt: Any, scan: Path, out: Path, batch_size: int | None) -> dict[str, float]:
+    """The file pipeline of ``uqserve predict``: per-stage seconds from report.json."""
+    from uqserve.prediction import predict
+
+    (res,) = predict([scan], out, runtime=rt, batch_size=batch_size, overwrite=True)
+    assert res.report is not None
+    t = res.report["timings"]
+    stages = {k: float(t.get(k, 0.0)) for k in STAGES}  # type: ignore[misc]
+    total = float(t["total_s"])  # type: ignore[typeddict-item]
+    return {**stages, "total_s": total}
 
 
 def _high_water_mib() -> float:
@@ -164,7 +192,10 @@ def rss_child(bundle_dir: str, depth: int, batch_size: int | None) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--depth", type=int, default=64)
+    ap.add_argument("--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"))
+    ap.add_argument("--depth", type=int, default=64, help="Z of a 256 x 256 x Z volume")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "fp16"))
     ap.add_argument("--members", type=int, default=5)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument(
@@ -172,6 +203,8 @@ def main() -> None:
     )
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-torch", action="store_true", help="skip (b), eager PyTorch")
+    ap.add_argument("--no-naive", action="store_true", help="skip (a), the naive ONNX loop")
+    ap.add_argument("--no-rss", action="store_true", help="skip the S = 4 vs 64 peak RSS")
     ap.add_argument(
         "--rss-child", nargs=3, metavar=("BUNDLE", "DEPTH", "BATCH"), help=argparse.SUPPRESS
     )
@@ -182,66 +215,84 @@ def main() -> None:
         return
 
     from uqserve.data import make_volume
+    from uqserve.runtime import open_runtime
+    from uqserve.volumes import write_nifti_like
 
-    volume = make_volume(0, shape=(256, 256, args.depth)).volume
+    shape = tuple(args.shape) if args.shape else (256, 256, args.depth)
+    volume = make_volume(0, shape=shape).volume
     result: dict[str, Any] = {
-        "volume": [256, 256, args.depth],
+        "volume": list(shape),
+        "device": args.device,
+        "precision": args.precision,
         "threads": len(os.sched_getaffinity(0)),
         "batch_size": args.batch_size or "auto",
     }
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
+        scan = write_nifti_like(volume.data, volume, t / "scan.nii.gz")
         soft, _ = build_bundle(t / "softmax-ensemble", "softmax", args.members, 1)
         ssn, ssn_nets = build_bundle(t / "ssn-ensemble", "ssn", args.members, args.samples)
         for name, bundle, nets, samples in (
             ("softmax_ensemble", soft, None, 1),
             ("ssn_ensemble", ssn, ssn_nets, args.samples),
         ):
-            best: dict[str, float] = {}
-            for _ in range(args.repeats):
-                run = uqserve_predict(bundle, volume, args.batch_size)
-                naive = naive_onnx(bundle, volume)
-                cand = {
-                    "uqserve_s": run["wall_s"],
-                    "model_s": run["model_s"],
-                    "naive_onnx_s": naive,
-                }
-                if nets is not None and not args.no_torch:
-                    cand["eager_torch_s"] = eager_torch(nets, volume, samples)
-                best = cand if not best or cand["uqserve_s"] < best["uqserve_s"] else best
-            entry: dict[str, Any] = {
-                "members": args.members,
-                "samples": samples,
-                **{k: round(v, 3) for k, v in best.items()},
-                "speedup_vs_naive_onnx": round(best["naive_onnx_s"] / best["uqserve_s"], 2),
-                "share_outside_graphs": round(1 - best["model_s"] / best["uqserve_s"], 3),
-            }
-            if "eager_torch_s" in best:
-                entry["speedup_vs_eager_torch"] = round(
-                    best["eager_torch_s"] / best["uqserve_s"], 2
-                )
-            result[name] = entry
-        # Peak RSS, S = 4 vs S = 64 (same networks' architecture, own subprocess each).
-        rss = {}
-        for s in (4, 64):
-            b, _ = build_bundle(t / f"ssn-s{s}", "ssn", 2, s)
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--rss-child",
-                    str(b),
-                    str(args.depth),
-                    str(args.batch_size or "auto"),
-                ],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            rss[f"S{s}"] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
-        result["peak_rss_mib"] = {k: round(v, 1) for k, v in rss.items()}
-        result["peak_rss_ratio_S64_over_S4"] = round(rss["S64"] / rss["S4"], 3)
+            with open_runtime(bundle, device=args.device, precision=args.precision) as rt:
+                uqserve_predict(rt, volume, args.batch_size)  # warm-up: allocator, autotuning
+                entry = _measure(rt, volume, scan, t / "out", nets, samples, args)
+            result[name] = {"members": args.members, "samples": samples, **entry}
+        if not args.no_rss:
+            result.update(_rss(t, args))
     print(json.dumps(result, indent=2))
+
+
+def _measure(
+    rt: Any, volume: Any, scan: Path, out: Path, nets: Any, samples: int, args: Any
+) -> dict[str, Any]:
+    """Best of ``repeats`` for the file pipeline, the in-memory pipeline and the peers."""
+    files: dict[str, float] = {}
+    best: dict[str, float] = {}
+    for _ in range(args.repeats):
+        run = uqserve_files(rt, scan, out, args.batch_size)
+        files = run if not files or run["total_s"] < files["total_s"] else files
+        mem = uqserve_predict(rt, volume, args.batch_size)
+        cand = {"uqserve_s": mem["wall_s"], "model_in_memory_s": mem["model_s"]}
+        if not args.no_naive:
+            cand["naive_onnx_s"] = naive_onnx(rt.bundle.path, volume, args.device)
+        if nets is not None and not args.no_torch:
+            cand["eager_torch_s"] = eager_torch(nets, volume, samples, args.device)
+        best = cand if not best or cand["uqserve_s"] < best["uqserve_s"] else best
+    outside = files["total_s"] - files["model_s"]
+    entry: dict[str, Any] = {
+        "model_s": round(files["model_s"], 3),
+        "outside_s": round(outside, 3),
+        "outside_fraction": round(outside / files["total_s"], 3),
+        "total_s": round(files["total_s"], 3),
+        "scans_per_hour": round(3600 / files["total_s"], 1),
+        "stages_s": {k: round(files[k], 3) for k in STAGES},
+        **{k: round(v, 3) for k, v in best.items()},
+    }
+    if "naive_onnx_s" in best:
+        entry["speedup_vs_naive_onnx"] = round(best["naive_onnx_s"] / best["uqserve_s"], 2)
+    if "eager_torch_s" in best:
+        entry["speedup_vs_eager_torch"] = round(best["eager_torch_s"] / best["uqserve_s"], 2)
+    return entry
+
+
+def _rss(t: Path, args: Any) -> dict[str, Any]:
+    """Peak RSS of predict, S = 4 vs S = 64 (same architecture, own subprocess each)."""
+    rss = {}
+    for s in (4, 64):
+        b, _ = build_bundle(t / f"ssn-s{s}", "ssn", 2, s)
+        out = subprocess.run(
+            [sys.executable, __file__, "--rss-child", str(b), str(args.depth),
+             str(args.batch_size or "auto")],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        rss[f"S{s}"] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+    return {
+        "peak_rss_mib": {k: round(v, 1) for k, v in rss.items()},
+        "peak_rss_ratio_S64_over_S4": round(rss["S64"] / rss["S4"], 3),
+    }
 
 
 if __name__ == "__main__":

@@ -10,10 +10,15 @@ load from other processes hits all of them alike:
 
 * ``embedded``: onnxruntime in-process (``EmbeddedRuntime``, CPU);
 * ``triton_grpc``: ``TritonRuntime`` over gRPC (tensors in the messages);
-* ``triton_shm``: ``TritonRuntime`` with Triton system shared memory.
+* ``triton_shm``: ``TritonRuntime`` with Triton system shared memory;
+* ``triton_reduced``: gRPC to the ``--reduce server`` ensemble, which sums
+  the members on the server (the repository is written with ``reduce="server"``;
+  the other two Triton runs ask for the members' outputs with ``reduce="client"``).
 
-Reports the median wall time of each, the ratios to embedded, and the largest
-difference between the Triton and embedded maps (should be ~0).
+Reports the median wall time of each, the ratios to embedded, the largest
+difference between the Triton and embedded maps (~0 for the members' path,
+<= 1e-5 with the reduction), and the response bytes per scan of the members'
+and the reduced path (tensor payload; the request is the same for both).
 """
 
 from __future__ import annotations
@@ -65,6 +70,20 @@ def untrained_bundle(out: Path, members: int) -> Path:
     return out
 
 
+def response_bytes(rt: Any, volume: Any, batch_size: int) -> dict[str, int]:
+    """Output tensor bytes of one scan's requests, members' path vs reduced path."""
+    from uqserve.prediction.geometry import plan_slices
+
+    plan = plan_slices(volume, rt.bundle.manifest, batch_size)
+    total = {"members": 0, "reduced": 0}
+    for z0 in range(0, plan.depth, plan.batch_size):
+        b = min(plan.batch_size, plan.depth - z0)
+        for mode in total:
+            for _, shape, dtype in rt._out_specs(b, plan.pad_h, plan.pad_w, mode):
+                total[mode] += int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", default="softmax-ensemble", help="shipped name or folder")
@@ -92,7 +111,12 @@ def main() -> None:
     from uqserve.serving import TritonServer, write_repository
 
     volume = make_volume(0, shape=tuple(args.shape)).volume
-    runs: dict[str, list[float]] = {"embedded": [], "triton_grpc": [], "triton_shm": []}
+    runs: dict[str, list[float]] = {
+        "embedded": [],
+        "triton_grpc": [],
+        "triton_shm": [],
+        "triton_reduced": [],
+    }
     results: dict[str, Any] = {}
 
     with tempfile.TemporaryDirectory(prefix="bench-triton-") as tmp:
@@ -100,15 +124,21 @@ def main() -> None:
             bundle = load_bundle(untrained_bundle(Path(tmp) / "softmax-untrained", args.untrained))
         else:
             bundle = load_bundle(args.bundle)
-        repo = write_repository(bundle, Path(tmp) / "repo", "python", instances=args.instances)
+        repo = write_repository(
+            bundle, Path(tmp) / "repo", "python", instances=args.instances, reduce="server"
+        )
         t0 = time.perf_counter()
         with TritonServer(repo) as server:
             startup_s = time.perf_counter() - t0
             runtimes = {
                 "embedded": EmbeddedRuntime(bundle, device="cpu"),
-                "triton_grpc": TritonRuntime(bundle, [server.grpc_url]),
-                "triton_shm": TritonRuntime(bundle, [server.grpc_url], shared_memory=True),
+                "triton_grpc": TritonRuntime(bundle, [server.grpc_url], reduce="client"),
+                "triton_shm": TritonRuntime(
+                    bundle, [server.grpc_url], shared_memory=True, reduce="client"
+                ),
+                "triton_reduced": TritonRuntime(bundle, [server.grpc_url], reduce="server"),
             }
+            payload = response_bytes(runtimes["triton_reduced"], volume, args.batch_size)
             try:
                 for name, rt in runtimes.items():  # warm-up: sessions, connections, regions
                     results[name] = predict_volume(volume, runtime=rt, batch_size=args.batch_size)
@@ -127,7 +157,7 @@ def main() -> None:
             float(np.abs(getattr(results[name], m) - getattr(results["embedded"], m)).max())
             for m in MAPS
         )
-        for name in ("triton_grpc", "triton_shm")
+        for name in ("triton_grpc", "triton_shm", "triton_reduced")
     }
     m = bundle.manifest
     out = {
@@ -145,6 +175,11 @@ def main() -> None:
         "ratio_triton_grpc_vs_embedded": round(median["triton_grpc"] / median["embedded"], 3),
         "ratio_triton_shm_vs_embedded": round(median["triton_shm"] / median["embedded"], 3),
         "ratio_triton_shm_vs_grpc": round(median["triton_shm"] / median["triton_grpc"], 3),
+        "ratio_triton_reduced_vs_grpc": round(median["triton_reduced"] / median["triton_grpc"], 3),
+        "response_bytes_per_scan": payload,
+        "response_bytes_ratio_reduced_vs_members": round(
+            payload["reduced"] / payload["members"], 4
+        ),
         "max_abs_diff_vs_embedded": diff,
     }
     print(json.dumps(out, indent=2))
