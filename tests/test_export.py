@@ -234,7 +234,7 @@ def test_export_is_atomic_and_refuses_to_overwrite(tmp_path: Path) -> None:
     export_networks(nets, target, _plan("softmax-ensemble", 2, 1), cfg, calibrate=False)
     before = sha256_file(target / "manifest.json")
     assert (target / "manifest.json").stat().st_mode & 0o044  # readable by a server's user
-    with pytest.raises(ExportError, match="already exists; pass --overwrite"):
+    with pytest.raises(ExportError, match="already exists; pass `overwrite=True`"):
         export_networks(nets, target, _plan("softmax-ensemble", 2, 1), cfg, calibrate=False)
     with pytest.raises(ExportError, match="needs 2 networks"):
         export_networks(nets[:1], target, _plan("softmax-ensemble", 2, 1), cfg, overwrite=True)

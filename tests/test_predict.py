@@ -211,7 +211,7 @@ def test_predict_writes_outputs(tiny_bundle: Path, tmp_path: Path) -> None:
 def test_predict_4d_and_2d_inputs(tiny_bundle: Path, tmp_path: Path) -> None:
     series = np.stack([blob_volume((24, 20, 3), seed=s) for s in range(2)], axis=-1)
     p4 = write_nifti(tmp_path / "four.nii", series)
-    with pytest.raises(VolumeError, match="--volume-index"):
+    with pytest.raises(VolumeError, match="`volume_index"):
         predict(p4, tmp_path / "o", tiny_bundle)
     [res] = predict(p4, tmp_path / "o", tiny_bundle, volume_index=1)
     assert res.report is not None and res.report["scan"]["volume_index"] == 1
@@ -240,7 +240,7 @@ def test_predict_skips_bad_scans_and_never_leaves_partial_output(
     with pytest.raises(VolumeError, match=r"nan\.nii\.gz"):
         predict(nan, tmp_path / "out", tiny_bundle)
     # Existing results are kept unless overwrite.
-    with pytest.raises(OutputError, match="--overwrite"):
+    with pytest.raises(OutputError, match="`overwrite=True`"):
         predict(good, tmp_path / "out", tiny_bundle)
     before = (tmp_path / "out" / "good" / "report.json").read_text()
     [again] = predict(good, tmp_path / "out", tiny_bundle, overwrite=True, seed=9)

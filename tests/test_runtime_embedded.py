@@ -13,7 +13,7 @@ import pytest
 from tests._bundles import make_tiny_bundle
 from uqserve.bundle import BundleError, load_bundle, sha256_file
 from uqserve.errors import UsageError
-from uqserve.runtime import Batch, RuntimeError_, open_runtime
+from uqserve.runtime import Batch, RuntimeServiceError, open_runtime
 from uqserve.runtime.embedded import (
     EmbeddedRuntime,
     cpu_count,
@@ -138,7 +138,7 @@ def test_device_options(tiny_bundle: Path) -> None:
     auto = EmbeddedRuntime(bundle, device="auto")
     assert auto.device == ("cuda" if cuda_available() else "cpu")
     if not cuda_available():
-        with pytest.raises(RuntimeError_, match="use --device cpu"):
+        with pytest.raises(RuntimeServiceError, match='use `device="cpu"`'):
             EmbeddedRuntime(bundle, device="cuda")
 
 
@@ -149,7 +149,7 @@ def test_open_runtime(tiny_bundle: Path, tmp_path: Path) -> None:
         open_runtime(tmp_path)
     t0 = time.perf_counter()
     # Port 9 (discard) on loopback: nothing listens; the error must be clear and quick.
-    with pytest.raises((RuntimeError_, ValueError)) as info:
+    with pytest.raises((RuntimeServiceError, ValueError)) as info:
         open_runtime(tiny_bundle, servers=["grpc://127.0.0.1:9"])
     assert "127.0.0.1:9" in str(info.value)
     assert time.perf_counter() - t0 < 60

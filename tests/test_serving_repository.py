@@ -240,7 +240,7 @@ def test_bad_requests_fail_clearly_and_leave_nothing(tmp_path: Path, tiny_bundle
     out = tmp_path / "existing"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(RepositoryError, match="not empty; pass overwrite"):
+    with pytest.raises(RepositoryError, match="not empty; pass `overwrite=True`"):
         write_repository(tiny_bundle, out)
     assert (out / "keep.txt").read_text() == "mine"
     write_repository(tiny_bundle, out, overwrite=True)

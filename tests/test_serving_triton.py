@@ -22,7 +22,7 @@ import tritonclient.grpc as grpcclient
 from tests.conftest import blob_volume, write_nifti
 from uqserve.bundle import BUNDLES_DIR, DEFAULT_BUNDLE, Bundle, load_bundle
 from uqserve.prediction import predict, predict_volume
-from uqserve.runtime.base import Batch, RuntimeError_
+from uqserve.runtime.base import Batch, RuntimeServiceError
 from uqserve.runtime.embedded import EmbeddedRuntime
 from uqserve.runtime.triton import (
     TritonMismatchError,
@@ -257,13 +257,13 @@ def test_unusable_servers_give_clear_errors(
     absent = load_bundle(make_bundle("absent"))  # type: ignore[operator]
     with pytest.raises(TritonNotReadyError, match=r"model 'absent' is not ready.*ready: tiny-s"):
         TritonRuntime(absent, [server.grpc_url])
-    with pytest.raises(ValueError, match="only gRPC"):
+    with pytest.raises(ValueError, match="not gRPC"):
         TritonRuntime(bundle, ["http://127.0.0.1:8000"])
     # One dead server among live ones is skipped.
     with TritonRuntime(bundle, [dead, server.grpc_url]) as rt:
         outs = rt.infer(random_batch(np.random.default_rng(2)))
         assert len(outs) == 2
-    assert issubclass(TritonUnavailableError, RuntimeError_)
+    assert issubclass(TritonUnavailableError, RuntimeServiceError)
 
 
 def test_cli_predict_with_server(

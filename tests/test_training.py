@@ -176,7 +176,7 @@ def test_bad_input_fails_with_one_clear_line(tmp_path: Path, easy: object) -> No
         )
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    with pytest.raises(TrainError, match="not empty; pass --overwrite"):
+    with pytest.raises(TrainError, match="not empty; pass `overwrite=True`"):
         train("softmax-none", tmp_path / "full", config=_quick(), model_config=TINY, data=easy)
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     assert not (tmp_path / "x").exists()

@@ -78,7 +78,7 @@ def test_2d_image_is_one_slice_and_written_back_2d(tmp_path: Path) -> None:
 def test_4d_needs_volume_index(tmp_path: Path) -> None:
     data = np.stack([blob_volume((8, 8, 3), seed=s) for s in range(3)], axis=-1)
     path = write_nifti(tmp_path / "series.nii.gz", data)
-    with pytest.raises(VolumeError, match=r"4D series with 3 volumes.*--volume-index 0\.\.2"):
+    with pytest.raises(VolumeError, match=r"4D series with 3 volumes.*`volume_index` 0\.\.2"):
         read_nifti(path)
     vol = read_nifti(path, volume_index=2)
     np.testing.assert_array_equal(vol.data, data[..., 2])
@@ -189,7 +189,7 @@ def test_atomic_output_dir(tmp_path: Path) -> None:
         assert tmp.parent == final.parent and not final.exists()
         (tmp / "a.txt").write_text("1")
     assert (final / "a.txt").read_text() == "1"
-    with pytest.raises(OutputError, match="--overwrite"), atomic_output_dir(final):
+    with pytest.raises(OutputError, match="`overwrite=True`"), atomic_output_dir(final):
         pass
     with pytest.raises(RuntimeError, match="boom"), atomic_output_dir(final, overwrite=True) as tmp:
         (tmp / "a.txt").write_text("2")

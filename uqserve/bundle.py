@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from uqserve.contracts import AGGREGATORS, AU_METHODS, DEFAULT_AGGREGATOR, EU_METHODS
+from uqserve.errors import UsageError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -30,7 +31,7 @@ BUNDLES_DIR = Path(__file__).resolve().parent / "bundles"
 DEFAULT_BUNDLE = "softmax-ensemble"
 
 
-class BundleError(ValueError):
+class BundleError(UsageError):
     """A bundle that cannot be used; the message names the file and the fix."""
 
 
@@ -64,7 +65,7 @@ class Normalization:
         if self.scheme == "fixed":
             return float(self.mean), 1.0 / float(self.std)
         if x is None:
-            raise ValueError("z-score normalisation needs the image to measure")
+            raise UsageError("z-score normalisation needs the image to measure")
         if self.clip is not None:
             x = np.clip(x, *self.clip)
         mu = float(np.mean(x, dtype=np.float64))
@@ -232,7 +233,7 @@ class Manifest:
 def _pair(v: Any, typ: type) -> Any:
     vals = tuple(typ(x) for x in v)
     if len(vals) != 2:
-        raise ValueError(f"expected two values, got {v!r}")
+        raise UsageError(f"expected two values, got {v!r}")
     return vals
 
 

@@ -140,12 +140,12 @@ def evaluate(
         out = Path(out_dir)
         if out.is_dir() and any(out.iterdir()) and not overwrite:
             raise EvaluationError(
-                f"{out}: folder exists and is not empty; pass --overwrite or another --out"
+                f"{out}: folder exists and is not empty; pass `overwrite=True` or another `out_dir`"
             )
     want_figures = figures and out_dir is not None
     if want_figures and not matplotlib_available():
         raise EvaluationError(
-            "figures need matplotlib: pip install 'uqserve[eval]', or pass --no-figures"
+            "figures need matplotlib: pip install 'uqserve[eval]', or pass `figures=False`"
         )
     file_names = names_unique([b.manifest.name for b in loaded])
     results: dict[str, Any] = {

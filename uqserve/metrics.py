@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy.optimize import linear_sum_assignment
 
+from uqserve.errors import UsageError
 from uqserve.uncertainty import _check_probabilities, _finite_array, rank_correlation
 
 __all__ = [
@@ -52,13 +53,13 @@ def _labels(x: npt.ArrayLike, name: str, min_ndim: int = 1) -> IntArray:
         if arr.dtype.kind == "f" and np.isfinite(arr).all() and np.array_equal(arr, np.round(arr)):
             arr = arr.astype(np.int64)
         else:
-            raise ValueError(f"{name}: expected integer label maps, got dtype {arr.dtype}")
+            raise UsageError(f"{name}: expected integer label maps, got dtype {arr.dtype}")
     if arr.ndim < min_ndim:
-        raise ValueError(f"{name}: expected at least {min_ndim} dimensions, got shape {arr.shape}")
+        raise UsageError(f"{name}: expected at least {min_ndim} dimensions, got shape {arr.shape}")
     if arr.size == 0:
-        raise ValueError(f"{name}: empty array")
+        raise UsageError(f"{name}: empty array")
     if arr.dtype.kind == "i" and int(arr.min()) < 0:
-        raise ValueError(f"{name}: negative labels")
+        raise UsageError(f"{name}: negative labels")
     return arr
 
 
@@ -84,7 +85,7 @@ def _pairwise(a: npt.NDArray[np.bool_], b: npt.NDArray[np.bool_], kind: str) -> 
 
 def _same_spatial(a: np.ndarray, b: np.ndarray, what: str) -> None:
     if a.shape[1:] != b.shape[1:]:
-        raise ValueError(f"{what}: spatial shapes differ: {a.shape[1:]} vs {b.shape[1:]}")
+        raise UsageError(f"{what}: spatial shapes differ: {a.shape[1:]} vs {b.shape[1:]}")
 
 
 # --------------------------------------------------------------------------- overlap
@@ -106,9 +107,9 @@ def dice(pred: npt.ArrayLike, annotations: npt.ArrayLike, num_classes: int) -> F
     if y.shape == p.shape:
         y = y[None]
     if y.shape[1:] != p.shape:
-        raise ValueError(f"dice: annotations {y.shape} do not match pred {p.shape} ([A, *sp])")
+        raise UsageError(f"dice: annotations {y.shape} do not match pred {p.shape} ([A, *sp])")
     if num_classes < 2:
-        raise ValueError(f"dice: num_classes must be >= 2, got {num_classes}")
+        raise UsageError(f"dice: num_classes must be >= 2, got {num_classes}")
     out = np.empty(num_classes - 1, np.float64)
     for k in range(1, num_classes):
         pk = (p == k).reshape(1, -1)
@@ -146,7 +147,7 @@ def ged2_paper(samples: npt.ArrayLike, annotations: npt.ArrayLike) -> float:
     arr = _labels(samples, "ged2_paper(samples)", min_ndim=3)
     y = _stack(annotations, "ged2_paper(annotations)")
     if arr.shape[2:] != np.asarray(annotations).shape[1:]:
-        raise ValueError(
+        raise UsageError(
             f"ged2_paper: samples {arr.shape} ([M, S, *sp]) and annotations "
             f"{np.asarray(annotations).shape} ([A, *sp]) differ in space"
         )
@@ -207,7 +208,7 @@ def ncc(uncertainty_map: npt.ArrayLike, annotations: npt.ArrayLike) -> float:
     u = _finite_array(uncertainty_map, "ncc(uncertainty_map)").astype(np.float64)
     y = _labels(annotations, "ncc(annotations)", min_ndim=2)
     if y.shape[1:] != u.shape:
-        raise ValueError(f"ncc: annotations {y.shape} do not match the map {u.shape} ([A, *sp])")
+        raise UsageError(f"ncc: annotations {y.shape} do not match the map {u.shape} ([A, *sp])")
     v = (y != 0).var(axis=0, dtype=np.float64)
     n = u.size
     if n < 2:
@@ -245,7 +246,7 @@ def ece(probs: npt.ArrayLike, annotations: npt.ArrayLike, n_bins: int = 15) -> f
     if y.shape == p.shape[1:]:
         y = y[None]
     if y.shape[1:] != p.shape[1:]:
-        raise ValueError(f"ece: annotations {y.shape} do not match probs {p.shape} ([K, *sp])")
+        raise UsageError(f"ece: annotations {y.shape} do not match probs {p.shape} ([K, *sp])")
     _check_bins(n_bins, "ece")
     conf = p.max(axis=0).reshape(-1).astype(np.float64)
     pred = p.argmax(axis=0)
@@ -262,7 +263,7 @@ def ece(probs: npt.ArrayLike, annotations: npt.ArrayLike, n_bins: int = 15) -> f
 
 def _check_bins(n_bins: int, name: str) -> None:
     if int(n_bins) != n_bins or n_bins < 1:
-        raise ValueError(f"{name}: n_bins must be a positive integer, got {n_bins}")
+        raise UsageError(f"{name}: n_bins must be a positive integer, got {n_bins}")
 
 
 def _correct_counts(
@@ -276,9 +277,9 @@ def _correct_counts(
     uu = _finite_array(u, f"{name}(u)").astype(np.float64)
     c = np.asarray(correct)
     if c.dtype.kind not in "biuf":
-        raise ValueError(f"{name}(correct): expected booleans, got dtype {c.dtype}")
+        raise UsageError(f"{name}(correct): expected booleans, got dtype {c.dtype}")
     if not np.isin(c, (0, 1)).all():
-        raise ValueError(f"{name}(correct): values must be 0/1 or booleans")
+        raise UsageError(f"{name}(correct): values must be 0/1 or booleans")
     if c.shape == uu.shape:
         pos = c.astype(np.float64).reshape(-1)
         tot = np.ones_like(pos)
@@ -286,11 +287,11 @@ def _correct_counts(
         pos = c.sum(axis=0, dtype=np.float64).reshape(-1)
         tot = np.full_like(pos, c.shape[0])
     else:
-        raise ValueError(
+        raise UsageError(
             f"{name}: correct has shape {c.shape}; expected {uu.shape} or [A, *{uu.shape}]"
         )
     if uu.size == 0:
-        raise ValueError(f"{name}: no voxels")
+        raise UsageError(f"{name}: no voxels")
     return uu.reshape(-1), pos, tot
 
 
@@ -377,7 +378,7 @@ def ace(u: npt.ArrayLike, correct: npt.ArrayLike, a: float, b: float, n_bins: in
     """
     _check_bins(n_bins, "ace")
     if not (math.isfinite(a) and math.isfinite(b)):
-        raise ValueError(f"ace: Platt parameters must be finite, got a={a}, b={b}")
+        raise UsageError(f"ace: Platt parameters must be finite, got a={a}, b={b}")
     x, pos, tot = _correct_counts(u, correct, "ace")
     conf = platt_confidence(x, a, b)
     idx = np.minimum((conf * n_bins).astype(np.int64), n_bins - 1)
@@ -397,7 +398,7 @@ def _two_scores(
     a = _finite_array(np.asarray(scores_in, dtype=np.float64).reshape(-1), f"{name}(scores_in)")
     b = _finite_array(np.asarray(scores_out, dtype=np.float64).reshape(-1), f"{name}(scores_out)")
     if a.size == 0 or b.size == 0:
-        raise ValueError(f"{name}: need at least one in-distribution and one OOD score")
+        raise UsageError(f"{name}: need at least one in-distribution and one OOD score")
     return a.astype(np.float64), b.astype(np.float64)
 
 

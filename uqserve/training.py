@@ -69,6 +69,7 @@ from uqserve.data import (
     make_dataset,
     normalization_stats,
 )
+from uqserve.errors import UsageError
 from uqserve.models import ModelConfig, build_network, parse_combination
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ DEFAULT_DROPOUT = 0.2
 DEFAULT_WIDTH = 8  # with TrainConfig() a member trains in minutes on 2 CPU cores
 
 
-class TrainError(ValueError):
+class TrainError(UsageError):
     """Training cannot start: bad combination, data or settings (the message says which)."""
 
 
@@ -237,7 +238,7 @@ def _slices(
     if top >= num_classes:
         raise TrainError(
             f"{data.path}: labels go up to class {top} but the model has {num_classes} classes; "
-            f"pass --classes {top + 1} (ModelConfig.num_classes)"
+            f"pass `num_classes={top + 1}` (ModelConfig.num_classes)"
         )
     images, annotations = data.slices()
     spacing = data[0].image.spacing
@@ -352,7 +353,7 @@ def _train_member(
         loss, _ = net.loss(torch.from_numpy(x), torch.from_numpy(y), step=step)
         if not torch.isfinite(loss):
             raise TrainError(
-                f"loss became {float(loss.detach())} at step {step}; lower --lr or check the data"
+                f"loss became {float(loss.detach())} at step {step}; lower `lr` or check the data"
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -428,9 +429,9 @@ def dice_vs_majority(
 def _prepare_out(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists():
         if not out_dir.is_dir():
-            raise TrainError(f"{out_dir}: exists and is not a folder; choose another --out")
+            raise TrainError(f"{out_dir}: exists and is not a folder; choose another `out_dir`")
         if any(out_dir.iterdir()) and not overwrite:
-            raise TrainError(f"{out_dir}: folder is not empty; pass --overwrite to replace it")
+            raise TrainError(f"{out_dir}: folder is not empty; pass `overwrite=True` to replace it")
     if not out_dir.parent.exists():
         raise TrainError(f"{out_dir.parent}: no such folder; create it first")
 

@@ -31,6 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from uqserve.contracts import AGGREGATORS
+from uqserve.errors import UsageError
 
 __all__ = [
     "AGGREGATORS",
@@ -68,7 +69,7 @@ BoolArray = npt.NDArray[np.bool_]
 
 
 def _check_probabilities(p: npt.ArrayLike, axis: int, name: str) -> tuple[FloatArray, float]:
-    """Return ``p`` as a float array and its minimum; raise ValueError if not probabilities.
+    """Return ``p`` as a float array and its minimum; raise UsageError if not probabilities.
 
     Two passes over ``p`` (a sum along ``axis`` and a minimum): every NaN or
     infinity makes the sum along ``axis`` non-finite, so one cheap test on the
@@ -76,26 +77,26 @@ def _check_probabilities(p: npt.ArrayLike, axis: int, name: str) -> tuple[FloatA
     """
     arr = np.asarray(p)
     if arr.dtype.kind not in "fiu" or arr.dtype.kind == "b":
-        raise ValueError(f"{name}: expected a float array of probabilities, got dtype {arr.dtype}")
+        raise UsageError(f"{name}: expected a float array of probabilities, got dtype {arr.dtype}")
     if arr.dtype.kind != "f":
         arr = arr.astype(np.float64)
     if arr.size == 0:
-        raise ValueError(f"{name}: empty array (shape {arr.shape})")
+        raise UsageError(f"{name}: empty array (shape {arr.shape})")
     if arr.ndim == 0:
-        raise ValueError(f"{name}: expected an array with a class axis, got a scalar")
+        raise UsageError(f"{name}: expected an array with a class axis, got a scalar")
     total = _sum_classes(np.moveaxis(arr, axis, 0))
     total -= 1
     np.abs(total, out=total)
     err = float(total.max())
     if not math.isfinite(err):
-        raise ValueError(f"{name}: contains NaN or infinite values; pass finite probabilities")
+        raise UsageError(f"{name}: contains NaN or infinite values; pass finite probabilities")
     pmin = float(arr.min())
     if pmin < 0:
-        raise ValueError(
+        raise UsageError(
             f"{name}: negative probability {pmin:.3g}; pass probabilities (softmax), not logits"
         )
     if err > SUM_TOLERANCE:
-        raise ValueError(
+        raise UsageError(
             f"{name}: probabilities along the class axis (axis {axis}) do not sum to 1 "
             f"(off by up to {err:.3g} > {SUM_TOLERANCE}); pass softmax outputs, not logits "
             "or masks"
@@ -115,13 +116,13 @@ def _sum_classes(p: FloatArray) -> FloatArray:
 def _finite_array(x: npt.ArrayLike, name: str, ndim: int | None = None) -> FloatArray:
     arr = np.asarray(x)
     if arr.dtype.kind not in "fiu" or arr.dtype.kind == "b":
-        raise ValueError(f"{name}: expected a numeric array, got dtype {arr.dtype}")
+        raise UsageError(f"{name}: expected a numeric array, got dtype {arr.dtype}")
     if arr.dtype.kind != "f":
         arr = arr.astype(np.float64)
     if ndim is not None and arr.ndim != ndim:
-        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {arr.shape}")
+        raise UsageError(f"{name}: expected {ndim} dimensions, got shape {arr.shape}")
     if not np.isfinite(arr).all():
-        raise ValueError(f"{name}: contains NaN or infinite values")
+        raise UsageError(f"{name}: contains NaN or infinite values")
     return arr
 
 
@@ -217,7 +218,7 @@ def segmentation(mean: npt.ArrayLike) -> npt.NDArray[np.uint8]:
     """
     p = np.asarray(mean)
     if p.ndim < 1 or not 1 <= p.shape[0] <= 256:
-        raise ValueError(f"segmentation: expected [K, *sp] with 1 <= K <= 256, got {p.shape}")
+        raise UsageError(f"segmentation: expected [K, *sp] with 1 <= K <= 256, got {p.shape}")
     if p.shape[0] == 2:
         return np.greater(p[1], p[0]).view(np.uint8)
     labels = np.zeros(p.shape[1:], np.uint8)
@@ -276,12 +277,12 @@ def decompose(probs: npt.ArrayLike) -> Decomposition:
     """
     arr = np.asarray(probs)
     if arr.ndim < 4:
-        raise ValueError(
+        raise UsageError(
             f"decompose(probs): expected [M, S, K, *spatial] (>= 4 dimensions), got shape "
             f"{arr.shape}; add singleton member/sample axes for a single prediction"
         )
     if arr.shape[2] < 2:
-        raise ValueError(f"decompose(probs): need K >= 2 classes on axis 2, got shape {arr.shape}")
+        raise UsageError(f"decompose(probs): need K >= 2 classes on axis 2, got shape {arr.shape}")
     arr, pmin = _check_probabilities(arr, 2, "decompose(probs)")
     positive = pmin > 0
     n_members, n_samples, k = arr.shape[:3]
@@ -335,10 +336,10 @@ class Accumulator:
 
     def __init__(self, num_classes: int, spatial_shape: tuple[int, ...]) -> None:
         if int(num_classes) != num_classes or num_classes < 2:
-            raise ValueError(f"Accumulator: num_classes must be an integer >= 2, got {num_classes}")
+            raise UsageError(f"Accumulator: num_classes must be an integer >= 2, got {num_classes}")
         shape = tuple(int(s) for s in spatial_shape)
         if not shape or any(s < 1 for s in shape):
-            raise ValueError(
+            raise UsageError(
                 f"Accumulator: spatial_shape must be positive sizes, got {spatial_shape}"
             )
         self.num_classes = int(num_classes)
@@ -362,12 +363,12 @@ class Accumulator:
         if where is None:
             where = ()
         if not isinstance(where, tuple) or not all(isinstance(s, slice) for s in where):
-            raise ValueError(
+            raise UsageError(
                 "Accumulator.add: where must be a tuple of slices over the spatial axes, "
                 f"got {where!r}"
             )
         if len(where) > nd:
-            raise ValueError(
+            raise UsageError(
                 f"Accumulator.add: where has {len(where)} slices but the domain has {nd} axes"
             )
         full = where + (slice(None),) * (nd - len(where))
@@ -375,7 +376,7 @@ class Accumulator:
             len(range(*s.indices(n))) for s, n in zip(full, self.spatial_shape, strict=True)
         )
         if 0 in shape:
-            raise ValueError(
+            raise UsageError(
                 f"Accumulator.add: where={where!r} selects no voxels of {self.spatial_shape}"
             )
         return full, shape
@@ -410,7 +411,7 @@ class Accumulator:
             pm = np.ascontiguousarray(pm, dtype=np.float32)
         pm, pmin = _check_probabilities(pm, 0, "Accumulator.add(member_mean)")
         if pm.shape != (self.num_classes, *shape):
-            raise ValueError(
+            raise UsageError(
                 f"Accumulator.add: member_mean has shape {pm.shape}, expected "
                 f"{(self.num_classes, *shape)} ([K, *slab]) for where={where!r}"
             )
@@ -421,13 +422,13 @@ class Accumulator:
         else:
             hs = _finite_array(member_sample_entropy, "Accumulator.add(member_sample_entropy)")
             if hs.shape != shape:
-                raise ValueError(
+                raise UsageError(
                     f"Accumulator.add: member_sample_entropy has shape {hs.shape}, expected {shape}"
                 )
             # By concavity 0 <= mean_s H[p_s] <= H[mean_s p_s]; allow float32 rounding.
             tol = SUM_TOLERANCE * (1 + math.log(self.num_classes))
             if float(hs.min()) < -tol or bool(np.greater(hs, h + tol).any()):
-                raise ValueError(
+                raise UsageError(
                     "Accumulator.add: member_sample_entropy must lie in [0, H[member_mean]] "
                     "(the mean entropy of the member's samples); got values outside"
                 )
@@ -466,11 +467,11 @@ class Accumulator:
         """
         self._check_usable("add_sums")
         if isinstance(members, bool) or int(members) != members or members < 1:
-            raise ValueError(f"Accumulator.add_sums: members must be >= 1, got {members!r}")
+            raise UsageError(f"Accumulator.add_sums: members must be >= 1, got {members!r}")
         full, shape = self._region(where)
         pm = np.ascontiguousarray(np.asarray(mean_sum), dtype=np.float32)
         if pm.shape != (self.num_classes, *shape):
-            raise ValueError(
+            raise UsageError(
                 f"Accumulator.add_sums: mean_sum has shape {pm.shape}, expected "
                 f"{(self.num_classes, *shape)} ([K, *slab]) for where={where!r}"
             )
@@ -485,16 +486,16 @@ class Accumulator:
         fg = np.asarray(foreground, dtype=bool)
         for name, arr in (("entropy_sum", h), ("sample_entropy_sum", hs), ("foreground", fg)):
             if arr.shape != shape:
-                raise ValueError(
+                raise UsageError(
                     f"Accumulator.add_sums: {name} has shape {arr.shape}, expected {shape}"
                 )
         h_max = members * math.log(self.num_classes) + tol
         if float(h.min()) < -tol or float(h.max()) > h_max:
-            raise ValueError(
+            raise UsageError(
                 f"Accumulator.add_sums: entropy_sum must lie in [0, members x ln K = {h_max:.4g}]"
             )
         if hs is not h and (float(hs.min()) < -tol or bool(np.greater(hs, h + tol).any())):
-            raise ValueError(
+            raise UsageError(
                 "Accumulator.add_sums: sample_entropy_sum must lie in [0, entropy_sum]"
             )
         self._check_room(full, int(members), "add_sums")
@@ -510,7 +511,7 @@ class Accumulator:
         """uint16 member counts: only after 65535 members can a voxel's count overflow."""
         limit = int(np.iinfo(self._count.dtype).max)
         if self._adds + n > limit and int(self._count[full].max()) + n > limit:
-            raise ValueError(f"Accumulator.{what}: more than {limit} members per voxel")
+            raise UsageError(f"Accumulator.{what}: more than {limit} members per voxel")
 
     def result(self, *, release: bool = False) -> Decomposition:
         """The decomposition of everything added so far.
@@ -526,10 +527,10 @@ class Accumulator:
         """
         self._check_usable("result")
         if self._adds == 0:
-            raise ValueError("Accumulator.result: no member outputs were added")
+            raise UsageError("Accumulator.result: no member outputs were added")
         lo, hi = int(self._count.min()), int(self._count.max())
         if lo != hi:
-            raise ValueError(
+            raise UsageError(
                 f"Accumulator.result: voxels saw between {lo} and {hi} members; every member "
                 "must cover the whole domain exactly once (a slab is missing or duplicated)"
             )
@@ -555,7 +556,7 @@ class Accumulator:
 
     def _check_usable(self, what: str) -> None:
         if self._released:
-            raise ValueError(
+            raise UsageError(
                 f"Accumulator.{what}: result(release=True) handed the buffers over; "
                 "start a new Accumulator"
             )
@@ -628,36 +629,36 @@ def image_score(
             ``member_foreground`` / ``threshold``, non-finite map.
     """
     if aggregator not in AGGREGATORS:
-        raise ValueError(
+        raise UsageError(
             f"image_score: unknown aggregator {aggregator!r}; "
             f"choose one of {', '.join(AGGREGATORS)}"
         )
     u = _finite_array(u_map, "image_score(u_map)")
     if u.size == 0:
-        raise ValueError("image_score(u_map): empty map")
+        raise UsageError("image_score(u_map): empty map")
     if aggregator == "mean":
         return float(u.mean(dtype=np.float64))
     if aggregator == "border":
         if seg is None:
-            raise ValueError("image_score: aggregator 'border' needs seg (the predicted labels)")
+            raise UsageError("image_score: aggregator 'border' needs seg (the predicted labels)")
         labels = np.asarray(seg)
         if labels.shape != u.shape:
-            raise ValueError(f"image_score: seg has shape {labels.shape}, map has {u.shape}")
+            raise UsageError(f"image_score: seg has shape {labels.shape}, map has {u.shape}")
         changes = _label_changes(labels)
         total = float(u.sum(dtype=np.float64))
         return total / changes if changes else total
     if aggregator == "patch":
         if u.ndim not in (2, 3):
-            raise ValueError(f"image_score: 'patch' needs a 2-D or 3-D map, got shape {u.shape}")
+            raise UsageError(f"image_score: 'patch' needs a 2-D or 3-D map, got shape {u.shape}")
         if int(patch_size) != patch_size or patch_size < 1:
-            raise ValueError(
+            raise UsageError(
                 f"image_score: patch_size must be a positive integer, got {patch_size}"
             )
         ph, pw = min(int(patch_size), u.shape[0]), min(int(patch_size), u.shape[1])
         return float(_box_sums_2d(u, ph, pw).max())
     if aggregator == "threshold":
         if threshold is None or not math.isfinite(threshold):
-            raise ValueError(
+            raise UsageError(
                 "image_score: aggregator 'threshold' needs a finite threshold "
                 "(set on validation data)"
             )
@@ -666,13 +667,13 @@ def image_score(
         return float(u[above].sum(dtype=np.float64) / n) if n else 0.0
     # foreground
     if member_foreground is None:
-        raise ValueError(
+        raise UsageError(
             "image_score: aggregator 'foreground' needs member_foreground "
             "(Decomposition.member_foreground)"
         )
     fg = np.asarray(member_foreground, dtype=bool)
     if fg.shape != u.shape:
-        raise ValueError(f"image_score: member_foreground has shape {fg.shape}, map has {u.shape}")
+        raise UsageError(f"image_score: member_foreground has shape {fg.shape}, map has {u.shape}")
     region = _dilate(fg, 2)
     if not region.any():
         return float(u.mean(dtype=np.float64))
@@ -685,7 +686,7 @@ def image_score(
 def _scores_1d(x: npt.ArrayLike, name: str, min_size: int = 1) -> npt.NDArray[np.float64]:
     arr = _finite_array(np.asarray(x, dtype=np.float64).reshape(-1), name).astype(np.float64)
     if arr.size < min_size:
-        raise ValueError(f"{name}: need at least {min_size} values, got {arr.size}")
+        raise UsageError(f"{name}: need at least {min_size} values, got {arr.size}")
     return arr
 
 
@@ -696,7 +697,7 @@ def calibrate_ood_threshold(id_scores: npt.ArrayLike, quantile: float = 0.95) ->
         ValueError: no scores, non-finite scores, or quantile outside (0, 1).
     """
     if not 0 < quantile < 1:
-        raise ValueError(f"calibrate_ood_threshold: quantile must be in (0, 1), got {quantile}")
+        raise UsageError(f"calibrate_ood_threshold: quantile must be in (0, 1), got {quantile}")
     scores = _scores_1d(id_scores, "calibrate_ood_threshold(id_scores)")
     return float(np.quantile(scores, quantile))
 
@@ -737,9 +738,9 @@ def ood_decision(
             the result's percentile is the share of them at or below ``score``.
     """
     if not math.isfinite(score):
-        raise ValueError(f"ood_decision: score must be finite, got {score}")
+        raise UsageError(f"ood_decision: score must be finite, got {score}")
     if threshold is not None and not math.isfinite(threshold):
-        raise ValueError(f"ood_decision: threshold must be finite or None, got {threshold}")
+        raise UsageError(f"ood_decision: threshold must be finite or None, got {threshold}")
     val = np.asarray(validation_scores, dtype=np.float64).reshape(-1)
     percentile = None
     if val.size:
@@ -817,7 +818,7 @@ def rank_correlation(au_scores: npt.ArrayLike, eu_scores: npt.ArrayLike) -> floa
     a = _scores_1d(au_scores, "rank_correlation(au_scores)", 2)
     b = _scores_1d(eu_scores, "rank_correlation(eu_scores)", 2)
     if a.shape != b.shape:
-        raise ValueError(f"rank_correlation: {a.size} AU scores but {b.size} EU scores")
+        raise UsageError(f"rank_correlation: {a.size} AU scores but {b.size} EU scores")
     return _spearman(a, b)
 
 
@@ -838,12 +839,12 @@ def scan_entanglement(
         num_classes: K.
     """
     if num_classes < 2:
-        raise ValueError(f"scan_entanglement: num_classes must be >= 2, got {num_classes}")
+        raise UsageError(f"scan_entanglement: num_classes must be >= 2, got {num_classes}")
     t = _finite_array(tu, "scan_entanglement(tu)")
     a = _finite_array(au, "scan_entanglement(au)")
     e = _finite_array(eu, "scan_entanglement(eu)")
     if not t.shape == a.shape == e.shape:
-        raise ValueError(
+        raise UsageError(
             f"scan_entanglement: shapes differ: tu {t.shape}, au {a.shape}, eu {e.shape}"
         )
     mask = t > 0.05 * math.log(num_classes)
@@ -860,7 +861,7 @@ def entanglement_delta(u_correct: float, u_wrong: float, higher_is_better: bool)
     as well as the correct one (entangled); < 0: it does better.
     """
     if not (math.isfinite(u_correct) and math.isfinite(u_wrong)):
-        raise ValueError(
+        raise UsageError(
             f"entanglement_delta: performances must be finite, got {u_correct}, {u_wrong}"
         )
     s = 1.0 if higher_is_better else -1.0
@@ -903,14 +904,14 @@ def volume_distribution(
     counts = _finite_array(sample_counts, "volume_distribution(sample_counts)")
     names = list(class_names)
     if counts.ndim < 2 or counts.shape[-1] != len(names):
-        raise ValueError(
+        raise UsageError(
             f"volume_distribution: sample_counts has shape {counts.shape}; expected [N, K] with "
             f"K = {len(names)} classes"
         )
     if not (math.isfinite(voxel_ml) and voxel_ml > 0):
-        raise ValueError(f"volume_distribution: voxel_ml must be > 0, got {voxel_ml}")
+        raise UsageError(f"volume_distribution: voxel_ml must be > 0, got {voxel_ml}")
     if float(counts.min()) < 0:
-        raise ValueError("volume_distribution: negative voxel counts")
+        raise UsageError("volume_distribution: negative voxel counts")
     ml = counts.reshape(-1, len(names)).astype(np.float64) * voxel_ml
     n = ml.shape[0]
     out: dict[str, dict[str, Any]] = {}

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Callable
 from types import FrameType
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 
 from uqserve import __version__
+from uqserve.cli._common import one_line_errors
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class _Terminated(KeyboardInterrupt):
@@ -26,7 +30,18 @@ class _App(typer.Typer):
     Both unwind the command (temp folders removed, servers stopped) and exit
     with 128 + the signal number: 130 after SIGINT, 143 after SIGTERM.
     Commands that run until stopped (serve, sidecar) install their own handlers.
+    Every command runs under ``one_line_errors``: uqserve's errors print one
+    line, anything else is a bug and shows its traceback.
     """
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[F], F]:
+        register = super().command(*args, **kwargs)
+
+        def decorator(func: F) -> F:
+            register(one_line_errors(func))
+            return func
+
+        return decorator
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         received: list[int] = []

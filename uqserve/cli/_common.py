@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated, NoReturn
+import functools
+import re
+import traceback
+from collections.abc import Callable
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from rich.text import Text
+
+from uqserve import __version__
+from uqserve.errors import UqserveError
 
 # No markup anywhere: file names, bundle names and server messages are user text, and
 # `[bold]x.nii.gz` or `a[/]b` must print as written. Style with `style=` or `Text` only.
@@ -40,3 +47,81 @@ def fail(message: str, code: int = 1) -> NoReturn:
     """Print one clear error line on stderr and exit non-zero."""
     err_console.print(error_line(message), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+# Library messages name Python parameters in backticks (`overwrite=True`, `out_dir`);
+# the command line shows the flag that sets them instead.
+PARAMETER_FLAGS = {
+    "au": "--au",
+    "classes": "--classes",
+    "data": "--data",
+    "device": "--device",
+    "figures": "--figures",
+    "lr": "--lr",
+    "num_classes": "--classes",
+    "out_dir": "--out",
+    "outputs": "--outputs",
+    "overwrite": "--overwrite",
+    "servers": "--server",
+    "volume_index": "--volume-index",
+}
+_PARAMETER = re.compile(r"`([A-Za-z_]\w*)(?:=([^`]*))?`")
+QUOTES = "\"'"
+BUG_EXIT_CODE = 70  # EX_SOFTWARE: an internal error, not the user's input
+
+
+def cli_message(message: str) -> str:
+    """``message`` with each backticked Python parameter the CLI has a flag for as that flag.
+
+    `` `out_dir` `` -> ``--out``, `` `overwrite=True` `` -> ``--overwrite``,
+    `` `figures=False` `` -> ``--no-figures``, `` `device="cpu"` `` -> ``--device cpu``.
+    Other backticked text (`` `uqserve serve` ``) stays as written.
+    """
+
+    def flag(m: re.Match[str]) -> str:
+        name, value = m.group(1), m.group(2)
+        option = PARAMETER_FLAGS.get(name)
+        if option is None:
+            return m.group(0)
+        if value is None or value == "True":
+            return option
+        if value == "False":
+            return "--no-" + option.removeprefix("--")
+        return f"{option} {value.strip(QUOTES)}"
+
+    return _PARAMETER.sub(flag, message)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def one_line_errors(command: F) -> F:
+    """Run a command: a ``UqserveError`` (or an ``OSError``) prints one error line, exit 1.
+
+    Anything else is a bug in uqserve: its traceback is shown, with one line
+    asking to report it, and the exit code is 70.
+    """
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise  # typer.Exit from fail(), Ctrl-C, bad options: Typer reports them
+        except UqserveError as exc:
+            fail(cli_message(str(exc)))
+        except OSError as exc:  # the system refused (disk full, permissions): not a bug
+            fail(str(exc))
+        except Exception:
+            err_console.print(traceback.format_exc(), highlight=False, soft_wrap=True, end="")
+            err_console.print(error_line(bug_line()), highlight=False, soft_wrap=True)
+            raise typer.Exit(BUG_EXIT_CODE) from None
+
+    return run  # type: ignore[return-value]
+
+
+def bug_line() -> str:
+    return (
+        f"this is a bug in uqserve {__version__}, not a problem with your input; please "
+        "report it with the traceback above"
+    )

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from uqserve.cli import app
-from uqserve.cli._common import console, fail
+from uqserve.cli._common import console
 
 _DATA_HELP = (
     "`synthetic`, or a folder of images with per-annotator label maps "
@@ -64,32 +64,27 @@ def evaluate(
     ] = False,
 ) -> None:
     """Evaluate bundles: downstream metrics, OOD detection and the entanglement scores Δ."""
-    from uqserve.bundle import BundleError
-    from uqserve.evaluate import EvaluationError, markdown_table, summary_row
     from uqserve.evaluate import evaluate as run_evaluate
-    from uqserve.runtime import RuntimeError_
+    from uqserve.evaluate import markdown_table, summary_row
 
-    try:
-        results = run_evaluate(
-            bundles,
-            data,
-            out,
-            servers=server or None,
-            device=device,
-            aggregator=aggregator,
-            n_test=n_test,
-            n_val=n_val,
-            n_ood=n_ood,
-            size=None if size is None else (size, size),
-            shifts=shift or None,
-            severities=tuple(severity) if severity else (0.5, 1.0),
-            seed=seed,
-            figures=figures,
-            overwrite=overwrite,
-            progress=not quiet,
-        )
-    except (EvaluationError, BundleError, RuntimeError_) as exc:
-        fail(str(exc))
+    results = run_evaluate(
+        bundles,
+        data,
+        out,
+        servers=server or None,
+        device=device,
+        aggregator=aggregator,
+        n_test=n_test,
+        n_val=n_val,
+        n_ood=n_ood,
+        size=None if size is None else (size, size),
+        shifts=shift or None,
+        severities=tuple(severity) if severity else (0.5, 1.0),
+        seed=seed,
+        figures=figures,
+        overwrite=overwrite,
+        progress=not quiet,
+    )
     if as_json:
         typer.echo(json.dumps([summary_row(b) for b in results["bundles"]], indent=2))
         return
@@ -132,27 +127,21 @@ def calibrate(
     ] = False,
 ) -> None:
     """Pick the default aggregator and OOD threshold; record Δ in a new manifest version."""
-    from uqserve.bundle import BundleError
     from uqserve.calibration import calibrate as run_calibrate
-    from uqserve.evaluate import EvaluationError
-    from uqserve.runtime import RuntimeError_
 
-    try:
-        man = run_calibrate(
-            bundle,
-            data,
-            servers=server or None,
-            device=device,
-            n_test=n_test,
-            n_val=n_val,
-            n_ood=n_ood,
-            size=None if size is None else (size, size),
-            quantile=quantile,
-            seed=seed,
-            progress=not quiet,
-        )
-    except (EvaluationError, BundleError, RuntimeError_) as exc:
-        fail(str(exc))
+    man = run_calibrate(
+        bundle,
+        data,
+        servers=server or None,
+        device=device,
+        n_test=n_test,
+        n_val=n_val,
+        n_ood=n_ood,
+        size=None if size is None else (size, size),
+        quantile=quantile,
+        seed=seed,
+        progress=not quiet,
+    )
     facts = {
         "manifest_version": man.manifest_version,
         "default_aggregator": man.default_aggregator,

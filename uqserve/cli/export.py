@@ -78,10 +78,9 @@ def export_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
     """Export a bundle from a recipe, `uqserve train` checkpoints, or your own ONNX files."""
-    from uqserve.bundle import BundleError, Normalization
+    from uqserve.bundle import Normalization
     from uqserve.contracts import default_class_names
     from uqserve.exporting import (
-        ExportError,
         export_checkpoints,
         export_onnx_members,
         export_recipe,
@@ -102,45 +101,40 @@ def export_command(
         if not quiet and not json_out:
             err_console.print(msg, style="dim", highlight=False)
 
-    try:
-        if recipe is not None:
-            bundle = export_recipe(
-                recipe, out, overwrite=overwrite, calibrate=calibrate, progress=say
-            )
-        elif checkpoints is not None:
-            bundle = export_checkpoints(
-                checkpoints,
-                out,
-                num_members=members,
-                num_samples=samples,
-                seed=seed,
-                name=name,
-                classes=names,
-                tile_size=(tile, tile) if tile else None,
-                calibrate=calibrate,
-                overwrite=overwrite,
-                exporter=exporter,
-                progress=say,
-            )
-        else:
-            if not files:
-                fail("--onnx needs one or more ONNX files (one per member)")
-            bundle = export_onnx_members(
-                files,
-                out,
-                au=au,
-                outputs=outputs,
-                classes=names or default_class_names(2),
-                normalization=Normalization(scheme="fixed", mean=norm_mean, std=norm_std),
-                tile_size=(tile or 128, tile or 128),
-                multiple=multiple,
-                name=name,
-                seed=seed or 0,
-                calibrate=calibrate,
-                overwrite=overwrite,
-            )
-    except (ExportError, BundleError, ValueError) as exc:
-        fail(str(exc))
+    if recipe is not None:
+        bundle = export_recipe(recipe, out, overwrite=overwrite, calibrate=calibrate, progress=say)
+    elif checkpoints is not None:
+        bundle = export_checkpoints(
+            checkpoints,
+            out,
+            num_members=members,
+            num_samples=samples,
+            seed=seed,
+            name=name,
+            classes=names,
+            tile_size=(tile, tile) if tile else None,
+            calibrate=calibrate,
+            overwrite=overwrite,
+            exporter=exporter,
+            progress=say,
+        )
+    else:
+        if not files:
+            fail("--onnx needs one or more ONNX files (one per member)")
+        bundle = export_onnx_members(
+            files,
+            out,
+            au=au,
+            outputs=outputs,
+            classes=names or default_class_names(2),
+            normalization=Normalization(scheme="fixed", mean=norm_mean, std=norm_std),
+            tile_size=(tile or 128, tile or 128),
+            multiple=multiple,
+            name=name,
+            seed=seed or 0,
+            calibrate=calibrate,
+            overwrite=overwrite,
+        )
     if json_out:
         typer.echo(json.dumps(_info_dict(bundle), indent=2))
     elif not quiet:
@@ -187,12 +181,9 @@ def info_command(
     """Show a bundle's manifest: combination, members, samples, classes, OOD threshold."""
     from rich.table import Table
 
-    from uqserve.bundle import BundleError, load_bundle
+    from uqserve.bundle import load_bundle
 
-    try:
-        b = load_bundle(bundle, verify=verify)
-    except BundleError as exc:
-        fail(str(exc))
+    b = load_bundle(bundle, verify=verify)
     if json_out:
         typer.echo(json.dumps(_info_dict(b), indent=2))
         return

@@ -13,6 +13,7 @@ from uqserve.cli import app
 from uqserve.cli._common import (
     BundleOption,
     SeedOption,
+    cli_message,
     console,
     err_console,
     error_line,
@@ -122,10 +123,10 @@ def predict_command(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from uqserve.bundle import BundleError, load_bundle
+    from uqserve.bundle import load_bundle
     from uqserve.cli._summary import summary_table
-    from uqserve.prediction import PredictError, collect_scans, predict
-    from uqserve.runtime import RuntimeError_, open_runtime
+    from uqserve.prediction import collect_scans, predict
+    from uqserve.runtime import open_runtime
 
     if device not in ("auto", "cpu", "cuda"):
         fail(f"--device {device!r}: use auto, cpu or cuda")
@@ -136,14 +137,11 @@ def predict_command(
             fail(f"--fast means --precision tf32; it contradicts --precision {precision}")
         precision = "tf32"
     paths = collect_scans(scans)
-    try:
-        loaded = load_bundle(bundle)
-        runtime = open_runtime(
-            loaded, servers=server or None, device=device, precision=precision,
-            timeout_s=timeout, deadline_s=deadline,
-        )  # fmt: skip
-    except (BundleError, RuntimeError_, ValueError, OSError) as exc:
-        fail(str(exc))
+    loaded = load_bundle(bundle)
+    runtime = open_runtime(
+        loaded, servers=server or None, device=device, precision=precision,
+        timeout_s=timeout, deadline_s=deadline,
+    )  # fmt: skip
 
     failed: list[ScanResult] = []
     # No bar when stderr is no terminal (a log file, a pipe): it would only add blank lines.
@@ -166,7 +164,8 @@ def predict_command(
         progress.advance(scans_task)
         if not res.ok:
             failed.append(res)
-            progress.console.print(error_line(res.error or ""), highlight=False, soft_wrap=True)
+            message = cli_message(res.error or "")
+            progress.console.print(error_line(message), highlight=False, soft_wrap=True)
             return
         report: Mapping[str, Any] = res.report or {}
         if json_out:
@@ -174,25 +173,22 @@ def predict_command(
         elif not quiet:
             console.print(summary_table(report))
 
-    try:
-        with progress, runtime:
-            predict(
-                paths,
-                out,
-                runtime=runtime,
-                seed=seed,
-                batch_size=batch_size,
-                png=png,
-                compression_level=compression_level,
-                overwrite=overwrite,
-                volume_index=volume_index,
-                max_voxels=max_voxels,
-                on_error="skip",
-                progress=on_slices if show_progress else None,
-                on_scan=on_scan,
-            )
-    except (BundleError, RuntimeError_, PredictError) as exc:
-        fail(str(exc))
+    with progress, runtime:
+        predict(
+            paths,
+            out,
+            runtime=runtime,
+            seed=seed,
+            batch_size=batch_size,
+            png=png,
+            compression_level=compression_level,
+            overwrite=overwrite,
+            volume_index=volume_index,
+            max_voxels=max_voxels,
+            on_error="skip",
+            progress=on_slices if show_progress else None,
+            on_scan=on_scan,
+        )
     if failed:
         fail(f"{len(failed)} of {len(paths)} scans failed; see the lines above", code=1)
     if not (quiet or json_out):

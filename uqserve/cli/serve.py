@@ -58,23 +58,19 @@ def repo_command(
     ] = False,
 ) -> None:
     """Write a Triton model repository: one model per member plus the bundle's ensemble."""
-    from uqserve.bundle import BundleError
-    from uqserve.serving import RepositoryError, write_repository
+    from uqserve.serving import write_repository
 
-    try:
-        path = write_repository(
-            bundles,
-            out,
-            flavour=flavour,
-            member_files="symlink" if link else "copy",
-            instances=instances,
-            threads=threads,
-            max_batch_size=max_batch_size,
-            reduce=reduce,
-            overwrite=overwrite,
-        )
-    except (BundleError, RepositoryError, OSError) as exc:
-        fail(str(exc))
+    path = write_repository(
+        bundles,
+        out,
+        flavour=flavour,
+        member_files="symlink" if link else "copy",
+        instances=instances,
+        threads=threads,
+        max_batch_size=max_batch_size,
+        reduce=reduce,
+        overwrite=overwrite,
+    )
     console.print(
         f"wrote {flavour} repository for {', '.join(bundles)} to {path}/",
         highlight=False,
@@ -112,10 +108,8 @@ def serve_command(
     reduce: ReduceOption = "client",
 ) -> None:
     """Run the real tritonserver (from the `server` extra) until Ctrl-C or SIGTERM."""
-    from uqserve.bundle import BundleError, load_bundle
+    from uqserve.bundle import load_bundle
     from uqserve.serving import (
-        RepositoryError,
-        ServerError,
         TritonServer,
         find_server_tree,
         validate_repository,
@@ -124,32 +118,26 @@ def serve_command(
 
     if repo is not None and bundle:
         fail("pass either --bundle or --repo, not both")
-    try:
-        find_server_tree()
-    except ServerError as exc:
-        fail(str(exc))
+    find_server_tree()
 
     with tempfile.TemporaryDirectory(prefix="uqserve-serve-") as tmp:
-        try:
-            if repo is not None:
-                models = validate_repository(repo)
-                repo_dir = repo
-            else:
-                loaded = [load_bundle(b) for b in bundle] if bundle else [load_bundle(None)]
-                repo_dir = write_repository(
-                    loaded, Path(tmp) / "repository", "python", instances=instances, reduce=reduce
-                )
-                models = [b.manifest.name for b in loaded]
-            server = TritonServer(
-                repo_dir,
-                address=address,
-                http_port=http_port or None,
-                grpc_port=grpc_port or None,
-                metrics_port=metrics_port or None,
-                log_path=log,
+        if repo is not None:
+            models = validate_repository(repo)
+            repo_dir = repo
+        else:
+            loaded = [load_bundle(b) for b in bundle] if bundle else [load_bundle(None)]
+            repo_dir = write_repository(
+                loaded, Path(tmp) / "repository", "python", instances=instances, reduce=reduce
             )
-        except (BundleError, RepositoryError, ServerError, OSError) as exc:
-            fail(str(exc))
+            models = [b.manifest.name for b in loaded]
+        server = TritonServer(
+            repo_dir,
+            address=address,
+            http_port=http_port or None,
+            grpc_port=grpc_port or None,
+            metrics_port=metrics_port or None,
+            log_path=log,
+        )
 
         stop = threading.Event()
         received: list[int] = []
@@ -160,10 +148,7 @@ def serve_command(
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            try:
-                server.start()
-            except ServerError as exc:
-                fail(str(exc))
+            server.start()
             console.print(f"serving {', '.join(models)}", highlight=False, soft_wrap=True)
             console.print(f"  gRPC     {server.grpc_url}", highlight=False, soft_wrap=True)
             console.print(f"  HTTP     {server.http_url}", highlight=False, soft_wrap=True)

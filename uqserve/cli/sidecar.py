@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from uqserve.cli import app
-from uqserve.cli._common import BundleOption, SeedOption, fail
+from uqserve.cli._common import BundleOption, SeedOption, cli_message, fail
 
 
 @app.command("sidecar")
@@ -121,7 +121,7 @@ def sidecar_command(
 
     Runs until SIGTERM or Ctrl-C. Logs never contain patient identifiers.
     """
-    from uqserve.errors import UqserveError, UsageError
+    from uqserve.errors import UsageError
     from uqserve.sidecar import Limits, OutputOptions, Peer, Sidecar, SidecarConfig
     from uqserve.sidecar.sender import check_ae_title, parse_address
     from uqserve.sidecar.service import BundlePredictor
@@ -132,40 +132,37 @@ def sidecar_command(
     )
     # Everything that cannot work is refused here, before the port is opened:
     # options, bundle, device, model server, spool.
-    try:
-        host, port = parse_address(listen, default_port=11112)
-        peer = Peer.parse(send_to) if send_to else None
-        allowed = tuple(
-            check_ae_title(a, "--allow AE title") for a in (allow or "").split(",") if a.strip()
-        )
-        config = SidecarConfig(
-            spool=spool,
-            ae_title=check_ae_title(ae_title, "--ae-title"),
-            host=host,
-            port=port,
-            allow=allowed,
-            send_to=peer,
-            stable_seconds=stable_seconds,
-            outputs=OutputOptions(seg_type=seg_type.lower(), fractional=fractional, report=report),
-            max_attempts=max_attempts,
-            retry_base_s=retry_seconds,
-            limits=Limits(
-                acse_s=acse_timeout,
-                dimse_s=dimse_timeout,
-                network_s=network_timeout,
-                max_associations=max_associations,
-            ),
-        )
-        servers = [s.removeprefix("grpc://") for s in server or []]
-        predictor = BundlePredictor(bundle, servers, seed=seed, device=device)
-        predictor.open()
-    except (UqserveError, ValueError, RuntimeError) as exc:
-        fail(str(exc))
+    host, port = parse_address(listen, default_port=11112)
+    peer = Peer.parse(send_to) if send_to else None
+    allowed = tuple(
+        check_ae_title(a, "--allow AE title") for a in (allow or "").split(",") if a.strip()
+    )
+    config = SidecarConfig(
+        spool=spool,
+        ae_title=check_ae_title(ae_title, "--ae-title"),
+        host=host,
+        port=port,
+        allow=allowed,
+        send_to=peer,
+        stable_seconds=stable_seconds,
+        outputs=OutputOptions(seg_type=seg_type.lower(), fractional=fractional, report=report),
+        max_attempts=max_attempts,
+        retry_base_s=retry_seconds,
+        limits=Limits(
+            acse_s=acse_timeout,
+            dimse_s=dimse_timeout,
+            network_s=network_timeout,
+            max_associations=max_associations,
+        ),
+    )
+    servers = [s.removeprefix("grpc://") for s in server or []]
+    predictor = BundlePredictor(bundle, servers, seed=seed, device=device)
+    predictor.open()
     try:
         sidecar = Sidecar(config, predictor)  # creates the spool and writes a probe file
     except UsageError as exc:
         predictor.close()
-        fail(str(exc).replace("as spool", "with --spool"))
+        fail(cli_message(str(exc)).replace("as spool", "with --spool"))
     try:
         sidecar.start()
     except OSError as exc:

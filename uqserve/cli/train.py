@@ -71,43 +71,40 @@ def train_command(
     from uqserve.models import ModelConfig, parse_combination
     from uqserve.training import TrainConfig, train
 
-    try:
-        au, eu = parse_combination(combination)
-        if eu == "none" and members not in (None, 1):
-            raise ValueError(f"{combination} has exactly one member; drop --members {members}")
-        if ambiguity not in ("low", "high"):
-            raise ValueError(f"--ambiguity must be low or high, got {ambiguity!r}")
-        num_samples = 1 if au == "softmax" else (samples or 10)
-        if au == "softmax" and samples not in (None, 1):
-            raise ValueError("softmax draws exactly one sample; drop --samples")
-        model_config = ModelConfig(
-            num_classes=classes, width=width, depth=depth, num_samples=num_samples
-        )
-        extra = {}
-        if members is not None:
-            extra[_MEMBERS_FIELD[eu]] = members
-        config = TrainConfig(
-            steps=steps,
-            batch_size=batch_size,
-            size=(size, size),
-            lr=lr,
-            ambiguity=ambiguity,
-            num_images=images,
-            threads=threads,
-            **extra,  # type: ignore[arg-type]
-        )
-        path = train(
-            combination,
-            out,
-            config=config,
-            model_config=model_config,
-            data=data,
-            seed=seed,
-            progress=not quiet,
-            overwrite=overwrite,
-        )
-    except ValueError as exc:
-        fail(str(exc))
+    au, eu = parse_combination(combination)
+    if eu == "none" and members not in (None, 1):
+        fail(f"{combination} has exactly one member; drop --members {members}")
+    if ambiguity not in ("low", "high"):
+        fail(f"--ambiguity must be low or high, got {ambiguity!r}")
+    num_samples = 1 if au == "softmax" else (samples or 10)
+    if au == "softmax" and samples not in (None, 1):
+        fail("softmax draws exactly one sample; drop --samples")
+    model_config = ModelConfig(
+        num_classes=classes, width=width, depth=depth, num_samples=num_samples
+    )
+    extra = {}
+    if members is not None:
+        extra[_MEMBERS_FIELD[eu]] = members
+    config = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        size=(size, size),
+        lr=lr,
+        ambiguity=ambiguity,
+        num_images=images,
+        threads=threads,
+        **extra,  # type: ignore[arg-type]
+    )
+    path = train(
+        combination,
+        out,
+        config=config,
+        model_config=model_config,
+        data=data,
+        seed=seed,
+        progress=not quiet,
+        overwrite=overwrite,
+    )
     import json
 
     cfg = json.loads((path / "config.json").read_text())

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from uqserve.errors import UsageError
 from uqserve.volumes.base import Volume
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".png")
@@ -43,7 +44,7 @@ _FORMAT = (
 )
 
 
-class FolderError(ValueError):
+class FolderError(UsageError):
     """A data folder that cannot be used; the message names the file and the fix."""
 
 

@@ -43,6 +43,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
+from uqserve.errors import UsageError
 from uqserve.volumes.base import Volume
 
 SHIFTS = ("noise", "blur", "jpeg", "contrast", "inversion", "bias", "structures")
@@ -63,7 +64,7 @@ def _as_planes(image: npt.NDArray[np.floating], volume: bool | None) -> tuple[Fl
     if x.ndim == 2:
         return x[None], False
     if x.ndim != 3:
-        raise ValueError(
+        raise UsageError(
             f"image must be [H, W], [C, H, W] or a volume [X, Y, Z], got shape {x.shape}"
         )
     if volume is None:
@@ -251,9 +252,9 @@ def apply_shift(
     returns  float32 array of the same shape (or a ``Volume``).
     """
     if kind not in _FUNCS:
-        raise ValueError(f"unknown shift {kind!r}; choose one of {', '.join(SHIFTS)}")
+        raise UsageError(f"unknown shift {kind!r}; choose one of {', '.join(SHIFTS)}")
     if not 0.0 <= float(severity) <= 1.0:
-        raise ValueError(f"severity must be in [0, 1], got {severity}")
+        raise UsageError(f"severity must be in [0, 1], got {severity}")
     if isinstance(image, Volume):
         data = apply_shift(image.data, kind, severity, seed, volume=True)
         assert isinstance(data, np.ndarray)
@@ -267,7 +268,7 @@ def apply_shift(
         )
     arr = np.asarray(image)
     if not np.issubdtype(arr.dtype, np.number) or not np.all(np.isfinite(arr)):
-        raise ValueError("image must be a finite numeric array")
+        raise UsageError("image must be a finite numeric array")
     planes, spatial = _as_planes(arr, volume)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), SHIFTS.index(kind)]))
     out = _FUNCS[kind](planes, float(severity), rng, spatial)

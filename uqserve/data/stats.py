@@ -7,6 +7,8 @@ from collections.abc import Iterable
 import numpy as np
 import numpy.typing as npt
 
+from uqserve.errors import UsageError
+
 
 def normalization_stats(
     images: npt.NDArray[np.floating] | Iterable[npt.NDArray[np.floating]],
@@ -23,13 +25,13 @@ def normalization_stats(
     )
     arrays = [a for a in arrays if a.size]
     if not arrays:
-        raise ValueError("normalization_stats: no voxels given")
+        raise UsageError("normalization_stats: no voxels given")
     shift = float(np.mean(arrays[0], dtype=np.float64))
     n, s1, s2 = 0, 0.0, 0.0
     for a in arrays:
         d = a.astype(np.float64, copy=False) - shift
         if not np.all(np.isfinite(d)):
-            raise ValueError("normalization_stats: images contain NaN or infinite values")
+            raise UsageError("normalization_stats: images contain NaN or infinite values")
         n += d.size
         s1 += float(d.sum())
         s2 += float(np.square(d).sum())
@@ -37,5 +39,5 @@ def normalization_stats(
     var = max(s2 / n - mean * mean, 0.0)
     std = float(np.sqrt(var))
     if not std > 1e-12:
-        raise ValueError("normalization_stats: images are constant; cannot normalise")
+        raise UsageError("normalization_stats: images are constant; cannot normalise")
     return shift + mean, std

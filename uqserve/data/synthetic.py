@@ -37,6 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from uqserve.data._fields import grid, sigmoid, smooth_field
+from uqserve.errors import UsageError
 from uqserve.volumes.base import Volume
 
 AMBIGUITIES = ("low", "high")
@@ -99,13 +100,13 @@ class SyntheticVolume:
 
 def _check(ambiguity: str, num_classes: int, num_annotators: int) -> None:
     if ambiguity not in _AMBIGUITY:
-        raise ValueError(f"ambiguity {ambiguity!r} is not one of {', '.join(AMBIGUITIES)}")
+        raise UsageError(f"ambiguity {ambiguity!r} is not one of {', '.join(AMBIGUITIES)}")
     if num_classes not in (2, 3):
-        raise ValueError(
+        raise UsageError(
             f"num_classes must be 2 (background, lesion) or 3 (two lesion types), got {num_classes}"
         )
     if num_annotators < 1:
-        raise ValueError(f"num_annotators must be >= 1, got {num_annotators}")
+        raise UsageError(f"num_annotators must be >= 1, got {num_annotators}")
 
 
 def _scene(
@@ -222,7 +223,7 @@ def _size2(size: int | Sequence[int]) -> tuple[int, int]:
         size = (int(size), int(size))
     size = tuple(int(s) for s in size)
     if len(size) != 2 or min(size) < 8:
-        raise ValueError(f"size must be (H, W) with both >= 8, got {size}")
+        raise UsageError(f"size must be (H, W) with both >= 8, got {size}")
     return size[0], size[1]
 
 
@@ -267,7 +268,7 @@ def make_dataset(
     Returns ``SyntheticSet(images [N, 1, H, W], annotations [N, A, H, W], truth [N, H, W])``.
     """
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise UsageError(f"n must be >= 1, got {n}")
     _check(ambiguity, num_classes, num_annotators)
     seeds = dataset_seeds(n, seed)
     items = [make_slice(int(s), size, ambiguity, num_classes, num_annotators) for s in seeds]
@@ -311,9 +312,9 @@ def make_volume(
     shape3 = tuple(int(s) for s in shape)
     spacing3 = tuple(float(s) for s in spacing)
     if len(shape3) != 3 or min(shape3[:2]) < 8 or shape3[2] < 1:
-        raise ValueError(f"shape must be (X, Y, Z) with X, Y >= 8 and Z >= 1, got {shape3}")
+        raise UsageError(f"shape must be (X, Y, Z) with X, Y >= 8 and Z >= 1, got {shape3}")
     if len(spacing3) != 3 or min(spacing3) <= 0:
-        raise ValueError(f"spacing must be three positive millimetre values, got {spacing3}")
+        raise UsageError(f"spacing must be three positive millimetre values, got {spacing3}")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 3]))
     image, ann, truth, _ = _scene(rng, shape3, spacing3, ambiguity, num_classes, num_annotators)
     volume = Volume(

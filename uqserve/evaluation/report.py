@@ -209,10 +209,10 @@ def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False) -> Iterat
     """Yield a temp folder beside ``final``; it replaces ``final`` on success, else is removed."""
     final = Path(final)
     if final.exists() and not final.is_dir():
-        raise EvaluationError(f"{final}: exists and is not a folder; choose another --out")
+        raise EvaluationError(f"{final}: exists and is not a folder; choose another `out_dir`")
     if final.is_dir() and any(final.iterdir()) and not overwrite:
         raise EvaluationError(
-            f"{final}: folder exists and is not empty; pass --overwrite or another --out"
+            f"{final}: folder exists and is not empty; pass `overwrite=True` or another `out_dir`"
         )
     with replace_dir_atomically(final) as tmp:
         yield tmp

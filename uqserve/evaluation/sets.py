@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from uqserve.errors import UsageError
+
 # The paper's corruptions first, then uqserve's own (all of uqserve.data.SHIFTS).
 DEFAULT_SEVERITIES: tuple[float, ...] = (0.5, 1.0)
 
@@ -32,7 +34,7 @@ DEFAULT_SEVERITIES: tuple[float, ...] = (0.5, 1.0)
 _SEED_BASE = {"test": 1_000_000, "val": 2_000_000, "calibration": 3_000_000}
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UsageError):
     """Input that evaluate/calibrate cannot use; the message names it and the fix."""
 
 
@@ -229,7 +231,7 @@ class FolderSource(DataSource):
         self.path = Path(self.path)
         if not self.path.is_dir():
             raise EvaluationError(
-                f"{self.path}: no such folder; pass `--data synthetic` or a folder of cases"
+                f'{self.path}: no such folder; pass `data="synthetic"` or a folder of cases'
             )
         if not self.shifts:
             self.shifts = _all_shifts()

@@ -102,14 +102,14 @@ def export_onnx_members(
     labels) and the unused ``seed``/``offset`` inputs with the onnx API.
     """
     if au != "softmax":
-        raise ExportError(f"--au {au}: only softmax members can be brought as plain ONNX graphs")
+        raise ExportError(f"`au={au}`: only softmax members can be brought as plain ONNX graphs")
     if outputs not in ("logits", "probs"):
-        raise ExportError(f"--outputs {outputs}: choose logits or probs")
+        raise ExportError(f"`outputs={outputs}`: choose logits or probs")
     if not onnx_files:
         raise ExportError("no ONNX files given; pass one file per member")
     classes = tuple(classes) if classes is not None else default_class_names(2)
     if len(classes) < 2:
-        raise ExportError(f"--classes {','.join(classes)}: need at least two (background first)")
+        raise ExportError(f"`classes={','.join(classes)}`: need at least two (background first)")
     wrapped = [wrap_onnx_member(f, num_classes=len(classes), outputs=outputs) for f in onnx_files]
     channels = {c for _, c, _ in wrapped}
     if len(channels) != 1:

@@ -95,7 +95,7 @@ def export_recipe(
     recipe = load_recipe(recipe_toml)
     out = Path(out_dir)
     if out.exists() and not overwrite:
-        raise ExportError(f"{out}: already exists; pass --overwrite to replace it")
+        raise ExportError(f"{out}: already exists; pass `overwrite=True` to replace it")
     au, eu = parse_combination(recipe.combination)
     model = replace(recipe.model, num_samples=recipe.num_samples if au != "softmax" else 1)
     train_kwargs = {**recipe.train, **(overrides or {})}

@@ -28,7 +28,7 @@ def atomic_bundle_dir(target: str | os.PathLike[str], overwrite: bool = False) -
     """
     target = Path(target)
     if target.exists() and not overwrite:
-        raise ExportError(f"{target}: already exists; pass --overwrite to replace it")
+        raise ExportError(f"{target}: already exists; pass `overwrite=True` to replace it")
     with replace_dir_atomically(target) as tmp:
         yield tmp
         _publish_permissions(tmp)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from uqserve.errors import UsageError
 from uqserve.models.config import (
     AU_METHODS,
     COMBINATIONS,
@@ -82,7 +83,7 @@ def build_network(au: str, config: ModelConfig | None = None) -> SegNetwork:
     if au in COMBINATIONS:
         au = parse_combination(au)[0]
     if au not in _BUILDERS:
-        raise ValueError(f"unknown AU method {au!r}; choose one of: {', '.join(AU_METHODS)}")
+        raise UsageError(f"unknown AU method {au!r}; choose one of: {', '.join(AU_METHODS)}")
     return _BUILDERS[au](config or ModelConfig())
 
 

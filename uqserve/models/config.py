@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from uqserve.errors import UsageError
+
 AU_METHODS = ("softmax", "ssn", "punet", "diffusion")
 EU_METHODS = ("none", "ensemble", "mcdropout", "swag", "swagdiag")
 COMBINATIONS = tuple(f"{au}-{eu}" for au in AU_METHODS for eu in EU_METHODS)
@@ -16,7 +18,7 @@ DEFAULT_SAMPLE_CHUNK = 4
 def parse_combination(name: str) -> tuple[str, str]:
     """``"ssn-ensemble"`` -> ``("ssn", "ensemble")``; ValueError listing valid names."""
     if name not in COMBINATIONS:
-        raise ValueError(f"unknown combination {name!r}; choose one of: {', '.join(COMBINATIONS)}")
+        raise UsageError(f"unknown combination {name!r}; choose one of: {', '.join(COMBINATIONS)}")
     au, eu = name.split("-")
     return au, eu
 
@@ -68,7 +70,7 @@ class ModelConfig:
         if self.ssn_rank < 1 or self.punet_latent < 1 or self.diffusion_steps < 1:
             problems.append("ssn_rank, punet_latent and diffusion_steps must be >= 1")
         if problems:
-            raise ValueError("ModelConfig: " + "; ".join(problems))
+            raise UsageError("ModelConfig: " + "; ".join(problems))
 
     @property
     def multiple(self) -> int:
@@ -85,7 +87,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(
+            raise UsageError(
                 f"ModelConfig: unknown fields {sorted(unknown)}; known: {sorted(known)}"
             )
         return cls(**d)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uqserve.errors import UsageError
 from uqserve.models import noise as hash_noise
 from uqserve.models.config import ModelConfig
 from uqserve.models.unet import Encoder, ResBlock, UNet
@@ -195,17 +196,17 @@ class SegNetwork(nn.Module):
 
 def _check_batch(image: torch.Tensor, target: torch.Tensor, config: ModelConfig) -> None:
     if image.ndim != 4 or image.shape[1] != config.in_channels:
-        raise ValueError(
+        raise UsageError(
             f"image must be [B, {config.in_channels}, H, W] float32, got {tuple(image.shape)}"
         )
     if target.shape != (image.shape[0], *image.shape[2:]):
-        raise ValueError(
+        raise UsageError(
             f"target must be [B, H, W] = {(image.shape[0], *image.shape[2:])}, "
             f"got {tuple(target.shape)}"
         )
     m = 2 ** (config.depth - 1)
     if image.shape[2] % m or image.shape[3] % m:
-        raise ValueError(
+        raise UsageError(
             f"H and W must be multiples of {m} (depth {config.depth}), got {tuple(image.shape[2:])}"
         )
 

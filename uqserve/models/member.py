@@ -17,6 +17,7 @@ import copy
 import torch
 from torch import nn
 
+from uqserve.errors import UsageError
 from uqserve.models.config import DEFAULT_SAMPLE_CHUNK
 from uqserve.models.dropout import freeze_dropout_masks
 from uqserve.models.heads import HashNoise, SegNetwork
@@ -59,17 +60,17 @@ class MemberGraph(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(net, SegNetwork):
-            raise ValueError("member_graph needs a network from uqserve.models.build_network")
+            raise UsageError("member_graph needs a network from uqserve.models.build_network")
         if net.au == "softmax" and num_samples != 1:
-            raise ValueError("softmax members draw exactly one sample (num_samples=1)")
+            raise UsageError("softmax members draw exactly one sample (num_samples=1)")
         if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+            raise UsageError(f"num_samples must be >= 1, got {num_samples}")
         if sample_chunk < 1:
-            raise ValueError(f"sample_chunk must be >= 1, got {sample_chunk}")
+            raise UsageError(f"sample_chunk must be >= 1, got {sample_chunk}")
         net = copy.deepcopy(net).eval()
         if eu == "mcdropout":
             if freeze_dropout_masks(net, seed, member) == 0:
-                raise ValueError("mcdropout member needs a network with dropout > 0")
+                raise UsageError("mcdropout member needs a network with dropout > 0")
         self.net = net
         self.member = int(member)
         self.num_samples = int(num_samples)

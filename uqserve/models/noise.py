@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from uqserve.errors import UsageError
+
 if TYPE_CHECKING:
     import torch
 
@@ -61,7 +63,7 @@ def hash_keys_np(keys: Sequence[npt.ArrayLike]) -> npt.NDArray[np.int64]:
         h = (h * h + _ROUNDS[0]) % PRIME
         h = (h * h + _ROUNDS[1]) % PRIME
     if h is None:
-        raise ValueError("hash_keys_np needs at least one key")
+        raise UsageError("hash_keys_np needs at least one key")
     return h
 
 
@@ -119,7 +121,7 @@ def hash_keys(keys: Sequence[torch.Tensor | int]) -> torch.Tensor:
         h = (h * h + _ROUNDS[0]) % PRIME
         h = (h * h + _ROUNDS[1]) % PRIME
     if h is None:
-        raise ValueError("hash_keys needs at least one key")
+        raise UsageError("hash_keys needs at least one key")
     return h
 
 

@@ -31,6 +31,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
+from uqserve.errors import UsageError
 from uqserve.models import noise
 
 VAR_CLAMP = 1e-30
@@ -81,7 +82,7 @@ class SwagStats:
             snapshots, collected = int(meta["snapshots"]), int(meta["collected"])
             diag_only = bool(int(meta["diag_only"]))
         except Exception as exc:
-            raise ValueError(
+            raise UsageError(
                 f"{path}: not a SWAG statistics file ({exc}); re-run training"
             ) from exc
 
@@ -96,7 +97,7 @@ class SwagCollector:
 
     def __init__(self, net: nn.Module, snapshots: int, diag_only: bool) -> None:
         if snapshots < 2:
-            raise ValueError(f"SWAG needs at least 2 snapshots, got {snapshots}")
+            raise UsageError(f"SWAG needs at least 2 snapshots, got {snapshots}")
         self.snapshots = int(snapshots)
         self.diag_only = bool(diag_only)
         self.collected = 0
@@ -122,7 +123,7 @@ class SwagCollector:
 
     def stats(self) -> SwagStats:
         if self.collected == 0:
-            raise ValueError("no SWAG snapshot was collected; train for longer")
+            raise UsageError("no SWAG snapshot was collected; train for longer")
         dev = {} if self.diag_only else {k: torch.stack(r) for k, r in self._rows.items()}
         return SwagStats(
             {k: v.clone() for k, v in self.mean.items()},
@@ -151,7 +152,7 @@ def draw_weights(
     if not stats.diag_only:
         rows = {int(v.shape[0]) for v in stats.dev.values()}
         if len(rows) != 1:
-            raise ValueError(f"SWAG deviation matrices disagree on their rows: {sorted(rows)}")
+            raise UsageError(f"SWAG deviation matrices disagree on their rows: {sorted(rows)}")
         k = np.arange(rows.pop())
         z_r = noise.normal_np([seed, draw, STREAM_SWAG_RANK, k]).astype(np.float64)
     norm = math.sqrt(max(stats.snapshots - 1, 1))
@@ -180,7 +181,7 @@ def load_parameters(net: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Modu
     params = dict(net.named_parameters())
     if set(params) != set(weights):
         missing = sorted(set(params) ^ set(weights))[:3]
-        raise ValueError(f"SWAG statistics do not fit the network (e.g. {missing})")
+        raise UsageError(f"SWAG statistics do not fit the network (e.g. {missing})")
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(weights[k])

@@ -23,7 +23,7 @@ import numpy.typing as npt
 from uqserve import uncertainty
 from uqserve.bundle import Manifest
 from uqserve.prediction.geometry import SlicePlan
-from uqserve.runtime import MemberOutputs, ReducedOutputs, RuntimeError_
+from uqserve.runtime import MemberOutputs, ReducedOutputs, RuntimeServiceError
 
 __all__ = ["Accumulated", "ProgressFn", "accumulate"]
 
@@ -85,7 +85,9 @@ def accumulate(
                 progress(source, z0, depth)
             continue
         if len(outs) != M:
-            raise RuntimeError_(f"runtime returned {len(outs)} members, bundle {man.name} has {M}")
+            raise RuntimeServiceError(
+                f"runtime returned {len(outs)} members, bundle {man.name} has {M}"
+            )
         for m, out in enumerate(outs):
             _check_outputs(out, (b, K, plan.pad_h, plan.pad_w), S, m)
             mean = np.swapaxes(out.mean[:, :, :rows, :cols], 0, 1)  # [K, b, X, Y]
@@ -96,7 +98,7 @@ def accumulate(
             counts[m] += out.sample_counts.sum(axis=0, dtype=np.float64)
             if labels is not None:
                 if out.sample_labels is None:
-                    raise RuntimeError_(f"runtime returned no sample_labels for member {m}")
+                    raise RuntimeServiceError(f"runtime returned no sample_labels for member {m}")
                 labels[m, :, :, :, z0 : z0 + b] = np.transpose(
                     out.sample_labels[:, :, :rows, :cols], (1, 2, 3, 0)
                 )
@@ -105,7 +107,7 @@ def accumulate(
         if progress is not None:
             progress(source, z0, depth)
     if z0 != depth:
-        raise RuntimeError_(f"runtime returned {z0} of {depth} slices")
+        raise RuntimeServiceError(f"runtime returned {z0} of {depth} slices")
     t0 = time.perf_counter()
     dec = _slices_last(acc.result(release=True))
     return Accumulated(dec, counts, labels, t_model, t_acc + time.perf_counter() - t0)
@@ -126,7 +128,7 @@ def _add_reduced(
     shapes = (out.mean_sum.shape, out.entropy_sum.shape, out.sample_entropy_sum.shape,
               out.foreground.shape, out.sample_counts.shape)  # fmt: skip
     if shapes != (expected, (b, h, w), (b, h, w), (b, h, w), (b, M, S, K)):
-        raise RuntimeError_(
+        raise RuntimeServiceError(
             f"the server's reduction returned shapes {shapes}; expected {expected}, "
             f"{(b, h, w)} (x3), {(b, M, S, K)}: the repository does not match the bundle; "
             "regenerate it with `uqserve repo --reduce server`"
@@ -148,7 +150,7 @@ def _check_outputs(out: MemberOutputs, expected: tuple[int, int, int, int], S: i
     b, K, h, w = expected
     mean, ent, cnt = out.mean, out.sample_entropy, out.sample_counts
     if mean.shape != expected or ent.shape != (b, h, w) or cnt.shape != (b, S, K):
-        raise RuntimeError_(
+        raise RuntimeServiceError(
             f"member {m} returned mean {mean.shape}, sample_entropy {ent.shape}, "
             f"sample_counts {cnt.shape}; expected {expected}, {(b, h, w)}, {(b, S, K)}: "
             "the graph does not match its manifest; re-export the bundle"

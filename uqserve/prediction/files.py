@@ -28,7 +28,7 @@ from uqserve.prediction.options import (
 )
 from uqserve.prediction.pipeline import Prediction, predict_volume
 from uqserve.prediction.report import Outputs, Report, report_json
-from uqserve.runtime import Runtime, RuntimeError_, open_runtime
+from uqserve.runtime import Runtime, RuntimeServiceError, open_runtime
 from uqserve.volumes import (
     OutputError,
     Volume,
@@ -241,7 +241,7 @@ def predict(
                 res.error = (
                     f"{path}: not enough memory for this scan; free memory or lower max_voxels"
                 )
-            except (RuntimeError_, BundleError):
+            except (RuntimeServiceError, BundleError):
                 raise  # the runtime or bundle is unusable: every further scan would fail too
             except Exception as exc:
                 if on_error == "raise":

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from uqserve.bundle import Manifest
+from uqserve.errors import UsageError
 
 __all__ = ["PredictError", "check_batch_size", "check_channels", "check_on_error", "resolve_seed"]
 
 
-class PredictError(ValueError):
+class PredictError(UsageError):
     """Inputs to predict that cannot be used (options, shapes, runtime outputs)."""
 
 

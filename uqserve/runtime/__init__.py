@@ -6,9 +6,16 @@ import os
 from collections.abc import Sequence
 
 from uqserve.bundle import Bundle, load_bundle
-from uqserve.runtime.base import Batch, MemberOutputs, ReducedOutputs, Runtime, RuntimeError_
+from uqserve.runtime.base import Batch, MemberOutputs, ReducedOutputs, Runtime, RuntimeServiceError
 
-__all__ = ["Batch", "MemberOutputs", "ReducedOutputs", "Runtime", "RuntimeError_", "open_runtime"]
+__all__ = [
+    "Batch",
+    "MemberOutputs",
+    "ReducedOutputs",
+    "Runtime",
+    "RuntimeServiceError",
+    "open_runtime",
+]
 
 
 def open_runtime(
@@ -30,7 +37,7 @@ def open_runtime(
     a server's precision is set by its repository. ``timeout_s`` (per request,
     default 60 s) and ``deadline_s`` (per scan, retries included; default none)
     apply to servers (see ``TritonRuntime``).
-    Raises ``BundleError`` for a bad bundle, ``RuntimeError_`` when a server
+    Raises ``BundleError`` for a bad bundle, ``RuntimeServiceError`` when a server
     cannot be used.
     """
     if not isinstance(bundle, Bundle):
@@ -46,9 +53,9 @@ def open_runtime(
         try:
             from uqserve.runtime.triton import DEFAULT_TIMEOUT_S, TritonRuntime
         except ImportError as exc:
-            raise RuntimeError_(
+            raise RuntimeServiceError(
                 f"the Triton runtime is not available in this install ({exc}); "
-                "run without --server to predict in-process"
+                "run without `servers` to predict in-process"
             ) from exc
         try:
             return TritonRuntime(
@@ -57,12 +64,12 @@ def open_runtime(
                 timeout_s=DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s,
                 deadline_s=deadline_s,
             )
-        except RuntimeError_:
+        except RuntimeServiceError:
             raise
         except (OSError, ConnectionError, TimeoutError) as exc:
-            raise RuntimeError_(
+            raise RuntimeServiceError(
                 f"cannot connect to {', '.join(servers)} ({exc}); check that `uqserve serve` "
-                "runs there, or drop --server to predict in-process"
+                "runs there, or drop `servers` to predict in-process"
             ) from exc
     from uqserve.runtime.embedded import EmbeddedRuntime
 

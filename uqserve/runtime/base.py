@@ -14,10 +14,12 @@ import numpy as np
 import numpy.typing as npt
 
 from uqserve.bundle import Bundle
+from uqserve.errors import ServiceError
 
 
-class RuntimeError_(RuntimeError):
-    """A runtime that cannot serve: unreachable server, model not ready, mismatch."""
+class RuntimeServiceError(ServiceError):
+    """A runtime that cannot serve: unreachable server, model not ready, mismatch,
+    or outputs that do not match the manifest."""
 
 
 @dataclass(frozen=True)

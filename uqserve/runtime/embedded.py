@@ -39,7 +39,7 @@ from uqserve.runtime.base import (
     Batch,
     MemberOutputs,
     Runtime,
-    RuntimeError_,
+    RuntimeServiceError,
 )
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -139,16 +139,16 @@ class EmbeddedRuntime(Runtime):
         import onnxruntime as ort
 
         if device not in DEVICES:
-            raise ValueError(f"device {device!r} unknown; use one of {', '.join(DEVICES)}")
+            raise UsageError(f"device {device!r} unknown; use one of {', '.join(DEVICES)}")
         if threads is not None and threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+            raise UsageError(f"threads must be >= 1, got {threads}")
         if workers is not None and workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
+            raise UsageError(f"workers must be >= 1, got {workers}")
         use_cuda = device == "cuda" or (device == "auto" and cuda_available())
         if device == "cuda" and not cuda_available():
-            raise RuntimeError_(
+            raise RuntimeServiceError(
                 "device cuda requested but no usable GPU with onnxruntime's CUDA provider; "
-                "use --device cpu"
+                'use `device="cpu"`'
             )
         providers = session_providers(use_cuda, precision, conv_algo_search)
         self.precision = precision
@@ -192,9 +192,9 @@ class EmbeddedRuntime(Runtime):
             self.sessions.append(sess)
         active = self.sessions[0].get_providers()[0] if self.sessions else "CPUExecutionProvider"
         if device == "cuda" and active != "CUDAExecutionProvider":
-            raise RuntimeError_(
+            raise RuntimeServiceError(
                 "device cuda requested but onnxruntime fell back to CPU (CUDA/cuDNN libraries "
-                "missing?); use --device cpu"
+                'missing?); use `device="cpu"`'
             )
         self._device = "cuda" if active == "CUDAExecutionProvider" else "cpu"
         # On a CPU one 256 x 256 slice's activations already fill the caches; larger

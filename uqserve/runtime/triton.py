@@ -39,7 +39,8 @@ import numpy as np
 import numpy.typing as npt
 
 from uqserve.bundle import Bundle
-from uqserve.runtime.base import Batch, MemberOutputs, ReducedOutputs, Runtime, RuntimeError_
+from uqserve.errors import UsageError
+from uqserve.runtime.base import Batch, MemberOutputs, ReducedOutputs, Runtime, RuntimeServiceError
 from uqserve.serving.repository import (
     REDUCE_PARAMETER,
     manifest_identity,
@@ -65,7 +66,7 @@ _TRANSIENT = {
 _LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
 
-class TritonUnavailableError(RuntimeError_):
+class TritonUnavailableError(RuntimeServiceError):
     """No server answered in time (after retries and failover)."""
 
 
@@ -73,7 +74,7 @@ class TritonNotReadyError(TritonUnavailableError):
     """The server answers but does not have the bundle's models ready (yet)."""
 
 
-class TritonMismatchError(RuntimeError_):
+class TritonMismatchError(RuntimeServiceError):
     """A server serves a different bundle than the local manifest."""
 
 
@@ -84,15 +85,17 @@ def parse_server(url: str) -> tuple[str, str]:
         text = f"grpc://{text}"
     parts = urlsplit(text)
     if parts.scheme != "grpc":
-        raise ValueError(
-            f"--server {url!r}: only gRPC is supported; write grpc://HOST:PORT (default port 8001)"
+        raise UsageError(
+            f"`servers`: {url!r} is not gRPC; write grpc://HOST:PORT (default port 8001)"
         )
     if not parts.hostname:
-        raise ValueError(f"--server {url!r}: no host; write grpc://HOST:PORT")
+        raise UsageError(f"`servers`: {url!r} has no host; write grpc://HOST:PORT")
     try:
         port = parts.port or DEFAULT_GRPC_PORT
     except ValueError as exc:
-        raise ValueError(f"--server {url!r}: bad port ({exc}); write grpc://HOST:PORT") from exc
+        raise UsageError(
+            f"`servers`: {url!r} has a bad port ({exc}); write grpc://HOST:PORT"
+        ) from exc
     host = parts.hostname
     target_host = f"[{host}]" if ":" in host else host
     return f"grpc://{target_host}:{port}", f"{target_host}:{port}"
@@ -197,34 +200,34 @@ class TritonRuntime(Runtime):
     ) -> None:
         super().__init__(bundle)
         if reduce not in ("auto", "client", "server"):
-            raise ValueError(f"reduce must be 'auto', 'client' or 'server', got {reduce!r}")
+            raise UsageError(f"reduce must be 'auto', 'client' or 'server', got {reduce!r}")
         self._reduce = reduce
         self._reduce_decided = False
         if isinstance(servers, str):
             servers = [servers]
         if not servers:
-            raise ValueError("no server given: pass at least one grpc://HOST:PORT")
+            raise UsageError("no server given: pass at least one grpc://HOST:PORT")
         if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s}")
+            raise UsageError(f"timeout_s must be > 0 seconds, got {timeout_s}")
         if deadline_s is not None and not deadline_s > 0:
-            raise ValueError(f"deadline_s must be > 0 seconds or None, got {deadline_s}")
+            raise UsageError(f"deadline_s must be > 0 seconds or None, got {deadline_s}")
         if max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+            raise UsageError(f"max_in_flight must be >= 1, got {max_in_flight}")
         if retries < 0:
-            raise ValueError(f"retries must be >= 0, got {retries}")
+            raise UsageError(f"retries must be >= 0, got {retries}")
         try:
             import tritonclient.grpc  # noqa: F401
         except ImportError as exc:  # pragma: no cover - a base dependency
-            raise RuntimeError_(
+            raise RuntimeServiceError(
                 "tritonclient is not installed: pip install 'tritonclient[grpc]'"
             ) from exc
         self._servers = [_Server(*parse_server(s)) for s in servers]
         if shared_memory:
             remote = [s.url for s in self._servers if not s.local]
             if remote:
-                raise ValueError(
+                raise UsageError(
                     f"shared memory needs servers on this host; {', '.join(remote)} is not "
-                    "(drop --shared-memory)"
+                    "(pass `shared_memory=False`)"
                 )
         self.timeout_s = float(timeout_s)
         self.deadline_s = None if deadline_s is None else float(deadline_s)
@@ -258,7 +261,7 @@ class TritonRuntime(Runtime):
         self.reduces = self._reduce != "client" and all(s.reduces for s in verified)
         if self._reduce == "server" and not self.reduces:
             lacking = ", ".join(s.url for s in verified if not s.reduces)
-            raise RuntimeError_(
+            raise RuntimeServiceError(
                 f"{lacking}: the repository does not reduce on the server; write it with "
                 "`uqserve repo --reduce server` or use reduce 'auto'"
             )
@@ -321,7 +324,7 @@ class TritonRuntime(Runtime):
             except InferenceServerException as exc:
                 raise TritonUnavailableError(
                     f"{server.url}: server unreachable ({_short(exc)}); start one with "
-                    "`uqserve serve` or check --server"
+                    "`uqserve serve` or check `servers`"
                 ) from exc
             try:
                 ready = all(
@@ -343,7 +346,7 @@ class TritonRuntime(Runtime):
             except InferenceServerException as exc:
                 if (exc.status() or "") in _TRANSIENT:
                     raise TritonUnavailableError(f"{server.url}: {_short(exc)}") from exc
-                raise RuntimeError_(
+                raise RuntimeServiceError(
                     f"{server.url}: cannot query model {self.model_name!r}: {_short(exc)}"
                 ) from exc
             self._check_reduce(server, client, config, timeout)
@@ -401,7 +404,7 @@ class TritonRuntime(Runtime):
 
     def _check_reduces(self) -> None:
         if not self.reduces:
-            raise RuntimeError_("the servers do not reduce (see .reduces); use infer()")
+            raise RuntimeServiceError("the servers do not reduce (see .reduces); use infer()")
 
     def _members(self, got: dict[str, npt.NDArray[Any]]) -> list[MemberOutputs]:
         return [
@@ -424,7 +427,7 @@ class TritonRuntime(Runtime):
         ``mode``: samples, members or reduced.
         """
         if self._closed:
-            raise RuntimeError_("the Triton runtime is closed")
+            raise RuntimeServiceError("the Triton runtime is closed")
         _check_batch(batch, self.bundle)
         from tritonclient.utils import InferenceServerException
 
@@ -446,7 +449,9 @@ class TritonRuntime(Runtime):
             except InferenceServerException as exc:
                 status = exc.status() or ""
                 if status not in _TRANSIENT:
-                    raise RuntimeError_(f"{server.url}: inference failed: {_short(exc)}") from exc
+                    raise RuntimeServiceError(
+                        f"{server.url}: inference failed: {_short(exc)}"
+                    ) from exc
                 self._mark_down(server, f"{server.url}: {_short(exc)}", attempt)
                 # The server may have restarted with another model: check again before reuse.
                 server.verified = False
@@ -577,7 +582,7 @@ class TritonRuntime(Runtime):
             for name, _, dt in out_specs:
                 arr = result.as_numpy(name)
                 if arr is None:
-                    raise RuntimeError_(f"{server.url}: response lacks output {name!r}")
+                    raise RuntimeServiceError(f"{server.url}: response lacks output {name!r}")
                 got[name] = arr.astype(dt, copy=False)
         return got
 
@@ -657,10 +662,10 @@ def _reduced(got: dict[str, npt.NDArray[Any]]) -> ReducedOutputs:
 def _check_batch(batch: Batch, bundle: Bundle) -> None:
     image = batch.image
     if image.ndim != 4:
-        raise ValueError(f"batch.image must be [B, C, H, W], got shape {image.shape}")
+        raise UsageError(f"batch.image must be [B, C, H, W], got shape {image.shape}")
     b, c = image.shape[:2]
     if c != bundle.manifest.input.channels:
-        raise ValueError(
+        raise UsageError(
             f"batch.image has {c} channels but bundle {bundle.manifest.name!r} expects "
             f"{bundle.manifest.input.channels}"
         )
@@ -670,7 +675,7 @@ def _check_batch(batch: Batch, bundle: Bundle) -> None:
         ("valid", batch.valid, (b, 2)),
     ):
         if tuple(np.shape(arr)) != shape:
-            raise ValueError(
+            raise UsageError(
                 f"batch.{name} must have shape {list(shape)}, got {list(np.shape(arr))}"
             )
 

@@ -28,6 +28,8 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+from uqserve.errors import ServiceError
+
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 
 # The watchdog: a tiny process that outlives a launcher killed with SIGKILL. It waits
@@ -53,7 +55,7 @@ for region in glob.glob("/dev/shm/" + shm_prefix + "*"):
 """
 
 
-class ServerError(RuntimeError):
+class ServerError(ServiceError):
     """The server cannot start or stopped: missing extra, taken port, bad repository."""
 
 

@@ -57,6 +57,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from uqserve._fs import replace_dir_atomically
 from uqserve.bundle import Bundle, BundleError, load_bundle, sha256_file
 from uqserve.contracts import MEMBER_INPUTS
+from uqserve.errors import UsageError
 
 FLAVOURS = ("python", "onnxruntime")
 MEMBER_FILES = ("copy", "symlink")
@@ -82,7 +83,7 @@ _ORT_TYPES = {
 BundleLike = Bundle | str | os.PathLike[str]
 
 
-class RepositoryError(ValueError):
+class RepositoryError(UsageError):
     """A repository that cannot be written or does not match its graphs."""
 
 
@@ -382,9 +383,7 @@ def write_repository(
     if out.exists() and not out.is_dir():
         raise RepositoryError(f"{out}: exists and is not a folder; choose another output folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise RepositoryError(
-            f"{out}: folder is not empty; pass overwrite (--overwrite) to replace it"
-        )
+        raise RepositoryError(f"{out}: folder is not empty; pass `overwrite=True` to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     if instances is None:
         instances = 2 if flavour == "python" else 1

@@ -57,6 +57,7 @@ from pydicom.sr.codedict import codes
 from pydicom.valuerep import DA, TM, validate_value
 
 from uqserve import __version__
+from uqserve.errors import UsageError
 
 __all__ = [
     "MAP_KINDS",
@@ -109,7 +110,7 @@ class OutputOptions:
 
     def __post_init__(self) -> None:
         if self.seg_type not in ("binary", "labelmap"):
-            raise ValueError(f"seg_type {self.seg_type!r}: choose 'binary' or 'labelmap'")
+            raise UsageError(f"seg_type {self.seg_type!r}: choose 'binary' or 'labelmap'")
 
 
 def derived_uid(*parts: object) -> str:
@@ -250,7 +251,7 @@ def _frames(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
 def _check_shape(name: str, arr: npt.NDArray[Any], source: Sequence[Dataset]) -> None:
     expected = (int(source[0].Columns), int(source[0].Rows), len(source))
     if tuple(arr.shape) != expected:
-        raise ValueError(
+        raise UsageError(
             f"{name} has shape {tuple(arr.shape)} but the source series is [X, Y, Z] = {expected}; "
             "pass arrays in the volume's array order"
         )
@@ -327,9 +328,9 @@ def make_segmentation(
     """
     _check_shape("labels", labels, source)
     if len(classes) < 2:
-        raise ValueError("classes needs background plus at least one foreground class")
+        raise UsageError("classes needs background plus at least one foreground class")
     if labels.size and int(labels.max()) >= len(classes):
-        raise ValueError(
+        raise UsageError(
             f"labels hold value {int(labels.max())} but there are only {len(classes)} classes"
         )
     seg_type = hd.seg.SegmentationTypeValues[options.seg_type.upper()]
@@ -355,7 +356,7 @@ def make_fractional_segmentation(
 ) -> hd.seg.Segmentation:
     """A FRACTIONAL (PROBABILITY) SEG of ``prob [K, X, Y, Z]`` for each foreground class."""
     if prob.ndim != 4 or prob.shape[0] != len(classes):
-        raise ValueError(f"prob must be [K={len(classes)}, X, Y, Z], got {tuple(prob.shape)}")
+        raise UsageError(f"prob must be [K={len(classes)}, X, Y, Z], got {tuple(prob.shape)}")
     _check_shape("prob[k]", prob[0], source)
     # [Z, rows, cols, segments]
     frames = np.stack(
@@ -389,11 +390,11 @@ def make_parametric_map(
     largest entropy ``num_classes`` classes allow.
     """
     if kind not in MAP_KINDS:
-        raise ValueError(f"kind {kind!r}: choose one of {', '.join(MAP_KINDS)}")
+        raise UsageError(f"kind {kind!r}: choose one of {', '.join(MAP_KINDS)}")
     _check_shape(f"{kind} map", values, source)
     data = _frames(np.asarray(values, dtype=np.float32))
     if not np.all(np.isfinite(data)):
-        raise ValueError(f"{kind} map holds NaN or infinite values")
+        raise UsageError(f"{kind} map holds NaN or infinite values")
     title, explanation = MAP_KINDS[kind]
     ln_k = math.log(max(num_classes, 2))
     lo, hi = float(data.min()), float(data.max())
@@ -611,10 +612,10 @@ def build_outputs(
     attributes are left empty and named in the SR (:func:`sanitize_sources`).
     """
     if not source:
-        raise ValueError("no source images")
+        raise UsageError("no source images")
     missing = [k for k in MAP_KINDS if k not in maps]
     if missing:
-        raise ValueError(f"maps lacks {', '.join(missing)}; pass tu, au and eu")
+        raise UsageError(f"maps lacks {', '.join(missing)}; pass tu, au and eu")
     source, omitted = sanitize_sources(source)
     out: list[Dataset] = [make_segmentation(source, seg, classes, key=key, options=options)]
     for kind in MAP_KINDS:
@@ -625,7 +626,7 @@ def build_outputs(
         )
     if options.fractional:
         if prob is None:
-            raise ValueError("options.fractional needs prob [K, X, Y, Z]")
+            raise UsageError("options.fractional needs prob [K, X, Y, Z]")
         out.append(make_fractional_segmentation(source, prob, classes, key=key, options=options))
     if options.report and report is not None:
         out.append(

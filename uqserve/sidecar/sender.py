@@ -16,6 +16,8 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
+from uqserve.errors import UsageError
+
 __all__ = ["Peer", "SendResult", "dead_letter", "parse_address", "send_files"]
 
 log = logging.getLogger("uqserve.sidecar")
@@ -26,10 +28,10 @@ _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # 16 chars, no backslash o
 
 
 def check_ae_title(title: str, what: str = "AE title") -> str:
-    """Return ``title`` stripped, or raise ValueError naming the rule it breaks."""
+    """Return ``title`` stripped, or raise UsageError naming the rule it breaks."""
     t = title.strip()
     if not _AE_RE.match(t):
-        raise ValueError(f"{what} {title!r}: 1 to 16 printable ASCII characters, no backslash")
+        raise UsageError(f"{what} {title!r}: 1 to 16 printable ASCII characters, no backslash")
     return t
 
 
@@ -37,10 +39,10 @@ def parse_address(text: str, default_port: int = 104) -> tuple[str, int]:
     """``HOST:PORT`` (or ``[v6]:PORT``, or ``HOST``) -> (host, port)."""
     m = re.fullmatch(r"\[?([^\[\]]+?)\]?(?::(\d+))?", text.strip())
     if not m or not m.group(1):
-        raise ValueError(f"address {text!r}: expected HOST:PORT, e.g. 0.0.0.0:11112")
+        raise UsageError(f"address {text!r}: expected HOST:PORT, e.g. 0.0.0.0:11112")
     port = int(m.group(2)) if m.group(2) else default_port
     if not 0 < port < 65536:
-        raise ValueError(f"address {text!r}: port must be 1-65535")
+        raise UsageError(f"address {text!r}: port must be 1-65535")
     return m.group(1), port
 
 
@@ -55,7 +57,7 @@ class Peer:
     @classmethod
     def parse(cls, text: str) -> Peer:
         if "@" not in text:
-            raise ValueError(f"peer {text!r}: expected AE@HOST:PORT, e.g. ORTHANC@pacs.local:4242")
+            raise UsageError(f"peer {text!r}: expected AE@HOST:PORT, e.g. ORTHANC@pacs.local:4242")
         ae, addr = text.split("@", 1)
         host, port = parse_address(addr)
         return cls(check_ae_title(ae, "peer AE title"), host, port)

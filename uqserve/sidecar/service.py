@@ -168,11 +168,11 @@ class SidecarConfig:
 
     def __post_init__(self) -> None:
         if self.stable_seconds < 0:
-            raise ValueError(f"stable_seconds must be >= 0, got {self.stable_seconds}")
+            raise UsageError(f"stable_seconds must be >= 0, got {self.stable_seconds}")
         if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+            raise UsageError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if not 0 <= self.port < 65536:
-            raise ValueError(f"port {self.port} out of range 0-65535")
+            raise UsageError(f"port {self.port} out of range 0-65535")
 
 
 class Sidecar:

@@ -10,8 +10,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from uqserve.errors import UsageError
 
-class VolumeError(ValueError):
+
+class VolumeError(UsageError):
     """An input volume that cannot be used; the message names the file and the fix.
 
     Always a permanent failure: reading the same bytes again fails the same way.

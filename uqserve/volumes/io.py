@@ -20,11 +20,12 @@ import numpy.typing as npt
 
 from uqserve import _failpoints
 from uqserve._fs import current_umask, replace_dir_atomically
+from uqserve.errors import UsageError
 from uqserve.volumes.base import Volume, VolumeError
 from uqserve.volumes.nifti import is_nifti_path, read_nifti
 
 
-class OutputError(ValueError):
+class OutputError(UsageError):
     """An output location that cannot be used (exists, not writable)."""
 
 
@@ -52,7 +53,7 @@ def _read(p: Path, volume_index: int | None, max_voxels: int | None) -> Volume:
         raise VolumeError(f"{p}: no such file or folder")
     if p.is_dir() or p.suffix.lower() == ".dcm":
         if volume_index not in (None, 0):
-            raise VolumeError(f"{p}: --volume-index applies to 4D NIfTI files, not DICOM series")
+            raise VolumeError(f"{p}: `volume_index` applies to 4D NIfTI files, not DICOM series")
         try:
             from uqserve.volumes.dicom import read_series
         except ImportError as exc:
@@ -112,9 +113,13 @@ def atomic_output_dir(final_dir: str | os.PathLike[str], overwrite: bool = False
     """
     final = Path(final_dir)
     if final.exists() and not overwrite:
-        raise OutputError(f"{final}: results exist already; pass --overwrite or choose another -o")
+        raise OutputError(
+            f"{final}: results exist already; pass `overwrite=True` or choose another `out_dir`"
+        )
     if final.exists() and not final.is_dir():
-        raise OutputError(f"{final}: exists and is not a folder; remove it or choose another -o")
+        raise OutputError(
+            f"{final}: exists and is not a folder; remove it or choose another `out_dir`"
+        )
     try:
         with contextlib.ExitStack() as stack:
             try:
@@ -122,7 +127,7 @@ def atomic_output_dir(final_dir: str | os.PathLike[str], overwrite: bool = False
             except OSError as exc:
                 raise OutputError(
                     f"{final.parent}: cannot create the output folder ({exc.strerror or exc}); "
-                    "choose a writable -o"
+                    "choose a writable `out_dir`"
                 ) from exc
             yield tmp
     except FileExistsError as exc:
@@ -131,7 +136,7 @@ def atomic_output_dir(final_dir: str | os.PathLike[str], overwrite: bool = False
         # Another writer committed between our start-up check and our rename.
         raise OutputError(
             f"{final}: another run wrote results there meanwhile; they were kept. "
-            "Pass --overwrite to replace them, or choose another -o"
+            "Pass `overwrite=True` to replace them, or choose another `out_dir`"
         ) from exc
 
 

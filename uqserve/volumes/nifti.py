@@ -112,13 +112,13 @@ def read_nifti(
         if volume_index is None:
             raise VolumeError(
                 f"{p}: 4D series with {n} volumes (shape {stored_shape}); "
-                f"pick one with --volume-index 0..{n - 1}"
+                f"pick one with `volume_index` 0..{n - 1}"
             )
         if not 0 <= volume_index < n:
-            raise VolumeError(f"{p}: --volume-index {volume_index} out of range 0..{n - 1}")
+            raise VolumeError(f"{p}: `volume_index={volume_index}` out of range 0..{n - 1}")
     elif volume_index not in (None, 0):
         raise VolumeError(
-            f"{p}: --volume-index {volume_index} given but the image is {ndim}D "
+            f"{p}: `volume_index={volume_index}` given but the image is {ndim}D "
             "(one volume, index 0)"
         )
     check_voxel_count(str(p), shape[:3], max_voxels)
@@ -197,7 +197,7 @@ def write_nifti_like(
     check_compression_level(compression_level)
     arr = np.asarray(array)
     if tuple(arr.shape[:3]) != reference.shape or arr.ndim not in (3, 4):
-        raise ValueError(
+        raise UsageError(
             f"array shape {arr.shape} does not match the reference volume {reference.shape} "
             "(expected [X, Y, Z] or [X, Y, Z, N])"
         )
