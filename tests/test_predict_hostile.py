@@ -214,3 +214,30 @@ def test_disk_full_and_read_only_output(
     proc = cli(scan, "-o", ro / "out", "-b", tiny_bundle)
     assert proc.returncode == 1 and "Read-only file system" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 2
+
+
+def test_results_never_replace_the_input(tiny_bundle: Path, tmp_path: Path) -> None:
+    from tests.dicom_peers import phantom, write_ct_series
+
+    write_ct_series(tmp_path / "dcm", phantom((16, 12, 3)))
+    series = sorted(p.name for p in (tmp_path / "dcm").iterdir())
+    # `uqserve predict .` inside the series: named after the real folder, not "" (= -o itself).
+    proc = cli(".", "-o", tmp_path / "res", "-b", tiny_bundle, cwd=tmp_path / "dcm")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "res" / "dcm" / "report.json").is_file()
+    # OUT/<name> would be the input folder itself, or the folder holding the input file.
+    (tmp_path / "scan").mkdir()
+    write_nifti(tmp_path / "scan" / "scan.nii.gz", blob_volume((16, 12, 2)))
+    for args in (("dcm", "-o", "."), ("scan/scan.nii.gz", "-o", ".")):
+        proc = cli(*args, "-b", tiny_bundle, "--overwrite", cwd=tmp_path)
+        assert proc.returncode == 1
+        assert "the results would replace the input" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "dcm").iterdir()) == series
+    assert [p.name for p in (tmp_path / "scan").iterdir()] == ["scan.nii.gz"]
+
+
+def test_colour_nifti_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
+    rgb = np.zeros((8, 8, 2), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), str(tmp_path / "rgb.nii"))
+    proc = cli(tmp_path / "rgb.nii", "-o", tmp_path / "o", "-b", tiny_bundle)
+    assert proc.returncode == 1 and "rgb.nii: colour (RGB) voxel data" in proc.stderr

@@ -277,7 +277,7 @@ def _predict_file(
 ) -> tuple[Path, Report]:
     """One scan: read, predict, write the maps, then ``report.json`` last."""
     t0 = time.perf_counter()
-    with atomic_output_dir(final, overwrite=overwrite) as tmp:
+    with atomic_output_dir(final, overwrite=overwrite, inputs=[path]) as tmp:
         volume = read_volume(path, volume_index=volume_index, max_voxels=max_voxels)
         t_read = time.perf_counter() - t0
         pred = predict_volume(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -102,16 +102,24 @@ def sanitize(volume: Volume) -> tuple[Volume, int]:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(final_dir: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(
+    final_dir: str | os.PathLike[str],
+    overwrite: bool = False,
+    *,
+    inputs: Sequence[str | os.PathLike[str]] = (),
+) -> Iterator[Path]:
     """Yield a fresh temporary folder next to ``final_dir``; rename it on success.
 
     Raises ``OutputError`` up front when ``final_dir`` exists and ``overwrite``
     is false, or when its parent cannot be created or written. On any error
     inside the block the temporary folder is removed and ``final_dir`` is left
     untouched. With ``overwrite`` an existing ``final_dir`` is replaced only
-    after the new one is complete.
+    after the new one is complete. ``final_dir`` must not be, nor hold, any of
+    ``inputs`` (the files being read): replacing it would delete them.
     """
     final = Path(final_dir)
+    for source in inputs:
+        _check_not_input(final, Path(source))
     if final.exists() and not overwrite:
         raise OutputError(
             f"{final}: results exist already; pass `overwrite=True` or choose another `out_dir`"
@@ -138,6 +146,15 @@ def atomic_output_dir(final_dir: str | os.PathLike[str], overwrite: bool = False
             f"{final}: another run wrote results there meanwhile; they were kept. "
             "Pass `overwrite=True` to replace them, or choose another `out_dir`"
         ) from exc
+
+
+def _check_not_input(final: Path, source: Path) -> None:
+    """``OutputError`` when ``final`` is ``source`` or a folder that holds it."""
+    fin, src = final.resolve(), source.resolve()
+    if fin == src or fin in src.parents:
+        raise OutputError(
+            f"{final}: the results would replace the input {source}; choose another -o"
+        )
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

@@ -51,8 +51,10 @@ def is_nifti_path(path: str | os.PathLike[str]) -> bool:
 
 
 def scan_name(path: str | os.PathLike[str]) -> str:
-    """``/a/b/scan.nii.gz`` -> ``scan``; folders keep their name."""
+    """``/a/b/scan.nii.gz`` -> ``scan``; folders keep their name (``.``: the real one)."""
     name = Path(path).name
+    if name in ("", ".", ".."):
+        name = Path(path).resolve().name or "root"
     for suffix in (".nii.gz", ".nii"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
@@ -96,6 +98,11 @@ def read_nifti(
     stored_shape = tuple(int(s) for s in img.shape)
     if any(s == 0 for s in stored_shape) or len(stored_shape) == 0:
         raise VolumeError(f"{p}: empty image (shape {stored_shape}); nothing to predict")
+    if np.dtype(header.get_data_dtype()).kind == "V":
+        raise VolumeError(
+            f"{p}: colour (RGB) voxel data; predict reads grey-scale intensities: "
+            "convert it to one channel first"
+        )
     if np.dtype(header.get_data_dtype()).kind == "c":
         raise VolumeError(
             f"{p}: complex voxel data ({header.get_data_dtype()}); predict reads real "
