@@ -105,7 +105,6 @@ def make_tiny_bundle(
             channels=1,
             tile_size=tile_size,
             multiple=multiple,
-            spacing=(1.0, 1.0),
             normalization=normalization or Normalization(scheme="zscore"),
         ),
         seed=seed,

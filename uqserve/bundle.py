@@ -22,9 +22,10 @@ import numpy.typing as npt
 from uqserve.contracts import AGGREGATORS, AU_METHODS, DEFAULT_AGGREGATOR, EU_METHODS
 from uqserve.errors import UsageError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
-NORMALIZATIONS = ("fixed", "zscore")
+NORMALIZATIONS = ("fixed", "zscore", "ct")
+INTERPOLATIONS = ("cubic", "linear")
 
 # Where shipped bundles live (package data).
 BUNDLES_DIR = Path(__file__).resolve().parent / "bundles"
@@ -48,13 +49,18 @@ class Normalization:
     """Intensity normalisation applied by the client before inference.
 
     ``fixed``: ``(clip(x, *clip) - mean) / std`` with constants from training data.
-    ``zscore``: per-volume ``(x - mean(x)) / std(x)`` (``clip`` applied first if set).
+    ``zscore``: per-volume ``(x - mean(x)) / std(x)`` (``clip`` applied first if set);
+    with ``nonzero`` the mean and std are measured inside the scan's nonzero
+    mask and voxels outside it become 0 (nnU-Net's ``use_mask_for_norm``).
+    ``ct``: nnU-Net's CT scheme, ``(clip(x, p0.5, p99.5) - mean) / std`` with the
+    percentiles (``clip``, required), mean and std of the training foreground.
     """
 
     scheme: str = "fixed"
     mean: float = 0.0
     std: float = 1.0
     clip: tuple[float, float] | None = None
+    nonzero: bool = False
 
     def shift_scale(self, x: npt.NDArray[np.floating[Any]] | None = None) -> tuple[float, float]:
         """``(shift, scale)`` so that the graph input is ``(clip(x) - shift) * scale``.
@@ -62,7 +68,7 @@ class Normalization:
         ``fixed`` needs no data; ``zscore`` measures ``x`` (the whole volume, or one
         image). A constant ``x`` gets scale 1 rather than a division by zero.
         """
-        if self.scheme == "fixed":
+        if self.scheme in ("fixed", "ct"):
             return float(self.mean), 1.0 / float(self.std)
         if x is None:
             raise UsageError("z-score normalisation needs the image to measure")
@@ -79,13 +85,71 @@ class Normalization:
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What the member graphs expect: channels, tile and spacing of the training data."""
+    """What the member graphs expect: channels, tiles, geometry and intensities.
+
+    dims           2: the graphs see slices ``[H, W]``; 3: volumes ``[D, H, W]``
+    tile_size      the smallest slice ``[H, W]`` a graph is fed (smaller ones are padded)
+    multiple       slice sizes are padded to a multiple of this
+    patch          the window the graphs see (``dims`` sizes); larger images are
+                   cut into overlapping windows; None: whole slices
+    spacing        target voxel size in mm along the model's axes (``dims`` values:
+                   ``[rows, cols]`` of a slice, or ``[D, H, W]``); None: the scan's own
+    orientation    the axis codes the model was trained in (e.g. ``"RAS"``: array
+                   axis 0 points right, ...); None: as stored
+    interpolation  how the image is resampled: ``cubic`` or ``linear``
+    """
 
     channels: int = 1
     tile_size: tuple[int, int] = (128, 128)
     multiple: int = 16
-    spacing: tuple[float, float] = (1.0, 1.0)
+    dims: int = 2
+    patch: tuple[int, ...] | None = None
+    spacing: tuple[float, ...] | None = None
+    orientation: str | None = None
+    interpolation: str = "cubic"
     normalization: Normalization = field(default_factory=Normalization)
+
+    def problems(self) -> list[str]:
+        """What is inconsistent in the geometry fields (empty when all is well)."""
+        out = []
+        if self.dims not in (2, 3):
+            out.append(f"input.dims must be 2 or 3, got {self.dims}")
+        if self.patch is not None and (
+            len(self.patch) != self.dims or any(p < 1 for p in self.patch)
+        ):
+            out.append(f"input.patch must be {self.dims} sizes >= 1, got {list(self.patch)}")
+        if self.spacing is not None and (
+            len(self.spacing) != self.dims or not all(0 < s < 1e4 for s in self.spacing)
+        ):
+            out.append(f"input.spacing must be {self.dims} sizes in mm, got {list(self.spacing)}")
+        if self.orientation is not None and not _axcodes_ok(self.orientation):
+            out.append(
+                f"input.orientation {self.orientation!r} must be three axis codes, one of "
+                "R/L, A/P, S/I each (e.g. 'RAS')"
+            )
+        if self.interpolation not in INTERPOLATIONS:
+            out.append(f"input.interpolation must be one of {', '.join(INTERPOLATIONS)}")
+        norm = self.normalization
+        if norm.scheme not in NORMALIZATIONS:
+            out.append(f"normalization {norm.scheme!r} unknown")
+        if not (math.isfinite(norm.std) and norm.std > 0):  # NaN <= 0 is False
+            out.append(f"normalization std must be a finite number > 0, got {norm.std}")
+        if not math.isfinite(norm.mean):
+            out.append(f"normalization mean must be a finite number, got {norm.mean}")
+        if norm.clip is not None and not (
+            all(math.isfinite(c) for c in norm.clip) and norm.clip[0] < norm.clip[1]
+        ):
+            out.append(f"normalization clip must be two finite numbers, low < high: {norm.clip}")
+        if norm.scheme == "ct" and norm.clip is None:
+            out.append("normalization 'ct' needs clip (the dataset's 0.5 and 99.5 percentiles)")
+        if norm.nonzero and norm.scheme != "zscore":
+            out.append("normalization nonzero applies to the 'zscore' scheme only")
+        return out
+
+
+def _axcodes_ok(code: str) -> bool:
+    axes = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
+    return len(code) == 3 and all(c in axes for c in code) and len({axes[c] for c in code}) == 3
 
 
 @dataclass(frozen=True)
@@ -136,6 +200,9 @@ class Manifest:
         d = asdict(self)
         d["classes"] = list(self.classes)
         d["members"] = [asdict(m) for m in self.members]
+        for key in ("tile_size", "patch", "spacing"):
+            if d["input"][key] is not None:
+                d["input"][key] = list(d["input"][key])
         return d
 
     @classmethod
@@ -147,17 +214,7 @@ class Manifest:
                     f"{source}: schema_version {version} is newer than this uqserve "
                     f"understands ({SCHEMA_VERSION}); upgrade uqserve"
                 )
-            inp = dict(d.get("input", {}))
-            norm = dict(inp.pop("normalization", {}))
-            if norm.get("clip") is not None:
-                norm["clip"] = tuple(float(v) for v in norm["clip"])
-            inp_spec = InputSpec(
-                channels=int(inp.get("channels", 1)),
-                tile_size=_pair(inp.get("tile_size", (128, 128)), int),
-                multiple=int(inp.get("multiple", 16)),
-                spacing=_pair(inp.get("spacing", (1.0, 1.0)), float),
-                normalization=Normalization(**norm),
-            )
+            inp_spec = _input_spec(dict(d.get("input", {})), version)
             ood = dict(d.get("ood", {}))
             ood["validation_scores"] = tuple(float(v) for v in ood.get("validation_scores", ()))
             m = cls(
@@ -178,7 +235,7 @@ class Manifest:
                 entanglement=dict(d.get("entanglement", {})),
                 opset=int(d.get("opset", 18)),
                 uqserve_version=str(d.get("uqserve_version", "")),
-                schema_version=version,
+                schema_version=SCHEMA_VERSION,  # migrated on load
                 manifest_version=int(d.get("manifest_version", 1)),
                 created=str(d.get("created", "")),
                 extra=dict(d.get("extra", {})),
@@ -213,21 +270,35 @@ class Manifest:
             problems.append(f"default_aggregator {self.default_aggregator!r} unknown")
         if self.ood.aggregator not in AGGREGATORS:
             problems.append(f"ood.aggregator {self.ood.aggregator!r} unknown")
-        if self.input.normalization.scheme not in NORMALIZATIONS:
-            problems.append(f"normalization {self.input.normalization.scheme!r} unknown")
-        norm = self.input.normalization
-        if not (math.isfinite(norm.std) and norm.std > 0):  # NaN <= 0 is False
-            problems.append(f"normalization std must be a finite number > 0, got {norm.std}")
-        if not math.isfinite(norm.mean):
-            problems.append(f"normalization mean must be a finite number, got {norm.mean}")
-        if norm.clip is not None and not (
-            all(math.isfinite(c) for c in norm.clip) and norm.clip[0] < norm.clip[1]
-        ):
-            problems.append(
-                f"normalization clip must be two finite numbers, low < high: {norm.clip}"
-            )
+        problems.extend(self.input.problems())
         if problems:
             raise BundleError(f"{source}: " + "; ".join(problems))
+
+
+def _input_spec(inp: dict[str, Any], version: int) -> InputSpec:
+    """``manifest.input`` as an ``InputSpec``; version 1 manifests are migrated.
+
+    Version 1 bundles were 2D models fed whole slices as stored: ``dims`` 2, no
+    patch, and no target spacing or orientation (their ``spacing`` only recorded
+    the training data's and was never applied, so it is dropped).
+    """
+    norm = dict(inp.pop("normalization", {}))
+    if norm.get("clip") is not None:
+        norm["clip"] = tuple(float(v) for v in norm["clip"])
+    if version < 2:
+        inp.pop("spacing", None)
+    patch, spacing, orientation = inp.get("patch"), inp.get("spacing"), inp.get("orientation")
+    return InputSpec(
+        channels=int(inp.get("channels", 1)),
+        tile_size=_pair(inp.get("tile_size", (128, 128)), int),
+        multiple=int(inp.get("multiple", 16)),
+        dims=int(inp.get("dims", 2)),
+        patch=None if patch is None else tuple(int(v) for v in patch),
+        spacing=None if spacing is None else tuple(float(v) for v in spacing),
+        orientation=None if orientation is None else str(orientation).upper(),
+        interpolation=str(inp.get("interpolation", "cubic")),
+        normalization=Normalization(**norm),
+    )
 
 
 def _pair(v: Any, typ: type) -> Any:

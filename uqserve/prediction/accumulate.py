@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -25,7 +25,9 @@ from uqserve.bundle import Manifest
 from uqserve.prediction.geometry import SlicePlan
 from uqserve.runtime import MemberOutputs, ReducedOutputs, RuntimeServiceError
 
-__all__ = ["Accumulated", "ProgressFn", "accumulate"]
+__all__ = ["Accumulated", "Clock", "ProgressFn", "accumulate", "check_outputs"]
+
+_Out = TypeVar("_Out", list[MemberOutputs], list[MemberOutputs] | ReducedOutputs)
 
 ProgressFn = Callable[[str, int, int], None]
 """``progress(scan_name, slices_done, slices_total)``, called after every batch."""
@@ -66,30 +68,20 @@ def accumulate(
     acc = uncertainty.Accumulator(K, (depth, rows, cols))
     counts = np.zeros((M, S, K), np.float64)
     labels = np.zeros((M, S, rows, cols, depth), np.uint8) if want_samples else None
-    t_model = t_acc = 0.0
+    clock = Clock()
     z0 = 0
-    while True:
-        t0 = time.perf_counter()
-        try:
-            outs = next(results)
-        except StopIteration:
-            break
-        t_model += time.perf_counter() - t0
+    for outs in clock.batches(results, man):
         t0 = time.perf_counter()
         b = min(plan.batch_size, depth - z0)
         if isinstance(outs, ReducedOutputs):
             _add_reduced(acc, counts, outs, (b, K, plan.pad_h, plan.pad_w), plan, man, z0)
-            t_acc += time.perf_counter() - t0
+            clock.accumulate_s += time.perf_counter() - t0
             z0 += b
             if progress is not None:
                 progress(source, z0, depth)
             continue
-        if len(outs) != M:
-            raise RuntimeServiceError(
-                f"runtime returned {len(outs)} members, bundle {man.name} has {M}"
-            )
         for m, out in enumerate(outs):
-            _check_outputs(out, (b, K, plan.pad_h, plan.pad_w), S, m)
+            check_outputs(out, (b, K, plan.pad_h, plan.pad_w), S, m)
             mean = np.swapaxes(out.mean[:, :, :rows, :cols], 0, 1)  # [K, b, X, Y]
             # S = 1: the sample entropy is H[p̄_m]; let the accumulator compute it so
             # that AU_latent is exactly 0 rather than float noise.
@@ -102,7 +94,7 @@ def accumulate(
                 labels[m, :, :, :, z0 : z0 + b] = np.transpose(
                     out.sample_labels[:, :, :rows, :cols], (1, 2, 3, 0)
                 )
-        t_acc += time.perf_counter() - t0
+        clock.accumulate_s += time.perf_counter() - t0
         z0 += b
         if progress is not None:
             progress(source, z0, depth)
@@ -110,7 +102,9 @@ def accumulate(
         raise RuntimeServiceError(f"runtime returned {z0} of {depth} slices")
     t0 = time.perf_counter()
     dec = _slices_last(acc.result(release=True))
-    return Accumulated(dec, counts, labels, t_model, t_acc + time.perf_counter() - t0)
+    return Accumulated(
+        dec, counts, labels, clock.model_s, clock.accumulate_s + time.perf_counter() - t0
+    )
 
 
 def _add_reduced(
@@ -146,7 +140,30 @@ def _add_reduced(
     counts += out.sample_counts.sum(axis=0, dtype=np.float64)
 
 
-def _check_outputs(out: MemberOutputs, expected: tuple[int, int, int, int], S: int, m: int) -> None:
+class Clock:
+    """Seconds spent waiting for the runtime and adding its outputs up."""
+
+    def __init__(self) -> None:
+        self.model_s = 0.0
+        self.accumulate_s = 0.0
+
+    def batches(self, results: Iterator[_Out], man: Manifest) -> Iterator[_Out]:
+        """``results`` with the wait for each timed and a member list's length checked."""
+        while True:
+            t0 = time.perf_counter()
+            try:
+                outs = next(results)
+            except StopIteration:
+                return
+            self.model_s += time.perf_counter() - t0
+            if isinstance(outs, list) and len(outs) != man.num_members:
+                raise RuntimeServiceError(
+                    f"runtime returned {len(outs)} members, bundle {man.name} has {man.num_members}"
+                )
+            yield outs
+
+
+def check_outputs(out: MemberOutputs, expected: tuple[int, int, int, int], S: int, m: int) -> None:
     b, K, h, w = expected
     mean, ent, cnt = out.mean, out.sample_entropy, out.sample_counts
     if mean.shape != expected or ent.shape != (b, h, w) or cnt.shape != (b, S, K):

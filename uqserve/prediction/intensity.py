@@ -2,7 +2,13 @@
 
 The graph input is ``(clip(x) - shift) * scale`` in float32, with
 ``shift``/``scale``/``clip`` from ``manifest.input.normalization``: fixed
-numbers from training, or the scan's own mean/std for ``zscore``.
+numbers from training (``fixed``, and ``ct`` with the dataset's percentiles
+as ``clip``), or the scan's own mean/std for ``zscore``. With ``nonzero``
+(z-score inside the nonzero mask, nnU-Net's ``use_mask_for_norm``) the mean
+and std are measured inside the mask (nonzero voxels, holes filled) and the
+voxels outside it are set to 0; such scans, and scans that are reoriented or
+resampled, are normalised whole (``normalize_volume``) before geometry moves
+their voxels, as nnU-Net's preprocessing does.
 """
 
 from __future__ import annotations
@@ -15,7 +21,15 @@ import numpy.typing as npt
 from uqserve.bundle import Manifest
 from uqserve.volumes import Volume, VolumeError, sanitize
 
-__all__ = ["INPUT_LIMIT", "Intensity", "bounded_warning", "clean", "normalization"]
+__all__ = [
+    "INPUT_LIMIT",
+    "Intensity",
+    "bounded_warning",
+    "clean",
+    "nonzero_mask",
+    "normalization",
+    "normalize_volume",
+]
 
 
 # Graph inputs are bounded to +-INPUT_LIMIT: normalised scans lie within +-100, and a
@@ -75,8 +89,15 @@ def normalization(
     """The bundle's normalisation for this scan (``work``: the volume, any axis order)."""
     norm = man.input.normalization
     clip = (float(norm.clip[0]), float(norm.clip[1])) if norm.clip is not None else None
-    shift, scale = norm.shift_scale(None if norm.scheme == "fixed" else work)
-    if norm.scheme == "zscore" and scale == 1.0 and float(np.ptp(work)) == 0.0:
+    measured = work
+    if norm.scheme == "zscore" and norm.nonzero:
+        mask = nonzero_mask(work)
+        if mask.any():
+            measured = work[mask]
+        else:
+            warnings.append(f"{source}: no nonzero voxel; z-score measured over the whole scan")
+    shift, scale = norm.shift_scale(None if norm.scheme != "zscore" else measured)
+    if norm.scheme == "zscore" and scale == 1.0 and float(np.ptp(measured)) == 0.0:
         warnings.append(f"{source}: constant intensity; z-score normalisation used std 1")
     return Intensity(np.float32(shift), np.float32(scale), clip, shift, scale)
 
@@ -105,3 +126,25 @@ def bounded_warning(intensity: Intensity) -> list[str]:
         f"{n} voxels normalised beyond +-{INPUT_LIMIT:g} were limited to it "
         "(extreme intensities: check the scan's scale factor)"
     ]
+
+
+def nonzero_mask(data: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
+    """``data != 0`` with holes filled (nnU-Net's ``create_nonzero_mask``), any shape."""
+    from scipy.ndimage import binary_fill_holes
+
+    mask: npt.NDArray[np.bool_] = binary_fill_holes(data != 0)
+    return mask
+
+
+def normalize_volume(
+    data: npt.NDArray[np.float32], man: Manifest, warnings: list[str], source: str
+) -> npt.NDArray[np.float32]:
+    """The whole volume normalised (a float32 copy, same shape)."""
+    intensity = normalization(data, man, warnings, source)
+    out = np.array(data, dtype=np.float32)
+    intensity.apply(out)
+    warnings.extend(bounded_warning(intensity))
+    norm = man.input.normalization
+    if norm.scheme == "zscore" and norm.nonzero:
+        out[~nonzero_mask(data)] = 0.0
+    return out

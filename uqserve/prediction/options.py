@@ -5,7 +5,15 @@ from __future__ import annotations
 from uqserve.bundle import Manifest
 from uqserve.errors import UsageError
 
-__all__ = ["PredictError", "check_batch_size", "check_channels", "check_on_error", "resolve_seed"]
+__all__ = [
+    "PredictError",
+    "check_batch_size",
+    "check_channels",
+    "check_dims",
+    "check_on_error",
+    "check_overlap",
+    "resolve_seed",
+]
 
 
 class PredictError(UsageError):
@@ -41,3 +49,18 @@ def check_channels(man: Manifest) -> None:
             f"bundle {man.name} expects {man.input.channels} channels; "
             "uqserve predict reads single-channel scans"
         )
+
+
+def check_dims(man: Manifest) -> None:
+    """predict feeds 2D members (slices); volumetric members are not served yet."""
+    if man.input.dims != 2:
+        raise PredictError(
+            f"bundle {man.name} has volumetric (dims {man.input.dims}) members; "
+            "this uqserve predicts with 2D (slice) members only"
+        )
+
+
+def check_overlap(overlap: float) -> None:
+    """``overlap``: the fraction of a window its neighbour shares, 0 <= overlap < 1."""
+    if isinstance(overlap, bool) or not 0.0 <= float(overlap) < 1.0:
+        raise PredictError(f"overlap must be a fraction in [0, 1), got {overlap!r}")

@@ -27,13 +27,28 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from uqserve import uncertainty
 from uqserve.bundle import Bundle
 from uqserve.prediction.accumulate import ProgressFn, accumulate
+from uqserve.prediction.frame import Frame, FrameInfo, plan_frame
 from uqserve.prediction.geometry import iter_batches, plan_slices, to_volume_order
-from uqserve.prediction.intensity import bounded_warning, clean, normalization
-from uqserve.prediction.options import check_batch_size, check_channels, resolve_seed
+from uqserve.prediction.intensity import (
+    bounded_warning,
+    clean,
+    normalization,
+    normalize_volume,
+)
+from uqserve.prediction.options import (
+    check_batch_size,
+    check_channels,
+    check_dims,
+    check_overlap,
+    resolve_seed,
+)
 from uqserve.prediction.report import Report, Timings, build_report
 from uqserve.prediction.scoring import score_prediction, segment
+from uqserve.prediction.stitch import stitch
+from uqserve.prediction.windows import DEFAULT_OVERLAP, iter_tiles, plan_tiles
 from uqserve.runtime import MemberOutputs, ReducedOutputs, Runtime, open_runtime
 from uqserve.volumes import Volume
 
@@ -74,6 +89,7 @@ def predict_volume(
     batch_size: int | None = None,
     want_samples: bool = False,
     progress: ProgressFn | None = None,
+    overlap: float = DEFAULT_OVERLAP,
 ) -> Prediction:
     """Segment ``volume`` and decompose its uncertainty.
 
@@ -82,6 +98,8 @@ def predict_volume(
     ``seed``: the noise seed (default: the bundle's seed). ``batch_size``:
     slices per runtime call (default: the runtime's preferred size, 1 on a CPU,
     8 on a GPU or Triton); results are bit-identical for any value.
+    ``overlap``: the fraction of the patch neighbouring sliding windows share
+    (bundles with ``input.patch``; 0 <= overlap < 1, default 0.5).
     Raises ``VolumeError`` for unusable volumes, ``BundleError`` for bad
     bundles, ``PredictError`` for bad options.
     """
@@ -93,11 +111,30 @@ def predict_volume(
     try:
         return _run(
             volume, runtime, seed=seed, batch_size=batch_size or runtime.preferred_batch_size,
-            want_samples=want_samples, progress=progress, t_start=t_start,
+            overlap=overlap, want_samples=want_samples, progress=progress, t_start=t_start,
         )  # fmt: skip
     finally:
         if own_runtime:
             runtime.close()
+
+
+@dataclass
+class _Maps:
+    """The steps' result; maps in the order ``[rows, cols, depth]`` of slices along ``axis``.
+
+    (``to_volume_order(a, axis)`` gives ``[X, Y, Z]``; scores are taken in this
+    order, as they always were.)
+    """
+
+    axis: int
+    dec: uncertainty.Decomposition
+    counts: npt.NDArray[np.float64]
+    labels: npt.NDArray[np.uint8] | None
+    voxel_ml: float  # of the grid ``counts`` were counted on
+    normalize_s: float
+    model_s: float
+    accumulate_s: float
+    geometry: FrameInfo
 
 
 def _run(
@@ -106,6 +143,7 @@ def _run(
     *,
     seed: int | None,
     batch_size: int,
+    overlap: float,
     want_samples: bool,
     progress: ProgressFn | None,
     t_start: float,
@@ -115,16 +153,65 @@ def _run(
     man = bundle.manifest
     seed = resolve_seed(seed, man)
     check_channels(man)
+    check_dims(man)
+    check_overlap(overlap)
     # The reader's findings first (zero pixdim, odd voxel sizes, huge intensities).
     warnings: list[str] = [str(w) for w in volume.meta.get("warnings", [])]
     volume, n_bad = clean(volume, warnings)
+    frame = plan_frame(volume, man)
+    as_stored = frame.identity and man.input.patch is None
+    if as_stored and not man.input.normalization.nonzero:
+        maps = _slices(volume, frame, runtime, seed, batch_size, want_samples, progress, warnings)
+    else:
+        maps = _windows(
+            volume, frame, runtime, seed=seed, batch_size=batch_size, overlap=overlap,
+            want_samples=want_samples, progress=progress, warnings=warnings,
+        )  # fmt: skip
+
+    t0 = time.perf_counter()
+    dec = maps.dec
+    seg = segment(dec.mean)
+    scores = score_prediction(
+        dec, seg, maps.counts, man,
+        voxel_ml=maps.voxel_ml, bundle_path=bundle.path, warnings=warnings,
+    )  # fmt: skip
+    timings: Timings = {
+        "normalize_s": maps.normalize_s,
+        "model_s": maps.model_s,
+        "accumulate_s": maps.accumulate_s,
+        "scores_s": time.perf_counter() - t0,
+        "predict_s": time.perf_counter() - t_start,
+    }
+    report = build_report(
+        volume, bundle, runtime, seed=seed, nonfinite_voxels=n_bad, scores=scores,
+        timings=timings, warnings=warnings, geometry=maps.geometry,
+    )  # fmt: skip
+    axis = maps.axis
+    return Prediction(
+        seg=to_volume_order(seg, axis),
+        prob=to_volume_order(dec.mean, axis),
+        tu=to_volume_order(dec.tu, axis),
+        au=to_volume_order(dec.au, axis),
+        eu=to_volume_order(dec.eu, axis),
+        au_sample=to_volume_order(dec.au_sample, axis),
+        au_latent=to_volume_order(dec.au_latent, axis),
+        sample_counts=maps.counts,
+        sample_labels=None if maps.labels is None else to_volume_order(maps.labels, axis),
+        report=report,
+    )
+
+
+def _slices(
+    volume: Volume, frame: Frame, runtime: Runtime, seed: int, batch_size: int,
+    want_samples: bool, progress: ProgressFn | None, warnings: list[str],
+) -> _Maps:  # fmt: skip
+    """The scan as stored, whole slices: normalised per batch, no copy of the volume."""
+    man = runtime.bundle.manifest
     plan = plan_slices(volume, man, batch_size)
     work = plan.working(volume.data)  # a view, no copy
-
     t0 = time.perf_counter()
     intensity = normalization(work, man, warnings, volume.source)
     t_norm = time.perf_counter() - t0
-
     batches = iter_batches(work, plan, intensity, seed)
     # A server that reduces sends the members' sums, K + 2 numbers per voxel instead of
     # M x (K + 1); sample labels still need every member's outputs.
@@ -136,36 +223,35 @@ def _run(
     acc = accumulate(
         results, plan, man, want_samples=want_samples, progress=progress, source=volume.source
     )
-
     warnings += bounded_warning(intensity)
+    return _Maps(
+        plan.axis, acc.dec, acc.counts, acc.labels, volume.voxel_volume_ml, t_norm, acc.model_s,
+        acc.accumulate_s, frame.info(None, 1),
+    )  # fmt: skip
+
+
+def _windows(
+    volume: Volume, frame: Frame, runtime: Runtime, *, seed: int, batch_size: int,
+    overlap: float, want_samples: bool, progress: ProgressFn | None, warnings: list[str],
+) -> _Maps:  # fmt: skip
+    """Normalise whole, onto the model grid, windows through the graphs, stitch, back."""
+    man = runtime.bundle.manifest
     t0 = time.perf_counter()
-    dec = acc.dec
-    seg = segment(dec.mean)
-    scores = score_prediction(
-        dec, seg, acc.counts, man,
-        voxel_ml=volume.voxel_volume_ml, bundle_path=bundle.path, warnings=warnings,
-    )  # fmt: skip
-    timings: Timings = {
-        "normalize_s": t_norm,
-        "model_s": acc.model_s,
-        "accumulate_s": acc.accumulate_s,
-        "scores_s": time.perf_counter() - t0,
-        "predict_s": time.perf_counter() - t_start,
-    }
-    report = build_report(
-        volume, bundle, runtime, seed=seed, nonfinite_voxels=n_bad, scores=scores,
-        timings=timings, warnings=warnings,
-    )  # fmt: skip
-    axis = plan.axis
-    return Prediction(
-        seg=to_volume_order(seg, axis),
-        prob=to_volume_order(dec.mean, axis),
-        tu=to_volume_order(dec.tu, axis),
-        au=to_volume_order(dec.au, axis),
-        eu=to_volume_order(dec.eu, axis),
-        au_sample=to_volume_order(dec.au_sample, axis),
-        au_latent=to_volume_order(dec.au_latent, axis),
-        sample_counts=acc.counts,
-        sample_labels=None if acc.labels is None else to_volume_order(acc.labels, axis),
-        report=report,
+    data = frame.to_model(normalize_volume(volume.data, man, warnings, volume.source))
+    t_norm = time.perf_counter() - t0
+    plan = plan_tiles(frame.model_shape, frame.slice_axis, man, batch_size, overlap)
+    want_labels = want_samples or plan.per_slice > 1
+    batches = iter_tiles(plan.working(data), plan, seed)
+    results = runtime.infer_many(batches, want_samples=want_labels)
+    st = stitch(
+        results, plan, man, want_labels=want_samples, progress=progress, source=volume.source
     )
+    t0 = time.perf_counter()
+    dec = frame.to_input(st.member_mean, st.member_entropy)
+    labels = None if st.labels is None else frame.labels_to_input(st.labels)
+    geometry = frame.info(man.input.patch, plan.per_slice)
+    t_back = time.perf_counter() - t0
+    return _Maps(
+        2, dec, st.counts, labels, frame.model_voxel_ml, t_norm, st.model_s,
+        st.accumulate_s + t_back, geometry,
+    )  # fmt: skip

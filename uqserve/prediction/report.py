@@ -17,6 +17,7 @@ from uqserve import __version__
 
 if TYPE_CHECKING:
     from uqserve.bundle import Bundle
+    from uqserve.prediction.frame import FrameInfo
     from uqserve.prediction.scoring import Scores
     from uqserve.runtime import Runtime
     from uqserve.volumes import Volume
@@ -127,6 +128,7 @@ class Report(TypedDict):
     entanglement: Entanglement
     volumes: dict[str, VolumeStats]  # per foreground class name
     timings: Timings
+    geometry: FrameInfo
     warnings: list[str]
     uqserve_version: str
     outputs: NotRequired[Outputs]  # only when predict wrote files
@@ -142,6 +144,7 @@ def build_report(
     scores: Scores,
     timings: Timings,
     warnings: list[str],
+    geometry: FrameInfo,
 ) -> Report:
     """The report of one prediction (without the file facts ``sha256`` and ``outputs``)."""
     man = bundle.manifest
@@ -175,6 +178,7 @@ def build_report(
         "entanglement": {"scan": scores.entanglement, "bundle": dict(man.entanglement) or None},
         "volumes": scores.volumes,
         "timings": timings,
+        "geometry": geometry,
         "warnings": warnings,
         "uqserve_version": __version__,
     }

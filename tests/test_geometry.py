@@ -1,0 +1,249 @@
+"""Geometry: manifest fields, reorientation, resampling, sliding windows, on real scans.
+
+The scan is nibabel's real anatomical MRI (33 x 41 x 25, 2 mm, stored LAS);
+the bundles are the shipped, trained ones with their manifests given a
+geometry (the member graphs are copied unchanged).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from uqserve.bundle import (
+    BUNDLES_DIR,
+    SCHEMA_VERSION,
+    BundleError,
+    InputSpec,
+    Manifest,
+    Normalization,
+    load_bundle,
+    write_manifest,
+)
+from uqserve.prediction import Prediction, predict_volume
+from uqserve.prediction.intensity import nonzero_mask, normalize_volume
+from uqserve.prediction.resample import image_orders, resample, target_shape
+from uqserve.prediction.windows import gaussian_weights, starts
+from uqserve.schemas import validate
+from uqserve.volumes import Volume, read_volume
+
+MRI = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"
+
+
+def _bundle(tmp: Path, name: str, **inp: Any) -> Path:
+    """A copy of shipped bundle ``name`` whose manifest input has ``inp`` changed."""
+    folder = tmp / f"{name}-geo"
+    shutil.copytree(BUNDLES_DIR / name, folder)
+    man = load_bundle(folder).manifest
+    write_manifest(folder, dataclasses.replace(man, input=dataclasses.replace(man.input, **inp)))
+    return folder
+
+
+def _flipped(vol: Volume, axis: int) -> Volume:
+    """The same physical image stored with array ``axis`` reversed (affine adjusted)."""
+    flip = np.eye(4)
+    flip[axis, axis] = -1
+    flip[axis, 3] = vol.data.shape[axis] - 1
+    return Volume(
+        np.ascontiguousarray(np.flip(vol.data, axis)), vol.affine @ flip, vol.source, None,
+        vol.slice_axis,
+    )  # fmt: skip
+
+
+def _maps(p: Prediction) -> dict[str, np.ndarray]:
+    return {"seg": p.seg, "prob": p.prob, "tu": p.tu, "au": p.au, "eu": p.eu}
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def test_shipped_v1_manifests_migrate_on_load() -> None:
+    raw = json.loads((BUNDLES_DIR / "ssn-ensemble" / "manifest.json").read_text())
+    assert raw.get("schema_version", 1) == 1 and raw["input"]["spacing"] == [1.0, 1.0]
+    man = load_bundle("ssn-ensemble").manifest
+    inp = man.input
+    assert man.schema_version == SCHEMA_VERSION == 2
+    assert (inp.dims, inp.patch, inp.spacing, inp.orientation) == (2, None, None, None)
+    assert inp.normalization.scheme == "fixed" and not inp.normalization.nonzero
+    written = json.loads(json.dumps(man.to_dict()))
+    validate(written, "manifest")
+    assert written["schema_version"] == 2 and written["input"]["spacing"] is None
+    assert Manifest.from_dict(written) == man
+
+
+@pytest.mark.parametrize(
+    ("inp", "message"),
+    [
+        ({"dims": 4}, "input.dims must be 2 or 3"),
+        ({"patch": (64, 64, 64)}, "input.patch must be 2 sizes"),
+        ({"spacing": (1.0,)}, "input.spacing must be 2 sizes"),
+        ({"orientation": "RAX"}, "input.orientation 'RAX'"),
+        ({"orientation": "RRS"}, "input.orientation 'RRS'"),
+        ({"interpolation": "sinc"}, "input.interpolation"),
+        ({"normalization": Normalization(scheme="ct")}, "needs clip"),
+        ({"normalization": Normalization(scheme="fixed", nonzero=True)}, "zscore' scheme only"),
+    ],
+)
+def test_manifest_geometry_is_checked(inp: dict[str, Any], message: str) -> None:
+    man = load_bundle("ssn-ensemble").manifest
+    bad = dataclasses.replace(man, input=dataclasses.replace(man.input, **inp))
+    with pytest.raises(BundleError, match=message):
+        bad.validate("m.json")
+
+
+def test_geometry_manifest_round_trips_and_validates(tmp_path: Path) -> None:
+    folder = _bundle(
+        tmp_path, "softmax-ensemble", patch=(64, 64), spacing=(0.8, 0.8), orientation="RAS",
+        interpolation="linear",
+        normalization=Normalization(scheme="ct", mean=40.0, std=30.0, clip=(-100.0, 200.0)),
+    )  # fmt: skip
+    raw = json.loads((folder / "manifest.json").read_text())
+    validate(raw, "manifest")
+    assert raw["input"]["patch"] == [64, 64] and raw["input"]["orientation"] == "RAS"
+    assert load_bundle(folder).manifest.input == InputSpec(
+        channels=1, tile_size=(64, 64), multiple=4, dims=2, patch=(64, 64),
+        spacing=(0.8, 0.8), orientation="RAS", interpolation="linear",
+        normalization=Normalization(scheme="ct", mean=40.0, std=30.0, clip=(-100.0, 200.0)),
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- intensity
+
+
+def test_ct_and_nonzero_zscore_normalisation() -> None:
+    rng = np.random.default_rng(0)
+    data = rng.normal(50, 300, (20, 18, 6)).astype(np.float32)
+    man = load_bundle("ssn-ensemble").manifest
+    ct = dataclasses.replace(
+        man.input, normalization=Normalization("ct", 40.0, 20.0, (-100.0, 150.0))
+    )
+    out = normalize_volume(data, dataclasses.replace(man, input=ct), [], "x")
+    np.testing.assert_allclose(out, (np.clip(data, -100, 150) - 40) / 20, rtol=1e-5, atol=1e-5)
+
+    data[:4] = 0.0  # a zero border: outside the nonzero mask
+    data[10, 9, 3] = 0.0  # a hole inside: filled, so inside the mask
+    nz = dataclasses.replace(man.input, normalization=Normalization("zscore", nonzero=True))
+    out = normalize_volume(data, dataclasses.replace(man, input=nz), [], "x")
+    mask = nonzero_mask(data)
+    assert mask[10, 9, 3] and not mask[:4].any()
+    assert np.all(out[:4] == 0)
+    inside = data[mask].astype(np.float64)
+    np.testing.assert_allclose(out[mask], (inside - inside.mean()) / inside.std(), atol=1e-4)
+
+
+# --------------------------------------------------------------------------- resampling
+
+
+def test_resample_rules() -> None:
+    assert target_shape((100, 80, 30), (1.0, 1.005, 3.0), (1.0, 1.0, 1.5)) == (100, 80, 60)
+    assert target_shape((100, 80, 1), (0.5, 0.5, 3.0), (1.0, 1.0, 1.0)) == (50, 40, 1)
+    # anisotropy > 3: the thick axis nearest (nnU-Net's separate z)
+    assert image_orders((0.7, 0.7, 5.0), (0.7, 0.7, 5.0), 3) == (3, 3, 0)
+    assert image_orders((1.0, 1.0, 2.0), (1.0, 1.0, 1.0), 3) == (3, 3, 3)
+    ramp = np.add.outer(np.add.outer(np.arange(12.0), 2 * np.arange(10.0)), np.zeros(4))
+    up = resample(ramp.astype(np.float32), (24, 20, 4), (1, 1, 1))
+    # edge-aligned grids: output voxel o samples (o + 0.5) / 2 - 0.5 (clamped at the edges)
+    c = np.clip((np.arange(24) + 0.5) / 2 - 0.5, 0, 11)
+    np.testing.assert_allclose(up[:, 0, 0], c, atol=1e-5)
+    same = np.zeros((3, 4, 5), np.float32)
+    assert resample(same, (3, 4, 5), (3, 3, 3)) is same
+
+
+def test_windows_follow_nnunet_steps_and_weights() -> None:
+    assert starts(64, 64) == [0] and starts(50, 64) == [0]
+    assert starts(160, 64) == [0, 32, 64, 96] and starts(100, 64) == [0, 18, 36]
+    w = gaussian_weights((64, 32))
+    assert w.shape == (64, 32) and w.max() == 1.0 and w.min() > 0
+    assert w[31, 15] == w[32, 16] == 1.0 and w[0, 0] < 1e-3  # sigma = patch / 8
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def test_scan_at_target_geometry_goes_through_untouched(tmp_path: Path) -> None:
+    """Orientation and spacing already the bundle's: no interpolation, today's maps exactly."""
+    vol = read_volume(MRI)
+    plain = predict_volume(vol, "ssn-ensemble", want_samples=True)
+    geo = _bundle(tmp_path, "ssn-ensemble", orientation="LAS", spacing=(2.01, 1.99))
+    same = predict_volume(vol, geo, want_samples=True)
+    for name, a in _maps(plain).items():
+        assert np.array_equal(a, getattr(same, name)), name
+    assert same.report["geometry"]["resampled"] is False
+    assert same.report["geometry"]["reoriented"] is False
+    assert same.report["scores"] == plain.report["scores"]
+
+
+def test_flipped_storage_gives_the_same_maps_in_physical_space(tmp_path: Path) -> None:
+    vol = read_volume(MRI)  # stored LAS
+    flipped = _flipped(vol, 0)  # the same image stored RAS
+    # as stored, the model sees a mirrored image: the maps differ
+    a = predict_volume(vol, "softmax-ensemble")
+    b = predict_volume(flipped, "softmax-ensemble")
+    assert not np.array_equal(a.prob, np.flip(b.prob, 1))
+    geo = _bundle(tmp_path, "softmax-ensemble", orientation="RAS")
+    a = predict_volume(vol, geo)
+    b = predict_volume(flipped, geo)
+    assert a.report["geometry"]["reoriented"] is True
+    assert b.report["geometry"]["reoriented"] is False
+    assert a.report["geometry"]["model_orientation"] == "RAS"
+    for name, m in _maps(a).items():
+        other = getattr(b, name)
+        assert np.array_equal(m, np.flip(other, other.ndim - 3)), name
+    assert a.report["volumes"] == b.report["volumes"]
+
+
+def test_resampled_maps_come_back_on_the_input_grid(tmp_path: Path) -> None:
+    vol = read_volume(MRI)
+    geo = _bundle(tmp_path, "ssn-ensemble", spacing=(1.4, 1.4), orientation="RAS")
+    p = predict_volume(vol, geo, want_samples=True)
+    g = p.report["geometry"]
+    assert g["resampled"] and g["model_shape"] == [47, 59, 25] and g["model_spacing"][2] == 2.0
+    shape = vol.shape
+    assert p.tu.shape == p.au.shape == p.eu.shape == p.seg.shape == shape
+    assert p.prob.shape == (2, *shape) and p.sample_labels is not None
+    assert p.sample_labels.shape == (5, 16, *shape)
+    np.testing.assert_allclose(p.prob.sum(0), 1.0, atol=1e-5)
+    np.testing.assert_allclose(p.tu, p.au + p.eu, rtol=0, atol=2e-7)
+    assert (p.eu >= 0).all() and (p.au_latent >= 0).all()
+    np.testing.assert_array_equal(p.seg, np.argmax(p.prob, axis=0))
+    # the model at 1.4 mm agrees broadly with the model at the scan's 2 mm
+    plain = predict_volume(vol, "ssn-ensemble")
+    assert np.mean(plain.seg == p.seg) > 0.85
+
+
+def test_sliding_windows_match_whole_slices_and_ignore_batch_size(tmp_path: Path) -> None:
+    """The example phantom (128 x 128 slices) in 64 x 64 windows, the shipped tile."""
+    vol = read_volume(Path(__file__).resolve().parents[1] / "examples" / "example.nii.gz")
+    vol = dataclasses.replace(vol, data=vol.data[:, :, 8:14])
+    whole = predict_volume(vol, "softmax-ensemble")
+    geo = _bundle(tmp_path, "softmax-ensemble", patch=(64, 64))
+    win = predict_volume(vol, geo, batch_size=1)
+    assert win.report["geometry"]["windows"] == 9
+    assert np.mean(win.seg == whole.seg) > 0.97
+    assert float(np.abs(win.prob - whole.prob).mean()) < 0.02
+    other = predict_volume(vol, geo, batch_size=7)
+    for name, m in _maps(win).items():
+        assert np.array_equal(m, getattr(other, name)), name
+    np.testing.assert_array_equal(win.sample_counts, other.sample_counts)
+
+
+def test_window_noise_is_fixed_by_voxel_position(tmp_path: Path) -> None:
+    """SSN samples: stitched per-sample counts equal over batch sizes; TU = AU + EU."""
+    vol = read_volume(MRI)
+    geo = _bundle(tmp_path, "ssn-ensemble", patch=(24, 24))
+    a = predict_volume(vol, geo, batch_size=2, want_samples=True)
+    b = predict_volume(vol, geo, batch_size=5, want_samples=True)
+    assert a.report["geometry"]["windows"] == 6  # 2 x 3 windows of 24 over 33 x 41
+    assert a.sample_labels is not None and b.sample_labels is not None
+    np.testing.assert_array_equal(a.sample_labels, b.sample_labels)
+    np.testing.assert_array_equal(a.sample_counts, b.sample_counts)
+    assert a.sample_counts.sum(axis=2).max() == vol.data.size  # every voxel counted once
+    np.testing.assert_allclose(a.tu, a.au + a.eu, rtol=0, atol=2e-7)
+    assert (a.au_latent > 0).any()
