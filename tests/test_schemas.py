@@ -173,6 +173,7 @@ def test_report_schema_matches_the_report_type() -> None:
         "volumes": (r.VolumeStats, s["properties"]["volumes"]["additionalProperties"]),
         "timings": (r.Timings, s["properties"]["timings"]),
         "outputs": (r.Outputs, s["properties"]["outputs"]),
+        "geometry": (r.FrameInfo, s["properties"]["geometry"]),
     }
     for name, (typed, spec) in blocks.items():
         # Evaluated hints: the module's string annotations hide NotRequired from the TypedDict.

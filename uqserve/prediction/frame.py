@@ -17,13 +17,14 @@ keeps its spacing. For ``dims`` 3 it is ``[D, H, W]`` = array axes
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from uqserve import uncertainty
 from uqserve.bundle import Manifest
+from uqserve.prediction.report import FrameInfo
 from uqserve.prediction.resample import (
     Ornt,
     axcodes,
@@ -37,21 +38,6 @@ from uqserve.prediction.resample import (
 from uqserve.volumes import Volume
 
 __all__ = ["Frame", "FrameInfo", "plan_frame"]
-
-
-class FrameInfo(TypedDict):
-    """report.json's ``geometry``: the chain input -> model grid."""
-
-    input_orientation: str
-    input_spacing: list[float]
-    model_orientation: str
-    model_spacing: list[float]
-    model_shape: list[int]
-    reoriented: bool
-    resampled: bool
-    interpolation: list[int]  # image interpolation order per model array axis
-    patch: list[int] | None
-    windows: int  # graph inputs per slice (1: whole slices)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from uqserve import __version__
 
 if TYPE_CHECKING:
     from uqserve.bundle import Bundle
-    from uqserve.prediction.frame import FrameInfo
     from uqserve.prediction.scoring import Scores
     from uqserve.runtime import Runtime
     from uqserve.volumes import Volume
@@ -25,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BundleInfo",
     "Entanglement",
+    "FrameInfo",
     "ImageScores",
     "OodInfo",
     "Outputs",
@@ -111,6 +111,21 @@ class Timings(TypedDict):
     read_s: NotRequired[float]  # the file steps: only when predict wrote files
     write_s: NotRequired[float]
     total_s: NotRequired[float]
+
+
+class FrameInfo(TypedDict):
+    """report.json's ``geometry``: the chain input -> model grid."""
+
+    input_orientation: str
+    input_spacing: list[float]
+    model_orientation: str
+    model_spacing: list[float]
+    model_shape: list[int]
+    reoriented: bool
+    resampled: bool
+    interpolation: list[int]  # image interpolation order per model array axis
+    patch: list[int] | None
+    windows: int  # graph inputs per slice (1: whole slices)
 
 
 class Outputs(TypedDict):
