@@ -132,3 +132,24 @@ def test_truncated_gzip_and_directory_named_like_a_scan(tmp_path: Path) -> None:
     (tmp_path / "dir.nii.gz").mkdir()
     with pytest.raises(VolumeError, match=r"dir\.nii\.gz: empty folder"):
         read_volume(tmp_path / "dir.nii.gz")
+
+
+def test_dicom_damaged_geometry_and_overflowing_rescale(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    nan_pos = write_ct_series(tmp_path / "nan", phantom((16, 12, 3)))
+    for f in nan_pos.files:
+        ds = pydicom.dcmread(f)
+        ds.ImagePositionPatient = [float("nan"), 0.0, 0.0]
+        ds.save_as(f)
+    with pytest.raises(VolumeError, match=r"Image Position / Orientation .* not numbers"):
+        read_series(tmp_path / "nan")
+    huge = write_ct_series(tmp_path / "huge", phantom((16, 12, 3)))
+    for f in huge.files:
+        ds = pydicom.dcmread(f)
+        ds.RescaleSlope = "1e38"
+        ds.save_as(f)
+    capfd.readouterr()
+    with pytest.raises(VolumeError, match="NaN or infinite"):
+        read_series(tmp_path / "huge")
+    assert "overflow" not in capfd.readouterr().err  # no numpy warning on stderr

@@ -155,6 +155,11 @@ def read_series(
     positions = np.asarray(
         [ds.ImagePositionPatient for ds in datasets], dtype=np.float64
     )  # [Z, 3] LPS
+    if not (np.all(np.isfinite(positions)) and np.all(np.isfinite(iop))):
+        raise VolumeError(
+            f"{label}: Image Position / Orientation (Patient) holds values that are not "
+            "numbers; the files are damaged"
+        )
     along = positions @ normal
     order = np.argsort(along, kind="stable")
     datasets = [datasets[i] for i in order]
@@ -354,5 +359,6 @@ def _pixels(ds: Dataset, label: str) -> npt.NDArray[np.float32]:
     slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
     intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
     if slope != 1.0 or intercept != 0.0:
-        out = out * np.float32(slope) + np.float32(intercept)
+        with np.errstate(over="ignore", invalid="ignore"):  # inf is refused by the caller
+            out = out * np.float32(slope) + np.float32(intercept)
     return out
