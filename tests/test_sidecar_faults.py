@@ -483,3 +483,75 @@ def test_cli_refuses_settings_that_cannot_work_before_listening(
         busy.close()
     with pytest.raises(OSError):  # none of them ever listened
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+# --------------------------------------------------------------------------- full disk
+
+
+@contextlib.contextmanager
+def _small_disk(folder: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` at ``folder`` (needs root; skips otherwise)."""
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_full_disk_acknowledges_only_what_it_kept(tmp_path: Path, tiny_bundle: Path) -> None:
+    require("storescu")
+    syn = write_ct_series(tmp_path / "ct", phantom((96, 96, 10), seed=3))  # ~18 kB a slice
+    with _small_disk(tmp_path / "small", "120k") as disk:
+        config = SidecarConfig(spool=disk / "spool", ae_title="UQSIDECAR", host="127.0.0.1", port=0)
+        sc = Sidecar(config, BundlePredictor(str(tiny_bundle), device="cpu"))
+        sc.scp.start()
+        try:
+            cmd = ["storescu", "-v", "-R", "-aec", "UQSIDECAR", "--no-halt", "127.0.0.1"]
+            proc = subprocess.run(
+                [*cmd, str(sc.port), *map(str, syn.files)],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=60,
+            )
+            # The sender is told (Out of Resources, 0xA700) and keeps what was refused.
+            refused = proc.stderr.count("Received Store Response (Refused: OutOfResources)")
+            key = series_key(syn.series_uid)
+            kept = sorted((disk / "spool" / "incoming" / key).glob("*.dcm"))
+            assert 0 < len(kept) < 10 and len(kept) + refused == 10
+            by_uid = {str(pydicom.dcmread(f).SOPInstanceUID): f for f in syn.files}
+            for f in kept:  # every acknowledged instance is whole
+                ds = pydicom.dcmread(f)
+                assert ds.PixelData == pydicom.dcmread(by_uid[str(ds.SOPInstanceUID)]).PixelData
+            assert not list((disk / "spool" / "tmp").iterdir())  # no partial file left
+            subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+            assert sent(storescu(syn.files, sc.port, called_ae="UQSIDECAR"))  # the sender retries
+            assert sc.run_once(now=time.time() + 60) == [(key, "written")]
+        finally:
+            sc.stop()
+        record = sc.spool.done_record(key)
+        assert record is not None and record["slices"] == 10
+
+
+def test_failure_model_page_names_real_tests() -> None:
+    """Every test the failure-model page cites for a promise exists."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "docs" / "concepts" / "failure-model.md").read_text()
+    cited = re.findall(r"`(tests/[\w/]+\.py)?::(test_\w+)`", page)
+    assert len(cited) >= 10
+    current = ""
+    for path, name in cited:
+        current = path or current
+        assert f"def {name}(" in (root / current).read_text(), f"{current}::{name}"
