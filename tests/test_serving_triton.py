@@ -387,7 +387,7 @@ def test_cli_serve_killed_with_sigkill_takes_tritonserver_and_stubs_along(
     proc, _ = _serve_until_ready(tiny_bundle)
     try:
         kids = _children(proc.pid)  # tritonserver and its watchdog
-        (server_pid,) = [k for k in kids if Path(f"/proc/{k}/exe").resolve().name == "tritonserver"]
+        (server_pid,) = [k for k in kids if _is_tritonserver(k)]
         group = _process_group(server_pid)  # tritonserver + python backend stubs
         assert len(group) >= 3, group  # the server and one stub per member at least
         workdir = Path(os.readlink(f"/proc/{server_pid}/cwd"))
@@ -402,6 +402,36 @@ def test_cli_serve_killed_with_sigkill_takes_tritonserver_and_stubs_along(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_cli_serve_signalled_while_starting_stops_the_server(
+    tiny_bundle: Path, sig: int, code: int
+) -> None:
+    env = {**os.environ, "UQSERVE_STOP_AT": "server-started"}
+    proc = subprocess.Popen(
+        [*UQSERVE, "serve", "--bundle", str(tiny_bundle), "--instances", "1",
+         "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    try:
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)  # tritonserver launched, not ready
+        assert os.WIFSTOPPED(status)
+        (server_pid,) = [k for k in _children(proc.pid) if _is_tritonserver(k)]
+        os.kill(proc.pid, sig)  # pending until it runs again
+        os.kill(proc.pid, signal.SIGCONT)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == code, out
+        assert "Traceback" not in out
+        assert _wait_all_gone({server_pid}, 30) == set()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _is_tritonserver(pid: int) -> bool:
+    return Path(f"/proc/{pid}/exe").resolve().name == "tritonserver"
 
 
 def test_stalled_server_fails_within_timeout_and_deadline(

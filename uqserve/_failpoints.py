@@ -7,7 +7,8 @@ kills it. Deterministic, no sleeps. Unset, ``reached`` is one dict lookup.
 
 Points: ``read`` (input read), ``predicted`` (maps computed, nothing written),
 ``written`` (outputs complete in the temp folder), ``commit`` (holding the
-commit lock, before the rename).
+commit lock, before the rename), ``server-started`` (tritonserver launched, not
+yet ready).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import signal
 import tempfile
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -146,9 +146,13 @@ def serve_command(
             received.append(signum)
             stop.set()
 
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous: dict[int, Any] = {}
         try:
+            # A signal while starting takes the app's handlers: start() stops what it began
+            # and the command exits 143 (SIGTERM) or 130 (Ctrl-C). Once ready, a signal
+            # stops the server and serve exits 0.
             server.start()
+            previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
             console.print(f"serving {', '.join(models)}", highlight=False, soft_wrap=True)
             console.print(f"  gRPC     {server.grpc_url}", highlight=False, soft_wrap=True)
             console.print(f"  HTTP     {server.http_url}", highlight=False, soft_wrap=True)

@@ -28,6 +28,7 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+from uqserve import _failpoints
 from uqserve.errors import ServiceError
 
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
@@ -266,6 +267,7 @@ class TritonServer:
             start_new_session=True,
         )  # fmt: skip
         try:
+            _failpoints.reached("server-started")
             self._wait_ready()
         except BaseException:
             self._keep_log = True
