@@ -187,12 +187,22 @@ def test_hostile_patient_data_gives_results_and_never_reaches_a_log(
     assert "PatientBirthDate, PatientSex, StudyTime" in texts
 
 
-def test_bad_input_fails_at_once_without_retries(tmp_path: Path, tiny_bundle: Path) -> None:
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [("truncated", "pixel data"), ("65535x65535", "voxels is more than the limit")],
+)
+def test_bad_input_fails_at_once_without_retries(
+    tmp_path: Path, tiny_bundle: Path, damage: str, said: str
+) -> None:
     require("storescu")
     syn = write_ct_series(tmp_path / "ct", phantom((16, 16, 3)), shuffle_names=False)
-    ds = pydicom.dcmread(syn.files[1])
-    ds.PixelData = ds.PixelData[:100]  # truncated pixel data
-    ds.save_as(syn.files[1])
+    for f in syn.files if damage == "65535x65535" else syn.files[1:2]:
+        ds = pydicom.dcmread(f)
+        if damage == "truncated":
+            ds.PixelData = ds.PixelData[:100]
+        else:  # a header claiming 16 GiB per series: refused before allocating, not retried
+            ds.Rows = ds.Columns = 65535
+        ds.save_as(f)
     config = SidecarConfig(
         spool=tmp_path / "spool", ae_title="UQSIDECAR", host="127.0.0.1", port=0, max_attempts=5
     )
@@ -207,7 +217,7 @@ def test_bad_input_fails_at_once_without_retries(tmp_path: Path, tiny_bundle: Pa
     import json
 
     reason = json.loads((tmp_path / "spool" / "failed" / key / "reason.json").read_text())
-    assert reason["attempts"] == 1 and "pixel data" in reason["reason"]
+    assert reason["attempts"] == 1 and said in reason["reason"]
 
 
 # --------------------------------------------------------------------------- 12
