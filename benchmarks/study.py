@@ -87,7 +87,6 @@ def build_bundle(combination: str, scale: str, work: str, seed: int) -> dict[str
         config=TrainConfig(**cfg["train"], threads=1),
         model_config=ModelConfig(**cfg["model"]),
         seed=seed,
-        progress=False,
         overwrite=True,
     )
     t1 = time.perf_counter()
@@ -398,7 +397,6 @@ def main() -> None:
         device="cpu",
         seed=args.seed,
         overwrite=True,
-        progress=False,
         **SCALES[args.scale]["evaluate"],
     )
     timings["evaluate_s"] = round(time.perf_counter() - t1, 1)

@@ -357,3 +357,33 @@ def test_calibrate_refuses_an_altered_member(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="checksum"):
         calibrate(bundle, **SMALL)
     assert not (bundle / "manifest.v1.json").exists()
+
+
+def test_foreground_aggregator_gets_the_members_foreground(tiny_bundle: Path) -> None:
+    """evaluate's ``foreground`` aggregator scores over where some member saw foreground.
+
+    It read a field predictions did not have, so the map was always missing and
+    every ``foreground`` score NaN.
+    """
+    from tests.conftest import blob_volume
+    from uqserve.evaluation.runner import image_to_volume, predict_image
+    from uqserve.evaluation.sets import EvalImage
+    from uqserve.prediction import predict_volume
+    from uqserve.runtime import open_runtime
+
+    bundle = load_bundle(tiny_bundle)
+    image = blob_volume((40, 36, 1))[:, :, 0][None]  # [1, H, W]
+    img = EvalImage(image, np.zeros((1, 40, 36), np.uint8), "blob", 0)
+    with open_runtime(bundle) as rt:
+        pred: ImagePrediction = predict_image(img, bundle, rt, seed=3, convention="uqserve")
+        volume_pred = predict_volume(image_to_volume(image, "blob"), runtime=rt, seed=3)
+    fg = pred.member_foreground
+    assert fg is not None and fg.shape == (40, 36) and fg.dtype == bool
+    assert 0 < fg.sum() < fg.size  # the blob, not everything or nothing
+    # Two classes: where the mean's argmax is foreground, some member's is too.
+    seg = np.argmax(pred.prob, axis=0)
+    assert np.all(fg[seg > 0])
+    assert volume_pred.member_foreground is not None
+    assert np.array_equal(fg, volume_pred.member_foreground[:, :, 0])
+    score = U.image_score(pred.eu, "foreground", member_foreground=fg)
+    assert math.isfinite(score)

@@ -360,7 +360,6 @@ def test_checkpoints_from_uqserve_train_export(tmp_path: Path) -> None:
         tmp_path / "ckpt",
         config=TrainConfig(**{**TINY_TRAIN, "num_masks": 3}),  # type: ignore[arg-type]
         model_config=cfg,
-        progress=False,
     )
     b = export_checkpoints(ckpt, tmp_path / "b", calibrate=False)
     assert (b.manifest.num_members, b.manifest.num_samples) == (3, 3)

@@ -156,7 +156,6 @@ def test_swag_bundle_runs_end_to_end_through_predict(tmp_path: Path, eu: str) ->
         tmp_path / "ckpt",
         config=TrainConfig(**TRAIN),  # type: ignore[arg-type]
         model_config=mc,
-        progress=False,
     )
     cfg = json.loads((ckpt / "config.json").read_text())
     assert cfg["bundle_members"] == 3 and cfg["swag"]["diag_only"] == (eu == "swagdiag")
@@ -187,7 +186,6 @@ def test_swag_bundle_runs_end_to_end_through_predict(tmp_path: Path, eu: str) ->
             tmp_path / "c",
             config=TrainConfig(**{**TRAIN, "steps": 5}),  # type: ignore[arg-type]
             model_config=mc,
-            progress=False,
         )
 
 

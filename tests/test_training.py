@@ -60,9 +60,7 @@ def test_train_real_combination(
     tmp_path: Path, easy: object, combination: str, files: int, bundle_members: int
 ) -> None:
     config = _quick(num_members=2, num_masks=7)
-    out = train(
-        combination, tmp_path / "ck", config=config, model_config=TINY, data=easy, progress=False
-    )
+    out = train(combination, tmp_path / "ck", config=config, model_config=TINY, data=easy)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["combination"] == combination
     assert cfg["num_members"] == files and cfg["bundle_members"] == bundle_members
@@ -102,7 +100,6 @@ def test_same_seed_same_weights_and_members_are_seeded_seed_plus_m(
         model_config=TINY,
         data=easy,
         seed=3,
-        progress=False,
     )
     b = train(
         "softmax-ensemble",
@@ -111,7 +108,6 @@ def test_same_seed_same_weights_and_members_are_seeded_seed_plus_m(
         model_config=TINY,
         data=easy,
         seed=3,
-        progress=False,
     )
     c = train(
         "softmax-none",
@@ -120,7 +116,6 @@ def test_same_seed_same_weights_and_members_are_seeded_seed_plus_m(
         model_config=TINY,
         data=easy,
         seed=4,
-        progress=False,
     )
     wa0, wa1 = _weights(a / "member_0.safetensors"), _weights(a / "member_1.safetensors")
     wb0 = _weights(b / "member_0.safetensors")
@@ -141,7 +136,6 @@ def test_train_from_folder(tmp_path: Path) -> None:
         config=_quick(steps=3),
         model_config=TINY,
         data=root,
-        progress=False,
     )
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["data"] == {"source": "folder", "path": str(root), "cases": 2, "slices": 6}
@@ -190,7 +184,6 @@ def test_diverging_training_leaves_nothing(tmp_path: Path, easy: object) -> None
             config=_quick(steps=20, lr=1e35, warmup_steps=1, grad_clip=1e30),
             model_config=TINY,
             data=easy,
-            progress=False,
         )
     assert list(tmp_path.iterdir()) == []
 
@@ -243,7 +236,7 @@ def test_cli_bad_input(tmp_path: Path, args: list[str], message: str) -> None:
 @pytest.mark.slow
 def test_default_softmax_member_reaches_dice(tmp_path: Path) -> None:
     """The shipped-bundle settings: one softmax member at the defaults (a few CPU minutes)."""
-    out = train("softmax-none", tmp_path / "ck", progress=False)
+    out = train("softmax-none", tmp_path / "ck")
     cfg = json.loads((out / "config.json").read_text())
     dice = cfg["validation"]["dice_vs_majority_mean"]
     print(json.dumps({"dice_vs_majority": dice, "seconds": cfg["members"][0]["seconds"]}))
@@ -261,7 +254,6 @@ def test_checkpoints_export_to_a_bundle(tmp_path: Path, easy: object) -> None:
         config=_quick(steps=2),
         model_config=TINY,
         data=easy,
-        progress=False,
     )
     exporting.export_checkpoints(ck, tmp_path / "bundle", calibrate=False)
     man = load_bundle(tmp_path / "bundle").manifest

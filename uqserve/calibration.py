@@ -37,12 +37,13 @@ import numpy as np
 
 from uqserve import __version__
 from uqserve import uncertainty as U
+from uqserve._progress import ProgressFn
 from uqserve.bundle import MANIFEST_NAME, Bundle, Manifest, OODSpec, load_bundle, verify_checksums
 from uqserve.bundle import write_manifest as _write_manifest
 from uqserve.contracts import AGGREGATORS, PAPER_SHIFTS
 from uqserve.evaluation.core import UQSERVE, BundleEvaluation
 from uqserve.evaluation.report import clean
-from uqserve.evaluation.runner import _Progress, run_bundle, source_for
+from uqserve.evaluation.runner import run_bundle, source_for
 from uqserve.evaluation.sets import DEFAULT_SEVERITIES, EvaluationError, data_options
 from uqserve.runtime import Runtime
 
@@ -111,25 +112,21 @@ def _evaluate(
     runtime: Runtime | None,
     servers: Sequence[str] | None,
     device: str,
-    progress: bool,
+    progress: ProgressFn | None,
 ) -> tuple[BundleEvaluation, dict[str, Any]]:
     """Run ``bundle`` over the validation set and the calibration split's sets."""
     source = source_for(bundle, data, options)
     man = bundle.manifest
-    prog = _Progress(progress)
-    with prog.session():
-        task = prog.task(f"{man.name} ({man.combination})", 1 + len(source.sets("calibration")))
-        ev = run_bundle(
-            bundle,
-            source,
-            split="calibration",
-            runtime=runtime,
-            servers=servers,
-            device=device,
-            progress=prog,
-            bundle_task=task,
-            seed=int(options["seed"]) + man.seed,
-        )
+    ev = run_bundle(
+        bundle,
+        source,
+        split="calibration",
+        runtime=runtime,
+        servers=servers,
+        device=device,
+        progress=progress,
+        seed=int(options["seed"]) + man.seed,
+    )
     return ev, source.description
 
 
@@ -148,7 +145,7 @@ def calibrate_manifest(
     severities: Sequence[float] = DEFAULT_SEVERITIES,
     seed: int = 0,
     quantile: float = 0.95,
-    progress: bool = False,
+    progress: ProgressFn | None = None,
 ) -> Manifest:
     """The calibrated manifest of ``bundle`` (nothing is written; see the module doc).
 

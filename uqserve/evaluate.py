@@ -21,6 +21,7 @@ import numpy as np
 
 from uqserve import __version__
 from uqserve import uncertainty as U
+from uqserve._progress import ProgressFn
 from uqserve.bundle import (
     Bundle,
     load_bundle,
@@ -51,7 +52,7 @@ from uqserve.evaluation.report import (
     summary_row,
     write_results,
 )
-from uqserve.evaluation.runner import _Progress, bundle_info, run_bundle, source_for
+from uqserve.evaluation.runner import bundle_info, run_bundle, source_for
 from uqserve.evaluation.sets import (
     DEFAULT_SEVERITIES,
     EvalImage,
@@ -112,7 +113,7 @@ def evaluate(
     seed: int = 0,
     figures: bool = True,
     overwrite: bool = False,
-    progress: bool = False,
+    progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Evaluate each bundle; return the results and, with ``out_dir``, write them.
 
@@ -121,6 +122,9 @@ def evaluate(
     each bundle's tile size. ``out_dir`` receives ``results.json``,
     ``results.csv`` (tidy), ``results.md`` and ``figures/*.png``; it is
     written atomically (temp folder, then rename).
+
+    ``progress(task, done, total)`` reports bundles done (``task``
+    ``"bundles"``), each bundle's sets and each set's images.
 
     Raises ``EvaluationError`` (bad data or options) or ``BundleError``.
     """
@@ -157,38 +161,35 @@ def evaluate(
         "bundles": [],
     }
     fig_data: list[dict[str, Any]] = []
-    prog = _Progress(progress)
-    with prog.session():
-        total = prog.task("bundles", len(loaded))
-        for bundle, source in zip(loaded, sources, strict=True):
-            n_sets = 1 + len(source.sets("test"))
-            btask = prog.task(f"{bundle.manifest.name} ({bundle.manifest.combination})", n_sets)
-            t0 = time.perf_counter()
-            ev = run_bundle(
-                bundle,
-                source,
-                servers=servers,
-                device=device,
-                aggregator=aggregator,
-                progress=prog,
-                bundle_task=btask,
-                seed=seed + bundle.manifest.seed,
-            )
-            seconds = time.perf_counter() - t0
-            threshold = _ood_threshold(bundle, ev)
-            entry = {
-                **bundle_info(bundle),
-                "data": source.description,
-                "seconds": round(seconds, 2),
-                "ood_threshold": threshold,
-                "results": ev.summary(),
-                "images": ev.image_table(),
-            }
-            results["bundles"].append(clean(entry))
-            if want_figures:
-                fig_data.append(figure_data(ev, threshold))
-            del ev
-            prog.advance(total)
+    if progress is not None:
+        progress("bundles", 0, len(loaded))
+    for bundle, source in zip(loaded, sources, strict=True):
+        t0 = time.perf_counter()
+        ev = run_bundle(
+            bundle,
+            source,
+            servers=servers,
+            device=device,
+            aggregator=aggregator,
+            progress=progress,
+            seed=seed + bundle.manifest.seed,
+        )
+        seconds = time.perf_counter() - t0
+        threshold = _ood_threshold(bundle, ev)
+        entry = {
+            **bundle_info(bundle),
+            "data": source.description,
+            "seconds": round(seconds, 2),
+            "ood_threshold": threshold,
+            "results": ev.summary(),
+            "images": ev.image_table(),
+        }
+        results["bundles"].append(clean(entry))
+        if want_figures:
+            fig_data.append(figure_data(ev, threshold))
+        del ev
+        if progress is not None:
+            progress("bundles", len(results["bundles"]), len(loaded))
     if out_dir is not None:
         with atomic_dir(out_dir, overwrite=overwrite) as tmp:
             write_results(results, tmp)

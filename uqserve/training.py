@@ -58,6 +58,7 @@ import numpy.typing as npt
 
 from uqserve import __version__
 from uqserve._fs import replace_dir_atomically
+from uqserve._progress import LossProgressFn
 from uqserve.checkpoints import CONFIG_NAME
 from uqserve.checkpoints import Checkpoints as Checkpoints  # the reader lives there
 from uqserve.checkpoints import load_checkpoints as load_checkpoints
@@ -451,10 +452,13 @@ def train(
     model_config: ModelConfig | None = None,
     data: str | os.PathLike[str] | SyntheticSet | FolderDataset = "synthetic",
     seed: int = 0,
-    progress: bool = True,
+    progress: LossProgressFn | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Train the members of ``combination`` (e.g. ``"softmax-ensemble"``) into ``out_dir``.
+
+    ``progress(task, step, steps, loss)`` is called every few steps of each
+    member (``task``: ``"<combination> member k/M"``).
 
     ``data``: ``"synthetic"`` (generated from ``config``), a data folder (see
     ``uqserve.data.load_folder``), or an in-memory ``SyntheticSet``/``FolderDataset``.
@@ -517,45 +521,44 @@ def train(
                     num_classes=model_config.num_classes,
                     num_annotators=config.num_annotators,
                 )
-            with _Progress(progress, num_nets, config.steps, combination) as bar:
-                for k in range(num_nets):
-                    t0 = time.perf_counter()
-                    net, losses, stats = _train_member(
-                        au,
-                        model_config,
-                        slices,
-                        config,
-                        seed + k,
-                        mean,
-                        std,
-                        bar.callback(k),
-                        swag=swag,
+            for k in range(num_nets):
+                t0 = time.perf_counter()
+                net, losses, stats = _train_member(
+                    au,
+                    model_config,
+                    slices,
+                    config,
+                    seed + k,
+                    mean,
+                    std,
+                    _member_progress(
+                        progress, f"{combination} member {k + 1}/{num_nets}", config.steps
+                    ),
+                    swag=swag,
+                )
+                seconds = time.perf_counter() - t0
+                fname = f"member_{k}.safetensors"
+                _save(
+                    net,
+                    tmp / fname,
+                    {"combination": combination, "member": str(k), "seed": str(seed + k)},
+                )
+                if stats is not None:
+                    stats.save(tmp / SWAG_FILE)
+                entry: dict[str, Any] = {
+                    "file": fname,
+                    "seed": seed + k,
+                    "seconds": round(seconds, 2),
+                    "final_loss": round(float(np.mean(losses[-max(1, len(losses) // 20) :])), 5),
+                    "loss_curve": _curve(losses),
+                }
+                if val is not None:
+                    d = dice_vs_majority(
+                        net, val.images, val.annotations, mean, std, model_config.num_classes
                     )
-                    seconds = time.perf_counter() - t0
-                    fname = f"member_{k}.safetensors"
-                    _save(
-                        net,
-                        tmp / fname,
-                        {"combination": combination, "member": str(k), "seed": str(seed + k)},
-                    )
-                    if stats is not None:
-                        stats.save(tmp / SWAG_FILE)
-                    entry: dict[str, Any] = {
-                        "file": fname,
-                        "seed": seed + k,
-                        "seconds": round(seconds, 2),
-                        "final_loss": round(
-                            float(np.mean(losses[-max(1, len(losses) // 20) :])), 5
-                        ),
-                        "loss_curve": _curve(losses),
-                    }
-                    if val is not None:
-                        d = dice_vs_majority(
-                            net, val.images, val.annotations, mean, std, model_config.num_classes
-                        )
-                        entry["dice_vs_majority"] = round(d, 4)
-                        validation.append(d)
-                    members.append(entry)
+                    entry["dice_vs_majority"] = round(d, 4)
+                    validation.append(d)
+                members.append(entry)
             cfg: dict[str, Any] = {
                 "format": FORMAT,
                 "version": FORMAT_VERSION,
@@ -604,51 +607,15 @@ def _swag_entry(config: TrainConfig, swag: str) -> dict[str, Any]:
     }
 
 
-class _Progress:
-    """A rich progress bar per member (or nothing when quiet)."""
+def _member_progress(
+    progress: LossProgressFn | None, task: str, steps: int
+) -> Callable[[int, float], None]:
+    """``on_step(step, loss)`` for one member: reports every 5th step and the last."""
+    if progress is None:
+        return lambda step, loss: None
 
-    def __init__(self, enabled: bool, members: int, steps: int, title: str) -> None:
-        self.enabled, self.members, self.steps, self.title = enabled, members, steps, title
-        self._bar: Any = None
-        self._tasks: dict[int, Any] = {}
+    def on_step(step: int, loss: float) -> None:
+        if step % 5 == 0 or step == steps - 1:
+            progress(task, step + 1, steps, loss)
 
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-            )
-            self._bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
-
-    def callback(self, member: int) -> Callable[[int, float], None]:
-        if self._bar is None:
-            return lambda step, loss: None
-        task = self._bar.add_task(
-            f"{self.title} member {member + 1}/{self.members}", total=self.steps, loss=float("nan")
-        )
-
-        def update(step: int, loss: float) -> None:
-            if step % 5 == 0 or step == self.steps - 1:
-                self._bar.update(task, completed=step + 1, loss=loss)
-
-        return update
+    return on_step

@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import re
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
@@ -125,3 +126,61 @@ def bug_line() -> str:
         f"this is a bug in uqserve {__version__}, not a problem with your input; please "
         "report it with the traceback above"
     )
+
+
+class ProgressBars:
+    """Rich progress bars on stderr, drawn from the library's progress callbacks.
+
+    Pass an instance as ``progress=``: it is a ``ProgressFn``
+    (``task, done, total``) and a ``LossProgressFn`` (``..., loss``). One bar
+    per task label, created on its first call; sub-tasks (labels starting with
+    a space) are removed once complete.
+    """
+
+    def __init__(self, *, loss: bool = False) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            ProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        columns: list[ProgressColumn] = [
+            TextColumn("{task.description}", markup=False),
+            BarColumn(),
+            MofNCompleteColumn(),
+        ]
+        if loss:
+            columns += [TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn()]
+            columns.append(TimeRemainingColumn())
+        else:
+            columns.append(TimeElapsedColumn())
+        self._progress = Progress(*columns, console=err_console)
+        self._tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> ProgressBars:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(None, None, None)
+
+    def __call__(self, task: str, done: int, total: int, loss: float = float("nan")) -> None:
+        if task not in self._tasks:
+            self._tasks[task] = self._progress.add_task(task, total=total, loss=loss)
+        self._progress.update(self._tasks[task], completed=done, total=total, loss=loss)
+        if task.startswith(" ") and done >= total:
+            self._progress.remove_task(self._tasks.pop(task))
+
+
+@contextmanager
+def progress_bars(enabled: bool, *, loss: bool = False) -> Iterator[ProgressBars | None]:
+    """``ProgressBars`` while the block runs, or ``None`` (no progress) when not ``enabled``."""
+    if not enabled:
+        yield None
+        return
+    with ProgressBars(loss=loss) as bars:
+        yield bars

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from uqserve.cli import app
-from uqserve.cli._common import console
+from uqserve.cli._common import console, progress_bars
 
 _DATA_HELP = (
     "`synthetic`, or a folder of images with per-annotator label maps "
@@ -67,24 +67,25 @@ def evaluate(
     from uqserve.evaluate import evaluate as run_evaluate
     from uqserve.evaluate import markdown_table, summary_row
 
-    results = run_evaluate(
-        bundles,
-        data,
-        out,
-        servers=server or None,
-        device=device,
-        aggregator=aggregator,
-        n_test=n_test,
-        n_val=n_val,
-        n_ood=n_ood,
-        size=None if size is None else (size, size),
-        shifts=shift or None,
-        severities=tuple(severity) if severity else (0.5, 1.0),
-        seed=seed,
-        figures=figures,
-        overwrite=overwrite,
-        progress=not quiet,
-    )
+    with progress_bars(not quiet) as bars:
+        results = run_evaluate(
+            bundles,
+            data,
+            out,
+            servers=server or None,
+            device=device,
+            aggregator=aggregator,
+            n_test=n_test,
+            n_val=n_val,
+            n_ood=n_ood,
+            size=None if size is None else (size, size),
+            shifts=shift or None,
+            severities=tuple(severity) if severity else (0.5, 1.0),
+            seed=seed,
+            figures=figures,
+            overwrite=overwrite,
+            progress=bars,
+        )
     if as_json:
         typer.echo(json.dumps([summary_row(b) for b in results["bundles"]], indent=2))
         return
@@ -129,19 +130,20 @@ def calibrate(
     """Pick the default aggregator and OOD threshold; record Δ in a new manifest version."""
     from uqserve.calibration import calibrate as run_calibrate
 
-    man = run_calibrate(
-        bundle,
-        data,
-        servers=server or None,
-        device=device,
-        n_test=n_test,
-        n_val=n_val,
-        n_ood=n_ood,
-        size=None if size is None else (size, size),
-        quantile=quantile,
-        seed=seed,
-        progress=not quiet,
-    )
+    with progress_bars(not quiet) as bars:
+        man = run_calibrate(
+            bundle,
+            data,
+            servers=server or None,
+            device=device,
+            n_test=n_test,
+            n_val=n_val,
+            n_ood=n_ood,
+            size=None if size is None else (size, size),
+            quantile=quantile,
+            seed=seed,
+            progress=bars,
+        )
     facts = {
         "manifest_version": man.manifest_version,
         "default_aggregator": man.default_aggregator,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from uqserve.cli import app
-from uqserve.cli._common import console, fail
+from uqserve.cli._common import console, fail, progress_bars
 
 # The TrainConfig field that --members sets, per EU method.
 _MEMBERS_FIELD = {
@@ -95,16 +95,17 @@ def train_command(
         threads=threads,
         **extra,  # type: ignore[arg-type]
     )
-    path = train(
-        combination,
-        out,
-        config=config,
-        model_config=model_config,
-        data=data,
-        seed=seed,
-        progress=not quiet,
-        overwrite=overwrite,
-    )
+    with progress_bars(not quiet, loss=True) as bars:
+        path = train(
+            combination,
+            out,
+            config=config,
+            model_config=model_config,
+            data=data,
+            seed=seed,
+            progress=bars,
+            overwrite=overwrite,
+        )
     import json
 
     cfg = json.loads((path / "config.json").read_text())

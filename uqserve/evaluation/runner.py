@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from uqserve._progress import ProgressFn
 from uqserve.bundle import Bundle
 from uqserve.evaluation.core import (
     PAPER_AGGREGATOR,
@@ -89,7 +89,7 @@ def predict_image(
         au_latent=volume_map_to_image(p.au_latent),
     )
     samples = None if p.sample_labels is None else volume_map_to_image(p.sample_labels)
-    member_fg = getattr(p, "member_foreground", None)
+    member_fg = p.member_foreground
     return ImagePrediction(
         prob=volume_map_to_image(p.prob).astype(np.float32),
         tu=tu.astype(np.float32),
@@ -104,54 +104,6 @@ def predict_image(
     )
 
 
-class _Progress:
-    """Rich progress bars: one for the bundles, one for the current set."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._progress: Any = None
-
-    @contextmanager
-    def session(self) -> Iterator[_Progress]:
-        if not self.enabled:
-            yield self
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        from uqserve.cli._common import err_console
-
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=err_console,
-            transient=False,
-        ) as progress:
-            self._progress = progress
-            yield self
-        self._progress = None
-
-    def task(self, description: str, total: int) -> Any:
-        if self._progress is None:
-            return None
-        return self._progress.add_task(description, total=total)
-
-    def advance(self, task: Any) -> None:
-        if self._progress is not None and task is not None:
-            self._progress.advance(task)
-
-    def done(self, task: Any, remove: bool = False) -> None:
-        if self._progress is not None and task is not None and remove:
-            self._progress.remove_task(task)
-
-
 def run_bundle(
     bundle: Bundle,
     source: DataSource,
@@ -162,10 +114,13 @@ def run_bundle(
     device: str = "auto",
     aggregator: str = PAPER_AGGREGATOR,
     seed: int | None = None,
-    progress: _Progress | None = None,
-    bundle_task: Any = None,
+    progress: ProgressFn | None = None,
 ) -> BundleEvaluation:
-    """Run one bundle over the validation set and ``source.sets(split)``."""
+    """Run one bundle over the validation set and ``source.sets(split)``.
+
+    ``progress(task, done, total)`` is called per image (``task``: ``"  <bundle>: <set>"``)
+    and per set (``task``: ``"<bundle> (<combination>)"``).
+    """
     from uqserve.runtime import open_runtime
 
     man = bundle.manifest
@@ -176,14 +131,17 @@ def run_bundle(
         seed=man.seed if seed is None else seed,
     )
     base_seed = man.seed if seed is None else seed
-    prog = progress or _Progress(False)
+    report = progress or _silent
     own = runtime is None
     rt = open_runtime(bundle, servers, device=device) if own else runtime
     try:
         specs = [SetSpec("val", "val"), *source.sets(split)]
-        for spec in specs:
-            task = prog.task(f"  {man.name}: {spec.name}", source.count(spec, split))
-            for img in source.images(spec, split):
+        bundle_task = f"{man.name} ({man.combination})"
+        report(bundle_task, 0, len(specs))
+        for k, spec in enumerate(specs):
+            task, total = f"  {man.name}: {spec.name}", source.count(spec, split)
+            report(task, 0, total)
+            for i, img in enumerate(source.images(spec, split)):
                 pred = predict_image(
                     img,
                     bundle,
@@ -192,15 +150,18 @@ def run_bundle(
                     convention=ev.convention,
                 )
                 ev.add(spec, img, pred)
-                prog.advance(task)
-            prog.done(task, remove=True)
+                report(task, i + 1, total)
             if spec.kind == "val":
                 ev.finish_validation()
-            prog.advance(bundle_task)
+            report(bundle_task, k + 1, len(specs))
     finally:
         if own:
             rt.close()
     return ev
+
+
+def _silent(task: str, done: int, total: int) -> None:
+    pass
 
 
 def source_for(bundle: Bundle, data: str | os.PathLike[str], options: dict[str, Any]) -> DataSource:

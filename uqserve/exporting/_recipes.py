@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,7 @@ def export_recipe(
             config=tc,
             model_config=model,
             seed=recipe.seed,
-            progress=progress is not None,
+            progress=None if progress is None else _say_members(progress),
         )
         return export_checkpoints(
             ckpt,
@@ -131,3 +132,13 @@ def export_recipe(
             overwrite=overwrite,
             progress=progress,
         )
+
+
+def _say_members(say: Say) -> Callable[[str, int, int, float], None]:
+    """Training progress as one line per trained member."""
+
+    def on_step(task: str, done: int, total: int, loss: float) -> None:
+        if done == total:
+            say(f"trained {task} ({total} steps, loss {loss:.4f})")
+
+    return on_step

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from uqserve import uncertainty
+from uqserve._progress import ProgressFn
 from uqserve.bundle import Manifest
 from uqserve.prediction.geometry import SlicePlan
 from uqserve.runtime import MemberOutputs, ReducedOutputs, RuntimeServiceError
@@ -28,9 +29,6 @@ from uqserve.runtime import MemberOutputs, ReducedOutputs, RuntimeServiceError
 __all__ = ["Accumulated", "Clock", "ProgressFn", "accumulate", "check_outputs"]
 
 _Out = TypeVar("_Out", list[MemberOutputs], list[MemberOutputs] | ReducedOutputs)
-
-ProgressFn = Callable[[str, int, int], None]
-"""``progress(scan_name, slices_done, slices_total)``, called after every batch."""
 
 
 @dataclass

@@ -65,6 +65,8 @@ class Prediction:
     au_sample, au_latent  ``[X, Y, Z]`` float32, AU = AU_sample + AU_latent
     sample_counts  ``[M, S, K]`` float64, voxels per class in each coherent sample
     sample_labels  ``[M, S, X, Y, Z]`` uint8 with ``want_samples``, else None
+    member_foreground  ``[X, Y, Z]`` bool: some member's argmax is a foreground
+                   class (what the ``foreground`` aggregator averages over)
     report         the report.json content minus file facts (sha256, outputs)
     """
 
@@ -77,6 +79,7 @@ class Prediction:
     au_latent: npt.NDArray[np.float32]
     sample_counts: npt.NDArray[np.float64]
     sample_labels: npt.NDArray[np.uint8] | None
+    member_foreground: npt.NDArray[np.bool_] | None
     report: Report
 
 
@@ -186,7 +189,7 @@ def _run(
         volume, bundle, runtime, seed=seed, nonfinite_voxels=n_bad, scores=scores,
         timings=timings, warnings=warnings, geometry=maps.geometry,
     )  # fmt: skip
-    axis = maps.axis
+    axis, fg = maps.axis, dec.member_foreground
     return Prediction(
         seg=to_volume_order(seg, axis),
         prob=to_volume_order(dec.mean, axis),
@@ -197,6 +200,7 @@ def _run(
         au_latent=to_volume_order(dec.au_latent, axis),
         sample_counts=maps.counts,
         sample_labels=None if maps.labels is None else to_volume_order(maps.labels, axis),
+        member_foreground=None if fg is None else to_volume_order(fg, axis),
         report=report,
     )
 
