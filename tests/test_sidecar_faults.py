@@ -299,6 +299,36 @@ def test_resending_part_of_a_finished_series_adds_nothing(
     assert record["ignored_resends"][0]["instances"] == 2
 
 
+def test_late_instances_are_merged_and_the_series_processed_whole(
+    tmp_path: Path, tiny_bundle: Path, orthanc: Orthanc
+) -> None:
+    syn = write_ct_series(tmp_path / "ct", phantom((32, 32, 8), seed=12), shuffle_names=False)
+    config = SidecarConfig(
+        spool=tmp_path / "spool",
+        ae_title="UQSIDECAR",
+        host="127.0.0.1",
+        port=0,
+        send_to=Peer(orthanc.aet, "127.0.0.1", orthanc.dicom_port),
+    )
+    key = series_key(syn.series_uid)
+    sc = Sidecar(config, BundlePredictor(str(tiny_bundle), seed=1, device="cpu"))
+    sc.scp.start()
+    try:
+        assert sent(storescu(syn.files[:5], sc.port, called_ae="UQSIDECAR"))
+        assert sc.run_once(now=time.time() + 60) == [(key, "delivered")]  # 5 slices looked whole
+        assert sent(storescu(syn.files[5:], sc.port, called_ae="UQSIDECAR"))  # the rest, late
+        assert sc.run_once(now=time.time() + 120) == [(key, "delivered")]
+        sc.run_once(now=time.time() + config.keep_s + 200)  # kept images expire
+    finally:
+        sc.stop()
+    record = sc.spool.done_record(key)
+    assert record is not None and record["slices"] == 8
+    segs = [d for d in _results(orthanc, syn.study_uid) if d.Modality == "SEG"]
+    assert sorted(int(d.NumberOfFrames) for d in segs) == [5, 8]  # two sets, two UIDs
+    assert len({str(d.SOPInstanceUID) for d in segs}) == 2
+    assert not any((tmp_path / "spool" / "kept").iterdir())
+
+
 # --------------------------------------------------------------------------- 13
 
 

@@ -86,6 +86,15 @@ def sidecar_command(
             "--retry-seconds", help="First retry delay; doubles per attempt (max 1 h).", min=0
         ),
     ] = 30.0,
+    keep_seconds: Annotated[
+        float,
+        typer.Option(
+            "--keep-seconds",
+            help="Keep a finished series' images this long, so late images are merged "
+            "with them and the series is processed whole again (0: do not keep).",
+            min=0,
+        ),
+    ] = 900.0,
     max_associations: Annotated[
         int,
         typer.Option(
@@ -148,6 +157,7 @@ def sidecar_command(
         outputs=OutputOptions(seg_type=seg_type.lower(), fractional=fractional, report=report),
         max_attempts=max_attempts,
         retry_base_s=retry_seconds,
+        keep_s=keep_seconds,
         limits=Limits(
             acse_s=acse_timeout,
             dimse_s=dimse_timeout,

@@ -165,10 +165,15 @@ class SidecarConfig:
     send_backoff_s: float = 2.0
     poll_s: float = 0.5
     limits: Limits = field(default_factory=Limits)
+    # How long the instances of a finished series are kept, so that late ones
+    # are merged with them and the series is processed whole (0: not kept).
+    keep_s: float = 900.0
 
     def __post_init__(self) -> None:
         if self.stable_seconds < 0:
             raise UsageError(f"stable_seconds must be >= 0, got {self.stable_seconds}")
+        if self.keep_s < 0:
+            raise ValueError(f"keep_s must be >= 0, got {self.keep_s}")
         if self.max_attempts < 1:
             raise UsageError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if not 0 <= self.port < 65536:
@@ -258,6 +263,7 @@ class Sidecar:
 
     def run_once(self, now: float | None = None) -> list[tuple[str, str]]:
         """Process every series that is due; return ``(key, outcome)`` pairs."""
+        self.spool.prune_kept(self.config.keep_s, now)
         done = []
         for key in self.spool.ready(self.config.stable_seconds, now):
             if self._stop.is_set():
@@ -273,17 +279,9 @@ class Sidecar:
         re-sent part of a finished series, dropped), ``retry`` or ``failed``.
         """
         self.spool.claim(key)
-        state = self.spool.load_state(key)
-        names = [p.name for p in self.spool.instances(key)]
-        done = self.spool.done_record(key)
-        if done and set(names) < set(done.get("instances", [])):
-            # Results for the whole series are out already; a 2-of-8 re-send must
-            # not add results for a fragment of it.
-            self.spool.drop_resend(key, names)
-            log.info(
-                "series %s: %d re-sent instance(s) of a finished series dropped", key, len(names)
-            )
+        if self._late_or_repeated(key) == "duplicate":
             return "duplicate"
+        state = self.spool.load_state(key)
         state.attempts += 1
         self.spool.save_state(state)  # a crash mid-way still counts as an attempt
         t0 = time.perf_counter()
@@ -295,7 +293,7 @@ class Sidecar:
             return self._retry_or_give_up(key, state, exc)
         record["attempts"] = state.attempts
         record["seconds"] = round(time.perf_counter() - t0, 3)
-        self.spool.finish(key, record)
+        self.spool.finish(key, record, keep=self.config.keep_s > 0)
         log.info(
             "series %s %s: %d slices, %d result(s) in %.1f s",
             key,
@@ -305,6 +303,34 @@ class Sidecar:
             record["seconds"],
         )
         return str(record["status"])
+
+    def _late_or_repeated(self, key: str) -> str:
+        """Instances of a series that was finished before: ``duplicate`` or ``new``.
+
+        A part of it sent again is dropped (results for the whole series are out
+        already; a 2-of-8 re-send must not add results for a fragment). Late
+        instances are merged with the kept ones, so the series is processed whole
+        again (new UIDs: it is a new set of images).
+        """
+        names = {p.name for p in self.spool.instances(key)}
+        kept = self.spool.kept_names(key)
+        done = self.spool.done_record(key)
+        previous = kept or (set(done.get("instances", [])) if done else set())
+        if previous and names < previous:
+            self.spool.drop_resend(key, sorted(names))
+            log.info(
+                "series %s: %d re-sent instance(s) of a finished series dropped", key, len(names)
+            )
+            return "duplicate"
+        if kept and not names <= kept:
+            moved = self.spool.merge_kept(key)
+            log.info(
+                "series %s: %d late instance(s) merged with the %d of the finished series",
+                key,
+                len(names - kept),
+                moved + len(names & kept),
+            )
+        return "new"
 
     def _give_up(self, key: str, state: SeriesState, reason: str) -> str:
         state.history.append({"attempt": state.attempts, "error": reason, "time": time.time()})
@@ -355,7 +381,7 @@ class Sidecar:
         record["status"] = "partial" if record.get("sent") else "undelivered"
         record["attempts"] = state.attempts
         record["instances"] = [p.name for p in self.spool.instances(key)]
-        self.spool.finish(key, record)
+        self.spool.finish(key, record, keep=self.config.keep_s > 0)
         log.error(
             "series %s %s: %d result(s) moved to dead-letter/%s after %d attempts (%s)",
             key,

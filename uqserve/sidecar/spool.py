@@ -9,6 +9,8 @@ Layout under the spool root (every name is a hash, never a UID or identifier)::
     failed/<series>/                   instances + reason.json of a series given up on
     dead-letter/<series>/              results that could not be sent + *.reason.json
     done/<series>.json                 what was delivered (no identifiers)
+    kept/<series>/<instance>.dcm       instances of a finished series, kept a while
+                                       so that late ones are merged with them
     tmp/                               partial writes (cleared on start)
 
 An instance is written to ``tmp/``, fsynced, renamed into place and the folder
@@ -100,7 +102,7 @@ class Spool:
         self.opened = time.time()
         self._lock = threading.Lock()
         try:
-            for sub in ("incoming", "work", "out", "failed", "dead-letter", "done", "tmp"):
+            for sub in ("incoming", "work", "out", "failed", "dead-letter", "done", "kept", "tmp"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
             probe = self.root / "tmp" / f".probe-{os.getpid()}"
             with open(probe, "wb") as f:  # root ignores permission bits: try for real
@@ -228,15 +230,48 @@ class Spool:
         _write_json(self.root / "done" / f"{key}.json", {**record, "ignored_resends": ignored})
         shutil.rmtree(self.root / "work" / key, ignore_errors=True)
 
-    def finish(self, key: str, record: dict[str, Any]) -> None:
-        """A series is done: keep a record, drop its instances and delivered results."""
+    def finish(self, key: str, record: dict[str, Any], *, keep: bool = False) -> None:
+        """A series is done: keep a record, drop its delivered results, and its
+        instances (or, with ``keep``, move them to ``kept/<key>``)."""
         _write_json(
             self.root / "done" / f"{key}.json", {"key": key, "finished": time.time(), **record}
         )
-        shutil.rmtree(self.root / "work" / key, ignore_errors=True)
+        work, kept = self.root / "work" / key, self.root / "kept" / key
+        if keep and work.is_dir():
+            (work / STATE).unlink(missing_ok=True)
+            with self._lock:
+                shutil.rmtree(kept, ignore_errors=True)  # work holds them all (merged)
+                os.replace(work, kept)
+                os.utime(kept)  # pruned by age from now
+        shutil.rmtree(work, ignore_errors=True)
         out = self.out_dir(key)
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()
+
+    def kept_names(self, key: str) -> set[str]:
+        """Instance names kept from the finished series ``key`` (empty if none)."""
+        return {p.name for p in (self.root / "kept" / key).glob("*.dcm")}
+
+    def merge_kept(self, key: str) -> int:
+        """Move the kept instances of ``key`` into ``work/<key>``; return how many moved."""
+        kept, work = self.root / "kept" / key, self.root / "work" / key
+        moved = 0
+        with self._lock:
+            for p in sorted(kept.glob("*.dcm")):
+                if not (work / p.name).exists():
+                    os.replace(p, work / p.name)
+                    moved += 1
+            shutil.rmtree(kept, ignore_errors=True)
+            _fsync_dir(work)
+        return moved
+
+    def prune_kept(self, max_age_s: float, now: float | None = None) -> None:
+        """Delete kept instances of series finished more than ``max_age_s`` ago."""
+        now = time.time() if now is None else now
+        for folder in (self.root / "kept").iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if now - folder.stat().st_mtime > max_age_s:
+                    shutil.rmtree(folder, ignore_errors=True)
 
     def fail(self, key: str, reason: str, state: SeriesState) -> Path:
         """Give up on a series: move its instances to ``failed/<key>`` with ``reason.json``."""
