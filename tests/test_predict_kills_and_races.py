@@ -116,6 +116,45 @@ def test_sigkill_leftovers_are_removed_by_the_next_run(
     assert (out / "scan" / "report.json").is_file()
 
 
+def test_next_run_of_another_scan_removes_the_leftovers_too(
+    tiny_bundle: Path, scan: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    a = start(scan, "-o", out, "-b", tiny_bundle, stop_at="written")
+    wait_stopped(a)
+    a.kill()
+    a.communicate()
+    assert len(hidden(out)) == 1
+    other = write_nifti(tmp_path / "other.nii.gz", blob_volume((24, 20, 3), seed=4))
+    assert run(other, "-o", out, "-b", tiny_bundle)[0] == 0
+    assert hidden(out) == [] and sorted(p.name for p in out.iterdir()) == ["other"]
+
+
+def test_stale_rules_for_foreign_owners_and_interrupted_swaps(tmp_path: Path) -> None:
+    from uqserve._fs import FOREIGN_STALE_S, owner_tag, remove_stale
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs
+    host = owner_tag().split(".")[0]
+    # Another machine's (or pid namespace's) temp folder: judged by age only.
+    foreign = tmp_path / ".x.tmp-00000000.1.1-abc"
+    foreign.mkdir()
+    assert remove_stale(tmp_path) == [] and foreign.is_dir()
+    old = foreign.stat().st_mtime - FOREIGN_STALE_S - 1
+    os.utime(foreign, (old, old))
+    assert remove_stale(tmp_path) == [foreign] and not foreign.exists()
+    # A dead writer killed between the two renames of the fallback swap: results come back.
+    swapped = tmp_path / f".y.old-{host}.{dead.pid}.0-abc"
+    swapped.mkdir()
+    (swapped / "seg.txt").write_text("old")
+    assert remove_stale(tmp_path) == []
+    assert (tmp_path / "y" / "seg.txt").read_text() == "old"
+    # This very process's temp folder stays.
+    mine = tmp_path / f".z.tmp-{owner_tag()}-abc"
+    mine.mkdir()
+    assert remove_stale(tmp_path) == [] and mine.is_dir()
+
+
 def test_live_writers_temp_folder_is_not_removed(
     tiny_bundle: Path, scan: Path, tmp_path: Path
 ) -> None:

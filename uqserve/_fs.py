@@ -1,6 +1,6 @@
 """Filesystem primitives shared by every writer: nothing half-written, nothing lost.
 
-A result folder ``final`` is built under ``.NAME.tmp-<pid>.<start>-XXXX`` beside
+A result folder ``final`` is built under ``.NAME.tmp-<host>.<pid>.<start>-XXXX`` beside
 it and moved into place by one rename at the end:
 
 - the commit holds an exclusive ``flock`` on the parent folder, so two writers
@@ -11,8 +11,9 @@ it and moved into place by one rename at the end:
   (``RENAME_EXCHANGE``), so ``final`` is never missing nor a mix; the last
   writer wins. Where ``renameat2`` is missing, the lock makes the two-rename
   fallback safe against other uqserve writers;
-- a temp folder left by a killed writer names its owner (pid and start time):
-  the next writer beside it removes those whose owner is gone.
+- a temp folder left by a killed writer names its owner (machine and pid
+  namespace, pid, start time): the next writer in the same folder removes
+  those whose owner is gone (judged by age for owners it cannot see).
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import hashlib
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,7 +36,12 @@ from uqserve import _failpoints
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
-_STALE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)\.(?P<start>\d+)-[^/]+$")
+_STALE = re.compile(
+    r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>[0-9a-f]{8})\.(?P<pid>\d+)\.(?P<start>\d+)-[^/]+$"
+)
+# A temp folder of a writer on another machine or in another pid namespace (a shared
+# volume) cannot be judged by its pid: it is stale only when untouched this long.
+FOREIGN_STALE_S = 2 * 24 * 3600.0
 
 
 def current_umask() -> int:
@@ -65,31 +73,56 @@ def _alive(pid: int, start: int) -> bool:
     return now is None or start == 0 or now == start  # pid reused: a different start time
 
 
+def _host_tag() -> str:
+    """8 hex digits naming this boot and pid namespace: where a pid means something."""
+    parts = []
+    for probe in (
+        lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+        lambda: str(os.stat("/proc/self/ns/pid").st_ino),
+    ):
+        try:
+            parts.append(probe())
+        except OSError:
+            parts.append("?")
+    return hashlib.sha256(" ".join(parts).encode()).hexdigest()[:8]
+
+
 def owner_tag() -> str:
-    """``<pid>.<start time>``: names this process in temp folders for stale-folder cleanup."""
-    return f"{os.getpid()}.{_start_time(os.getpid()) or 0}"
+    """``<host>.<pid>.<start time>``: names this process in its temp folders."""
+    return f"{_host_tag()}.{os.getpid()}.{_start_time(os.getpid()) or 0}"
 
 
-def remove_stale(final: Path) -> list[Path]:
-    """Remove ``.NAME.tmp-*`` / ``.NAME.old-*`` folders beside ``final`` whose owner died.
+def remove_stale(folder: Path) -> list[Path]:
+    """Remove the ``.NAME.tmp-*`` / ``.NAME.old-*`` folders in ``folder`` whose writer died.
 
-    Only folders named for ``final`` (``NAME``) by a process that no longer
-    runs are removed (a SIGKILL or power loss leaves them). Returns what was removed.
+    A SIGKILL or a power loss leaves them. The owner is judged by pid and start
+    time when it ran on this machine and pid namespace, else by age
+    (``FOREIGN_STALE_S``). A dead writer's ``.old-`` folder whose ``NAME`` is
+    missing (killed between the two renames of the fallback swap) is put back
+    as ``NAME``. Returns what was removed.
     """
     removed: list[Path] = []
     try:
-        entries = list(final.parent.iterdir())
+        entries = list(folder.iterdir())
     except OSError:
         return removed
+    host, now = _host_tag(), time.time()
     for entry in entries:
         m = _STALE.match(entry.name)
-        if m is None or m["name"] != final.name or not entry.is_dir() or entry.is_symlink():
+        if m is None or entry.is_symlink() or not entry.is_dir():
             continue
-        if _alive(int(m["pid"]), int(m["start"])):
-            continue
-        if ".old-" in entry.name[len(final.name) + 1 :] and not os.path.lexists(final):
-            # Killed between the two renames of the fallback swap: the old results come back.
-            os.rename(entry, final)
+        if m["host"] == host:
+            if _alive(int(m["pid"]), int(m["start"])):
+                continue
+        else:
+            try:
+                if now - entry.stat().st_mtime < FOREIGN_STALE_S:
+                    continue
+            except OSError:
+                continue
+        final = folder / m["name"]
+        if m["kind"] == "old" and not os.path.lexists(final):
+            os.rename(entry, final)  # the old results come back
             continue
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
@@ -169,7 +202,7 @@ def replace_dir_atomically(
     final = Path(final)
     created = _make_parents(final.parent)
     try:
-        remove_stale(final)
+        remove_stale(final.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{owner_tag()}-", dir=final.parent))
         try:
             yield tmp
