@@ -33,3 +33,25 @@ def test_every_page_is_in_the_nav() -> None:
     listed = set(re.findall(r":\s*([\w/.-]+\.md)\s*$", nav, re.M))
     pages = {p.relative_to(DOCS).as_posix() for p in PAGES}
     assert pages == listed, f"not in nav: {pages - listed}; missing pages: {listed - pages}"
+
+
+def test_nothing_cites_files_outside_the_repository() -> None:
+    """The project stands alone: no design notes or shared folders outside it are cited."""
+    import subprocess
+
+    tracked = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    outside = ("science" + ".md", "DESIGN" + ".md", "/work/" + "shared")  # not cited by this file
+    hits = []
+    for name in tracked:
+        path = ROOT / name
+        if path.suffix in {".png", ".onnx", ".gz", ".nii", ".dcm"} or not path.is_file():
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue
+        hits += [f"{name}: {word}" for word in outside if word in text]
+    assert not hits, hits

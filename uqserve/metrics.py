@@ -1,4 +1,4 @@
-"""Downstream metrics for ``uqserve evaluate`` (science.md section 5).
+"""Downstream metrics for ``uqserve evaluate`` (docs/concepts/uncertainty.md lists them).
 
 Segmentation quality (Dice, GED², Hungarian-matched IoU), calibration (ECE,
 Platt scaling, ACE), ambiguity (NCC, annotator disagreement, Spearman) and
@@ -272,7 +272,7 @@ def _correct_counts(
     """Flatten to (u, number correct, number of trials) per voxel.
 
     ``correct`` is ``u``'s shape (one trial per voxel) or ``[A, *u.shape]``
-    (one trial per annotator, as science.md's ACE counts them).
+    (one trial per annotator, as the paper's ACE counts them).
     """
     uu = _finite_array(u, f"{name}(u)").astype(np.float64)
     c = np.asarray(correct)

@@ -7,7 +7,7 @@ MC-dropout masks) is a hash of integer keys such as
 The hash uses exact int64 arithmetic with two nonlinear rounds per key
 ``h = (h * h + c) mod (2**31 - 1)`` (``h < 2**31``, so ``h * h`` never
 overflows int64); a purely linear hash correlates neighbouring pixels
-(DESIGN.md, "Reproducible stochasticity").
+(see docs/concepts/noise.md).
 
 Because the keys are explicit, the noise does not depend on how a volume is
 cut into batches, slabs or tiles, it is the same in PyTorch, in onnxruntime
