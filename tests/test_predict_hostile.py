@@ -178,6 +178,12 @@ def test_output_places_that_cannot_work(tiny_bundle: Path, tmp_path: Path) -> No
     assert (tmp_path / "o2" / "scan" / "report.json").is_file()
     assert not (tmp_path / "o2" / "scan").is_symlink()
     assert sorted(p.name for p in (tmp_path / "o2").iterdir()) == ["scan"]
+    # A dangling symlink in the way is existing results like any other (kept without --overwrite).
+    (tmp_path / "o3").mkdir()
+    (tmp_path / "o3" / "scan").symlink_to(tmp_path / "nowhere")
+    proc = cli(scan, "-o", tmp_path / "o3", "-b", tiny_bundle)
+    assert proc.returncode == 1 and "results exist already" in proc.stderr
+    assert (tmp_path / "o3" / "scan").is_symlink()
 
 
 @pytest.fixture

@@ -120,7 +120,7 @@ def atomic_output_dir(
     final = Path(final_dir)
     for source in inputs:
         _check_not_input(final, Path(source))
-    if final.exists() and not overwrite:
+    if os.path.lexists(final) and not overwrite:  # a dangling symlink counts too
         raise OutputError(
             f"{final}: results exist already; pass `overwrite=True` or choose another `out_dir`"
         )
