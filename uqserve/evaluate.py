@@ -55,6 +55,7 @@ from uqserve.evaluation.report import (
 from uqserve.evaluation.runner import bundle_info, run_bundle, source_for
 from uqserve.evaluation.sets import (
     DEFAULT_SEVERITIES,
+    DataSource,
     EvalImage,
     EvaluationError,
     SetSpec,
@@ -164,42 +165,71 @@ def evaluate(
     if progress is not None:
         progress("bundles", 0, len(loaded))
     for bundle, source in zip(loaded, sources, strict=True):
-        t0 = time.perf_counter()
-        ev = run_bundle(
-            bundle,
-            source,
-            servers=servers,
-            device=device,
-            aggregator=aggregator,
-            progress=progress,
-            seed=seed + bundle.manifest.seed,
-        )
-        seconds = time.perf_counter() - t0
-        threshold = _ood_threshold(bundle, ev)
-        entry = {
-            **bundle_info(bundle),
-            "data": source.description,
-            "seconds": round(seconds, 2),
-            "ood_threshold": threshold,
-            "results": ev.summary(),
-            "images": ev.image_table(),
-        }
-        results["bundles"].append(clean(entry))
-        if want_figures:
-            fig_data.append(figure_data(ev, threshold))
-        del ev
+        entry, figs = _evaluate_bundle(
+            bundle, source, servers=servers, device=device, aggregator=aggregator,
+            seed=seed, progress=progress, want_figures=want_figures,
+        )  # fmt: skip
+        results["bundles"].append(entry)
+        fig_data += figs
         if progress is not None:
             progress("bundles", len(results["bundles"]), len(loaded))
     if out_dir is not None:
-        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-            write_results(results, tmp)
-            if want_figures:
-                figs = tmp / "figures"
-                for name, fd in zip(file_names, fig_data, strict=True):
-                    bundle_figures(fd, name, figs)
-                rows = [_with_means(summary_row(b)) for b in results["bundles"]]
-                summary_figure(rows, figs / "summary.png")
+        _write(results, fig_data, file_names, out_dir, overwrite=overwrite)
     return results
+
+
+def _evaluate_bundle(
+    bundle: Bundle,
+    source: DataSource,
+    *,
+    servers: Sequence[str] | None,
+    device: str,
+    aggregator: str,
+    seed: int,
+    progress: ProgressFn | None,
+    want_figures: bool,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One bundle's results entry, and its figure data when ``want_figures``."""
+    t0 = time.perf_counter()
+    ev = run_bundle(
+        bundle,
+        source,
+        servers=servers,
+        device=device,
+        aggregator=aggregator,
+        progress=progress,
+        seed=seed + bundle.manifest.seed,
+    )
+    seconds = time.perf_counter() - t0
+    threshold = _ood_threshold(bundle, ev)
+    entry = {
+        **bundle_info(bundle),
+        "data": source.description,
+        "seconds": round(seconds, 2),
+        "ood_threshold": threshold,
+        "results": ev.summary(),
+        "images": ev.image_table(),
+    }
+    return clean(entry), [figure_data(ev, threshold)] if want_figures else []
+
+
+def _write(
+    results: dict[str, Any],
+    fig_data: list[dict[str, Any]],
+    file_names: list[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    overwrite: bool,
+) -> None:
+    """results.json/.csv/.md and the figures, into ``out_dir`` atomically."""
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        write_results(results, tmp)
+        if fig_data:
+            figs = tmp / "figures"
+            for name, fd in zip(file_names, fig_data, strict=True):
+                bundle_figures(fd, name, figs)
+            rows = [_with_means(summary_row(b)) for b in results["bundles"]]
+            summary_figure(rows, figs / "summary.png")
 
 
 def _with_means(row: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -212,46 +213,13 @@ def predict(
     seen: dict[str, Path] = {}
     try:
         seed = resolve_seed(seed, runtime.bundle.manifest)  # before any file is read
+        options: dict[str, Any] = dict(
+            seed=seed, batch_size=batch_size, png=png, overwrite=overwrite,
+            volume_index=volume_index, max_voxels=max_voxels, progress=progress,
+            compression_level=compression_level,
+        )  # fmt: skip
         for path in paths:
-            name = scan_name(path)
-            res = ScanResult(source=path, name=name)
-            try:
-                if name in seen:
-                    raise OutputError(
-                        f"{path}: same output name {name!r} as {seen[name]}; rename one of them "
-                        "or predict them into different -o folders"
-                    )
-                seen[name] = path
-                res.out_dir, res.report = _predict_file(
-                    path, out / name, runtime, seed=seed, batch_size=batch_size, png=png,
-                    overwrite=overwrite, volume_index=volume_index, max_voxels=max_voxels,
-                    progress=progress, compression_level=compression_level,
-                )  # fmt: skip
-            except (VolumeError, OutputError, PredictError) as exc:
-                if on_error == "raise":
-                    raise
-                res.error = str(exc)
-            except OSError as exc:  # disk full, permissions while writing
-                if on_error == "raise":
-                    raise OutputError(f"{out / name}: cannot write results ({exc})") from exc
-                res.error = f"{out / name}: cannot write results ({exc.strerror or exc})"
-            except MemoryError:
-                if on_error == "raise":
-                    raise
-                res.error = (
-                    f"{path}: not enough memory for this scan; free memory or lower max_voxels"
-                )
-            except (RuntimeServiceError, BundleError):
-                raise  # the runtime or bundle is unusable: every further scan would fail too
-            except Exception as exc:
-                if on_error == "raise":
-                    raise
-                # A bug, but one scan's bug must not cost the others their results.
-                log.debug("predict failed on %s", path, exc_info=True)
-                res.error = (
-                    f"{path}: internal error ({type(exc).__name__}: {exc}); "
-                    "please report it with this scan"
-                )
+            res = _one_scan(path, out, runtime, seen, on_error, options)
             results.append(res)
             if on_scan is not None:
                 on_scan(res)
@@ -259,6 +227,51 @@ def predict(
         if own_runtime:
             runtime.close()
     return results
+
+
+def _one_scan(
+    path: Path,
+    out: Path,
+    runtime: Runtime,
+    seen: dict[str, Path],
+    on_error: str,
+    options: dict[str, Any],
+) -> ScanResult:
+    """Predict one scan into ``out/<scan name>``; with ``on_error="skip"`` failures are
+    recorded in the result, except a runtime or bundle failure, which stops the loop."""
+    name = scan_name(path)
+    res = ScanResult(source=path, name=name)
+    try:
+        if name in seen:
+            raise OutputError(
+                f"{path}: same output name {name!r} as {seen[name]}; rename one of them "
+                "or predict them into different `out_dir` folders"
+            )
+        seen[name] = path
+        res.out_dir, res.report = _predict_file(path, out / name, runtime, **options)
+    except (VolumeError, OutputError, PredictError) as exc:
+        if on_error == "raise":
+            raise
+        res.error = str(exc)
+    except OSError as exc:  # disk full, permissions while writing
+        if on_error == "raise":
+            raise OutputError(f"{out / name}: cannot write results ({exc})") from exc
+        res.error = f"{out / name}: cannot write results ({exc.strerror or exc})"
+    except MemoryError:
+        if on_error == "raise":
+            raise
+        res.error = f"{path}: not enough memory for this scan; free memory or lower max_voxels"
+    except (RuntimeServiceError, BundleError):
+        raise  # the runtime or bundle is unusable: every further scan would fail too
+    except Exception as exc:
+        if on_error == "raise":
+            raise
+        # A bug, but one scan's bug must not cost the others their results.
+        log.debug("predict failed on %s", path, exc_info=True)
+        res.error = (
+            f"{path}: internal error ({type(exc).__name__}: {exc}); please report it with this scan"
+        )
+    return res
 
 
 def _predict_file(
