@@ -149,6 +149,22 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+@contextlib.contextmanager
+def _listening(
+    tmp_path: Path, bundle: Path, orthanc: Orthanc | None = None, **kw: Any
+) -> Iterator[Sidecar]:
+    """A sidecar whose listener runs; the test steps its worker with ``run_once(now=...)``."""
+    kw.setdefault("spool", tmp_path / "spool")
+    send_to = Peer(orthanc.aet, "127.0.0.1", orthanc.dicom_port) if orthanc else None
+    config = SidecarConfig(ae_title="UQSIDECAR", host="127.0.0.1", port=0, send_to=send_to, **kw)
+    sc = Sidecar(config, BundlePredictor(str(bundle), seed=1, device="cpu"))
+    sc.scp.start()
+    try:
+        yield sc
+    finally:
+        sc.stop()
+
+
 # --------------------------------------------------------------------------- 10, 11
 
 
@@ -203,17 +219,10 @@ def test_bad_input_fails_at_once_without_retries(
         else:  # a header claiming 16 GiB per series: refused before allocating, not retried
             ds.Rows = ds.Columns = 65535
         ds.save_as(f)
-    config = SidecarConfig(
-        spool=tmp_path / "spool", ae_title="UQSIDECAR", host="127.0.0.1", port=0, max_attempts=5
-    )
-    sc = Sidecar(config, BundlePredictor(str(tiny_bundle), device="cpu"))
-    sc.scp.start()
-    try:
+    key = series_key(syn.series_uid)
+    with _listening(tmp_path, tiny_bundle, max_attempts=5) as sc:
         assert sent(storescu(syn.files, sc.port, called_ae="UQSIDECAR"))
-        key = series_key(syn.series_uid)
         assert sc.run_once(now=time.time() + 60) == [(key, "failed")]
-    finally:
-        sc.stop()
     import json
 
     reason = json.loads((tmp_path / "spool" / "failed" / key / "reason.json").read_text())
@@ -271,25 +280,14 @@ def test_resending_part_of_a_finished_series_adds_nothing(
     tmp_path: Path, tiny_bundle: Path, orthanc: Orthanc
 ) -> None:
     syn = write_ct_series(tmp_path / "ct", phantom((32, 32, 8), seed=6))
-    config = SidecarConfig(
-        spool=tmp_path / "spool",
-        ae_title="UQSIDECAR",
-        host="127.0.0.1",
-        port=0,
-        send_to=Peer(orthanc.aet, "127.0.0.1", orthanc.dicom_port),
-    )
     key = series_key(syn.series_uid)
-    sc = Sidecar(config, BundlePredictor(str(tiny_bundle), seed=1, device="cpu"))
-    sc.scp.start()
-    try:
+    with _listening(tmp_path, tiny_bundle, orthanc) as sc:
         assert sent(storescu(syn.files, sc.port, called_ae="UQSIDECAR"))
         assert sc.run_once(now=time.time() + 60) == [(key, "delivered")]
         before = sorted(str(d.SOPInstanceUID) for d in _results(orthanc, syn.study_uid))
         assert len(before) == 5
         assert sent(storescu(syn.files[2:4], sc.port, called_ae="UQSIDECAR"))
         assert sc.run_once(now=time.time() + 120) == [(key, "duplicate")]
-    finally:
-        sc.stop()
     after = _results(orthanc, syn.study_uid)
     assert sorted(str(d.SOPInstanceUID) for d in after) == before
     (seg,) = [d for d in after if d.Modality == "SEG"]
@@ -303,24 +301,13 @@ def test_late_instances_are_merged_and_the_series_processed_whole(
     tmp_path: Path, tiny_bundle: Path, orthanc: Orthanc
 ) -> None:
     syn = write_ct_series(tmp_path / "ct", phantom((32, 32, 8), seed=12), shuffle_names=False)
-    config = SidecarConfig(
-        spool=tmp_path / "spool",
-        ae_title="UQSIDECAR",
-        host="127.0.0.1",
-        port=0,
-        send_to=Peer(orthanc.aet, "127.0.0.1", orthanc.dicom_port),
-    )
     key = series_key(syn.series_uid)
-    sc = Sidecar(config, BundlePredictor(str(tiny_bundle), seed=1, device="cpu"))
-    sc.scp.start()
-    try:
+    with _listening(tmp_path, tiny_bundle, orthanc) as sc:
         assert sent(storescu(syn.files[:5], sc.port, called_ae="UQSIDECAR"))
         assert sc.run_once(now=time.time() + 60) == [(key, "delivered")]  # 5 slices looked whole
         assert sent(storescu(syn.files[5:], sc.port, called_ae="UQSIDECAR"))  # the rest, late
         assert sc.run_once(now=time.time() + 120) == [(key, "delivered")]
-        sc.run_once(now=time.time() + config.keep_s + 200)  # kept images expire
-    finally:
-        sc.stop()
+        sc.run_once(now=time.time() + sc.config.keep_s + 200)  # kept images expire
     record = sc.spool.done_record(key)
     assert record is not None and record["slices"] == 8
     segs = [d for d in _results(orthanc, syn.study_uid) if d.Modality == "SEG"]
@@ -418,8 +405,15 @@ def test_killed_mid_send_then_restarted_sends_the_same_bytes(
 # --------------------------------------------------------------------------- 14
 
 
-def _idle_sockets(port: int, n: int) -> list[socket.socket]:
-    return [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(n)]
+@contextlib.contextmanager
+def _idle_sockets(port: int, n: int) -> Iterator[list[socket.socket]]:
+    """``n`` TCP connections to ``port`` that never send a byte."""
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(n)]
+    try:
+        yield idle
+    finally:
+        for s in idle:
+            s.close()
 
 
 def test_idle_connections_do_not_lock_out_senders(
@@ -427,18 +421,9 @@ def test_idle_connections_do_not_lock_out_senders(
 ) -> None:
     require("storescu")
     syn = write_ct_series(tmp_path / "ct", phantom((16, 16, 2)))
-    config = SidecarConfig(
-        spool=tmp_path / "spool",
-        ae_title="UQSIDECAR",
-        host="127.0.0.1",
-        port=0,
-        limits=Limits(acse_s=5.0, max_associations=4),
-    )
-    sc = Sidecar(config, BundlePredictor(str(tiny_bundle), device="cpu"))
-    sc.scp.start()
-    t0 = time.monotonic()
-    idle = _idle_sockets(sc.port, 10)
-    try:
+    limits = Limits(acse_s=5.0, max_associations=4)
+    with _listening(tmp_path, tiny_bundle, limits=limits) as sc, _idle_sockets(sc.port, 10) as idle:
+        t0 = time.monotonic()
         time.sleep(0.3)  # the listener has taken them all
         refused = storescu(syn.files, sc.port, called_ae="UQSIDECAR", calling_ae=SENDER)
         assert time.monotonic() - t0 < 5.0, "too slow to try while the idle sockets are open"
@@ -458,10 +443,6 @@ def test_idle_connections_do_not_lock_out_senders(
         wrong = storescu(syn.files, sc.port, called_ae="SOMEONEELSE", calling_ae=SENDER)
         assert not sent(wrong)
         assert "called AE title 'SOMEONEELSE' is not this node's 'UQSIDECAR'" in caplog.text
-    finally:
-        for s in idle:
-            s.close()
-        sc.stop()
 
 
 def test_default_limit_serves_a_sender_beside_ten_idle_connections(
@@ -469,17 +450,9 @@ def test_default_limit_serves_a_sender_beside_ten_idle_connections(
 ) -> None:
     require("storescu")
     syn = write_ct_series(tmp_path / "ct", phantom((16, 16, 2)))
-    config = SidecarConfig(spool=tmp_path / "spool", ae_title="UQSIDECAR", host="127.0.0.1", port=0)
-    sc = Sidecar(config, BundlePredictor(str(tiny_bundle), device="cpu"))
-    sc.scp.start()
-    idle = _idle_sockets(sc.port, 10)
-    try:
+    with _listening(tmp_path, tiny_bundle) as sc, _idle_sockets(sc.port, 10):
         # Rejected at once if the idle sockets held every slot (storescu does not retry).
         assert sent(storescu(syn.files, sc.port, called_ae="UQSIDECAR", calling_ae=SENDER))
-    finally:
-        for s in idle:
-            s.close()
-        sc.stop()
 
 
 # --------------------------------------------------------------------------- 15
@@ -553,10 +526,7 @@ def test_full_disk_acknowledges_only_what_it_kept(tmp_path: Path, tiny_bundle: P
     require("storescu")
     syn = write_ct_series(tmp_path / "ct", phantom((96, 96, 10), seed=3))  # ~18 kB a slice
     with _small_disk(tmp_path / "small", "120k") as disk:
-        config = SidecarConfig(spool=disk / "spool", ae_title="UQSIDECAR", host="127.0.0.1", port=0)
-        sc = Sidecar(config, BundlePredictor(str(tiny_bundle), device="cpu"))
-        sc.scp.start()
-        try:
+        with _listening(tmp_path, tiny_bundle, spool=disk / "spool") as sc:
             cmd = ["storescu", "-v", "-R", "-aec", "UQSIDECAR", "--no-halt", "127.0.0.1"]
             proc = subprocess.run(
                 [*cmd, str(sc.port), *map(str, syn.files)],
@@ -578,8 +548,6 @@ def test_full_disk_acknowledges_only_what_it_kept(tmp_path: Path, tiny_bundle: P
             subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
             assert sent(storescu(syn.files, sc.port, called_ae="UQSIDECAR"))  # the sender retries
             assert sc.run_once(now=time.time() + 60) == [(key, "written")]
-        finally:
-            sc.stop()
         record = sc.spool.done_record(key)
         assert record is not None and record["slices"] == 10
 
