@@ -75,13 +75,15 @@ def test_extreme_finite_voxels_give_finite_maps_and_a_warning(
         assert math.isfinite(lesion["mean_ml"]) and math.isfinite(lesion["std_ml"])
 
 
-def test_cli_extreme_scan_then_ordinary_scan(tiny_bundle: Path, tmp_path: Path) -> None:
-    a = write_nifti(tmp_path / "a.nii.gz", extreme("one +3e38"))
-    b = write_nifti(tmp_path / "b.nii.gz", blob_volume((24, 20, 3)))
-    proc = cli(a, b, "-o", tmp_path / "o", "-b", tiny_bundle, "--json")
+def test_cli_extreme_scans_then_an_ordinary_one(tiny_bundle: Path, tmp_path: Path) -> None:
+    a = write_nifti(tmp_path / "a.nii.gz", extreme("both"))
+    b = write_nifti(tmp_path / "b.nii.gz", extreme("all -3e38 but one"))
+    c = write_nifti(tmp_path / "c.nii.gz", blob_volume((24, 20, 3)))
+    proc = cli(a, b, c, "-o", tmp_path / "o", "-b", tiny_bundle, "--json", "--png")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr == ""  # no numpy overflow warnings either
-    assert [json.loads(x)["scan"]["name"] for x in proc.stdout.splitlines()] == [a.name, b.name]
+    assert proc.stderr == ""  # no numpy overflow warnings either (preview included)
+    names = [json.loads(x)["scan"]["name"] for x in proc.stdout.splitlines()]
+    assert names == [a.name, b.name, c.name]
 
 
 @pytest.mark.parametrize(

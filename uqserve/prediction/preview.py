@@ -92,6 +92,10 @@ def render_preview(
     finite = img[np.isfinite(img)]
     lo, hi = np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0)
     hi = hi if hi > lo else lo + 1.0
+    # Extreme intensities (|x| ~ 3e38): hi - lo overflows float32; window in float64.
+    lo, span = float(lo), float(hi) - float(lo)
+    if not 0 < span < np.inf:
+        lo, span = 0.0, 1.0
     sp = [s for i, s in enumerate(volume.spacing) if i != axis]
     rows_px, cols_px = img.shape[0] * sp[0], img.shape[1] * sp[1]
     scale = PANEL / max(rows_px, cols_px)
@@ -115,7 +119,8 @@ def render_preview(
 
     for r, z in enumerate(zs):
         y = header + r * (ph + pad)
-        gray = np.clip((img[:, :, z] - lo) / (hi - lo), 0, 1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            gray = np.nan_to_num(np.clip((img[:, :, z] - lo) / span, 0, 1))
         g8 = np.round(gray * 255).astype(np.uint8)
         base = np.repeat(g8[..., None], 3, axis=2)
         labels = seg_w[:, :, z].astype(np.int64)
