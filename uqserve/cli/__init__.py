@@ -1,7 +1,9 @@
 """The ``uqserve`` command line: thin Typer commands over the Python API.
 
 Each command lives in its own module here and registers itself on ``app``;
-a command appears only once it is implemented.
+a command appears only once it is implemented. Command functions run long
+only by their signatures (one annotated Typer option per flag, help text
+included); their bodies stay short and call the library.
 """
 
 from __future__ import annotations
