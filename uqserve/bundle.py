@@ -118,6 +118,8 @@ class InputSpec:
             len(self.patch) != self.dims or any(p < 1 for p in self.patch)
         ):
             out.append(f"input.patch must be {self.dims} sizes >= 1, got {list(self.patch)}")
+        if self.dims == 3 and self.patch is None:
+            out.append("input.patch is required for dims 3 (the window the graphs see)")
         if self.spacing is not None and (
             len(self.spacing) != self.dims or not all(0 < s < 1e4 for s in self.spacing)
         ):

@@ -27,11 +27,14 @@ __all__ = [
     "EU_METHODS",
     "MEMBER_INPUTS",
     "MEMBER_INPUT_SPEC",
+    "MEMBER_INPUT_SPEC_3D",
     "MEMBER_OUTPUTS",
     "MEMBER_OUTPUT_SPEC",
+    "MEMBER_OUTPUT_SPEC_3D",
     "PAPER_SHIFTS",
     "TensorSpec",
     "default_class_names",
+    "member_specs",
 ]
 
 # --------------------------------------------------------------------------- member graphs
@@ -64,8 +67,34 @@ MEMBER_OUTPUT_SPEC: dict[str, TensorSpec] = {
     "sample_labels": ("uint8", ("B", "S", "H", "W")),
 }
 
+#: The volumetric form (``input.dims`` 3): image ``[B, C, D, H, W]``; offset
+#: ``[B, 3]`` the global ``(z, y, x)`` of each window's start; valid ``[B, 3]``
+#: its unpadded ``(depth, rows, cols)``; outputs gain a ``D`` axis.
+MEMBER_INPUT_SPEC_3D: dict[str, TensorSpec] = {
+    "image": ("float32", ("B", "C", "D", "H", "W")),
+    "seed": ("int64", ("B",)),
+    "offset": ("int64", ("B", 3)),
+    "valid": ("int64", ("B", 3)),
+}
+MEMBER_OUTPUT_SPEC_3D: dict[str, TensorSpec] = {
+    "mean": ("float32", ("B", "K", "D", "H", "W")),
+    "sample_entropy": ("float32", ("B", "D", "H", "W")),
+    "sample_counts": ("float32", ("B", "S", "K")),
+    "sample_labels": ("uint8", ("B", "S", "D", "H", "W")),
+}
+
 MEMBER_INPUTS: tuple[str, ...] = tuple(MEMBER_INPUT_SPEC)
 MEMBER_OUTPUTS: tuple[str, ...] = tuple(MEMBER_OUTPUT_SPEC)
+
+
+def member_specs(dims: int) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+    """``(inputs, outputs)`` of the member signature for ``dims`` 2 (slices) or 3 (volumes)."""
+    if dims == 2:
+        return MEMBER_INPUT_SPEC, MEMBER_OUTPUT_SPEC
+    if dims == 3:
+        return MEMBER_INPUT_SPEC_3D, MEMBER_OUTPUT_SPEC_3D
+    raise UsageError(f"dims must be 2 or 3, got {dims}")
+
 
 # --------------------------------------------------------------------------- aggregators
 

@@ -56,6 +56,39 @@ def export_command(
     norm_std: Annotated[
         float, typer.Option("--norm-std", help="With --onnx: intensity std.")
     ] = 1.0,
+    norm: Annotated[
+        str,
+        typer.Option(
+            "--norm",
+            help="With --onnx: fixed (mean/std), zscore (per scan) or ct (clip, mean/std).",
+        ),
+    ] = "fixed",
+    norm_clip: Annotated[
+        str | None,
+        typer.Option(
+            "--norm-clip", help="With --onnx: LOW,HIGH clip before normalising (ct: required)."
+        ),
+    ] = None,
+    nonzero: Annotated[
+        bool, typer.Option("--nonzero", help="With --onnx --norm zscore: inside the nonzero mask.")
+    ] = False,
+    dims: Annotated[
+        int, typer.Option("--dims", help="With --onnx: 2 (slices) or 3 ([B,C,D,H,W] graphs).")
+    ] = 2,
+    patch: Annotated[
+        str | None,
+        typer.Option("--patch", help="With --onnx: the window, H,W or D,H,W (3D: required)."),
+    ] = None,
+    spacing: Annotated[
+        str | None,
+        typer.Option("--spacing", help="With --onnx: model voxel size in mm, Y,X or Z,Y,X."),
+    ] = None,
+    orientation: Annotated[
+        str | None, typer.Option("--orientation", help="With --onnx: axis codes, e.g. RAS.")
+    ] = None,
+    interpolation: Annotated[
+        str, typer.Option("--interpolation", help="With --onnx: image resampling, cubic|linear.")
+    ] = "cubic",
     members: Annotated[
         int | None,
         typer.Option(
@@ -121,18 +154,34 @@ def export_command(
     else:
         if not files:
             fail("--onnx needs one or more ONNX files (one per member)")
+        if dims == 3 and calibrate:
+            say("3D members: not calibrated (calibration draws synthetic 2D slices)")
+        clip = _numbers(norm_clip, float, "--norm-clip")
+        if clip is not None and len(clip) != 2:
+            fail(f"--norm-clip: give LOW,HIGH, got {norm_clip!r}")
         bundle = export_onnx_members(
             files,
             out,
             au=au,
             outputs=outputs,
             classes=names or default_class_names(2),
-            normalization=Normalization(scheme="fixed", mean=norm_mean, std=norm_std),
+            normalization=Normalization(
+                scheme=norm,
+                mean=norm_mean,
+                std=norm_std,
+                nonzero=nonzero,
+                clip=None if clip is None else (clip[0], clip[1]),
+            ),
             tile_size=(tile or 128, tile or 128),
             multiple=multiple,
+            dims=dims,
+            patch=_numbers(patch, int, "--patch"),
+            spacing=_numbers(spacing, float, "--spacing"),
+            orientation=orientation,
+            interpolation=interpolation,
             name=name,
             seed=seed or 0,
-            calibrate=calibrate,
+            calibrate=calibrate and dims == 2,
             overwrite=overwrite,
         )
     if json_out:
@@ -226,3 +275,13 @@ def info_command(
     for i, mem in enumerate(m.members):
         t.add_row(f"member {i}", f"{mem.file}  sha256 {mem.sha256[:16]}…")
     console.print(t)
+
+
+def _numbers(text: str | None, typ: type, flag: str) -> list[Any] | None:
+    """``"1,2,3"`` -> ``[1, 2, 3]`` of ``typ``; None stays None."""
+    if text is None:
+        return None
+    try:
+        return [typ(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        fail(f"{flag}: expected comma-separated numbers, e.g. 64,128,128; got {text!r}")

@@ -48,6 +48,15 @@ def predict_command(
             show_default=False,
         ),
     ] = None,
+    overlap: Annotated[
+        float,
+        typer.Option(
+            "--overlap",
+            help="Share of the window neighbouring sliding windows overlap (bundles with a patch).",
+            min=0.0,
+            max=0.95,
+        ),
+    ] = 0.5,
     device: Annotated[
         str, typer.Option(help="Where the embedded runtime runs: auto, cpu or cuda.")
     ] = "auto",
@@ -180,6 +189,7 @@ def predict_command(
             runtime=runtime,
             seed=seed,
             batch_size=batch_size,
+            overlap=overlap,
             png=png,
             compression_level=compression_level,
             overwrite=overwrite,

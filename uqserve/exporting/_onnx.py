@@ -9,6 +9,7 @@ writes such graphs as a softmax bundle.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Sequence
@@ -17,12 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from uqserve import __version__
 from uqserve.bundle import Bundle, BundleError, InputSpec, Normalization, load_bundle
-from uqserve.contracts import (
-    MEMBER_INPUT_SPEC,
-    MEMBER_OUTPUT_SPEC,
-    TensorSpec,
-    default_class_names,
-)
+from uqserve.contracts import TensorSpec, default_class_names, member_specs
 from uqserve.exporting._plan import ExportError, ExportPlan
 from uqserve.exporting._writer import atomic_bundle_dir, finish_bundle
 
@@ -42,13 +38,14 @@ def _value_info(name: str, spec: TensorSpec, sizes: dict[str, int]) -> onnx.Valu
 
 
 def member_value_infos(
-    channels: int, num_classes: int, num_samples: int
+    channels: int, num_classes: int, num_samples: int, dims: int = 2
 ) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
     """The member signature's inputs and outputs as ONNX value infos, in order."""
     sizes = {"C": channels, "K": num_classes, "S": num_samples}
+    specs_in, specs_out = member_specs(dims)
     return (
-        [_value_info(n, s, sizes) for n, s in MEMBER_INPUT_SPEC.items()],
-        [_value_info(n, s, sizes) for n, s in MEMBER_OUTPUT_SPEC.items()],
+        [_value_info(n, s, sizes) for n, s in specs_in.items()],
+        [_value_info(n, s, sizes) for n, s in specs_out.items()],
     )
 
 
@@ -87,12 +84,24 @@ def export_onnx_members(
     normalization: Normalization | None = None,
     tile_size: tuple[int, int] = (128, 128),
     multiple: int = 16,
+    dims: int = 2,
+    patch: Sequence[int] | None = None,
+    spacing: Sequence[float] | None = None,
+    orientation: str | None = None,
+    interpolation: str = "cubic",
     name: str | None = None,
     seed: int = 0,
     calibrate: bool = True,
     overwrite: bool = False,
 ) -> Bundle:
     """Wrap your own ONNX graphs (``[B,C,H,W] -> [B,K,H,W]``) into a bundle.
+
+    The geometry the graphs were trained in goes into the manifest: ``dims``
+    (2, or 3 for ``[B,C,D,H,W]`` graphs), ``patch`` (the window, ``dims``
+    sizes; required for 3D), ``spacing`` (mm per model axis, ``[D, H, W]`` =
+    ``z, y, x`` for 3D), ``orientation`` (axis codes, e.g. ``"RAS"``) and the
+    image ``interpolation``. Calibration draws synthetic 2D slices, so 3D
+    bundles are exported with ``calibrate=False``.
 
     ``classes`` default to ``uqserve.contracts.default_class_names(2)``.
     Each graph becomes one member (two or more: a softmax ensemble, e.g. five
@@ -110,7 +119,24 @@ def export_onnx_members(
     classes = tuple(classes) if classes is not None else default_class_names(2)
     if len(classes) < 2:
         raise ExportError(f"`classes={','.join(classes)}`: need at least two (background first)")
-    wrapped = [wrap_onnx_member(f, num_classes=len(classes), outputs=outputs) for f in onnx_files]
+    if dims == 3 and calibrate:
+        raise ExportError(
+            "`calibrate=True`: calibration draws synthetic 2D slices; export 3D members with "
+            "`calibrate=False`"
+        )
+    geometry = InputSpec(
+        tile_size=tile_size, multiple=multiple, dims=dims,
+        patch=None if patch is None else tuple(int(v) for v in patch),
+        spacing=None if spacing is None else tuple(float(v) for v in spacing),
+        orientation=None if orientation is None else orientation.upper(),
+        interpolation=interpolation, normalization=normalization or Normalization(),
+    )  # fmt: skip
+    if problems := geometry.problems():
+        raise ExportError("; ".join(problems))
+    wrapped = [
+        wrap_onnx_member(f, num_classes=len(classes), outputs=outputs, dims=dims)
+        for f in onnx_files
+    ]
     channels = {c for _, c, _ in wrapped}
     if len(channels) != 1:
         raise ExportError(
@@ -124,12 +150,7 @@ def export_onnx_members(
         num_members=len(wrapped),
         num_samples=1,
         classes=classes,
-        input=InputSpec(
-            channels=channels.pop(),
-            tile_size=tile_size,
-            multiple=multiple,
-            normalization=normalization or Normalization(),
-        ),
+        input=dataclasses.replace(geometry, channels=channels.pop()),
         seed=seed,
         extra={"source": "onnx", "outputs": outputs, "files": [Path(f).name for f in onnx_files]},
     )
@@ -153,11 +174,12 @@ def _smoke_run(bundle: Bundle, sources: Sequence[Path]) -> None:
 
     man = bundle.manifest
     h = w = max(man.input.multiple, 8)
+    sp = (h, w) if man.input.patch is None else tuple(man.input.patch)
     batch = Batch(
-        image=np.zeros((1, man.input.channels, h, w), np.float32),
+        image=np.zeros((1, man.input.channels, *sp), np.float32),
         seed=np.zeros(1, np.int64),
         offset=np.zeros((1, 3), np.int64),
-        valid=np.array([[h, w]], np.int64),
+        valid=np.array([sp], np.int64),
     )
     try:
         with EmbeddedRuntime(bundle, device="cpu", threads=1, workers=1) as rt:
@@ -169,7 +191,9 @@ def _smoke_run(bundle: Bundle, sources: Sequence[Path]) -> None:
         ) from exc
 
 
-def _read_user_graph(path: Path, num_classes: int) -> tuple[onnx.ModelProto, str, int, int]:
+def _read_user_graph(
+    path: Path, num_classes: int, dims: int = 2
+) -> tuple[onnx.ModelProto, str, int, int]:
     """Load and check a user graph; returns ``(model, input name, channels, opset)``."""
     import onnx
     from onnx import TensorProto
@@ -184,32 +208,34 @@ def _read_user_graph(path: Path, num_classes: int) -> tuple[onnx.ModelProto, str
             f"{path}: not a valid ONNX model ({type(exc).__name__}); pass an .onnx file"
         ) from exc
     g = user.graph
+    sp = "H, W" if dims == 2 else "D, H, W"
     inits = {i.name for i in g.initializer}
     ins = [vi for vi in g.input if vi.name not in inits]
     if len(ins) != 1 or len(g.output) != 1:
         raise ExportError(
-            f"{path}: needs exactly one input [B,C,H,W] and one output [B,K,H,W], "
+            f"{path}: needs exactly one input [B,C,{sp}] and one output [B,K,{sp}], "
             f"has inputs {[vi.name for vi in ins]} and outputs {[vi.name for vi in g.output]}"
         )
     vin, vout = ins[0], g.output[0]
 
-    def dims(vi: onnx.ValueInfoProto) -> list[int | str]:
+    def shape(vi: onnx.ValueInfoProto) -> list[int | str]:
         return [
             d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
             for d in vi.type.tensor_type.shape.dim
         ]
 
-    din, dout = dims(vin), dims(vout)
+    din, dout = shape(vin), shape(vout)
     if (
         vin.type.tensor_type.elem_type != TensorProto.FLOAT
-        or len(din) != 4
+        or len(din) != dims + 2
         or not isinstance(din[1], int)
     ):
         raise ExportError(
-            f"{path}: input {vin.name!r} must be float32 [B, C, H, W] with fixed C, got {din}"
+            f"{path}: input {vin.name!r} must be float32 [B, C, {sp}] with fixed C, got {din}"
+            + (" (a 3D graph? pass `dims=3`)" if len(din) == 5 and dims == 2 else "")
         )
-    if vout.type.tensor_type.elem_type != TensorProto.FLOAT or len(dout) != 4:
-        raise ExportError(f"{path}: output {vout.name!r} must be float32 [B, K, H, W], got {dout}")
+    if vout.type.tensor_type.elem_type != TensorProto.FLOAT or len(dout) != dims + 2:
+        raise ExportError(f"{path}: output {vout.name!r} must be float32 [B, K, {sp}], got {dout}")
     if isinstance(dout[1], int) and dout[1] != num_classes:
         raise ExportError(
             f"{path}: the graph outputs {dout[1]} classes but {num_classes} class names were given"
@@ -220,25 +246,27 @@ def _read_user_graph(path: Path, num_classes: int) -> tuple[onnx.ModelProto, str
     return user, vin.name, int(din[1]), opset
 
 
-def _contract_nodes(src_out: str, k: int, outputs: str) -> tuple[list[Any], list[Any]]:
-    """Nodes and constants computing the member outputs from the user's ``[B,K,H,W]``."""
+def _contract_nodes(
+    src_out: str, k: int, outputs: str, dims: int = 2
+) -> tuple[list[Any], list[Any]]:
+    """Nodes and constants computing the member outputs from the user's ``[B,K,*sp]``.
+
+    ``dims`` spatial axes (2: ``H, W``; 3: ``D, H, W``); ``valid [B, dims]`` bounds
+    the region the per-sample counts are taken over.
+    """
     from onnx import TensorProto, helper
 
     c = helper.make_tensor
+    axes = list(range(2, 2 + dims))
+    ones = [1] * dims
     consts = [
         c("wrap_axes_k", TensorProto.INT64, [1], [1]),
-        c("wrap_axes_hw", TensorProto.INT64, [2], [2, 3]),
+        c("wrap_axes_sp", TensorProto.INT64, [dims], axes),
         c("wrap_tiny", TensorProto.FLOAT, [], [1e-30]),
         c("wrap_zero", TensorProto.INT64, [], [0]),
         c("wrap_one", TensorProto.INT64, [], [1]),
-        c("wrap_classes", TensorProto.INT64, [1, k, 1, 1], list(range(k))),
-        c("wrap_i0", TensorProto.INT64, [1], [0]),
-        c("wrap_i1", TensorProto.INT64, [1], [1]),
-        c("wrap_i2", TensorProto.INT64, [1], [2]),
-        c("wrap_i3", TensorProto.INT64, [1], [3]),
-        c("wrap_shape_b11", TensorProto.INT64, [3], [-1, 1, 1]),
-        c("wrap_shape_1h1", TensorProto.INT64, [3], [1, -1, 1]),
-        c("wrap_shape_11w", TensorProto.INT64, [3], [1, 1, -1]),
+        c("wrap_classes", TensorProto.INT64, [1, k, *ones], list(range(k))),
+        c("wrap_shape_b", TensorProto.INT64, [dims + 1], [-1, *ones]),
     ]
     mk = helper.make_node
     if outputs == "logits":
@@ -252,52 +280,65 @@ def _contract_nodes(src_out: str, k: int, outputs: str) -> tuple[list[Any], list
         mk("Mul", ["mean", "wrap_logp"], ["wrap_plogp"]),
         mk("ReduceSum", ["wrap_plogp", "wrap_axes_k"], ["wrap_negent"], keepdims=0),
         mk("Neg", ["wrap_negent"], ["sample_entropy"]),
-        # labels [B,1,H,W]
+        # labels [B,1,*sp]
         mk("ArgMax", ["mean"], ["wrap_labels"], axis=1, keepdims=1),
         mk("Cast", ["wrap_labels"], ["sample_labels"], to=TensorProto.UINT8),
-        # valid-region mask [B,1,H,W]
         mk("Shape", ["mean"], ["wrap_shape"]),
-        mk("Gather", ["wrap_shape", "wrap_i2"], ["wrap_h1"]),
-        mk("Gather", ["wrap_shape", "wrap_i3"], ["wrap_w1"]),
-        mk("Squeeze", ["wrap_h1"], ["wrap_h"]),
-        mk("Squeeze", ["wrap_w1"], ["wrap_w"]),
-        mk("Range", ["wrap_zero", "wrap_h", "wrap_one"], ["wrap_rows"]),
-        mk("Range", ["wrap_zero", "wrap_w", "wrap_one"], ["wrap_cols"]),
-        mk("Reshape", ["wrap_rows", "wrap_shape_1h1"], ["wrap_rows3"]),
-        mk("Reshape", ["wrap_cols", "wrap_shape_11w"], ["wrap_cols3"]),
-        mk("Gather", ["valid", "wrap_i0"], ["wrap_vr"], axis=1),
-        mk("Gather", ["valid", "wrap_i1"], ["wrap_vc"], axis=1),
-        mk("Reshape", ["wrap_vr", "wrap_shape_b11"], ["wrap_vr3"]),
-        mk("Reshape", ["wrap_vc", "wrap_shape_b11"], ["wrap_vc3"]),
-        mk("Less", ["wrap_rows3", "wrap_vr3"], ["wrap_inr"]),
-        mk("Less", ["wrap_cols3", "wrap_vc3"], ["wrap_inc"]),
-        mk("And", ["wrap_inr", "wrap_inc"], ["wrap_in"]),
-        mk("Unsqueeze", ["wrap_in", "wrap_axes_k"], ["wrap_in4"]),
-        # counts [B,1,K] = sum over valid pixels of one-hot(labels)
+    ]
+    # valid-region mask [B,*sp]: position < valid along every spatial axis
+    inside = ""
+    for a in range(dims):
+        shape = [1] * (dims + 1)
+        shape[a + 1] = -1
+        consts += [
+            c(f"wrap_i{a}", TensorProto.INT64, [1], [a]),
+            c(f"wrap_ax{a}", TensorProto.INT64, [1], [a + 2]),
+            c(f"wrap_shape_ax{a}", TensorProto.INT64, [dims + 1], shape),
+        ]
+        nodes += [
+            mk("Gather", ["wrap_shape", f"wrap_ax{a}"], [f"wrap_n{a}1"]),
+            mk("Squeeze", [f"wrap_n{a}1"], [f"wrap_n{a}"]),
+            mk("Range", ["wrap_zero", f"wrap_n{a}", "wrap_one"], [f"wrap_pos{a}"]),
+            mk("Reshape", [f"wrap_pos{a}", f"wrap_shape_ax{a}"], [f"wrap_posr{a}"]),
+            mk("Gather", ["valid", f"wrap_i{a}"], [f"wrap_v{a}"], axis=1),
+            mk("Reshape", [f"wrap_v{a}", "wrap_shape_b"], [f"wrap_vr{a}"]),
+            mk("Less", [f"wrap_posr{a}", f"wrap_vr{a}"], [f"wrap_in{a}"]),
+        ]
+        if a:
+            nodes.append(mk("And", [inside, f"wrap_in{a}"], [f"wrap_inside{a}"]))
+            inside = f"wrap_inside{a}"
+        else:
+            inside = "wrap_in0"
+    nodes += [
+        mk("Unsqueeze", [inside, "wrap_axes_k"], ["wrap_in_k"]),
+        # counts [B,1,K] = sum over valid voxels of one-hot(labels)
         mk("Equal", ["wrap_labels", "wrap_classes"], ["wrap_onehot"]),
-        mk("And", ["wrap_onehot", "wrap_in4"], ["wrap_onehot_in"]),
+        mk("And", ["wrap_onehot", "wrap_in_k"], ["wrap_onehot_in"]),
         mk("Cast", ["wrap_onehot_in"], ["wrap_onehot_f"], to=TensorProto.FLOAT),
-        mk("ReduceSum", ["wrap_onehot_f", "wrap_axes_hw"], ["wrap_counts"], keepdims=0),
+        mk("ReduceSum", ["wrap_onehot_f", "wrap_axes_sp"], ["wrap_counts"], keepdims=0),
         mk("Unsqueeze", ["wrap_counts", "wrap_axes_k"], ["sample_counts"]),
     ]
     return nodes, consts
 
 
 def wrap_onnx_member(
-    path: str | os.PathLike[str], *, num_classes: int, outputs: str = "logits"
+    path: str | os.PathLike[str], *, num_classes: int, outputs: str = "logits", dims: int = 2
 ) -> tuple[onnx.ModelProto, int, int]:
-    """Wrap one user graph into the member contract; returns ``(model, channels, opset)``."""
+    """Wrap one user graph into the member contract; returns ``(model, channels, opset)``.
+
+    ``dims`` 2: ``[B,C,H,W] -> [B,K,H,W]``; 3: ``[B,C,D,H,W] -> [B,K,D,H,W]``.
+    """
     import onnx
     from onnx import helper
 
     path = Path(path)
-    user, input_name, channels, opset = _read_user_graph(path, num_classes)
+    user, input_name, channels, opset = _read_user_graph(path, num_classes, dims)
     # Rename everything of the user's graph so our node names cannot clash.
     user = onnx.compose.add_prefix(user, "user_")
     g = user.graph
     src_in = g.input[[vi.name for vi in g.input].index("user_" + input_name)].name
-    nodes, consts = _contract_nodes(g.output[0].name, num_classes, outputs)
-    inputs, outs = member_value_infos(channels, num_classes, 1)
+    nodes, consts = _contract_nodes(g.output[0].name, num_classes, outputs, dims)
+    inputs, outs = member_value_infos(channels, num_classes, 1, dims)
     graph = helper.make_graph(
         [helper.make_node("Identity", ["image"], [src_in], name="wrap_image"), *g.node, *nodes],
         f"uqserve_member_{path.stem}",

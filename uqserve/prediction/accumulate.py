@@ -161,13 +161,14 @@ class Clock:
             yield outs
 
 
-def check_outputs(out: MemberOutputs, expected: tuple[int, int, int, int], S: int, m: int) -> None:
-    b, K, h, w = expected
+def check_outputs(out: MemberOutputs, expected: tuple[int, ...], S: int, m: int) -> None:
+    """``expected``: the mean's shape ``(b, K, *spatial)`` (``[h, w]`` or ``[d, h, w]``)."""
+    b, K, *sp = expected
     mean, ent, cnt = out.mean, out.sample_entropy, out.sample_counts
-    if mean.shape != expected or ent.shape != (b, h, w) or cnt.shape != (b, S, K):
+    if mean.shape != expected or ent.shape != (b, *sp) or cnt.shape != (b, S, K):
         raise RuntimeServiceError(
             f"member {m} returned mean {mean.shape}, sample_entropy {ent.shape}, "
-            f"sample_counts {cnt.shape}; expected {expected}, {(b, h, w)}, {(b, S, K)}: "
+            f"sample_counts {cnt.shape}; expected {expected}, {(b, *sp)}, {(b, S, K)}: "
             "the graph does not match its manifest; re-export the bundle"
         )
 

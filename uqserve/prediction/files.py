@@ -25,10 +25,12 @@ from uqserve.prediction.options import (
     PredictError,
     check_batch_size,
     check_on_error,
+    check_overlap,
     resolve_seed,
 )
 from uqserve.prediction.pipeline import Prediction, predict_volume
 from uqserve.prediction.report import Outputs, Report, report_json
+from uqserve.prediction.windows import DEFAULT_OVERLAP
 from uqserve.runtime import Runtime, RuntimeServiceError, open_runtime
 from uqserve.volumes import (
     OutputError,
@@ -154,6 +156,7 @@ def predict(
     *,
     seed: int | None = None,
     batch_size: int | None = None,
+    overlap: float = DEFAULT_OVERLAP,
     device: str = "auto",
     precision: str = "fp32",
     servers: Sequence[str] | None = None,
@@ -185,10 +188,12 @@ def predict(
     ``compression_level`` (0-9) to the gzipped maps. ``max_voxels`` refuses
     larger scans before reading them (see ``read_volume``). ``timeout_s`` (per
     request) and ``deadline_s`` (per scan) bound the wait for ``servers``.
+    ``overlap``: the share of sliding windows (bundles with ``input.patch``).
     A scan that fails for any reason does not stop the others with ``"skip"``.
     """
     check_on_error(on_error)
     check_batch_size(batch_size)
+    check_overlap(overlap)
     check_compression_level(compression_level)
     if max_voxels is not None:
         voxel_limit(max_voxels)  # a bad limit is an option error, not a per-scan one
@@ -214,7 +219,7 @@ def predict(
     try:
         seed = resolve_seed(seed, runtime.bundle.manifest)  # before any file is read
         options: dict[str, Any] = dict(
-            seed=seed, batch_size=batch_size, png=png, overwrite=overwrite,
+            seed=seed, batch_size=batch_size, overlap=overlap, png=png, overwrite=overwrite,
             volume_index=volume_index, max_voxels=max_voxels, progress=progress,
             compression_level=compression_level,
         )  # fmt: skip
@@ -281,6 +286,7 @@ def _predict_file(
     *,
     seed: int | None,
     batch_size: int | None,
+    overlap: float,
     png: bool,
     overwrite: bool,
     volume_index: int | None,
@@ -294,8 +300,9 @@ def _predict_file(
         volume = read_volume(path, volume_index=volume_index, max_voxels=max_voxels)
         t_read = time.perf_counter() - t0
         pred = predict_volume(
-            volume, runtime=runtime, seed=seed, batch_size=batch_size, progress=progress
-        )
+            volume, runtime=runtime, seed=seed, batch_size=batch_size, overlap=overlap,
+            progress=progress,
+        )  # fmt: skip
         t1 = time.perf_counter()
         report = pred.report
         report["scan"]["name"] = path.name

@@ -9,7 +9,6 @@ __all__ = [
     "PredictError",
     "check_batch_size",
     "check_channels",
-    "check_dims",
     "check_on_error",
     "check_overlap",
     "resolve_seed",
@@ -48,15 +47,6 @@ def check_channels(man: Manifest) -> None:
         raise PredictError(
             f"bundle {man.name} expects {man.input.channels} channels; "
             "uqserve predict reads single-channel scans"
-        )
-
-
-def check_dims(man: Manifest) -> None:
-    """predict feeds 2D members (slices); volumetric members are not served yet."""
-    if man.input.dims != 2:
-        raise PredictError(
-            f"bundle {man.name} has volumetric (dims {man.input.dims}) members; "
-            "this uqserve predicts with 2D (slice) members only"
         )
 
 

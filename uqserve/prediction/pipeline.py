@@ -41,7 +41,6 @@ from uqserve.prediction.intensity import (
 from uqserve.prediction.options import (
     check_batch_size,
     check_channels,
-    check_dims,
     check_overlap,
     resolve_seed,
 )
@@ -156,13 +155,12 @@ def _run(
     man = bundle.manifest
     seed = resolve_seed(seed, man)
     check_channels(man)
-    check_dims(man)
     check_overlap(overlap)
     # The reader's findings first (zero pixdim, odd voxel sizes, huge intensities).
     warnings: list[str] = [str(w) for w in volume.meta.get("warnings", [])]
     volume, n_bad = clean(volume, warnings)
     frame = plan_frame(volume, man)
-    as_stored = frame.identity and man.input.patch is None
+    as_stored = frame.identity and man.input.patch is None and man.input.dims == 2
     if as_stored and not man.input.normalization.nonzero:
         maps = _slices(volume, frame, runtime, seed, batch_size, want_samples, progress, warnings)
     else:
@@ -244,7 +242,7 @@ def _windows(
     data = frame.to_model(normalize_volume(volume.data, man, warnings, volume.source))
     t_norm = time.perf_counter() - t0
     plan = plan_tiles(frame.model_shape, frame.slice_axis, man, batch_size, overlap)
-    want_labels = want_samples or plan.per_slice > 1
+    want_labels = want_samples or plan.overlapping
     batches = iter_tiles(plan.working(data), plan, seed)
     results = runtime.infer_many(batches, want_samples=want_labels)
     st = stitch(

@@ -18,7 +18,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -50,11 +49,11 @@ class Stitched:
 
 
 class _Sums:
-    """Running weighted sums in slice-first order ``[depth, rows, cols]``."""
+    """Running weighted sums over the grid ``[D, H, W]`` (``TilePlan`` order)."""
 
     def __init__(self, plan: TilePlan, man: Manifest, want_labels: bool) -> None:
         M, S, K = man.num_members, man.num_samples, man.num_classes
-        sp = (plan.depth, plan.rows, plan.cols)
+        sp = plan.grid
         self.mean = np.zeros((M, K, *sp), np.float32)
         self.ent = np.zeros((M, *sp), np.float32) if S > 1 else None
         self.weight = np.zeros(sp, np.float32)
@@ -62,24 +61,23 @@ class _Sums:
         self.best = np.full(sp, -1.0, np.float32) if want_labels else None
 
     def add(
-        self, outs: list[MemberOutputs], i: int, where: tuple[Any, ...],
+        self, outs: list[_Slab], i: int, where: tuple[slice, slice, slice],
         w: npt.NDArray[np.float32] | None,
     ) -> None:  # fmt: skip
-        """Item ``i`` of a batch, covering ``where`` = ``(z, rows slice, cols slice)``."""
-        h = where[1].stop - where[1].start
-        wd = where[2].stop - where[2].start
-        take = self.better(where, w)
-        for m, out in enumerate(outs):
-            mean = out.mean[i, :, :h, :wd]
+        """Item ``i`` of a batch (outputs with a D axis), covering ``where``."""
+        crop = tuple(slice(0, s.stop - s.start) for s in where)
+        take = self._better(where, w)
+        for m, (mean, ent, labels) in enumerate(outs):
+            pm = mean[i][(slice(None), *crop)]
             region = (m, slice(None), *where)
-            self.mean[region] += mean if w is None else mean * w
+            self.mean[region] += pm if w is None else pm * w
             if self.ent is not None:
-                ent = out.sample_entropy[i, :h, :wd]
-                self.ent[(m, *where)] += ent if w is None else ent * w
+                e = ent[i][crop]
+                self.ent[(m, *where)] += e if w is None else e * w
             if self.labels is not None:
-                if out.sample_labels is None:
+                if labels is None:
                     raise RuntimeServiceError(f"runtime returned no sample_labels for member {m}")
-                lab = out.sample_labels[i, :, :h, :wd]
+                lab = labels[i][(slice(None), *crop)]
                 dst = self.labels[region]
                 if take is None:
                     dst[...] = lab
@@ -87,8 +85,8 @@ class _Sums:
                     dst[:, take] = lab[:, take]
         self.weight[where] += 1.0 if w is None else w
 
-    def better(
-        self, where: tuple[Any, ...], w: npt.NDArray[np.float32] | None
+    def _better(
+        self, where: tuple[slice, slice, slice], w: npt.NDArray[np.float32] | None
     ) -> npt.NDArray[np.bool_] | None:
         """Where this window outweighs those stitched so far (None: everywhere)."""
         if self.best is None or w is None:
@@ -96,6 +94,23 @@ class _Sums:
         take = w > self.best[where]
         self.best[where] = np.where(take, w, self.best[where])
         return take
+
+
+#: One member's batch outputs with a D axis: mean [b, K, d, h, w], entropy [b, d, h, w],
+#: labels [b, S, d, h, w] or None.
+_Slab = tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.uint8] | None]
+
+
+def _slabs(out: MemberOutputs, dims: int) -> _Slab:
+    """A member's outputs with a D axis (slices get one of size 1; views)."""
+    if dims == 3:
+        return out.mean, out.sample_entropy, out.sample_labels
+    lab = out.sample_labels
+    return (
+        out.mean[:, :, np.newaxis],
+        out.sample_entropy[:, np.newaxis],
+        None if lab is None else lab[:, :, np.newaxis],
+    )
 
 
 def stitch(
@@ -109,31 +124,37 @@ def stitch(
 ) -> Stitched:
     """Consume the runtime's results for the windows of ``plan``, in ``plan.tiles()`` order."""
     M, S, K = man.num_members, man.num_samples, man.num_classes
-    overlap = plan.per_slice > 1
-    sums = _Sums(plan, man, want_labels or overlap)
+    sums = _Sums(plan, man, want_labels or plan.overlapping)
     counts = np.zeros((M, S, K), np.float64)
     tiles = plan.tiles()
+    graph_window = plan.window[1:] if plan.dims == 2 else plan.window
     done = 0
     clock = Clock()
     for outs in clock.batches(results, man):
         t0 = time.perf_counter()
         b = min(plan.batch_size, plan.total - done)
         for m, out in enumerate(outs):
-            check_outputs(out, (b, K, plan.tile_h, plan.tile_w), S, m)
+            check_outputs(out, (b, K, *graph_window), S, m)
             counts[m] += out.sample_counts.sum(axis=0, dtype=np.float64)
+        slabs = [_slabs(out, plan.dims) for out in outs]
         for i in range(b):
-            z, y0, x0 = next(tiles)
-            h, w = min(plan.tile_h, plan.rows - y0), min(plan.tile_w, plan.cols - x0)
-            weights = None if plan.weights is None else plan.weights[:h, :w]
-            sums.add(outs, i, (z, slice(y0, y0 + h), slice(x0, x0 + w)), weights)
+            start = next(tiles)
+            where = tuple(
+                slice(s, min(s + n, g))
+                for s, n, g in zip(start, plan.window, plan.grid, strict=True)
+            )
+            weights = None
+            if plan.weights is not None:
+                weights = plan.weights[tuple(slice(0, s.stop - s.start) for s in where)]
+            sums.add(slabs, i, where, weights)  # type: ignore[arg-type]
         done += b
         clock.accumulate_s += time.perf_counter() - t0
         if progress is not None:
-            progress(source, done // plan.per_slice, plan.depth)
+            progress(source, done * plan.grid[0] // plan.total, plan.grid[0])
     if done != plan.total:
         raise RuntimeServiceError(f"runtime returned {done} of {plan.total} windows")
     t0 = time.perf_counter()
-    return _finish(sums, plan, counts if not overlap else None, want_labels, clock, t0)
+    return _finish(sums, plan, None if plan.overlapping else counts, want_labels, clock, t0)
 
 
 def _finish(
@@ -151,15 +172,11 @@ def _finish(
         for m in range(M):
             for s in range(S):
                 counts[m, s] = np.bincount(sums.labels[m, s].ravel(), minlength=K)[:K]
-
-    def order(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
-        return np.moveaxis(a, -3, a.ndim - 3 + plan.axis)
-
     return Stitched(
-        member_mean=order(sums.mean),
-        member_entropy=None if sums.ent is None else order(sums.ent),
+        member_mean=plan.to_model(sums.mean),
+        member_entropy=None if sums.ent is None else plan.to_model(sums.ent),
         counts=counts,
-        labels=order(sums.labels) if want_labels and sums.labels is not None else None,
+        labels=plan.to_model(sums.labels) if want_labels and sums.labels is not None else None,
         model_s=clock.model_s,
         accumulate_s=clock.accumulate_s + time.perf_counter() - t0,
     )

@@ -60,89 +60,110 @@ def gaussian_weights(patch: tuple[int, ...], sigma_scale: float = 1 / 8) -> npt.
 
 @dataclass(frozen=True)
 class TilePlan:
-    """How the model-grid slices are cut into graph inputs.
+    """How the model grid is cut into graph inputs, in slice-first order ``[D, H, W]``.
 
-    axis, rows, cols, depth  as ``geometry.SlicePlan`` (working order [rows, cols, depth])
-    tile_h, tile_w  the graph input size, pixels
-    ys, xs          window starts along rows and cols
-    weights         ``[tile_h, tile_w]`` importance map, None: whole slices (weight 1)
-    batch_size      windows per runtime call
+    For ``dims`` 2, ``D`` is the slices (the through-plane ``axis`` of the model
+    array) and a window is one slice thick; for ``dims`` 3 ``[D, H, W]`` is the
+    model array ``[X', Y', Z']`` reversed (``z, y, x``).
+
+    grid        ``(D, H, W)`` voxels
+    window      the graph input ``(d, h, w)`` (``d`` = 1 for slices)
+    starts      window starts per axis
+    weights     ``window``-shaped importance map, None: whole slices (weight 1)
+    batch_size  windows per runtime call
     """
 
+    dims: int
     axis: int
-    rows: int
-    cols: int
-    depth: int
-    tile_h: int
-    tile_w: int
-    ys: tuple[int, ...]
-    xs: tuple[int, ...]
+    grid: tuple[int, int, int]
+    window: tuple[int, int, int]
+    starts: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
     weights: npt.NDArray[np.float32] | None
     batch_size: int
 
     @property
     def per_slice(self) -> int:
-        return len(self.ys) * len(self.xs)
+        """Windows per slice (2D), or per volume (3D)."""
+        return (
+            len(self.starts[1])
+            * len(self.starts[2])
+            * (len(self.starts[0]) if self.dims == 3 else 1)
+        )
 
     @property
     def total(self) -> int:
-        return self.per_slice * self.depth
+        return len(self.starts[0]) * len(self.starts[1]) * len(self.starts[2])
+
+    @property
+    def overlapping(self) -> bool:
+        return self.total > (self.grid[0] if self.dims == 2 else 1)
 
     def working(self, data: npt.NDArray[Any]) -> npt.NDArray[Any]:
-        """``[X, Y, Z]`` -> ``[rows, cols, depth]`` (a view)."""
-        return np.moveaxis(data, self.axis, -1)
+        """The model array ``[X', Y', Z']`` -> ``[D, H, W]`` (a view)."""
+        if self.dims == 3:
+            return np.moveaxis(data, (0, 1, 2), (2, 1, 0))
+        return np.moveaxis(data, self.axis, 0)
+
+    def to_model(self, a: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """``[..., D, H, W]`` -> the model array order ``[..., X', Y', Z']`` (a view)."""
+        n = a.ndim
+        if self.dims == 3:
+            return np.moveaxis(a, (n - 3, n - 2, n - 1), (n - 1, n - 2, n - 3))
+        return np.moveaxis(a, n - 3, n - 3 + self.axis)
 
     def tiles(self) -> Iterator[tuple[int, int, int]]:
-        """``(z, y0, x0)`` of every window, slice by slice."""
-        for z in range(self.depth):
-            for y0, x0 in product(self.ys, self.xs):
-                yield z, y0, x0
+        """``(z0, y0, x0)`` of every window, slice (or slab) by slice."""
+        return iter(product(*self.starts))
 
 
 def plan_tiles(
     shape: tuple[int, ...], axis: int, man: Manifest, batch_size: int, overlap: float
 ) -> TilePlan:
-    """The window plan of a model-grid volume ``shape`` sliced along ``axis``."""
-    rows, cols = (int(shape[a]) for a in range(3) if a != axis)
-    depth = int(shape[axis])
-    patch = man.input.patch
-    if patch is None:
-        mult = max(1, man.input.multiple)
-        tile_h = max(man.input.tile_size[0], math.ceil(rows / mult) * mult)
-        tile_w = max(man.input.tile_size[1], math.ceil(cols / mult) * mult)
-        ys: tuple[int, ...] = (0,)
-        xs: tuple[int, ...] = (0,)
-        weights = None
+    """The window plan of a model-grid volume ``shape`` (``[X', Y', Z']``)."""
+    inp = man.input
+    if inp.dims == 3:
+        grid = (int(shape[2]), int(shape[1]), int(shape[0]))
     else:
-        tile_h, tile_w = int(patch[-2]), int(patch[-1])
-        ys, xs = tuple(starts(rows, tile_h, overlap)), tuple(starts(cols, tile_w, overlap))
-        weights = gaussian_weights((tile_h, tile_w))
-    per_tile = man.num_samples * man.num_classes * tile_h * tile_w
+        d, (r, c) = int(shape[axis]), (int(shape[a]) for a in range(3) if a != axis)
+        grid = (d, r, c)
+    weights = None
+    if inp.patch is None:  # 2D whole slices, padded as geometry.plan_slices
+        mult = max(1, inp.multiple)
+        window = (
+            1,
+            max(inp.tile_size[0], math.ceil(grid[1] / mult) * mult),
+            max(inp.tile_size[1], math.ceil(grid[2] / mult) * mult),
+        )
+        starts_ = (tuple(range(grid[0])), (0,), (0,))
+    else:
+        window = (1, *inp.patch) if inp.dims == 2 else tuple(inp.patch)  # type: ignore[assignment]
+        per_axis = [starts(n, p, overlap) for n, p in zip(grid, window, strict=True)]
+        if inp.dims == 2:
+            per_axis[0] = list(range(grid[0]))
+        starts_ = tuple(tuple(v) for v in per_axis)  # type: ignore[assignment]
+        weights = gaussian_weights(window[1:] if inp.dims == 2 else window).reshape(window)
+    per_tile = man.num_samples * man.num_classes * window[0] * window[1] * window[2]
     batch_size = min(batch_size, max(1, SAMPLE_BUDGET // per_tile))
-    return TilePlan(axis, rows, cols, depth, tile_h, tile_w, ys, xs, weights, batch_size)
+    return TilePlan(inp.dims, axis, grid, window, starts_, weights, batch_size)
 
 
 def iter_tiles(work: npt.NDArray[np.float32], plan: TilePlan, seed: int) -> Iterator[Batch]:
-    """Batches of windows of the normalised ``work`` ``[rows, cols, depth]``, in ``tiles()`` order.
+    """Batches of windows of the normalised ``work`` ``[D, H, W]``, in ``tiles()`` order.
 
-    Each slice is padded (reflection, far edges) to at least one window; each
-    ``Batch.image`` is ``[b, 1, tile_h, tile_w]`` float32.
+    ``work`` is padded (reflection, far edges) to at least one window per axis;
+    ``Batch.image`` is ``[b, 1, h, w]`` (2D) or ``[b, 1, d, h, w]`` (3D) float32.
     """
-    rows, cols = plan.rows, plan.cols
-    pad = ((0, max(0, plan.tile_h - rows)), (0, max(0, plan.tile_w - cols)))
+    pad = [(0, max(0, n - g)) for n, g in zip(plan.window, plan.grid, strict=True)]
+    if plan.dims == 2:
+        pad[0] = (0, 0)
+    padded = np.pad(work, pad, mode="reflect") if any(p[1] for p in pad) else work
+    d, h, w = plan.window
     images: list[npt.NDArray[np.float32]] = []
     where: list[tuple[int, int, int]] = []
-    padded: npt.NDArray[np.float32] | None = None
-    last_z = -1
-    for z, y0, x0 in plan.tiles():
-        if z != last_z:
-            padded = np.pad(work[:, :, z], pad, mode="reflect") if any(pad[0] + pad[1]) else (
-                np.asarray(work[:, :, z])
-            )  # fmt: skip
-            last_z = z
-        assert padded is not None
-        images.append(padded[y0 : y0 + plan.tile_h, x0 : x0 + plan.tile_w])
-        where.append((z, y0, x0))
+    for z0, y0, x0 in plan.tiles():
+        crop = padded[z0 : z0 + d, y0 : y0 + h, x0 : x0 + w]
+        images.append(crop[0] if plan.dims == 2 else crop)
+        where.append((z0, y0, x0))
         if len(images) == plan.batch_size:
             yield _batch(images, where, plan, seed)
             images, where = [], []
@@ -155,14 +176,12 @@ def _batch(
     seed: int,
 ) -> Batch:  # fmt: skip
     offset = np.array(where, np.int64)
-    valid = np.stack(
-        [np.minimum(plan.tile_h, plan.rows - offset[:, 1]),
-         np.minimum(plan.tile_w, plan.cols - offset[:, 2])], axis=1,
-    ).astype(np.int64)  # fmt: skip
+    real = np.minimum(np.array(plan.window), np.array(plan.grid) - offset)  # [b, 3]
+    valid = real[:, 1:] if plan.dims == 2 else real
     image = np.stack(images).astype(np.float32, copy=False)[:, np.newaxis]
     return Batch(
         image=np.ascontiguousarray(image),
         seed=np.full(len(images), seed, np.int64),
         offset=offset,
-        valid=valid,
+        valid=np.ascontiguousarray(valid, dtype=np.int64),
     )
