@@ -171,21 +171,56 @@ def test_loss_rejects_bad_shapes() -> None:
         net.loss(image.repeat(1, 2, 1, 1), target)
 
 
-def test_ssn_warmup_trains_the_mean_only() -> None:
+def test_ssn_warmup_zeroes_the_factor_and_keeps_diagonal_and_mc_loss() -> None:
     net = build_network("ssn", ModelConfig(**TINY, ssn_warmup=2))
     image, target = _batch(2)
-    _, logs = net.loss(image, target)
+    loss, logs = net.loss(image, target)
     assert logs.get("warmup") == 1.0
+    loss.backward()
+    grads = {n: p.grad for n, p in net.named_parameters()}
+    # The factor head gets no gradient; the diagonal and the mean heads do.
+    assert grads["factor_head.weight"] is None or not grads["factor_head.weight"].any()
+    assert grads["diag_head.weight"].abs().sum() > 0 and grads["mean_head.weight"].abs().sum() > 0
+    net.zero_grad()
     net.loss(image, target)
-    _, logs = net.loss(image, target)
+    loss, logs = net.loss(image, target)
     assert "warmup" not in logs
+    loss.backward()
+    assert net.factor_head.weight.grad.abs().sum() > 0
 
 
 # ---------------------------------------------------------------- MC dropout
 
 
-def test_mc_dropout_masks_are_frozen_per_member() -> None:
+def test_mc_dropout_masks_are_fresh_per_image_and_shared_by_its_tiles() -> None:
+    # Softmax: no AU noise, so two tiles of one slice differ only if their masks do.
     net = build_network("softmax", ModelConfig(**TINY, dropout=0.3)).eval()
+    image, _ = _batch(1)
+    img = image.repeat(4, 1, 1, 1)
+    seed = torch.tensor([5, 5, 5, 6])
+    # Tiles 0 and 1 of slice 0 (different y0), slice 1, and slice 0 under another seed.
+    offset = torch.tensor([[0, 0, 0], [0, 32, 0], [1, 0, 0], [0, 0, 0]])
+    valid = torch.full((4, 2), 32)
+    g0 = member_graph(net, 0, 1, eu="mcdropout", seed=5)
+    with torch.no_grad():
+        a = g0(img, seed, offset, valid)[0]
+        again = g0(img, seed, offset, valid)[0]
+        other_member = member_graph(net, 1, 1, eu="mcdropout", seed=5)(img, seed, offset, valid)[0]
+    assert torch.equal(a, again)  # reproducible from (seed, member, slice)
+    assert torch.equal(a[0], a[1])  # tiles of one slice share its masks
+    assert (a[0] - a[2]).abs().max() > 1e-3  # a new slice: a new forward pass, new masks
+    assert (a[0] - a[3]).abs().max() > 1e-3  # another run seed
+    assert (a[0] - other_member[0]).abs().max() > 1e-3  # another member
+    assert all(layer.keys is None for layer in dropout_layers(net))  # net untouched
+    # The PUNet prior/posterior nets and the diffusion denoiser have dropout too.
+    for au, extra in (("punet", 2 * 3), ("diffusion", 1)):
+        n = len(dropout_layers(build_network(au, ModelConfig(**TINY, dropout=0.2))))
+        assert n == 5 + extra
+
+
+def test_mc_dropout_masks_are_frozen_per_member() -> None:
+    net = build_network("softmax", ModelConfig(**TINY, dropout=0.3, mc_dropout_masks="frozen"))
+    net = net.eval()
     layers = dropout_layers(net)
     assert len(layers) == 5  # encoder, bottleneck and decoder blocks
     image, _ = _batch(2)
@@ -213,6 +248,15 @@ def test_mc_dropout_masks_are_frozen_per_member() -> None:
     assert all(layer.mask is None for layer in layers)  # the trained network is untouched
     with pytest.raises(ValueError, match="dropout > 0"):
         member_graph(build_network("softmax", ModelConfig(**TINY)), 0, 1, eu="mcdropout")
+    with pytest.raises(ValueError, match="dropout > 0"):
+        member_graph(
+            build_network("softmax", ModelConfig(**TINY, mc_dropout_masks="frozen")),
+            0,
+            1,
+            eu="mcdropout",
+        )
+    with pytest.raises(ValueError, match="mc_dropout_masks"):
+        ModelConfig(mc_dropout_masks="sometimes")
     assert freeze_dropout_masks(build_network("softmax", ModelConfig(**TINY)), 0, 0) == 0
 
 

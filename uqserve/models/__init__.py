@@ -98,7 +98,9 @@ def member_graph(
 ) -> MemberGraph:
     """Wrap a trained network into the exported member contract (see ``docs/architecture.md``).
 
-    For ``eu="mcdropout"`` the network's dropout masks are frozen from ``(seed, member)``.
+    For ``eu="mcdropout"`` the dropout masks are drawn per image inside the graph
+    (``ModelConfig.mc_dropout_masks = "fresh"``, the default) or frozen from
+    ``(seed, member)`` (``"frozen"``); see ``uqserve.models.dropout``.
     ``sample_chunk``: samples drawn at once (default 4); the graph's memory is that
     of one chunk, its outputs do not depend on it beyond float rounding.
     """

@@ -13,6 +13,7 @@ COMBINATIONS = tuple(f"{au}-{eu}" for au in AU_METHODS for eu in EU_METHODS)
 #: Samples a member graph draws at once: [B, 4, K, H, W] tensors keep the head's
 #: memory near the backbone's.
 DEFAULT_SAMPLE_CHUNK = 4
+MC_DROPOUT_MASKS = ("fresh", "frozen")
 
 
 def parse_combination(name: str) -> tuple[str, str]:
@@ -37,6 +38,9 @@ class ModelConfig:
     depth: int = 3
     dropout: float = 0.0
     dropout_positions: tuple[str, ...] = ("encoder", "bottleneck", "decoder")
+    # MC dropout members: "fresh" masks per image (forward pass), drawn in the graph
+    # from the counter-based noise, or "frozen" masks, one per member, fixed at export.
+    mc_dropout_masks: str = "fresh"
     num_samples: int = 1
     ssn_rank: int = 10
     ssn_eps: float = 1e-5
@@ -65,6 +69,8 @@ class ModelConfig:
         bad = set(self.dropout_positions) - {"encoder", "bottleneck", "decoder"}
         if bad:
             problems.append(f"dropout_positions has unknown {sorted(bad)}")
+        if self.mc_dropout_masks not in MC_DROPOUT_MASKS:
+            problems.append(f"mc_dropout_masks must be one of {', '.join(MC_DROPOUT_MASKS)}")
         if self.num_samples < 1:
             problems.append("num_samples must be >= 1")
         if self.ssn_rank < 1 or self.punet_latent < 1 or self.diffusion_steps < 1:

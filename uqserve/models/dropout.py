@@ -1,13 +1,20 @@
-"""MC dropout with per-channel masks that are frozen at export.
+"""MC dropout with per-channel masks from the counter-based noise.
 
 During training :class:`ChannelDropout` drops whole channels per image
-(``dropout2d``). For an MC-dropout member the masks are drawn once from the
-hash noise of ``(seed, member, STREAM_DROPOUT, layer, channel)`` and baked
-into the graph as constants, so each dropout "member" is an ordinary
-deterministic graph and the masks do not depend on the image size. Only the
-dropout layers are touched: GroupNorm has no train/eval difference, and the
-network stays in ``eval()`` (calling ``train()`` for MC dropout would also flip
-batch statistics in other tools — a silent error).
+(``dropout2d``). An MC-dropout member draws its masks in one of two ways:
+
+- ``fresh`` (the default, as the paper's main grid): every forward pass, i.e.
+  every image (slice), gets new masks, computed inside the graph from the hash
+  noise of ``(seed, member, STREAM_DROPOUT, layer, channel, z)`` with ``seed``
+  the run seed and ``z`` the slice index. Tiles of one slice share its masks,
+  so results do not depend on tiling or batching, and ``--seed`` reproduces them;
+- ``frozen``: one mask per member from ``(seed, member, STREAM_DROPOUT, layer,
+  channel)``, drawn at export and baked into the graph as constants, so each
+  member is an ordinary deterministic graph.
+
+Only the dropout layers are touched: GroupNorm has no train/eval difference,
+and the network stays in ``eval()`` (calling ``train()`` for MC dropout would
+also flip batch statistics in other tools — a silent error).
 """
 
 from __future__ import annotations
@@ -20,30 +27,79 @@ from uqserve.models import noise
 
 
 class ChannelDropout(nn.Module):
-    """Channel dropout; ``mask`` (``[C]``, already scaled by ``1/(1-p)``) when frozen."""
+    """Channel dropout.
+
+    ``mask`` (``[C]``, already scaled by ``1/(1-p)``) when frozen; ``keys`` (a
+    :class:`FreshMasks`) when masks are drawn per image in the graph.
+    """
 
     mask: torch.Tensor | None
+    keys: FreshMasks | None
 
     def __init__(self, channels: int, p: float) -> None:
         super().__init__()
         self.channels = channels
         self.p = float(p)
         self.mask = None
+        self.keys = None
+        self.index = 0  # position among the network's dropout layers (a hash key)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mask is not None:
             return x * self.mask.view(1, -1, 1, 1)
+        if self.keys is not None:
+            # x may hold several rows per image (the diffusion denoiser runs on
+            # [B * S] rows, image-major): every row of an image gets its masks.
+            m = self.keys.mask(self.index, self.channels, self.p).to(x.dtype)  # [B, C, 1, 1]
+            rows = x.reshape(m.shape[0], -1, *x.shape[1:]) * m.unsqueeze(1)
+            return rows.reshape(x.shape)
         if self.training and self.p > 0:
             return F.dropout2d(x, self.p, training=True)
         return x
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, p={self.p}, frozen={self.mask is not None}"
+        mode = "frozen" if self.mask is not None else ("fresh" if self.keys else "off")
+        return f"channels={self.channels}, p={self.p}, masks={mode}"
+
+
+class FreshMasks:
+    """Per-image mask keys of one forward pass: ``seed [B]``, ``z [B]`` int64, the member."""
+
+    def __init__(self, member: int) -> None:
+        self.member = int(member)
+        self.seed: torch.Tensor | None = None
+        self.z: torch.Tensor | None = None
+
+    def mask(self, layer: int, channels: int, p: float) -> torch.Tensor:
+        """``[B, C, 1, 1]`` keep masks scaled by ``1/(1-p)``."""
+        if self.seed is None or self.z is None:
+            raise RuntimeError("FreshMasks.mask called before the forward pass set seed and z")
+        c = torch.arange(channels, dtype=torch.int64).view(1, -1)
+        u = noise.uniform(
+            [self.seed.view(-1, 1), self.member, noise.STREAM_DROPOUT, layer, c, self.z.view(-1, 1)]
+        )
+        keep = (u >= p).to(torch.float32) / (1.0 - p)
+        return keep.view(keep.shape[0], channels, 1, 1)
 
 
 def dropout_layers(net: nn.Module) -> list[ChannelDropout]:
     """The network's dropout layers with ``p > 0``, in a fixed (module) order."""
     return [m for m in net.modules() if isinstance(m, ChannelDropout) and m.p > 0]
+
+
+def fresh_dropout_masks(net: nn.Module, member: int) -> FreshMasks | None:
+    """Make every dropout layer draw per-image masks from one :class:`FreshMasks`.
+
+    Returns it (the caller sets its ``seed`` and ``z`` before each forward pass),
+    or None when the network has no dropout.
+    """
+    layers = dropout_layers(net)
+    if not layers:
+        return None
+    keys = FreshMasks(member)
+    for i, layer in enumerate(layers):
+        layer.index, layer.keys = i, keys
+    return keys
 
 
 def freeze_dropout_masks(net: nn.Module, seed: int, member: int) -> int:
@@ -58,6 +114,7 @@ def freeze_dropout_masks(net: nn.Module, seed: int, member: int) -> int:
 
 
 def unfreeze_dropout_masks(net: nn.Module) -> None:
-    """Undo :func:`freeze_dropout_masks` (back to training behaviour)."""
+    """Undo :func:`freeze_dropout_masks` and :func:`fresh_dropout_masks` (training behaviour)."""
     for layer in dropout_layers(net):
         layer.mask = None
+        layer.keys = None

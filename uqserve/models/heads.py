@@ -269,28 +269,35 @@ class SSNNet(SegNetwork):
         self, image: torch.Tensor, target: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
         feats = self.features(image)
-        if self.step < self.config.ssn_warmup:
-            # Warm-up as a plain softmax model on the mean logits (as the paper).
-            loss = F.cross_entropy(self.mean_head(feats), target)
-            return loss, {"nll": float(loss.detach()), "warmup": 1.0}
         b, _, h, w = image.shape
         s = self.config.ssn_train_samples
         noise = RandomNoise(b, s, h, w, image.device)
-        logits = self._logits(self.head_context(image, feats), noise)  # [B,S,K,H,W]
+        mu, factor, scale = self.head_context(image, feats)
+        warm = self.step < self.config.ssn_warmup
+        if warm:
+            # Warm-up as the paper: the low-rank factor is zeroed (no gradient reaches
+            # its head) while the diagonal noise and the Monte-Carlo loss stay on.
+            factor = torch.zeros_like(factor)
+        logits = self._logits((mu, factor, scale), noise)  # [B,S,K,H,W]
         logp = torch.log_softmax(logits, dim=2)
         idx = target.unsqueeze(1).unsqueeze(2).expand(b, s, 1, h, w)
         ll = logp.gather(2, idx).squeeze(2).flatten(2).sum(-1)  # [B, S]
         nll = -(torch.logsumexp(ll, dim=1) - math.log(s)) / (h * w)
         loss = nll.mean()
+        if warm:
+            return loss, {"nll": float(loss.detach()), "warmup": 1.0}
         return loss, {"nll": float(loss.detach())}
 
 
 class _LatentNet(nn.Module):
     """Prior / posterior net: encoder, global mean, 1x1 conv to (mu, log sigma)."""
 
-    def __init__(self, in_channels: int, width: int, depth: int, latent: int) -> None:
+    def __init__(
+        self, in_channels: int, width: int, depth: int, latent: int, config: ModelConfig
+    ) -> None:
         super().__init__()
-        self.encoder = Encoder(in_channels, width, depth)
+        # Dropout as in the backbone (the paper has it in the prior/posterior nets too).
+        self.encoder = Encoder(in_channels, width, depth, config.dropout, config.dropout_positions)
         self.out = nn.Conv2d(self.encoder.out_channels, 2 * latent, 1)
         self.latent = latent
 
@@ -310,8 +317,8 @@ class PUNetNet(SegNetwork):
         super().__init__(config)
         k, lat, w = config.num_classes, config.punet_latent, config.width
         pw = max(4, round(config.width * 0.75 / 4) * 4)
-        self.prior = _LatentNet(config.in_channels, pw, config.depth, lat)
-        self.posterior = _LatentNet(config.in_channels + k, pw, config.depth, lat)
+        self.prior = _LatentNet(config.in_channels, pw, config.depth, lat, config)
+        self.posterior = _LatentNet(config.in_channels + k, pw, config.depth, lat, config)
         layers: list[nn.Module] = []
         cin = w + lat
         for _ in range(max(1, config.punet_fcomb) - 1):
@@ -377,12 +384,13 @@ class DiffusionNet(SegNetwork):
         self.time_dim = 16
         self.time_mlp = nn.Sequential(nn.Linear(self.time_dim, w), nn.SiLU(), nn.Linear(w, w))
         self.inp = nn.Conv2d(w + k, w, 3, padding=1)
-        self.block = ResBlock(w, w)
+        self.block = ResBlock(w, w, config.dropout)  # dropout in the denoiser, as the paper
         self.out = nn.Conv2d(w, k, 1)
 
     def _time_embedding(self, t: torch.Tensor) -> torch.Tensor:
         half = self.time_dim // 2
-        freqs = torch.exp(-math.log(1000.0) * torch.arange(half, dtype=torch.float32) / half)
+        steps = torch.arange(half, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(-math.log(1000.0) * steps / half)
         args = 1000.0 * t.reshape(-1, 1) * freqs.reshape(1, -1)
         emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
         return self.time_mlp(emb).unsqueeze(-1).unsqueeze(-1)

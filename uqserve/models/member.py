@@ -19,7 +19,7 @@ from torch import nn
 
 from uqserve.errors import UsageError
 from uqserve.models.config import DEFAULT_SAMPLE_CHUNK
-from uqserve.models.dropout import freeze_dropout_masks
+from uqserve.models.dropout import FreshMasks, freeze_dropout_masks, fresh_dropout_masks
 from uqserve.models.heads import HashNoise, SegNetwork
 
 
@@ -68,8 +68,14 @@ class MemberGraph(nn.Module):
         if sample_chunk < 1:
             raise UsageError(f"sample_chunk must be >= 1, got {sample_chunk}")
         net = copy.deepcopy(net).eval()
+        self.fresh: FreshMasks | None = None
         if eu == "mcdropout":
-            if freeze_dropout_masks(net, seed, member) == 0:
+            if net.config.mc_dropout_masks == "frozen":
+                found = freeze_dropout_masks(net, seed, member) > 0
+            else:
+                self.fresh = fresh_dropout_masks(net, member)
+                found = self.fresh is not None
+            if not found:
                 raise UsageError("mcdropout member needs a network with dropout > 0")
         self.net = net
         self.member = int(member)
@@ -84,6 +90,8 @@ class MemberGraph(nn.Module):
         valid: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         _, _, h, w = image.shape
+        if self.fresh is not None:  # MC dropout: this forward pass's masks, per image
+            self.fresh.seed, self.fresh.z = seed, offset[:, 0]
         context = self.net.head_context(image, self.net.features(image))
         total, chunk = self.num_samples, self.sample_chunk
         # Unrolled at export: each chunk's [B, c, K, H, W] tensors die before the next.
