@@ -224,12 +224,22 @@ def test_cli_train_and_refuse_overwrite(tmp_path: Path) -> None:
         (["softmax-laplace"], "unknown combination"),
         (["ssn-none", "--members", "3"], "exactly one member"),
         (["softmax-none", "--data", "/nonexistent/folder"], "not a folder"),
+        (["softmax-none", "--device", "tpu"], "device must be 'cpu', 'cuda' or 'cuda:N'"),
     ],
 )
 def test_cli_bad_input(tmp_path: Path, args: list[str], message: str) -> None:
     res = CliRunner().invoke(app, ["train", *args, "--out", str(tmp_path / "o"), "--quiet"])
     assert res.exit_code == 1
     assert message in res.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_cuda_without_a_gpu_fails_with_one_clear_line(tmp_path: Path) -> None:
+    args = ["train", "softmax-none", "--out", str(tmp_path / "o"), "--quiet", "--device", "cuda"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1
+    assert "no CUDA GPU" in res.output and "device='cpu'" in res.output
     assert not (tmp_path / "o").exists()
 
 

@@ -125,6 +125,8 @@ class TrainConfig:
     # torch threads; default half the CPUs (1 on 2 cores): on a shared machine,
     # oversubscribed cores make every step much slower.
     threads: int | None = None
+    # "cpu" (default), "cuda" or "cuda:N": where the networks train.
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if isinstance(self.size, int):
@@ -155,6 +157,8 @@ class TrainConfig:
             problems.append("ambiguity must be 'low' or 'high'")
         if self.threads is not None and self.threads < 1:
             problems.append("threads must be >= 1")
+        if not _valid_device(self.device):
+            problems.append(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if problems:
             raise TrainError("TrainConfig: " + "; ".join(problems))
 
@@ -301,6 +305,32 @@ def _batch(
 # --------------------------------------------------------------------------- training
 
 
+def _valid_device(device: str) -> bool:
+    head, colon, index = device.partition(":")
+    return device == "cpu" or (head == "cuda" and (not colon or index.isdigit()))
+
+
+def resolve_device(device: str) -> str:
+    """``device`` if torch can train there; TrainError saying what to do otherwise."""
+    import torch
+
+    if device == "cpu":
+        return device
+    if not torch.cuda.is_available():
+        raise TrainError(
+            f"device {device!r} requested but torch sees no CUDA GPU "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}); "
+            "use device='cpu' or install a CUDA build of torch"
+        )
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise TrainError(
+            f"device {device!r} requested but only {torch.cuda.device_count()} CUDA GPU(s) "
+            "are visible; use 'cuda:0'"
+        )
+    return device
+
+
 def default_threads() -> int:
     """Torch threads used when ``TrainConfig.threads`` is None: half the CPUs, 1 to 4."""
     return max(1, min(4, (os.cpu_count() or 1) // 2))
@@ -335,9 +365,10 @@ def _train_member(
 
     from uqserve.models.swag import SwagCollector, load_parameters, mean_weights, snapshot_steps
 
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x7EA1]))
-    net = build_network(au, model_config)
+    dev = torch.device(config.device)
+    net = build_network(au, model_config).to(dev)
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -351,7 +382,7 @@ def _train_member(
     losses = []
     for step in range(config.steps):
         x, y = _batch(slices, rng, config.batch_size, config.size, mean, std, config)
-        loss, _ = net.loss(torch.from_numpy(x), torch.from_numpy(y), step=step)
+        loss, _ = net.loss(torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev), step=step)
         if not torch.isfinite(loss):
             raise TrainError(
                 f"loss became {float(loss.detach())} at step {step}; lower `lr` or check the data"
@@ -374,6 +405,7 @@ def _train_member(
         losses.append(float(loss.detach()))
         on_step(step, losses[-1])
     net.load_state_dict(ema)
+    net = net.cpu()  # checkpoints, validation and export run on the CPU
     if collector is None:
         return net.eval(), losses, None
     stats = collector.stats()
@@ -505,6 +537,7 @@ def train(
 
     import torch
 
+    resolve_device(config.device)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(config.threads or default_threads())
     try:

@@ -64,6 +64,9 @@ def train_command(
     threads: Annotated[
         int | None, typer.Option(min=1, help="Torch threads (default: half the CPUs).")
     ] = None,
+    device: Annotated[
+        str, typer.Option(help="Where to train: cpu (default), cuda or cuda:N (a CUDA GPU).")
+    ] = "cpu",
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -93,6 +96,7 @@ def train_command(
         ambiguity=ambiguity,
         num_images=images,
         threads=threads,
+        device=device,
         **extra,  # type: ignore[arg-type]
     )
     with progress_bars(not quiet, loss=True) as bars:

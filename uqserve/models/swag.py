@@ -124,10 +124,10 @@ class SwagCollector:
     def stats(self) -> SwagStats:
         if self.collected == 0:
             raise UsageError("no SWAG snapshot was collected; train for longer")
-        dev = {} if self.diag_only else {k: torch.stack(r) for k, r in self._rows.items()}
+        dev = {} if self.diag_only else {k: torch.stack(r).cpu() for k, r in self._rows.items()}
         return SwagStats(
-            {k: v.clone() for k, v in self.mean.items()},
-            {k: v.clone() for k, v in self.sq_mean.items()},
+            {k: v.cpu().clone() for k, v in self.mean.items()},
+            {k: v.cpu().clone() for k, v in self.sq_mean.items()},
             dev,
             self.snapshots,
             self.collected,
