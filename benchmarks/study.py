@@ -1,14 +1,25 @@
-"""The AU x EU study: train, export, calibrate and evaluate all 12 combinations.
+"""The AU x EU study: all 20 combinations, several seeds, resumable, with intervals.
 
-    .venv/bin/python benchmarks/study.py --scale tiny   # ~30 min on 2 CPU cores
-    .venv/bin/python benchmarks/study.py --scale small  # ~2 h on 2 CPU cores (estimate)
+    .venv/bin/python benchmarks/study.py --scale power            # the study (days on 2 cores)
+    .venv/bin/python benchmarks/study.py --scale power --device cuda --jobs 4
+    .venv/bin/python benchmarks/study.py --scale power --report   # tables/figures only
 
-Writes ``results/study.md`` (the table, the comparison with the paper's
-findings, the scale), ``results/study.json``, ``results/study.csv`` and
-``results/figures/*.png``. Checkpoints, bundles and the raw evaluation go to
-``--work`` (default ``build/study-<scale>``); a finished combination is not
-retrained when the script is run again (delete ``--work`` to start afresh).
-Prints one JSON object with the timings at the end.
+One *run* is one combination at one seed: train, export, calibrate, evaluate.
+Each finished run is saved as ``results/runs/<scale>/<combination>/seed<k>.json``
+(the learn check, the timings of each part, the per-shift AUROCs of AU and EU,
+the paper's Δ with every value it comes from) and skipped when the script is
+run again, so a study can be spread over many sittings and the per-run files
+committed as they come. ``--report`` rebuilds ``results/study.md``,
+``results/study.json`` and ``results/figures/study_*.png`` from the committed
+per-run files alone (no training, no evaluation).
+
+Every number in the report is a mean over seeds with a 95 % t-interval. A
+finding of the paper gets a verdict only where the interval of the paired
+difference (per seed) excludes 0: "agree" or "differ"; otherwise
+"inconclusive". The learn check (held-out Dice of the trained networks
+against the annotators' majority vote, >= 0.6) is printed per run and listed
+in the report. Checkpoints and bundles go to ``--work`` (default
+``build/study-<scale>``, not committed). Prints one JSON line per run.
 """
 
 from __future__ import annotations
@@ -17,396 +28,487 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ("noise", "blur", "contrast", "jpeg")  # the paper's four corruptions
+LEARN_DICE = 0.6  # held-out Dice vs the annotators' majority a trained network must reach
 
+_EVAL_BIG = {"n_test": 50, "n_val": 32, "n_ood": 50, "severities": (0.5, 1.0)}
 # Everything that defines a scale, in one place (quoted in results/study.md).
+# ID test images = 2 * n_test (low and high ambiguity); images per shift =
+# n_ood * len(severities).
 SCALES: dict[str, dict[str, Any]] = {
+    # The study: >= 100 ID test images and >= 100 per shift, >= 3 seeds.
+    "power": {
+        "train": {
+            "steps": 2000, "batch_size": 8, "size": (64, 64), "image_size": 64,
+            "num_images": 512, "num_members": 5, "num_masks": 10, "swag_draws": 10,
+            "swag_snapshots": 30, "swag_every": 10, "ambiguity": "high", "validate": 32,
+        },
+        "model": {"width": 16, "depth": 3, "num_samples": 10, "diffusion_steps": 10,
+                  "ssn_warmup": 1000},
+        "calibrate": {"n_test": 16, "n_val": 32, "n_ood": 8, "shifts": PAPER,
+                      "severities": (1.0,)},
+        "evaluate": _EVAL_BIG,
+        "seeds": (0, 1, 2),
+    },
+    # A quicker look with the same test-set sizes (hours on 2 cores).
     "tiny": {
         "train": {
-            "steps": 400, "batch_size": 8, "size": (32, 32), "image_size": 32, "num_images": 192,
-            "num_members": 3, "num_masks": 4, "ambiguity": "high", "validate": 16,
+            "steps": 1600, "batch_size": 8, "size": (32, 32), "image_size": 32,
+            "num_images": 192, "num_members": 3, "num_masks": 4, "swag_draws": 4,
+            "swag_snapshots": 30, "swag_every": 10, "ambiguity": "high", "validate": 16,
         },
-        "model": {"width": 8, "depth": 2, "num_samples": 4, "diffusion_steps": 4},
-        "calibrate": {"n_test": 6, "n_val": 12, "n_ood": 4, "shifts": PAPER, "severities": (1.0,)},
-        "evaluate": {"n_test": 12, "n_val": 12, "n_ood": 6, "severities": (0.5, 1.0)},
+        "model": {"width": 8, "depth": 2, "num_samples": 4, "diffusion_steps": 4,
+                  "ssn_warmup": 800},
+        "calibrate": {"n_test": 6, "n_val": 12, "n_ood": 4, "shifts": PAPER,
+                      "severities": (1.0,)},
+        "evaluate": _EVAL_BIG,
+        "seeds": (0, 1, 2),
     },
-    "small": {
-        "train": {
-            "steps": 1000, "batch_size": 8, "size": (64, 64), "image_size": 64, "num_images": 512,
-            "num_members": 3, "num_masks": 6, "ambiguity": "high", "validate": 32,
-        },
-        "model": {"width": 16, "depth": 3, "num_samples": 8, "diffusion_steps": 4},
-        "calibrate": {"n_test": 12, "n_val": 24, "n_ood": 8, "shifts": PAPER, "severities": (1.0,)},
-        "evaluate": {"n_test": 32, "n_val": 32, "n_ood": 16, "severities": (0.5, 1.0)},
-    },
-    # Seconds: checks that the script runs end to end; its numbers mean nothing.
+    # Seconds per run: proves the machinery; its numbers mean nothing.
     "smoke": {
         "train": {
-            "steps": 10, "batch_size": 4, "size": (16, 16), "image_size": 16, "num_images": 16,
-            "num_members": 2, "num_masks": 2, "ambiguity": "high", "validate": 0,
+            "steps": 6, "batch_size": 2, "size": (16, 16), "image_size": 16, "num_images": 8,
+            "num_members": 2, "num_masks": 2, "swag_draws": 2, "swag_snapshots": 2,
+            "swag_every": 2, "ambiguity": "high", "validate": 4,
         },
-        "model": {"width": 4, "depth": 1, "num_samples": 2, "diffusion_steps": 2},
+        "model": {"width": 4, "depth": 1, "num_samples": 2, "diffusion_steps": 2,
+                  "ssn_warmup": 2},
         "calibrate": {"n_test": 2, "n_val": 4, "n_ood": 2, "shifts": ("noise",),
                       "severities": (1.0,)},
-        "evaluate": {"n_test": 3, "n_val": 4, "n_ood": 2, "severities": (1.0,)},
+        "evaluate": {"n_test": 3, "n_val": 4, "n_ood": 3, "shifts": PAPER,
+                     "severities": (1.0,)},
+        "seeds": (0, 1),
     },
 }  # fmt: skip
+
+# Per-run numbers the report aggregates: (key, label, digits, higher is better).
+METRICS: tuple[tuple[str, str, int, bool], ...] = (
+    ("dice_vs_majority", "learn Dice", 2, True),
+    ("dice", "Dice", 3, True),
+    ("ged2", "GED²", 3, False),
+    ("ncc_au", "NCC(AU)", 3, True),
+    ("ace_tu", "ACE(TU)", 3, False),
+    ("auroc_eu_paper", "AUROC EU", 2, True),
+    ("auroc_au_paper", "AUROC AU", 2, True),
+    ("delta_ood", "Δ OOD", 2, True),
+    ("delta_ambiguity", "Δ amb.", 2, True),
+    ("delta_calibration", "Δ cal.", 2, True),
+    ("delta_mean", "Δ mean", 2, True),
+)
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def build_bundle(combination: str, scale: str, work: str, seed: int) -> dict[str, Any]:
-    """Train + export + calibrate one combination (in a worker process); returns timings."""
+def run_path(runs: Path, scale: str, combination: str, seed: int) -> Path:
+    return runs / scale / combination / f"seed{seed}.json"
+
+
+# ------------------------------------------------------------------------------- one run
+
+
+def run_one(
+    combination: str, seed: int, scale: str, work: str, runs: str, device: str
+) -> dict[str, Any]:
+    """Train, export, calibrate and evaluate one combination at one seed; save the run."""
     import torch
 
     torch.set_num_threads(1)
-    from uqserve.evaluate import calibrate
+    from uqserve.calibration import calibrate
+    from uqserve.evaluate import evaluate
     from uqserve.exporting import export_checkpoints
     from uqserve.models import ModelConfig
     from uqserve.training import TrainConfig, train
 
+    out = run_path(Path(runs), scale, combination, seed)
+    if out.is_file():
+        return {"combination": combination, "seed": seed, "skipped": True}
     cfg = SCALES[scale]
-    root = Path(work)
+    root = Path(work) / f"seed{seed}"
     bundle = root / "bundles" / combination
-    if (bundle / "manifest.json").is_file() and (bundle / ".calibrated").is_file():
-        return {"combination": combination, "reused": True}
+    for sub in ("bundles", "checkpoints"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    t: dict[str, float] = {}
     t0 = time.perf_counter()
     ckpt = train(
         combination,
         root / "checkpoints" / combination,
-        config=TrainConfig(**cfg["train"], threads=1),
+        config=TrainConfig(**cfg["train"], threads=1, device=device),
         model_config=ModelConfig(**cfg["model"]),
-        seed=seed,
+        seed=1000 * seed,  # ensemble members are seeded seed + m: keep seeds apart
         overwrite=True,
     )
-    t1 = time.perf_counter()
+    t["train_s"] = time.perf_counter() - t0
     export_checkpoints(ckpt, bundle, name=combination, calibrate=False, overwrite=True)
-    t2 = time.perf_counter()
+    t["export_s"] = time.perf_counter() - t0 - sum(t.values())
     calibrate(bundle, "synthetic", device="cpu", seed=seed, **cfg["calibrate"])
-    (bundle / ".calibrated").write_text("")
-    t3 = time.perf_counter()
-    train_val = json.loads((ckpt / "config.json").read_text()).get("validation", {})
+    t["calibrate_s"] = time.perf_counter() - t0 - sum(t.values())
+    res = evaluate([bundle], "synthetic", device="cpu", seed=seed, figures=False,
+                   **cfg["evaluate"])  # fmt: skip
+    t["evaluate_s"] = time.perf_counter() - t0 - sum(t.values())
+    validation = json.loads((ckpt / "config.json").read_text()).get("validation", {})
+    record = _record(combination, seed, scale, res["bundles"][0], validation, t)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, out)  # a run is there completely or not at all
+    return {k: record[k] for k in ("combination", "seed", "learn_check", "timings")}
+
+
+def _record(
+    combination: str,
+    seed: int,
+    scale: str,
+    entry: dict[str, Any],
+    validation: dict[str, Any],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    from uqserve import __version__
+    from uqserve.evaluate import summary_row
+
+    res = entry["results"]
+    dice = validation.get("dice_vs_majority_mean")
+    row = summary_row(entry)
+    row["dice_vs_majority"] = dice
     return {
         "combination": combination,
-        "train_s": round(t1 - t0, 1),
-        "export_s": round(t2 - t1, 1),
-        "calibrate_s": round(t3 - t2, 1),
-        "train_dice_vs_majority": train_val.get("dice_vs_majority_mean"),
+        "seed": seed,
+        "scale": scale,
+        "config": SCALES[scale],
+        "uqserve_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "learn_check": {
+            "dice_vs_majority": dice,
+            "per_network": validation.get("dice_vs_majority"),
+            "threshold": LEARN_DICE,
+            "passed": dice is not None and dice >= LEARN_DICE,
+        },
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+        "row": row,
+        "convention": res["convention"],
+        "delta": res["delta"],
+        "shifts": res["shifts"],
+        "splits": res["splits"],
     }
 
 
-# ------------------------------------------------------------------------ the findings
+# ------------------------------------------------------------------------ statistics
 
 
-def _mean(vals: list[float | None]) -> float | None:
-    v = [x for x in vals if x is not None and math.isfinite(x)]
-    return sum(v) / len(v) if v else None
+def t_interval(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean and 95 % t-interval half-width over the finite ``values`` (None when < 2)."""
+    from scipy import stats
+
+    v = [float(x) for x in values if x is not None and math.isfinite(x)]
+    if not v:
+        return {"mean": None, "half": None, "n": 0}
+    mean = sum(v) / len(v)
+    if len(v) < 2:
+        return {"mean": mean, "half": None, "n": 1}
+    sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1))
+    half = float(stats.t.ppf(0.975, len(v) - 1)) * sd / math.sqrt(len(v))
+    return {"mean": mean, "half": half, "n": len(v)}
 
 
-def _f(v: float | None, d: int = 2) -> str:
-    return "n/a" if v is None else f"{v:.{d}f}"
+def verdict(interval: dict[str, Any]) -> str:
+    """ "agree" when the interval of (paper's claim) lies above 0, "differ" below, else
+    "inconclusive" (also with fewer than two seeds)."""
+    m, h = interval["mean"], interval["half"]
+    if m is None or h is None:
+        return "inconclusive"
+    if m - h > 0:
+        return "agree"
+    return "differ" if m + h < 0 else "inconclusive"
 
 
-def findings(rows: list[dict[str, Any]], margin: float = 0.03) -> list[str]:
-    """One sentence per finding of the paper about the AU x EU grid: agree, differ, inconclusive.
-
-    ``margin``: differences smaller than this are called inconclusive (one
-    seed, small test sets).
-    """
-    by = {r["combination"]: r for r in rows}
-    eu_of = {c: c.split("-")[1] for c in by}
-    au_of = {c: c.split("-")[0] for c in by}
-
-    def group(key: str, pred: Any) -> float | None:
-        return _mean([r.get(key) for c, r in by.items() if pred(c)])
-
-    def verdict(diff: float | None) -> str:
-        if diff is None:
-            return "inconclusive"
-        return "agree" if diff > margin else ("differ" if diff < -margin else "inconclusive")
-
-    out = []
-    # 1. Ensembles: least entangled for OOD and best OOD detection.
-    ens_d = group("delta_ood", lambda c: eu_of[c] == "ensemble")
-    oth_d = group("delta_ood", lambda c: eu_of[c] != "ensemble" and c != "softmax-none")
-    ens_a = group("auroc_eu_mean", lambda c: eu_of[c] == "ensemble")
-    oth_a = group("auroc_eu_mean", lambda c: eu_of[c] != "ensemble" and c != "softmax-none")
-    d = None if ens_d is None or oth_d is None else ens_d - oth_d
-    a = None if ens_a is None or oth_a is None else ens_a - oth_a
-    v = verdict(None if d is None or a is None else min(d, a))
-    out.append(
-        f"**OOD detection — ensembles least entangled and best ({v}).** Ensemble rows: mean Δ OOD "
-        f"{_f(ens_d)}, mean OOD AUROC of EU {_f(ens_a)}; the other rows with an EU signal: "
-        f"{_f(oth_d)} and {_f(oth_a)}."
-    )
-    # 2. Ambiguity and calibration: softmax/SSN models do well.
-    soft = group("ncc_au", lambda c: au_of[c] in ("softmax", "ssn"))
-    rest = group("ncc_au", lambda c: au_of[c] not in ("softmax", "ssn"))
-    ace_s = group("ace_tu", lambda c: au_of[c] in ("softmax", "ssn"))
-    ace_r = group("ace_tu", lambda c: au_of[c] not in ("softmax", "ssn"))
-    dn = None if soft is None or rest is None else soft - rest
-    dc = None if ace_s is None or ace_r is None else ace_r - ace_s
-    v = verdict(None if dn is None or dc is None else (dn if abs(dn) > abs(dc) else dc))
-    if dn is not None and dc is not None and (dn > margin) != (dc > margin):
-        v = "inconclusive"
-    out.append(
-        f"**Ambiguity and calibration — softmax/SSN models do well ({v}).** Softmax/SSN rows: mean "
-        f"NCC(AU) {_f(soft)}, mean ACE(TU) {_f(ace_s, 3)}; PUNet/diffusion rows: {_f(rest)} and "
-        f"{_f(ace_r, 3)} (higher NCC and lower ACE are better)."
-    )
-
-    # 3. PUNets less entangled for ambiguity and calibration.
-    def is_punet(c: str) -> bool:
-        return au_of[c] == "punet"
-
-    def other(c: str) -> bool:
-        return au_of[c] != "punet" and c != "softmax-none"
-
-    pun = _mean([group("delta_ambiguity", is_punet), group("delta_calibration", is_punet)])
-    oth = _mean([group("delta_ambiguity", other), group("delta_calibration", other)])
-    v = verdict(None if pun is None or oth is None else pun - oth)
-    out.append(
-        f"**Probabilistic UNets less entangled ({v}).** "
-        f"PUNet rows: mean of Δ ambiguity and Δ calibration {_f(pun)}; other rows {_f(oth)}."
-    )
-    # 4. Softmax ensemble does well on every task.
-    se = by.get("softmax-ensemble")
-    if se is not None:
-        ranks = {}
-        for key, higher in (
-            ("dice", True),
-            ("ged2", False),
-            ("auroc_eu_mean", True),
-            ("delta_mean", True),
-        ):
-            vals = [(r.get(key), c) for c, r in by.items() if r.get(key) is not None]
-            vals.sort(key=lambda x: -x[0] if higher else x[0])
-            ranks[key] = next(
-                (i + 1 for i, (_, c) in enumerate(vals) if c == "softmax-ensemble"), None
-            )
-        n = len(by)
-        top = [r for r in ranks.values() if r is not None]
-        v = (
-            "agree"
-            if top and max(top) <= max(3, n // 4)
-            else ("differ" if top and min(top) > n // 2 else "inconclusive")
-        )
-        out.append(
-            f"**A softmax ensemble does well on every task ({v}).** Its rank among {n} rows: Dice "
-            f"{ranks['dice']}, GED² {ranks['ged2']}, OOD AUROC of EU {ranks['auroc_eu_mean']}, "
-            f"mean Δ {ranks['delta_mean']}."
-        )
-    # 5. "No EU" rows often have Δ < 0.
-    none_rows = [r for c, r in by.items() if eu_of[c] == "none" and c != "softmax-none"]
-    neg = [r for r in none_rows for k in ("delta_ood", "delta_ambiguity", "delta_calibration")
-           if r.get(k) is not None and r[k] < 0]  # fmt: skip
-    total = sum(1 for r in none_rows for k in ("delta_ood", "delta_ambiguity", "delta_calibration")
-                if r.get(k) is not None)  # fmt: skip
-    frac = len(neg) / total if total else None
-    v = "inconclusive" if frac is None else ("agree" if frac >= 0.25 else "differ")
-    out.append(
-        f"**'No EU' rows (paper convention) often have Δ < 0 ({v}).** {len(neg)} of {total} Δ "
-        f"scores of the {len(none_rows)} AU-only rows with samples are negative."
-    )
-    # 6. The modest bar: OOD AUROC of EU about 0.55-0.60 on LIDC's corruptions.
-    paper_shifts = ("noise", "blur", "contrast", "jpeg")
-    vals = [
-        r.get(f"auroc_eu_{s}") for c, r in by.items() if c != "softmax-none" for s in paper_shifts
-    ]
-    m = _mean(vals)
-    v = "inconclusive" if m is None else ("agree" if 0.5 <= m <= 0.7 else "differ")
-    out.append(
-        "**OOD AUROC of EU on the paper's four corruptions is modest, about 0.55-0.60 on LIDC "
-        f"({v}).** "
-        f"Ours, averaged over rows with an EU signal and the four corruptions: {_f(m)}."
-    )
-    return out
+def _fmt(iv: dict[str, Any], d: int = 2) -> str:
+    if iv["mean"] is None:
+        return "–"
+    return f"{iv['mean']:.{d}f}" + ("" if iv["half"] is None else f" ± {iv['half']:.{d}f}")
 
 
-# ----------------------------------------------------------------------------- report
+# ------------------------------------------------------------------------- the report
 
 
-def write_study(
-    results: dict[str, Any], scale: str, timings: dict[str, Any], out: Path, eval_dir: Path
-) -> None:
-    from uqserve.evaluate import markdown_table, summary_row
+def load_runs(runs: Path, scale: str) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((runs / scale).glob("*/seed*.json"))]
 
-    rows = []
-    for b in results["bundles"]:
-        row = summary_row(b)
-        for m in ("eu", "au"):
-            v = [
-                x
-                for k, x in row.items()
-                if k.startswith(f"auroc_{m}_") and k != f"auroc_{m}_all" and x is not None
-            ]
-            row[f"auroc_{m}_mean"] = sum(v) / len(v) if v else None
-        rows.append(row)
-    figs = out / "figures"
-    if figs.exists():
-        shutil.rmtree(figs)
-    figs.mkdir(parents=True)
-    src = eval_dir / "figures"
-    keep = ["summary.png"]
-    for name in ("softmax-ensemble", "ssn-none", "punet-ensemble"):
-        keep += [f"{name}_{k}.png" for k in ("au_eu", "ood_hist", "reliability", "samples")]
-    for f in keep:
-        if (src / f).is_file():
-            shutil.copy(src / f, figs / f)
-    shutil.copy(eval_dir / "results.json", out / "study.json")
-    shutil.copy(eval_dir / "results.csv", out / "study.csv")
-    cfg = SCALES[scale]
-    wall = timings["total_s"]
-    lines = [
+
+def _per_seed(runs: list[dict[str, Any]]) -> dict[int, dict[str, dict[str, Any]]]:
+    by: dict[int, dict[str, dict[str, Any]]] = {}
+    for r in runs:
+        by.setdefault(int(r["seed"]), {})[r["combination"]] = r
+    return by
+
+
+def _group_diff(
+    seeds: dict[int, dict[str, dict[str, Any]]],
+    key: str,
+    a: Callable[[str], bool],
+    b: Callable[[str], bool],
+    sign: float = 1.0,
+) -> dict[str, Any]:
+    """Per seed: sign * (mean of ``key`` over rows in ``a`` - over rows in ``b``); t-interval."""
+
+    def mean(rows: dict[str, dict[str, Any]], pick: Callable[[str], bool]) -> float | None:
+        v = [r["row"].get(key) for c, r in rows.items() if pick(c)]
+        f = [x for x in v if x is not None and math.isfinite(x)]
+        return sum(f) / len(f) if f else None
+
+    diffs = []
+    for rows in seeds.values():
+        ma, mb = mean(rows, a), mean(rows, b)
+        if ma is not None and mb is not None:
+            diffs.append(sign * (ma - mb))
+    return t_interval(diffs)
+
+
+def findings(runs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], str]]:
+    """The paper's findings as (claim, interval of the paired difference, verdict)."""
+    seeds = _per_seed(runs)
+
+    def eu(c: str) -> str:
+        return c.split("-")[1]
+
+    def au(c: str) -> str:
+        return c.split("-")[0]
+
+    def signal(c: str) -> bool:
+        return c != "softmax-none"
+
+    claims = [
+        ("Ensembles are less entangled for OOD detection (Δ OOD, ensembles minus other rows)",
+         _group_diff(seeds, "delta_ood", lambda c: eu(c) == "ensemble",
+                     lambda c: eu(c) != "ensemble" and signal(c))),
+        ("Ensembles detect OOD best (mean AUROC of EU over the paper's shifts)",
+         _group_diff(seeds, "auroc_eu_paper", lambda c: eu(c) == "ensemble",
+                     lambda c: eu(c) != "ensemble" and signal(c))),
+        ("Softmax/SSN models model ambiguity well (NCC of AU vs PUNet/diffusion rows)",
+         _group_diff(seeds, "ncc_au", lambda c: au(c) in ("softmax", "ssn") and signal(c),
+                     lambda c: au(c) in ("punet", "diffusion"))),
+        ("Softmax/SSN models are well calibrated (ACE of TU, lower is better)",
+         _group_diff(seeds, "ace_tu", lambda c: au(c) in ("softmax", "ssn") and signal(c),
+                     lambda c: au(c) in ("punet", "diffusion"), sign=-1.0)),
+        ("Probabilistic UNets are less entangled for ambiguity (Δ ambiguity)",
+         _group_diff(seeds, "delta_ambiguity", lambda c: au(c) == "punet",
+                     lambda c: au(c) != "punet" and signal(c))),
+        ("Probabilistic UNets are less entangled for calibration (Δ calibration)",
+         _group_diff(seeds, "delta_calibration", lambda c: au(c) == "punet",
+                     lambda c: au(c) != "punet" and signal(c))),
+    ]  # fmt: skip
+    return [(text, iv, verdict(iv)) for text, iv in claims]
+
+
+def rank_table(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """PERFRANK/ENTRANK per combination: ranks within each seed, then mean ± CI over seeds."""
+    from uqserve.evaluation.paper import rank_scores
+
+    per: dict[str, dict[str, list[float]]] = {}
+    for rows in _per_seed(runs).values():
+        models = {c: r["delta"]["paper"] for c, r in rows.items() if r["delta"].get("paper")}
+        for c, ranks in rank_scores(models).items():
+            for k, v in ranks.items():
+                per.setdefault(c, {}).setdefault(k, []).append(v)
+    return {c: {k: t_interval(v) for k, v in ks.items()} for c, ks in per.items()}
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    combos = sorted({r["combination"] for r in runs}, key=_order)
+    table = {
+        c: {k: t_interval([r["row"].get(k) for r in runs if r["combination"] == c])
+            for k, *_ in METRICS}
+        for c in combos
+    }  # fmt: skip
+    parts = ("train_s", "export_s", "calibrate_s", "evaluate_s")
+    timing = {p: round(sum(r["timings"].get(p, 0.0) for r in runs), 1) for p in parts}
+    learn = [{"combination": r["combination"], "seed": r["seed"], **r["learn_check"]} for r in runs]
+    return {
+        "combinations": table,
+        "ranks": rank_table(runs),
+        "findings": [{"claim": t, "interval": iv, "verdict": v} for t, iv, v in findings(runs)],
+        "learn_check": learn,
+        "timings_total_s": timing,
+        "seeds": sorted({int(r["seed"]) for r in runs}),
+        "runs": len(runs),
+    }
+
+
+def _order(c: str) -> tuple[int, int]:
+    from uqserve.models import AU_METHODS, EU_METHODS
+
+    a, e = c.split("-")
+    return AU_METHODS.index(a), EU_METHODS.index(e)
+
+
+def write_report(runs: list[dict[str, Any]], scale: str, out: Path) -> dict[str, Any]:
+    """``out/study.md``, ``out/study.json`` and ``out/figures/study_*.png`` from the runs."""
+    agg = aggregate(runs)
+    study = {"scale": scale, "config": SCALES[scale], **agg}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.json").write_text(json.dumps(study, indent=1) + "\n")
+    figures = _figures(agg, out / "figures")
+    (out / "study.md").write_text(_markdown(agg, scale, figures))
+    return study
+
+
+def _markdown(agg: dict[str, Any], scale: str, figures: list[str]) -> str:
+    head = ["combination", *[m[1] for m in METRICS], "PERFRANK", "ENTRANK"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c, vals in agg["combinations"].items():
+        r = agg["ranks"].get(c, {})
+        cells = [_fmt(vals[k], d) for k, _, d, _ in METRICS]
+        cells += [_fmt(r[k], 1) if k in r else "–" for k in ("PERFRANK_avg", "ENTRANK_avg")]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    weak = [x for x in agg["learn_check"] if not x["passed"]]
+    smoke = scale == "smoke"
+    text = [
         f"# The AU x EU study (scale: {scale})",
         "",
-        f"Produced by `.venv/bin/python benchmarks/study.py --scale {scale}` in "
-        f"{wall / 60:.0f} min wall time on a 2-core CPU machine shared with other work "
-        f"(uqserve {results['uqserve_version']}, "
-        f"{results['created']}). **This is the `{scale}` scale: small networks trained briefly on "
-        "synthetic data, one seed, small test sets. It checks that the whole grid runs and shows "
-        "trends; it is not a replication of the paper's numbers.**",
+        *(
+            [
+                "**SMOKE RUN: this only proves that the machinery works. Its networks are "
+                "untrained and its numbers mean nothing; it supports no finding.**",
+                "",
+            ]
+            if smoke
+            else []
+        ),
+        f"{agg['runs']} runs, seeds {agg['seeds']}. Rebuilt from `results/runs/{scale}/` by "
+        f"`benchmarks/study.py --scale {scale} --report`. Every number: mean ± 95 % "
+        "t-interval over seeds (no ± with one seed).",
         "",
-        "## Scale",
-        "",
-        f"- training (per network): `{json.dumps(cfg['train'])}`",
-        f"- model: `{json.dumps(cfg['model'])}`",
-        f"- calibrate (validation data, `uqserve calibrate`): `{json.dumps(cfg['calibrate'])}`",
-        f"- evaluate (`uqserve evaluate`): `{json.dumps(cfg['evaluate'])}`, all shifts "
-        f"({', '.join(results['data']['shifts'])}), image size {results['data']['size'][0]}",
-        "- ensembles: `num_members` independently trained networks; MC dropout: `num_masks` frozen "
-        "masks of one network; AU samples per member: `num_samples` (softmax: 1).",
+        f"Scale: `{json.dumps(SCALES[scale], default=list)}`",
         "",
         "## Results",
         "",
-        markdown_table(results),
-        "The GED² column is the literature's (d = 1 - IoU over all samples); `study.json` also "
-        "has the paper's variant (`ged2_paper`), FPR at 95 % TPR, ACE of AU and EU, NCC of EU "
-        "and every number "
-        "per set, split and shift.",
+        *lines,
         "",
-        "![Δ scores and OOD AUROC per combination](figures/summary.png)",
+        "AUROC EU/AU: image-level AUROC (aggregator `border`) averaged over the paper's four "
+        "shifts (noise, blur, contrast, JPEG); Δ as the paper (OOD on those averaged AUROCs; "
+        "ambiguity and calibration: the mean of Δ on ID and on the mean of those shifts). "
+        "Other shifts are in each run's file. PERFRANK/ENTRANK: the paper's rank scores "
+        "(1 = best), ranked within each seed.",
         "",
-        "## Compared with the paper's findings",
+        "## The paper's findings",
         "",
-        "Verdicts use a margin of 0.03: smaller differences are called inconclusive (one seed).",
-        *_training_caveat(timings),
+        "A verdict only where the 95 % interval of the per-seed difference excludes 0.",
         "",
-        *[f"- {s}" for s in findings(rows)],
+        *[f"- {f['claim']}: {_fmt(f['interval'])} → **{f['verdict']}**" for f in agg["findings"]],
         "",
-        "## Figures",
+        f"## Learn check (held-out Dice vs majority ≥ {LEARN_DICE})",
         "",
-        "Per-bundle figures for softmax-ensemble, ssn-none (paper convention) and punet-ensemble: "
-        "reliability diagram, image-level AU vs EU coloured by set, OOD histograms with the "
-        "threshold, samples vs annotators.",
+        "All runs passed."
+        if not weak
+        else "Below the bar (their rows measure an "
+        "under-trained model): "
+        + ", ".join(
+            f"{x['combination']} seed {x['seed']} ({_num(x['dice_vs_majority'])})" for x in weak
+        ),
         "",
-        *[f"![{f}](figures/{f})" for f in keep[1:] if (figs / f).is_file()],
+        "## Time per part (seconds, all runs)",
         "",
-        "## Timings (seconds)",
+        f"`{json.dumps(agg['timings_total_s'])}`",
         "",
-        "```json",
-        json.dumps(timings, indent=1),
-        "```",
+        *[f"![{f}](figures/{f})" for f in figures],
         "",
     ]
-    (out / "study.md").write_text("\n".join(lines))
+    return "\n".join(text)
 
 
-def _training_caveat(timings: dict[str, Any], floor: float = 0.3) -> list[str]:
-    """Name the combinations whose training did not converge at this scale (Dice vs majority)."""
-    dice = {
-        c: t.get("train_dice_vs_majority")
-        for c, t in timings.get("combinations", {}).items()
-        if t.get("train_dice_vs_majority") is not None
-    }
-    weak = sorted(c for c, d in dice.items() if d < floor)
-    if not weak:
+def _num(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+def _figures(agg: dict[str, Any], folder: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
         return []
-    listed = ", ".join(f"{c} {dice[c]:.2f}" for c in weak)
-    return [
-        "",
-        f"Caveat: at this scale some networks did not learn to segment (held-out Dice against "
-        f"the annotators' majority vote after training, below {floor}: {listed}). Their rows "
-        "measure an under-trained model, so findings that rest on them are weak; the `small` "
-        "scale trains longer.",
-    ]
+    folder.mkdir(parents=True, exist_ok=True)
+    combos = list(agg["combinations"])
+    keys = ("delta_ood", "delta_ambiguity", "delta_calibration")
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(combos)), 4))
+    width = 0.27
+    for i, k in enumerate(keys):
+        ivs = [agg["combinations"][c][k] for c in combos]
+        means = [iv["mean"] if iv["mean"] is not None else math.nan for iv in ivs]
+        errs = [iv["half"] if iv["half"] is not None else 0.0 for iv in ivs]
+        xs = [j + (i - 1) * width for j in range(len(combos))]
+        ax.bar(xs, means, width, yerr=errs, capsize=2, label=k)
+    ax.set_xticks(range(len(combos)), combos, rotation=70, ha="right", fontsize=7)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_ylabel("Δ (1 = disentangled)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "study_delta.png", dpi=110)
+    plt.close(fig)
+    return ["study_delta.png"]
 
 
-def main() -> None:
+# ------------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--scale", choices=sorted(SCALES), default="tiny")
+    ap.add_argument("--scale", choices=sorted(SCALES), default="power")
+    ap.add_argument("--seeds", type=int, nargs="*", default=None, help="default: the scale's")
+    ap.add_argument("--combinations", nargs="*", default=None, help="default: all 20")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
     ap.add_argument("--work", type=Path, default=None)
-    ap.add_argument(
-        "--jobs", type=int, default=1, help="combinations trained in parallel (1 thread each)"
-    )
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--combinations", nargs="*", default=None, help="a subset (default: all 12)")
-    ap.add_argument(
-        "--report-only",
-        action="store_true",
-        help="rewrite study.md from the last run's results in --work (no training or evaluation)",
-    )
-    args = ap.parse_args()
-    from uqserve.evaluate import evaluate
+    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (1 thread each)")
+    ap.add_argument("--device", default="cpu", help="training device: cpu, cuda or cuda:N")
+    ap.add_argument("--report", action="store_true", help="only rebuild the report from runs/")
+    args = ap.parse_args(argv)
     from uqserve.models import COMBINATIONS
 
-    combos = list(args.combinations or COMBINATIONS)
-    work = args.work or ROOT / "build" / f"study-{args.scale}"
-    if args.report_only:
-        eval_dir = work / "evaluation"
-        results = json.loads((eval_dir / "results.json").read_text())
-        timings = json.loads((work / "timings.json").read_text())
-        write_study(results, args.scale, timings, args.out, eval_dir)
-        log(f"wrote {args.out / 'study.md'}")
-        return
-    for sub in ("checkpoints", "bundles"):
-        (work / sub).mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    timings: dict[str, Any] = {"combinations": {}}
-    # Slowest first so parallel workers finish together.
-    order = sorted(
-        combos, key=lambda c: (c.startswith("diffusion"), c.endswith("ensemble")), reverse=True
-    )
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = {c: pool.submit(build_bundle, c, args.scale, str(work), args.seed) for c in order}
-        for c in order:
-            res = futures[c].result()
-            timings["combinations"][c] = res
-            log(f"built {c}: {res}")
-    timings["build_s"] = round(time.perf_counter() - t0, 1)
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, args.jobs)))
-    t1 = time.perf_counter()
-    eval_dir = work / "evaluation"
-    results = evaluate(
-        [work / "bundles" / c for c in combos],
-        "synthetic",
-        eval_dir,
-        device="cpu",
-        seed=args.seed,
-        overwrite=True,
-        **SCALES[args.scale]["evaluate"],
-    )
-    timings["evaluate_s"] = round(time.perf_counter() - t1, 1)
-    timings["evaluate_per_bundle_s"] = {b["name"]: b["seconds"] for b in results["bundles"]}
-    timings["total_s"] = round(time.perf_counter() - t0, 1)
-    (work / "timings.json").write_text(json.dumps(timings, indent=1))
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_study(results, args.scale, timings, args.out, eval_dir)
-    log(f"wrote {args.out / 'study.md'}")
-    print(json.dumps({"scale": args.scale, **timings}))
+    runs_dir = args.out / "runs"
+    if not args.report:
+        _check_device(args.device)
+        seeds = args.seeds if args.seeds is not None else SCALES[args.scale]["seeds"]
+        combos = list(args.combinations or COMBINATIONS)
+        work = args.work or ROOT / "build" / f"study-{args.scale}"
+        todo = [(c, s) for s in seeds for c in combos]
+        with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futures = [
+                pool.submit(run_one, c, s, args.scale, str(work), str(runs_dir), args.device)
+                for c, s in todo
+            ]
+            for f in futures:
+                done = f.result()
+                print(json.dumps(done), flush=True)
+                lc = done.get("learn_check")
+                if lc is not None:
+                    ok = "passed" if lc["passed"] else "FAILED"
+                    log(f"{done['combination']} seed {done['seed']}: learn check {ok} "
+                        f"(Dice vs majority {_num(lc['dice_vs_majority'])})")  # fmt: skip
+    runs = load_runs(runs_dir, args.scale)
+    if not runs:
+        raise SystemExit(f"{runs_dir / args.scale}: no runs yet; run without --report first")
+    write_report(runs, args.scale, args.out)
+    log(f"wrote {args.out / 'study.md'} from {len(runs)} runs")
+
+
+def _check_device(device: str) -> None:
+    from uqserve.training import TrainConfig, TrainError, resolve_device
+
+    try:
+        resolve_device(TrainConfig(device=device).device)
+    except TrainError as exc:
+        raise SystemExit(f"--device: {exc}") from exc
 
 
 if __name__ == "__main__":
