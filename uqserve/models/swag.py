@@ -72,7 +72,7 @@ class SwagStats:
 
     @classmethod
     def load(cls, path: Path) -> SwagStats:
-        """Read :meth:`save`'s file; ValueError naming the file when it is not one."""
+        """Read :meth:`save`'s file; UsageError naming the file when it is not one."""
         from safetensors import safe_open
 
         try:
