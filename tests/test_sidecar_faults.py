@@ -263,6 +263,15 @@ def test_output_uids_depend_on_the_set_of_source_instances(tmp_path: Path) -> No
     assert not series & {str(d.SeriesInstanceUID) for d in _outputs(source)}
 
 
+def test_an_image_resent_with_new_content_under_its_old_uid_gets_new_output_uids(
+    tmp_path: Path,
+) -> None:
+    source = _sources(write_ct_series(tmp_path / "ct", phantom((16, 16, 4))))
+    first = {str(d.SOPInstanceUID) for d in _outputs(source)}
+    source[2].PatientName = "Corrected^Name"  # same SOP Instance UID, other content
+    assert not first & {str(d.SOPInstanceUID) for d in _outputs(source)}
+
+
 def _bytes(ds: pydicom.Dataset) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
@@ -564,3 +573,33 @@ def test_failure_model_page_names_real_tests() -> None:
     for path, name in cited:
         current = path or current
         assert f"def {name}(" in (root / current).read_text(), f"{current}::{name}"
+
+
+def test_sigterm_during_a_pacs_outage_exits_promptly_and_keeps_the_results(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
+    require("storescu")
+    syn = write_ct_series(tmp_path / "ct", phantom((16, 16, 3)))
+    port, log = free_port(), tmp_path / "sidecar.log"
+    args = [
+        "--ae-title", "UQSIDECAR", "--send-to", f"NOBODY@127.0.0.1:{free_port()}",
+        "--spool", str(tmp_path / "spool"), "--stable-seconds", "0.5",
+        "--bundle", str(tiny_bundle), "--device", "cpu",
+    ]  # fmt: skip
+    proc = _start_cli(args, port, log)
+    try:
+        assert sent(storescu(syn.files, port, called_ae="UQSIDECAR"))
+        deadline = time.monotonic() + 120
+        while "(attempt 1 of 4)" not in log.read_text():  # the PACS is down; back-off begins
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-2000:]
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        # Waiting out the back-off (2 + 4 + 8 s) would take 14 s.
+        assert time.monotonic() - t0 < 8, "SIGTERM waited for the send back-off"
+    finally:
+        _stop(proc)
+    key = series_key(syn.series_uid)
+    assert len(list((tmp_path / "spool" / "out" / key).glob("*.dcm"))) == 5  # kept for later
+    assert (tmp_path / "spool" / "work" / key / "state.json").is_file()

@@ -19,7 +19,8 @@ axis) this module writes, each in its own series of the source study:
   text, and the numbers stay machine-readable with units.
 
 Every UID of an output is derived from a key (the bundle checksum and seed),
-the source series UID and the *set* of source SOP Instance UIDs, and every
+the source series UID and the set of source SOP Instance UIDs
+(:func:`build_outputs` adds the images' content too), and every
 date and time in it from the source series (:func:`make_deterministic`): the
 same series processed twice — after a crash, say — gives byte-identical
 objects, and a different set of instances (part of a series re-sent) gives
@@ -63,6 +64,7 @@ __all__ = [
     "MAP_KINDS",
     "OutputOptions",
     "build_outputs",
+    "content_digest",
     "derived_uid",
     "make_deterministic",
     "make_fractional_segmentation",
@@ -70,6 +72,7 @@ __all__ = [
     "make_report",
     "make_segmentation",
     "sanitize_sources",
+    "source_digest",
     "write_datasets",
 ]
 
@@ -123,6 +126,25 @@ def source_digest(source: Sequence[Dataset]) -> str:
     """A hash of the sorted SOP Instance UIDs of ``source``: which images an output covers."""
     uids = sorted(str(ds.SOPInstanceUID) for ds in source)
     return hashlib.sha256("\x1f".join(uids).encode()).hexdigest()[:32]
+
+
+def content_digest(source: Sequence[Dataset]) -> str:
+    """A hash of everything ``source`` holds: every element of every image (sorted
+    by SOP Instance UID), pixel data as its bytes.
+
+    :func:`build_outputs` adds it to the key, so a sender that breaks the DICOM
+    rule and re-sends an image under its old UID with new content (a corrected
+    patient name, say) gets results under new UIDs, never different results
+    under the old ones.
+    """
+    h = hashlib.sha256()
+    for ds in sorted(source, key=lambda d: str(d.SOPInstanceUID)):
+        for elem in ds:
+            value = elem.value
+            h.update(f"{elem.tag}\x1f".encode())
+            h.update(value if isinstance(value, bytes) else repr(value).encode())
+        h.update(b"\x1e")
+    return h.hexdigest()[:32]
 
 
 def _uid(key: str, source: Sequence[Dataset], *parts: object) -> str:
@@ -616,6 +638,7 @@ def build_outputs(
     missing = [k for k in MAP_KINDS if k not in maps]
     if missing:
         raise UsageError(f"maps lacks {', '.join(missing)}; pass tu, au and eu")
+    key = f"{key}:{content_digest(source)}"
     source, omitted = sanitize_sources(source)
     out: list[Dataset] = [make_segmentation(source, seg, classes, key=key, options=options)]
     for kind in MAP_KINDS:

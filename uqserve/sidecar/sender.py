@@ -89,7 +89,7 @@ def send_files(
     retries: int = 3,
     backoff_s: float = 1.0,
     timeout_s: float = 30.0,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], object] = time.sleep,
     on_sent: Callable[[Path], None] | None = None,
 ) -> SendResult:
     """C-STORE ``files`` to ``peer`` in one association per attempt.

@@ -504,6 +504,7 @@ class Sidecar:
             calling_ae=self.config.ae_title,
             retries=self.config.send_retries,
             backoff_s=self.config.send_backoff_s,
+            sleep=self._stop.wait,  # SIGTERM ends the back-off; the series is resumed later
             on_sent=stored,
         )
         refused = {p: why for p, why in result.failed.items() if p in result.refused}
