@@ -418,12 +418,14 @@ def test_cli_serve_signalled_while_starting_stops_the_server(
         _, status = os.waitpid(proc.pid, os.WUNTRACED)  # tritonserver launched, not ready
         assert os.WIFSTOPPED(status)
         (server_pid,) = [k for k in _children(proc.pid) if _is_tritonserver(k)]
+        workdir = Path(os.readlink(f"/proc/{server_pid}/cwd"))
         os.kill(proc.pid, sig)  # pending until it runs again
         os.kill(proc.pid, signal.SIGCONT)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == code, out
         assert "Traceback" not in out
         assert _wait_all_gone({server_pid}, 30) == set()
+        assert not workdir.exists()  # an interrupted start keeps no log folder
     finally:
         if proc.poll() is None:
             proc.kill()

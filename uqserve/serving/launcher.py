@@ -269,8 +269,10 @@ class TritonServer:
         try:
             _failpoints.reached("server-started")
             self._wait_ready()
-        except BaseException:
-            self._keep_log = True
+        except BaseException as exc:
+            # A failed start keeps its log for the user; an interrupted one (Ctrl-C,
+            # SIGTERM) leaves nothing behind.
+            self._keep_log = isinstance(exc, Exception)
             self.stop()
             raise
         return self
