@@ -202,7 +202,9 @@ def write_nifti_like(
     Writes to ``path`` directly; use it inside ``atomic_output_dir``.
     """
     check_compression_level(compression_level)
-    arr = np.asarray(array)
+    # NIfTI stores voxels in Fortran order: nibabel reorders a C-ordered array in small
+    # chunks, 3-7x slower than writing a Fortran-ordered one (a no-op for those).
+    arr = np.asfortranarray(array)
     if tuple(arr.shape[:3]) != reference.shape or arr.ndim not in (3, 4):
         raise UsageError(
             f"array shape {arr.shape} does not match the reference volume {reference.shape} "
