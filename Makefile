@@ -16,7 +16,10 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[export,server,dicom,eval,dev,docs]'
+	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[export,server,dicom,eval,dev,docs,nnunet]'
+	# nnunet extra: torchvision (timm's dependency, unused) is a CUDA build that
+	# breaks against the CPU torch on import; remove it.
+	$(BIN)/python -m pip uninstall --quiet --yes torchvision
 	touch $(STAMP)
 
 demo: install

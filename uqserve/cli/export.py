@@ -36,6 +36,25 @@ def export_command(
     onnx: Annotated[
         bool, typer.Option("--onnx", help="Wrap your own ONNX graphs [B,C,H,W] -> [B,K,H,W].")
     ] = False,
+    nnunet: Annotated[
+        Path | None,
+        typer.Option(
+            "--nnunet",
+            help="Export an nnU-Net v2 trained model folder (<trainer>__<plans>__<configuration>).",
+            show_default=False,
+        ),
+    ] = None,
+    folds: Annotated[
+        str | None,
+        typer.Option(help="With --nnunet: folds to export, e.g. 0,1,2,3,4 (default: all found)."),
+    ] = None,
+    checkpoint: Annotated[
+        str, typer.Option(help="With --nnunet: the checkpoint file name in each fold folder.")
+    ] = "checkpoint_final.pth",
+    mirror: Annotated[
+        bool,
+        typer.Option(help="With --nnunet: bake nnU-Net's test-time mirroring into each member."),
+    ] = False,
     au: Annotated[str, typer.Option(help="With --onnx: the AU method (softmax).")] = "softmax",
     outputs: Annotated[
         str, typer.Option(help="With --onnx: the graphs return `logits` or `probs`.")
@@ -110,22 +129,29 @@ def export_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress messages.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
-    """Export a bundle from a recipe, `uqserve train` checkpoints, or your own ONNX files."""
+    """Export a bundle from a recipe, `uqserve train` checkpoints, your own ONNX files,
+    or an nnU-Net v2 model folder."""
     from uqserve.bundle import Normalization
     from uqserve.contracts import default_class_names
     from uqserve.exporting import (
         export_checkpoints,
+        export_nnunet,
         export_onnx_members,
         export_recipe,
     )
 
     routes = [
         r
-        for r, on in (("--recipe", recipe), ("--checkpoints", checkpoints), ("--onnx", onnx))
+        for r, on in (
+            ("--recipe", recipe),
+            ("--checkpoints", checkpoints),
+            ("--onnx", onnx),
+            ("--nnunet", nnunet),
+        )
         if on
     ]
     if len(routes) != 1:
-        fail("give exactly one of --recipe TOML, --checkpoints DIR or --onnx FILE...")
+        fail("give exactly one of --recipe TOML, --checkpoints DIR, --onnx FILE... or --nnunet DIR")
     if files and not onnx:
         fail(f"unexpected arguments {' '.join(map(str, files))}; ONNX files need --onnx")
     names = [c.strip() for c in classes.split(",")] if classes else None
@@ -136,6 +162,17 @@ def export_command(
 
     if recipe is not None:
         bundle = export_recipe(recipe, out, overwrite=overwrite, calibrate=calibrate, progress=say)
+    elif nnunet is not None:
+        bundle = export_nnunet(
+            nnunet,
+            out,
+            folds=[f.strip() for f in folds.split(",")] if folds else None,
+            checkpoint=checkpoint,
+            mirror=mirror,
+            name=name,
+            overwrite=overwrite,
+            progress=say,
+        )
     elif checkpoints is not None:
         bundle = export_checkpoints(
             checkpoints,
@@ -186,6 +223,15 @@ def export_command(
         )
     if json_out:
         typer.echo(json.dumps(_info_dict(bundle), indent=2))
+    elif not quiet and not bundle.manifest.validation:
+        m = bundle.manifest
+        console.print(
+            f"wrote {bundle.path} ({m.combination}, M={m.num_members}), not calibrated; "
+            "calibrate it on your own validation cases: "
+            f"uqserve calibrate {bundle.path} --data DIR",
+            highlight=False,
+            soft_wrap=True,
+        )
     elif not quiet:
         m = bundle.manifest
         console.print(

@@ -1,17 +1,19 @@
 """Export trained members to ONNX bundles: a folder with ``manifest.json`` and one graph per member.
 
-Three routes lead to a bundle:
+Four routes lead to a bundle:
 
 - :func:`export_recipe`: a TOML recipe under ``export/``: train, then export;
 - :func:`export_checkpoints`: a folder written by ``uqserve train``;
 - :func:`export_onnx_members`: your own ONNX graphs (``[B,C,H,W] -> [B,K,H,W]``),
-  wrapped into the member contract with the onnx API (no torch needed).
+  wrapped into the member contract with the onnx API (no torch needed);
+- :func:`export_nnunet`: an nnU-Net v2 trained model folder, one member per
+  fold (the ``nnunet`` extra), written uncalibrated.
 
 Every member is run through the runtime interface before the bundle is
 written (torch exports: parity with PyTorch under identical noise, max abs
 difference <= 1e-4), the bundle is calibrated with :mod:`uqserve.calibration`
-(unless ``calibrate=False``), and it is written atomically (a temp folder next
-to the target, renamed at the end).
+(unless ``calibrate=False``; never for nnU-Net models), and it is written
+atomically (a temp folder next to the target, renamed at the end).
 
 Modules: ``_torch`` (export and parity), ``_onnx`` (signature and your own
 graphs), ``_checkpoints``, ``_recipes``, ``_writer`` (the atomic bundle
@@ -19,6 +21,7 @@ folder), ``_plan`` (what a bundle is, :class:`ExportError`).
 """
 
 from uqserve.exporting._checkpoints import export_checkpoints
+from uqserve.exporting._nnunet import export_nnunet, load_nnunet_model
 from uqserve.exporting._onnx import conform_signature, export_onnx_members, wrap_onnx_member
 from uqserve.exporting._plan import OPSET, ExportError, ExportPlan
 from uqserve.exporting._recipes import Recipe, export_recipe, load_recipe
@@ -44,8 +47,10 @@ __all__ = [
     "export_checkpoints",
     "export_member",
     "export_networks",
+    "export_nnunet",
     "export_onnx_members",
     "export_recipe",
+    "load_nnunet_model",
     "load_recipe",
     "parity_feeds",
     "wrap_onnx_member",

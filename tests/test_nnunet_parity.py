@@ -1,0 +1,163 @@
+"""`uqserve export --nnunet` against nnU-Net v2's own predictor.
+
+nnU-Net itself (``tests/_nnunet_reference.py``, in a subprocess) plans two
+tiny synthetic datasets, an MR-style one (z-score, identity
+``transpose_forward``) and a CT-style one (CT normalisation, thick x axis:
+``transpose_forward`` [2, 0, 1]), writes fold checkpoints of randomised
+networks with its trainer and predicts the test cases with ``nnUNetPredictor``
+(CPU, probabilities saved). uqserve exports the same model folders and
+predicts the same NIfTI files; both are compared on the input grid.
+
+Legitimate differences: nnU-Net averages *logits* over folds and mirrors and
+accumulates windows in float16; uqserve averages member *probabilities* (the
+uncertainty decomposition needs them) in float32. Hence one fold without
+mirroring must agree to 5e-3 in probability away from the outermost voxel
+layer (where the Gaussian weights are smallest, float16 errors largest) and
+in >= 99.9 % of the labels; two folds, or mirroring, in >= 99.5 % of the labels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import uqserve
+from uqserve.exporting import ExportError, export_nnunet
+
+pytestmark = pytest.mark.slow
+
+REFERENCE = Path(__file__).with_name("_nnunet_reference.py")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """nnU-Net's datasets, model folders and predictions (``reference.json``)."""
+    root = tmp_path_factory.mktemp("nnunet")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "nnUNet_n_proc_DA": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(REFERENCE), str(root)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ref: dict[str, Any] = json.loads((root / "reference.json").read_text())
+    return ref
+
+
+def _nnunet_probs(out_dir: str, image: str) -> np.ndarray:
+    """nnU-Net's saved probabilities ``[K, z, y, x]`` as uqserve's ``[K, X, Y, Z]``."""
+    case = Path(image).name.replace("_0000.nii.gz", "")
+    probs = np.load(Path(out_dir) / f"{case}.npz")["probabilities"]
+    return np.transpose(probs, (0, 3, 2, 1)).astype(np.float32)
+
+
+def _compare(ref: dict[str, Any], key: str, run: str, tmp_path: Path) -> list[dict[str, float]]:
+    spec = ref[key]["runs"][run]
+    bundle = export_nnunet(
+        ref[key]["model_dir"], tmp_path / f"{key}_{run}",
+        folds=[str(f) for f in spec["folds"]], mirror=spec["mirror"],
+    )  # fmt: skip
+    assert bundle.manifest.num_members == len(spec["folds"])
+    stats = []
+    for image in ref[key]["tests"]:
+        pred = uqserve.predict_volume(uqserve.read_volume(image), bundle, seed=0)
+        theirs = _nnunet_probs(spec["out"], image)
+        assert pred.prob.shape == theirs.shape
+        labels = theirs.argmax(axis=0)
+        # Both classes well represented, or agreement would prove little.
+        assert 0.02 < float((labels == 1).mean()) < 0.98, "degenerate reference"
+        inner = (slice(None), slice(1, -1), slice(1, -1), slice(1, -1))
+        stats.append(
+            {
+                "inner_max_abs": float(np.abs(pred.prob - theirs)[inner].max()),
+                "same_labels": float((pred.seg == labels).mean()),
+                "far_from_half": float((np.abs(theirs[1] - 0.5) > 0.3).mean()),
+            }
+        )
+    return stats
+
+
+@pytest.mark.parametrize("key", ["mr", "ct"])
+def test_one_fold_matches_nnunet(reference: dict[str, Any], key: str, tmp_path: Path) -> None:
+    for s in _compare(reference, key, "fold0", tmp_path):
+        assert s["far_from_half"] > 0.3, s
+        assert s["inner_max_abs"] <= 5e-3, s
+        assert s["same_labels"] >= 0.999, s
+
+
+@pytest.mark.parametrize("key", ["mr", "ct"])
+@pytest.mark.parametrize("run", ["folds01", "fold0_mirror"])
+def test_folds_and_mirroring_match_nnunet(
+    reference: dict[str, Any], key: str, run: str, tmp_path: Path
+) -> None:
+    for s in _compare(reference, key, run, tmp_path):
+        assert s["same_labels"] >= 0.995, s
+
+
+def test_manifest_carries_nnunet_plans(reference: dict[str, Any], tmp_path: Path) -> None:
+    """CT: clip to the foreground percentiles, then mean/std; geometry kept in extra."""
+    model_dir = Path(reference["ct"]["model_dir"])
+    plans = json.loads((model_dir / "plans.json").read_text())
+    props = plans["foreground_intensity_properties_per_channel"]["0"]
+    out = tmp_path / "ct"
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("uqserve")), "export", "--nnunet", str(model_dir),
+         "-o", str(out), "--folds", "0,1", "--mirror"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"uqserve calibrate {out}" in proc.stderr + proc.stdout
+    man = uqserve.load_bundle(out).manifest
+    assert (man.au, man.eu, man.num_members) == ("softmax", "ensemble", 2)
+    assert man.classes == ("background", "lesion")
+    assert not man.validation, "an nnU-Net export must not calibrate on synthetic data"
+    norm = man.input.normalization
+    assert norm.clip == (props["percentile_00_5"], props["percentile_99_5"])
+    assert (norm.mean, norm.std) == (props["mean"], props["std"])
+    nn = man.extra["nnunet"]
+    assert nn["transpose_forward"] == [2, 0, 1] and nn["transpose_backward"] == [1, 2, 0]
+    assert nn["slice_axis"] == 0 and nn["mirror"] is True and nn["folds"] == ["0", "1"]
+    assert man.input.tile_size == tuple(reversed(nn["patch_size"]))
+
+
+def _variant(model_dir: Path, tmp_path: Path, configuration: str, conf: dict[str, Any]) -> Path:
+    """A copy of ``model_dir`` posing as another configuration of the same plans."""
+    parts = model_dir.name.split("__")
+    dst = tmp_path / "__".join([*parts[:-1], configuration])
+    shutil.copytree(model_dir, dst)
+    plans = json.loads((dst / "plans.json").read_text())
+    plans["configurations"][configuration] = {"inherits_from": "2d", **conf}
+    (dst / "plans.json").write_text(json.dumps(plans))
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("configuration", "conf", "reason"),
+    [
+        ("3d_cascade_fullres", {"previous_stage": "3d_lowres"}, "cascade stage"),
+        ("3d_lowres", {"next_stage": ["3d_cascade_fullres"]}, "first stage of a cascade"),
+        ("3d_fullres", {}, "not supported yet"),
+    ],
+)
+def test_unsupported_configurations_are_refused(
+    reference: dict[str, Any], tmp_path: Path, configuration: str, conf: dict[str, Any],
+    reason: str,
+) -> None:  # fmt: skip
+    src = _variant(Path(reference["mr"]["model_dir"]), tmp_path, configuration, conf)
+    with pytest.raises(ExportError, match=reason):
+        export_nnunet(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_checkpoint_is_named(reference: dict[str, Any], tmp_path: Path) -> None:
+    model_dir = reference["mr"]["model_dir"]
+    with pytest.raises(ExportError, match=r"fold_3/checkpoint_final\.pth: no such checkpoint"):
+        export_nnunet(model_dir, tmp_path / "out", folds=["3"])
+    assert not (tmp_path / "out").exists()

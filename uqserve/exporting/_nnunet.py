@@ -1,0 +1,350 @@
+"""nnU-Net v2 trained model folders as bundles: each fold one softmax member.
+
+A trained nnU-Net v2 model (``<trainer>__<plans>__<configuration>/`` with
+``dataset.json``, ``plans.json`` and ``fold_k/checkpoint_final.pth``) is a
+deep ensemble of softmax networks. :func:`export_nnunet` rebuilds each fold's
+network with nnU-Net's own loader (``nnUNetPredictor.initialize_from_trained_model_folder``:
+the trainer's ``build_network_architecture``, i.e. ``dynamic_network_architectures``),
+wraps it into uqserve's member contract and exports it to ONNX:
+
+- the member graph takes uqserve's slice ``[B, C, rows, cols]`` (rows: the
+  first remaining NIfTI array axis) and swaps its two axes to nnU-Net's order
+  (nnU-Net reads images with SimpleITK, whose array axes are the NIfTI axes
+  reversed, and keeps the remaining axes in order after ``transpose_forward``);
+- with ``mirror=True`` nnU-Net's test-time mirroring is baked into the graph:
+  the logits of every flip combination of the checkpoint's
+  ``inference_allowed_mirroring_axes`` are averaged before the softmax, as
+  nnU-Net's predictor does;
+- normalisation: ``CTNormalization`` becomes ``fixed`` with the dataset's
+  foreground ``percentile_00_5``/``percentile_99_5`` as clip and its foreground
+  mean/std; ``ZScoreNormalization`` becomes per-scan ``zscore``;
+- class names come from ``dataset.json`` (ordered by label value).
+
+The bundle is written **uncalibrated**: synthetic calibration data mean
+nothing for a real model; calibrate it on your own validation cases with
+``uqserve calibrate BUNDLE --data DIR``. Everything nnU-Net's plans say about
+geometry (patch, spacing, ``transpose_forward``/``backward``, normalisation
+schemes and intensity properties, mirroring axes) is kept in
+``manifest.extra["nnunet"]``.
+
+nnunetv2 is imported lazily (the ``nnunet`` extra).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from uqserve.bundle import Bundle, InputSpec, Normalization, load_bundle
+from uqserve.exporting._plan import OPSET, ExportError, ExportPlan
+from uqserve.exporting._writer import Say, atomic_bundle_dir, finish_bundle
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["NnunetModel", "export_nnunet", "load_nnunet_model"]
+
+#: Configurations uqserve exports (3d_fullres waits for volumetric member graphs).
+SUPPORTED_CONFIGURATIONS = ("2d",)
+
+
+@dataclass
+class NnunetModel:
+    """One nnU-Net model folder, read: fold networks and what the plans say.
+
+    networks     one ``nn.Module`` per fold (eval mode, no deep supervision)
+    tile         uqserve's slice size ``(rows, cols)`` = nnU-Net's patch reversed
+    multiple     slice sizes must be multiples of this (the network's total stride)
+    spacing      the training voxel size in the slice, mm, uqserve order
+    info         everything for ``manifest.extra["nnunet"]``
+    """
+
+    folder: Path
+    configuration: str
+    folds: tuple[str, ...]
+    networks: list[nn.Module]
+    mirror_axes: tuple[int, ...]
+    classes: tuple[str, ...]
+    channels: int
+    normalization: Normalization
+    tile: tuple[int, int]
+    multiple: int
+    spacing: tuple[float, float]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _import_nnunet() -> Any:
+    """nnunetv2's predictor class, or a clear error when the extra is missing."""
+    try:
+        # nnunetv2.paths prints warnings about unset nnUNet_* variables at import.
+        with contextlib.redirect_stdout(io.StringIO()):
+            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    except ImportError as exc:
+        raise ExportError(
+            f"exporting an nnU-Net model needs nnunetv2 ({exc}); "
+            "install it with: pip install 'uqserve[nnunet]'"
+        ) from exc
+    return nnUNetPredictor
+
+
+def _check_folder(folder: Path, folds: Sequence[str] | None, checkpoint: str) -> tuple[str, ...]:
+    """The folds to export; every file they need must exist."""
+    if not folder.is_dir():
+        raise ExportError(f"{folder}: no such folder; pass nnU-Net's trained model folder")
+    for name in ("dataset.json", "plans.json"):
+        if not (folder / name).is_file():
+            raise ExportError(
+                f"{folder}: no {name}; pass the folder <trainer>__<plans>__<configuration> "
+                "that nnUNetv2_train wrote"
+            )
+    if folds is None:
+        found = sorted(p.name[len("fold_") :] for p in folder.glob("fold_*") if p.is_dir())
+        folds = [f for f in found if (folder / f"fold_{f}" / checkpoint).is_file()]
+        if not folds:
+            raise ExportError(f"{folder}: no fold_*/{checkpoint}; train a fold or pass checkpoint")
+    for f in folds:
+        if f != "all" and not f.isdigit():
+            raise ExportError(f"folds: {f!r} is not a fold number (0, 1, ... or all)")
+        path = folder / f"fold_{f}" / checkpoint
+        if not path.is_file():
+            raise ExportError(f"{path}: no such checkpoint; check folds and checkpoint")
+    return tuple(str(f) for f in folds)
+
+
+def _configuration(folder: Path, plans: dict[str, Any], fold: str, checkpoint: str) -> str:
+    """The configuration: the folder name's last part, else the checkpoint's (as nnU-Net)."""
+    name = folder.name.split("__")[-1]
+    if name in plans.get("configurations", {}):
+        return name
+    import torch
+
+    # A checkpoint of the user's own training: nnU-Net loads it the same way.
+    ckpt = torch.load(folder / f"fold_{fold}" / checkpoint, map_location="cpu", weights_only=False)
+    return str(ckpt["init_args"]["configuration"])
+
+
+def _refuse_unsupported(plans: dict[str, Any], configuration: str, folder: Path) -> None:
+    """One clear reason for a configuration uqserve cannot serve."""
+    conf = plans.get("configurations", {}).get(configuration)
+    if conf is None:
+        raise ExportError(f"{folder}: plans.json has no configuration {configuration!r}")
+    if conf.get("previous_stage"):
+        raise ExportError(
+            f"{folder}: {configuration} is a cascade stage (it takes the "
+            f"{conf['previous_stage']} prediction as input); uqserve exports single-stage "
+            "models: export the 2d configuration instead"
+        )
+    if conf.get("next_stage"):
+        raise ExportError(
+            f"{folder}: {configuration} is the first stage of a cascade (its output is "
+            "the next stage's input); export the 2d configuration instead"
+        )
+    if configuration not in SUPPORTED_CONFIGURATIONS:
+        raise ExportError(
+            f"{folder}: configuration {configuration!r} is not supported yet "
+            f"(supported: {', '.join(SUPPORTED_CONFIGURATIONS)}; 3D models need "
+            "volumetric member graphs)"
+        )
+
+
+def _normalization(pm: Any, cm: Any, folder: Path) -> Normalization:
+    """The one channel's normalisation in uqserve's terms."""
+    schemes = list(cm.normalization_schemes)
+    if len(schemes) != 1:
+        raise ExportError(
+            f"{folder}: the model takes {len(schemes)} input channels; uqserve bundles "
+            "normalise one channel so far"
+        )
+    scheme, masked = schemes[0], bool(cm.use_mask_for_norm[0])
+    props = pm.foreground_intensity_properties_per_channel.get("0", {})
+    if scheme == "CTNormalization":
+        lo, hi = float(props["percentile_00_5"]), float(props["percentile_99_5"])
+        std = max(float(props["std"]), 1e-8)  # nnU-Net's guard
+        return Normalization(scheme="fixed", mean=float(props["mean"]), std=std, clip=(lo, hi))
+    if scheme == "ZScoreNormalization" and not masked:
+        return Normalization(scheme="zscore")
+    if scheme == "ZScoreNormalization":
+        raise ExportError(
+            f"{folder}: z-score inside the nonzero mask (use_mask_for_norm) is not supported "
+            "yet; only whole-scan z-score and CT normalisation are"
+        )
+    if scheme == "NoNormalization":
+        return Normalization(scheme="fixed", mean=0.0, std=1.0)
+    if scheme == "RGBTo01Normalization":
+        return Normalization(scheme="fixed", mean=0.0, std=255.0)
+    raise ExportError(f"{folder}: normalisation {scheme} is not supported")
+
+
+def _classes(lm: Any, folder: Path) -> tuple[str, ...]:
+    """Class names by label value, without nnU-Net's ignore label."""
+    if lm.has_regions:
+        raise ExportError(
+            f"{folder}: region-based labels (sigmoid outputs) are not supported; "
+            "uqserve members are softmax over exclusive classes"
+        )
+    by_value = {int(v): str(k) for k, v in lm.label_dict.items() if not isinstance(v, list | tuple)}
+    labels = [v for v in sorted(by_value) if v != lm.ignore_label]
+    if labels != list(range(lm.num_segmentation_heads)):
+        raise ExportError(
+            f"{folder}: dataset.json labels {labels} are not 0..{lm.num_segmentation_heads - 1}"
+        )
+    return tuple(by_value[v] for v in labels)
+
+
+def _total_stride(arch_kwargs: dict[str, Any], dims: int) -> int:
+    """The least common multiple of the network's total stride along each axis."""
+    strides = arch_kwargs.get("strides") or [[1] * dims]
+    per_axis = [math.prod(int(s[a]) if isinstance(s, list | tuple) else int(s) for s in strides)
+                for a in range(dims)]  # fmt: skip
+    return math.lcm(*per_axis)
+
+
+def load_nnunet_model(
+    folder: str | os.PathLike[str],
+    *,
+    folds: Sequence[str] | None = None,
+    checkpoint: str = "checkpoint_final.pth",
+) -> NnunetModel:
+    """Read an nnU-Net v2 trained model folder: plans, labels and one network per fold.
+
+    ``folds``: e.g. ``("0", "1")``; default every ``fold_*`` with ``checkpoint``.
+    Raises :class:`ExportError` naming the file and the reason for anything
+    uqserve cannot serve (cascades, 3D configurations, regions, several channels).
+    """
+    import copy
+    import json
+
+    folder = Path(folder)
+    fold_list = _check_folder(folder, folds, checkpoint)
+    predictor_cls = _import_nnunet()
+    import torch
+
+    plans = json.loads((folder / "plans.json").read_text())
+    configuration = _configuration(folder, plans, fold_list[0], checkpoint)
+    _refuse_unsupported(plans, configuration, folder)
+    # nnU-Net prints notes on stdout; they must not mix with our output (--json).
+    with contextlib.redirect_stdout(io.StringIO()):
+        predictor = predictor_cls(device=torch.device("cpu"), verbose=False, allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(
+            str(folder), use_folds=[f if f == "all" else int(f) for f in fold_list],
+            checkpoint_name=checkpoint,
+        )  # fmt: skip
+    pm, cm = predictor.plans_manager, predictor.configuration_manager
+    lm = pm.get_label_manager(predictor.dataset_json)
+    tf = [int(a) for a in pm.transpose_forward]
+    if tf[1:] != sorted(tf[1:]):
+        raise ExportError(
+            f"{folder}: transpose_forward {tf} reorders the in-slice axes; uqserve slices "
+            "keep them in order (nnU-Net's default planners do)"
+        )
+    networks = []
+    for params in predictor.list_of_parameters:
+        net = copy.deepcopy(predictor.network)
+        net.load_state_dict(params)
+        networks.append(net.eval())
+    patch = [int(p) for p in cm.patch_size]
+    spacing = [float(s) for s in cm.spacing]
+    mirror_axes = tuple(int(a) for a in (predictor.allowed_mirroring_axes or ()))
+    norm = _normalization(pm, cm, folder)
+    info = {
+        "configuration": configuration,
+        "trainer": predictor.trainer_name,
+        "plans_name": pm.plans_name,
+        "dataset_name": pm.dataset_name,
+        "folds": list(fold_list),
+        "checkpoint": checkpoint,
+        "patch_size": patch,
+        "spacing": spacing,
+        "transpose_forward": tf,
+        "transpose_backward": [int(a) for a in pm.transpose_backward],
+        "normalization_schemes": list(cm.normalization_schemes),
+        "use_mask_for_norm": [bool(v) for v in cm.use_mask_for_norm],
+        "foreground_intensity_properties_per_channel": dict(
+            pm.foreground_intensity_properties_per_channel
+        ),
+        "mirror_axes": list(mirror_axes),
+        # nnU-Net's image arrays are SimpleITK's: the NIfTI array axes reversed.
+        "slice_axis": 2 - tf[0],
+    }
+    return NnunetModel(
+        folder=folder, configuration=configuration, folds=fold_list, networks=networks,
+        mirror_axes=mirror_axes, classes=_classes(lm, folder),
+        channels=len(cm.normalization_schemes), normalization=norm, tile=(patch[1], patch[0]),
+        multiple=_total_stride(cm.network_arch_init_kwargs, len(patch)),
+        spacing=(spacing[1], spacing[0]), info=info,
+    )  # fmt: skip
+
+
+def member_graphs(model: NnunetModel, mirror: bool) -> list[nn.Module]:
+    """One :class:`NnunetMember` per fold (``mirror``: bake in test-time mirroring)."""
+    from uqserve.exporting._nnunet_member import NnunetMember
+
+    axes = model.mirror_axes if mirror else ()
+    return [NnunetMember(net, axes) for net in model.networks]
+
+
+def export_nnunet(
+    model_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    folds: Sequence[str] | None = None,
+    checkpoint: str = "checkpoint_final.pth",
+    mirror: bool = False,
+    name: str | None = None,
+    overwrite: bool = False,
+    progress: Say | None = None,
+) -> Bundle:
+    """Export an nnU-Net v2 trained model folder as an uncalibrated bundle.
+
+    Each fold becomes one softmax member (two or more folds: a deep ensemble,
+    ``eu = ensemble``; one: ``eu = none``). Every member is checked against its
+    PyTorch graph through the runtime interface before the bundle is written
+    atomically. Calibrate the result with :func:`uqserve.calibration.calibrate`
+    on your own validation cases.
+    """
+    from uqserve.exporting._torch import check_parity, export_member, parity_feeds
+    from uqserve.runtime.embedded import EmbeddedRuntime
+
+    say = progress or (lambda _msg: None)
+    model = load_nnunet_model(model_dir, folds=folds, checkpoint=checkpoint)
+    say(f"read {model.configuration} folds {', '.join(model.folds)} of {model.folder.name}")
+    graphs = member_graphs(model, mirror)
+    n = len(graphs)
+    plan = ExportPlan(
+        name=name or Path(out_dir).name,
+        au="softmax",
+        eu="ensemble" if n > 1 else "none",
+        num_members=n,
+        num_samples=1,
+        classes=model.classes,
+        input=InputSpec(
+            channels=model.channels,
+            tile_size=model.tile,
+            multiple=model.multiple,
+            spacing=model.spacing,
+            normalization=model.normalization,
+        ),
+        extra={"source": "nnunet", "nnunet": {**model.info, "mirror": bool(mirror)}},
+    )
+
+    def parity(bundle: Bundle) -> None:
+        feeds = parity_feeds(model.channels, model.tile)
+        with EmbeddedRuntime(bundle, device="cpu", threads=1, workers=1) as rt:
+            for m, diff in enumerate(check_parity(graphs, rt, feeds)):
+                say(f"fold {model.folds[m]}: exported, parity max |diff| {diff:.2g}")
+
+    with atomic_bundle_dir(out_dir, overwrite) as tmp:
+        files = [f"member_{m}.onnx" for m in range(n)]
+        for graph, f in zip(graphs, files, strict=True):
+            export_member(
+                graph, tmp / f, in_channels=model.channels, num_classes=len(model.classes),
+                num_samples=1, example_size=model.tile,
+            )  # fmt: skip
+        finish_bundle(tmp, plan, files, OPSET, calibrate=False, check=parity, say=say)
+    return load_bundle(out_dir, verify=True)
