@@ -119,12 +119,14 @@ def test_manifest_carries_nnunet_plans(reference: dict[str, Any], tmp_path: Path
     assert man.classes == ("background", "lesion")
     assert not man.validation, "an nnU-Net export must not calibrate on synthetic data"
     norm = man.input.normalization
+    assert norm.scheme == "ct"
     assert norm.clip == (props["percentile_00_5"], props["percentile_99_5"])
     assert (norm.mean, norm.std) == (props["mean"], props["std"])
     nn = man.extra["nnunet"]
     assert nn["transpose_forward"] == [2, 0, 1] and nn["transpose_backward"] == [1, 2, 0]
     assert nn["slice_axis"] == 0 and nn["mirror"] is True and nn["folds"] == ["0", "1"]
-    assert man.input.tile_size == tuple(reversed(nn["patch_size"]))
+    assert man.input.tile_size == man.input.patch == tuple(reversed(nn["patch_size"]))
+    assert man.input.spacing == tuple(reversed(nn["spacing"]))
 
 
 def _variant(model_dir: Path, tmp_path: Path, configuration: str, conf: dict[str, Any]) -> Path:

@@ -15,9 +15,12 @@ wraps it into uqserve's member contract and exports it to ONNX:
   the logits of every flip combination of the checkpoint's
   ``inference_allowed_mirroring_axes`` are averaged before the softmax, as
   nnU-Net's predictor does;
-- normalisation: ``CTNormalization`` becomes ``fixed`` with the dataset's
+- normalisation: ``CTNormalization`` becomes ``ct`` with the dataset's
   foreground ``percentile_00_5``/``percentile_99_5`` as clip and its foreground
-  mean/std; ``ZScoreNormalization`` becomes per-scan ``zscore``;
+  mean/std; ``ZScoreNormalization`` becomes per-scan ``zscore`` (``nonzero``
+  with nnU-Net's ``use_mask_for_norm``);
+- geometry: ``patch`` (sliding windows with Gaussian weights, overlap 0.5)
+  and the in-plane ``spacing`` of the 2d configuration, in uqserve's axis order;
 - class names come from ``dataset.json`` (ordered by label value).
 
 The bundle is written **uncalibrated**: synthetic calibration data mean
@@ -166,14 +169,9 @@ def _normalization(pm: Any, cm: Any, folder: Path) -> Normalization:
     if scheme == "CTNormalization":
         lo, hi = float(props["percentile_00_5"]), float(props["percentile_99_5"])
         std = max(float(props["std"]), 1e-8)  # nnU-Net's guard
-        return Normalization(scheme="fixed", mean=float(props["mean"]), std=std, clip=(lo, hi))
-    if scheme == "ZScoreNormalization" and not masked:
-        return Normalization(scheme="zscore")
+        return Normalization(scheme="ct", mean=float(props["mean"]), std=std, clip=(lo, hi))
     if scheme == "ZScoreNormalization":
-        raise ExportError(
-            f"{folder}: z-score inside the nonzero mask (use_mask_for_norm) is not supported "
-            "yet; only whole-scan z-score and CT normalisation are"
-        )
+        return Normalization(scheme="zscore", nonzero=masked)
     if scheme == "NoNormalization":
         return Normalization(scheme="fixed", mean=0.0, std=1.0)
     if scheme == "RGBTo01Normalization":
@@ -323,11 +321,18 @@ def export_nnunet(
         num_members=n,
         num_samples=1,
         classes=model.classes,
+        # nnU-Net's geometry: windows of the patch, resampled in-plane to the
+        # training spacing (cubic, nearest along a thick axis), as stored (no
+        # world orientation: nnU-Net keeps the array axes as read).
         input=InputSpec(
             channels=model.channels,
             tile_size=model.tile,
             multiple=model.multiple,
+            dims=2,
+            patch=model.tile,
             spacing=model.spacing,
+            orientation=None,
+            interpolation="cubic",
             normalization=model.normalization,
         ),
         extra={"source": "nnunet", "nnunet": {**model.info, "mirror": bool(mirror)}},
