@@ -129,7 +129,7 @@ class TritonServer:
         ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
         for kind, port in ports.items():
             if port is not None and not (0 < port < 65536):
-                raise ServerError(f"--{kind}-port {port} is not a port number (1-65535)")
+                raise ServerError(f"`{kind}_port={port}` is not a port number (1-65535)")
         used = [p for p in ports.values() if p is not None]
         if len(set(used)) != len(used):
             raise ServerError(f"the HTTP, gRPC and metrics ports must differ, got {used}")
@@ -195,7 +195,7 @@ class TritonServer:
             if port is not None and not port_is_free(self.address, port):
                 raise ServerError(
                     f"port {port} on {self.address} is taken (wanted for {kind}); "
-                    f"stop what uses it or pass --{kind}-port"
+                    f"stop what uses it or pass another `{kind}_port`"
                 )
         taken = {p for p in self._requested.values() if p is not None}
         for kind, port in self._requested.items():
