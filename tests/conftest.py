@@ -17,10 +17,17 @@ from tests._bundles import make_tiny_bundle
 from uqserve.schemas import validate
 
 # Every run draws the same hypothesis examples (derandomized, seeded from each test's name) and
-# never fails on timing; `--hypothesis-seed=N` still explores other draws on demand, and the
-# suite must pass for any N. No example database: a run does not depend on earlier runs.
+# never fails on timing; `--hypothesis-seed=N` explores other draws on demand (a derandomized
+# profile would ignore the seed, hence the second profile), and the suite must pass for any N.
+# No example database: a run does not depend on earlier runs.
 settings.register_profile("uqserve", derandomize=True, deadline=None, database=None)
+settings.register_profile("uqserve-seeded", derandomize=False, deadline=None, database=None)
 settings.load_profile("uqserve")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("hypothesis_seed", default=None) is not None:
+        settings.load_profile("uqserve-seeded")
 
 SCAN_AFFINE = np.array(
     [[-0.8, 0.0, 0.0, 90.0], [0.0, 0.8, 0.0, -120.0], [0.0, 0.0, 3.0, -40.0], [0, 0, 0, 1]],
