@@ -99,7 +99,42 @@ def read_series(
     datasets = [ds for ds in loaded if ds is not None]
     if not datasets:
         raise VolumeError(f"{label}: no DICOM image found; pass a folder holding one image series")
+    _check_one_series(datasets, label)
+    first = datasets[0]
+    rows, cols, iop, spacing_rc = _common_geometry(datasets, label)
+    row_dir, col_dir, normal = _slice_axes(iop, label)
+    datasets, positions, along = _sort_along_normal(datasets, iop, normal, label)
+    n = len(datasets)
+    slice_vec = _slice_vector(positions, along, first, normal, label)
 
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * spacing_rc[1]  # i = column index moves along the row direction
+    lps[:3, 1] = col_dir * spacing_rc[0]  # j = row index moves along the column direction
+    lps[:3, 2] = slice_vec
+    lps[:3, 3] = positions[0]
+    affine = _LPS_TO_RAS @ lps
+    warnings = geometry_warnings(label, affine)
+    data = _read_pixels(datasets, rows, cols, label, max_voxels)
+
+    volume = Volume(
+        data=data,
+        affine=affine,
+        source=label,
+        header=None,
+        slice_axis=2,
+        meta={
+            "format": "dicom",
+            "modality": str(getattr(first, "Modality", "")),
+            "series": uid_hash(str(first.SeriesInstanceUID)),
+            "num_instances": n,
+            "warnings": warnings + intensity_warnings(data),
+        },
+    )
+    return DicomSeries(volume=volume, datasets=datasets)
+
+
+def _check_one_series(datasets: list[Dataset], label: str) -> None:
+    """One Series Instance UID, single-frame images only (each checked by ``_check_image``)."""
     series = {str(getattr(ds, "SeriesInstanceUID", "")) for ds in datasets}
     if len(series) > 1:
         raise VolumeError(
@@ -110,16 +145,20 @@ def read_series(
         raise VolumeError(
             f"{label}: images without a Series Instance UID; the files are not a valid series"
         )
-
-    first = datasets[0]
     for ds in datasets:
         _check_image(ds, label)
-    if len(datasets) == 1 and int(getattr(first, "NumberOfFrames", 1) or 1) > 1:
+    if len(datasets) == 1 and int(getattr(datasets[0], "NumberOfFrames", 1) or 1) > 1:
         raise VolumeError(
             f"{label}: a multi-frame (enhanced) image; only series of single-frame images "
             "are supported: export the series as single-frame (classic) images"
         )
 
+
+def _common_geometry(
+    datasets: list[Dataset], label: str
+) -> tuple[int, int, npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """``(rows, columns, orientation [6], pixel spacing [2] (row, column) mm)`` shared by all."""
+    first = datasets[0]
     rows, cols = int(first.Rows), int(first.Columns)
     iop = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
     spacing_rc = np.asarray(first.PixelSpacing, dtype=np.float64)
@@ -138,7 +177,13 @@ def read_series(
             )
         if not np.allclose(np.asarray(ds.PixelSpacing, dtype=np.float64), spacing_rc, rtol=1e-4):
             raise VolumeError(f"{label}: images with different Pixel Spacing; split the series")
+    return rows, cols, iop, spacing_rc
 
+
+def _slice_axes(
+    iop: npt.NDArray[np.float64], label: str
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Unit row and column directions and the slice normal (LPS) from the orientation."""
     row_dir, col_dir = iop[:3], iop[3:]
     if not (
         np.isclose(np.linalg.norm(row_dir), 1, atol=1e-3)
@@ -150,8 +195,16 @@ def read_series(
         )
     row_dir = row_dir / np.linalg.norm(row_dir)
     col_dir = col_dir / np.linalg.norm(col_dir)
-    normal = np.cross(row_dir, col_dir)
+    return row_dir, col_dir, np.cross(row_dir, col_dir)
 
+
+def _sort_along_normal(
+    datasets: list[Dataset],
+    iop: npt.NDArray[np.float64],
+    normal: npt.NDArray[np.float64],
+    label: str,
+) -> tuple[list[Dataset], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Datasets sorted by position along ``normal``, their positions [Z, 3] LPS and [Z] mm."""
     positions = np.asarray(
         [ds.ImagePositionPatient for ds in datasets], dtype=np.float64
     )  # [Z, 3] LPS
@@ -162,78 +215,71 @@ def read_series(
         )
     along = positions @ normal
     order = np.argsort(along, kind="stable")
-    datasets = [datasets[i] for i in order]
-    positions, along = positions[order], along[order]
+    return [datasets[i] for i in order], positions[order], along[order]
 
-    n = len(datasets)
-    if n > 1:
-        gaps = np.diff(along)
-        if np.any(gaps < _SPACING_ABS_TOL):
-            raise VolumeError(
-                f"{label}: {int(np.sum(gaps < _SPACING_ABS_TOL)) + 1} images share one "
-                "slice position "
-                "(duplicates or several echoes/phases in one series); split the series"
-            )
-        step = float(np.median(gaps))
-        if np.max(np.abs(gaps - step)) > max(_SPACING_REL_TOL * step, _SPACING_ABS_TOL):
-            missing = int(np.round(np.sum(gaps) / step)) + 1 - n
-            what = f"about {missing} slice(s) missing" if missing > 0 else "uneven slice spacing"
-            raise VolumeError(
-                f"{label}: incomplete or irregular series ({what}; spacing along the normal from "
-                f"{gaps.min():.3g} to {gaps.max():.3g} mm); "
-                "wait until the whole series has arrived "
-                "or resample it to uniform spacing"
-            )
-        slice_vec = (positions[-1] - positions[0]) / (n - 1)
-        # In-plane drift would mean a sheared stack; the affine cannot express it per slice.
-        offsets = positions - positions[0] - np.outer(np.arange(n), slice_vec)
-        if np.max(np.abs(offsets)) > max(_SPACING_REL_TOL * step, _SPACING_ABS_TOL) * 10:
-            raise VolumeError(
-                f"{label}: slice positions do not lie on one line; split or resample the series"
-            )
-    else:
+
+def _slice_vector(
+    positions: npt.NDArray[np.float64],
+    along: npt.NDArray[np.float64],
+    first: Dataset,
+    normal: npt.NDArray[np.float64],
+    label: str,
+) -> npt.NDArray[np.float64]:
+    """The step [3] (LPS mm) from one slice to the next; the series must be uniform and whole.
+
+    One slice: the normal times Spacing Between Slices, else Slice Thickness, else 1 mm.
+    """
+    n = len(positions)
+    if n == 1:
         thickness = float(
             getattr(first, "SpacingBetweenSlices", None)
             or getattr(first, "SliceThickness", None)
             or 1.0
         )
-        slice_vec = normal * thickness
+        return normal * thickness
+    gaps = np.diff(along)
+    if np.any(gaps < _SPACING_ABS_TOL):
+        raise VolumeError(
+            f"{label}: {int(np.sum(gaps < _SPACING_ABS_TOL)) + 1} images share one "
+            "slice position "
+            "(duplicates or several echoes/phases in one series); split the series"
+        )
+    step = float(np.median(gaps))
+    if np.max(np.abs(gaps - step)) > max(_SPACING_REL_TOL * step, _SPACING_ABS_TOL):
+        missing = int(np.round(np.sum(gaps) / step)) + 1 - n
+        what = f"about {missing} slice(s) missing" if missing > 0 else "uneven slice spacing"
+        raise VolumeError(
+            f"{label}: incomplete or irregular series ({what}; spacing along the normal from "
+            f"{gaps.min():.3g} to {gaps.max():.3g} mm); "
+            "wait until the whole series has arrived "
+            "or resample it to uniform spacing"
+        )
+    slice_vec: npt.NDArray[np.float64] = (positions[-1] - positions[0]) / (n - 1)
+    # In-plane drift would mean a sheared stack; the affine cannot express it per slice.
+    offsets = positions - positions[0] - np.outer(np.arange(n), slice_vec)
+    if np.max(np.abs(offsets)) > max(_SPACING_REL_TOL * step, _SPACING_ABS_TOL) * 10:
+        raise VolumeError(
+            f"{label}: slice positions do not lie on one line; split or resample the series"
+        )
+    return slice_vec
 
-    lps = np.eye(4)
-    lps[:3, 0] = row_dir * spacing_rc[1]  # i = column index moves along the row direction
-    lps[:3, 1] = col_dir * spacing_rc[0]  # j = row index moves along the column direction
-    lps[:3, 2] = slice_vec
-    lps[:3, 3] = positions[0]
-    affine = _LPS_TO_RAS @ lps
-    warnings = geometry_warnings(label, affine)
 
+def _read_pixels(
+    datasets: list[Dataset], rows: int, cols: int, label: str, max_voxels: int | None
+) -> npt.NDArray[np.float32]:
+    """The pixel data ``[X=columns, Y=rows, Z=slices]`` float32, sizes checked before allocating."""
+    n = len(datasets)
     check_voxel_count(label, (cols, rows, n), max_voxels)
     for ds in datasets:
         _check_pixel_bytes(ds, rows, cols, label)
     data = np.empty((cols, rows, n), dtype=np.float32)
     for k, ds in enumerate(datasets):
         data[:, :, k] = _pixels(ds, label).T
-
     if not np.all(np.isfinite(data)):
         raise VolumeError(
             f"{label}: pixel data holds NaN or infinite values; the files are damaged"
         )
-
-    volume = Volume(
-        data=data,
-        affine=affine,
-        source=label,
-        header=None,
-        slice_axis=2,
-        meta={
-            "format": "dicom",
-            "modality": str(getattr(first, "Modality", "")),
-            "series": uid_hash(str(first.SeriesInstanceUID)),
-            "num_instances": n,
-            "warnings": warnings + intensity_warnings(data),
-        },
-    )
-    return DicomSeries(volume=volume, datasets=datasets)
+    return data
 
 
 def _collect(
