@@ -29,6 +29,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("hypothesis_seed", default=None) is not None:
         settings.load_profile("uqserve-seeded")
 
+
 SCAN_AFFINE = np.array(
     [[-0.8, 0.0, 0.0, 90.0], [0.0, 0.8, 0.0, -120.0], [0.0, 0.0, 3.0, -40.0], [0, 0, 0, 1]],
     dtype=np.float64,
