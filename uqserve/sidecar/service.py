@@ -398,7 +398,7 @@ class Sidecar:
         if not files:
             raise PermanentError(f"series {key}: no instances in the spool")
         names = [p.name for p in files]
-        digest = instances_digest(names)
+        digest = instances_digest(files)
         out = self.spool.out_dir(key)
         if state.built != digest or not out.is_dir():
             # New, or instances arrived since the results were built: build (again).

@@ -87,9 +87,14 @@ class SeriesState:
     record: dict[str, Any] = field(default_factory=dict)
 
 
-def instances_digest(names: list[str]) -> str:
-    """A hash of a set of spooled instance names (themselves hashes of SOP Instance UIDs)."""
-    return hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:32]
+def instances_digest(files: list[Path]) -> str:
+    """A hash of a set of spooled instances: names (hashes of SOP Instance UIDs), sizes
+    and modification times, so an instance received again (new content?) counts as new."""
+    parts = []
+    for p in sorted(files):
+        st = p.stat()
+        parts.append(f"{p.name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
 class Spool:
