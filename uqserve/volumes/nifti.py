@@ -80,7 +80,39 @@ def read_nifti(
     huge intensities) are listed in ``meta["warnings"]``.
     """
     p = Path(path)
-    src = p.name
+    img = _open_nifti(p)
+    header = img.header
+    stored_shape = tuple(int(s) for s in img.shape)
+    shape = _checked_shape(p, header, stored_shape, volume_index)
+    ndim = len(shape)
+    check_voxel_count(str(p), shape[:3], max_voxels)
+    data = _read_voxels(p, img, shape, volume_index)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) == 0:
+        raise VolumeError(
+            f"{p}: the header's affine is singular or not finite; fix the qform/sform"
+        )
+    warnings = _zero_pixdim_warnings(p, header, ndim) + geometry_warnings(str(p), affine)
+    warnings += intensity_warnings(data)
+    qcode = int(header["qform_code"])
+    scode = int(header["sform_code"])
+    meta: dict[str, Any] = {
+        "format": "nifti2" if isinstance(img, nib.Nifti2Image) else "nifti1",
+        "stored_shape": stored_shape,
+        "stored_dtype": str(header.get_data_dtype()),
+        "qform_code": qcode,
+        "sform_code": scode,
+        "ndim": 2 if ndim == 2 else 3,  # 2D inputs get 2D outputs
+        "volume_index": volume_index if ndim == 4 else None,
+        "warnings": warnings,
+    }
+    vol = Volume(data=data, affine=affine, source=p.name, header=header.copy(), meta=meta)
+    vol.slice_axis = through_plane_axis(vol.spacing, data.shape)
+    return vol
+
+
+def _open_nifti(p: Path) -> nib.Nifti1Image:
+    """The NIfTI-1/2 image at ``p`` (header read, voxels not yet), or a ``VolumeError``."""
     if not p.exists():
         raise VolumeError(f"{p}: no such file")
     if not p.is_file():
@@ -94,8 +126,13 @@ def read_nifti(
         raise VolumeError(
             f"{p}: {type(img).__name__} is not NIfTI; convert it to .nii.gz (e.g. with dcm2niix)"
         )
-    header = img.header
-    stored_shape = tuple(int(s) for s in img.shape)
+    return img
+
+
+def _checked_shape(
+    p: Path, header: Any, stored_shape: tuple[int, ...], volume_index: int | None
+) -> tuple[int, ...]:
+    """The stored shape without trailing 1s, checked: real grey-scale 2D/3D, or 4D with an index."""
     if any(s == 0 for s in stored_shape) or len(stored_shape) == 0:
         raise VolumeError(f"{p}: empty image (shape {stored_shape}); nothing to predict")
     if np.dtype(header.get_data_dtype()).kind == "V":
@@ -128,10 +165,16 @@ def read_nifti(
             f"{p}: `volume_index={volume_index}` given but the image is {ndim}D "
             "(one volume, index 0)"
         )
-    check_voxel_count(str(p), shape[:3], max_voxels)
+    return shape
+
+
+def _read_voxels(
+    p: Path, img: nib.Nifti1Image, shape: tuple[int, ...], volume_index: int | None
+) -> npt.NDArray[np.float32]:
+    """The scaled voxels ``[X, Y, Z]`` float32 (2D: ``[X, Y, 1]``; 4D: volume ``volume_index``)."""
     try:
         proxy = img.dataobj
-        if ndim == 4:
+        if len(shape) == 4:
             arr = np.asanyarray(proxy[..., volume_index])
             arr = arr.reshape(shape[:3])
         else:
@@ -144,28 +187,7 @@ def read_nifti(
         ) from exc
     if data.ndim == 2:
         data = data[:, :, np.newaxis]
-    affine = np.asarray(img.affine, dtype=np.float64)
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) == 0:
-        raise VolumeError(
-            f"{p}: the header's affine is singular or not finite; fix the qform/sform"
-        )
-    warnings = _zero_pixdim_warnings(p, header, ndim) + geometry_warnings(str(p), affine)
-    warnings += intensity_warnings(data)
-    qcode = int(header["qform_code"])
-    scode = int(header["sform_code"])
-    meta: dict[str, Any] = {
-        "format": "nifti2" if isinstance(img, nib.Nifti2Image) else "nifti1",
-        "stored_shape": stored_shape,
-        "stored_dtype": str(header.get_data_dtype()),
-        "qform_code": qcode,
-        "sform_code": scode,
-        "ndim": 2 if ndim == 2 else 3,  # 2D inputs get 2D outputs
-        "volume_index": volume_index if ndim == 4 else None,
-        "warnings": warnings,
-    }
-    vol = Volume(data=data, affine=affine, source=src, header=header.copy(), meta=meta)
-    vol.slice_axis = through_plane_axis(vol.spacing, data.shape)
-    return vol
+    return data
 
 
 def through_plane_axis(spacing: tuple[float, ...], shape: tuple[int, ...]) -> int:
