@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -109,6 +110,59 @@ def _check(ambiguity: str, num_classes: int, num_annotators: int) -> None:
         raise UsageError(f"num_annotators must be >= 1, got {num_annotators}")
 
 
+@dataclass(frozen=True)
+class _Space:
+    """The scene's coordinates and the shape helpers every part of it draws with.
+
+    Coordinates are in units of the in-plane field of view; the first two axes
+    are in-plane, a third (volumes) is through-plane.
+    """
+
+    rng: np.random.Generator
+    shape: tuple[int, ...]
+    coords: tuple[npt.NDArray[np.float64], ...]
+    vox: tuple[float, ...]  # voxels per field of view, per axis
+
+    @classmethod
+    def of(
+        cls, rng: np.random.Generator, shape: tuple[int, ...], spacing: tuple[float, ...]
+    ) -> _Space:
+        fov = max(shape[0] * spacing[0], shape[1] * spacing[1])
+        return cls(rng, shape, tuple(grid(shape, spacing, fov)), tuple(fov / s for s in spacing))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def field(self, sigma_fov: float) -> npt.NDArray[np.float32]:
+        """A smooth random field with correlation length ``sigma_fov`` (field of view units)."""
+        return smooth_field(self.rng, self.shape, [sigma_fov * v for v in self.vox])
+
+    def radius(
+        self, c: Sequence[float], r: Sequence[float], angle: float
+    ) -> npt.NDArray[np.float64]:
+        """Ellipsoidal radius around centre ``c`` with semi-axes ``r``, turned in-plane."""
+        dx = [self.coords[i] - c[i] for i in range(self.ndim)]
+        ca, sa = np.cos(angle), np.sin(angle)
+        d = (ca * dx[0] + sa * dx[1], -sa * dx[0] + ca * dx[1], *dx[2:])
+        return np.sqrt(sum((di / ri) ** 2 for di, ri in zip(d, r, strict=True)))
+
+
+@dataclass(frozen=True)
+class _Body:
+    radii: list[float]
+    angle: float
+    centre: list[float]
+    mask: npt.NDArray[np.floating[Any]]  # soft body mask in [0, 1]
+
+
+@dataclass(frozen=True)
+class _Lesions:
+    soft: npt.NDArray[np.floating[Any]]  # [L, *shape] soft lesion maps
+    classes: list[int]
+    faint: list[bool]
+
+
 def _scene(
     rng: np.random.Generator,
     shape: tuple[int, ...],
@@ -122,61 +176,67 @@ def _scene(
     """Generate image, annotations ``[A, *shape]``, truth and soft map.
 
     The first two axes are in-plane; a third axis (volumes) is through-plane.
-    Coordinates are in units of the in-plane field of view.
+    Coordinates are in units of the in-plane field of view. The steps draw from
+    ``rng`` in a fixed order (body, organs, lesions, noise, annotators): the
+    same seed gives the same scene.
     """
-    ndim = len(shape)
-    fov = max(shape[0] * spacing[0], shape[1] * spacing[1])
-    coords = grid(shape, spacing, fov)
-    vox = [fov / s for s in spacing]  # voxels per field of view, per axis
+    space = _Space.of(rng, shape, spacing)
+    body = _body(space)
+    image = 0.03 + body.mask * (
+        rng.uniform(0.30, 0.40) + 0.045 * space.field(0.15) + 0.025 * space.field(0.04)
+    )
+    image = _add_organs(space, image, body)
+    image, lesions = _add_lesions(space, image, body, num_classes)
+    image = image + 0.012 * rng.standard_normal(shape)
+    image = np.clip(image, 0.0, 1.0).astype(np.float32)
+    annotations, truth = _annotate(rng, lesions, ambiguity, num_annotators)
+    return image, annotations, truth, lesions.soft.max(axis=0).astype(np.float32)
 
-    def field(sigma_fov: float) -> npt.NDArray[np.float32]:
-        return smooth_field(rng, shape, [sigma_fov * v for v in vox])
 
-    def rotate(angle: float, c: Sequence[float]) -> tuple[npt.NDArray[np.float64], ...]:
-        dx = [coords[i] - c[i] for i in range(ndim)]
-        ca, sa = np.cos(angle), np.sin(angle)
-        return (ca * dx[0] + sa * dx[1], -sa * dx[0] + ca * dx[1], *dx[2:])
-
-    def radius(c: Sequence[float], r: Sequence[float], angle: float) -> npt.NDArray[np.float64]:
-        d = rotate(angle, c)
-        return np.sqrt(sum((di / ri) ** 2 for di, ri in zip(d, r, strict=True)))
-
-    # Body: a soft-edged ellipse (an elliptic cylinder whose size varies slowly along z).
-    body_r = [rng.uniform(0.36, 0.45), rng.uniform(0.28, 0.40)]
+def _body(space: _Space) -> _Body:
+    """A soft-edged ellipse (an elliptic cylinder whose size varies slowly along z)."""
+    rng, ndim = space.rng, space.ndim
+    radii = [rng.uniform(0.36, 0.45), rng.uniform(0.28, 0.40)]
     if ndim == 3:
-        body_r.append(10.0)  # effectively unbounded through-plane
-    body_angle = rng.uniform(-0.4, 0.4)
-    body_centre = [rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03)] + [0.0] * (ndim - 2)
-    r_body = radius(body_centre, body_r, body_angle)
+        radii.append(10.0)  # effectively unbounded through-plane
+    angle = rng.uniform(-0.4, 0.4)
+    centre = [rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03)] + [0.0] * (ndim - 2)
+    r_body = space.radius(centre, radii, angle)
     if ndim == 3:
-        r_body = r_body * (1.0 + 0.3 * coords[2] ** 2)
-    body = sigmoid((1.0 - r_body) / 0.015)
+        r_body = r_body * (1.0 + 0.3 * space.coords[2] ** 2)
+    return _Body(radii, angle, centre, sigmoid((1.0 - r_body) / 0.015))
 
-    image = 0.03 + body * (rng.uniform(0.30, 0.40) + 0.045 * field(0.15) + 0.025 * field(0.04))
-    # Large low-contrast organs: structure that is not a lesion.
+
+def _add_organs(space: _Space, image: npt.NDArray[Any], body: _Body) -> npt.NDArray[Any]:
+    """Large low-contrast organs: structure that is not a lesion."""
+    rng, ndim = space.rng, space.ndim
     for _ in range(int(rng.integers(1, 3))):
         c = [rng.uniform(-0.15, 0.15), rng.uniform(-0.12, 0.12)] + [
             rng.uniform(-0.1, 0.1) for _ in range(ndim - 2)
         ]
         r = [rng.uniform(0.12, 0.20), rng.uniform(0.10, 0.16)] + [0.3] * (ndim - 2)
-        organ = sigmoid((1.0 - radius(c, r, rng.uniform(0, np.pi))) / 0.1)
-        image = image + body * organ * rng.choice([-1.0, 1.0]) * rng.uniform(0.02, 0.045)
+        organ = sigmoid((1.0 - space.radius(c, r, rng.uniform(0, np.pi))) / 0.1)
+        image = image + body.mask * organ * rng.choice([-1.0, 1.0]) * rng.uniform(0.02, 0.045)
+    return image
 
-    # Lesions: ellipsoids (spheroids in 3D, in millimetres) inside the body.
+
+def _add_lesions(
+    space: _Space, image: npt.NDArray[Any], body: _Body, num_classes: int
+) -> tuple[npt.NDArray[Any], _Lesions]:
+    """Lesions: ellipsoids (spheroids in 3D, in millimetres) inside the body."""
+    rng, ndim = space.rng, space.ndim
     n_lesions = int(rng.integers(1, 5) if ndim == 2 else rng.integers(3, 9))
-    boundary = field(0.03)  # irregular lesion outlines
-    through = coords[2] if ndim == 3 else None
-    z_half = float(np.max(np.abs(through))) if through is not None else 0.0
-    spread, miss_faint, miss_other = _AMBIGUITY[ambiguity]
+    boundary = space.field(0.03)  # irregular lesion outlines
+    z_half = float(np.max(np.abs(space.coords[2]))) if ndim == 3 else 0.0
     soft_maps, classes, faint = [], [], []
     for _ in range(n_lesions):
         # Sample the centre inside the inner part of the body.
         rho, phi = np.sqrt(rng.uniform(0, 1)) * 0.7, rng.uniform(0, 2 * np.pi)
-        local = np.array([rho * np.cos(phi) * body_r[0], rho * np.sin(phi) * body_r[1]])
-        ca, sa = np.cos(body_angle), np.sin(body_angle)
+        local = np.array([rho * np.cos(phi) * body.radii[0], rho * np.sin(phi) * body.radii[1]])
+        ca, sa = np.cos(body.angle), np.sin(body.angle)
         c = [
-            body_centre[0] + ca * local[0] - sa * local[1],
-            body_centre[1] + sa * local[0] + ca * local[1],
+            body.centre[0] + ca * local[0] - sa * local[1],
+            body.centre[1] + sa * local[0] + ca * local[1],
         ]
         size = float(np.exp(rng.uniform(np.log(0.035), np.log(0.11))))
         aspect = rng.uniform(0.7, 1.3)
@@ -184,7 +244,7 @@ def _scene(
         if ndim == 3:
             c.append(rng.uniform(-0.7, 0.7) * z_half)
             r.append(size * rng.uniform(0.8, 1.2))
-        r_les = radius(c, r, rng.uniform(0, np.pi)) * (1.0 + 0.12 * boundary)
+        r_les = space.radius(c, r, rng.uniform(0, np.pi)) * (1.0 + 0.12 * boundary)
         soft_maps.append(sigmoid((1.0 - r_les) / _EDGE_WIDTH))
         is_faint = bool(rng.uniform() < _FAINT_PROB)
         faint.append(is_faint)
@@ -193,17 +253,22 @@ def _scene(
         contrast = rng.uniform(0.09, 0.14) if is_faint else rng.uniform(0.18, 0.40)
         sign = 1.0 if cls == 1 else -1.0
         image = image + sign * contrast * soft_maps[-1] * (1.0 + 0.08 * boundary)
+    return image, _Lesions(np.stack(soft_maps), classes, faint)
 
-    image = image + 0.012 * rng.standard_normal(shape)
-    image = np.clip(image, 0.0, 1.0).astype(np.float32)
 
-    soft = np.stack(soft_maps)  # [L, *shape]
-    cls_of = np.array([0, *classes], dtype=np.uint8)
+def _annotate(
+    rng: np.random.Generator, lesions: _Lesions, ambiguity: str, num_annotators: int
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+    """Annotations ``[A, *shape]`` (each annotator's threshold and misses) and the truth."""
+    spread, miss_faint, miss_other = _AMBIGUITY[ambiguity]
+    soft = lesions.soft  # [L, *shape]
+    n_lesions, ndim = soft.shape[0], soft.ndim - 1
+    cls_of = np.array([0, *lesions.classes], dtype=np.uint8)
     # Annotator styles: fixed offset per annotator plus per-image jitter.
     offsets = np.linspace(-1.0, 1.0, num_annotators) if num_annotators > 1 else np.zeros(1)
     thresholds = 0.5 - spread * offsets + rng.normal(0.0, spread / 6.0, num_annotators)
     thresholds = np.clip(thresholds, 0.05, 0.95)
-    p_miss = np.where(np.array(faint), miss_faint, miss_other)
+    p_miss = np.where(np.array(lesions.faint), miss_faint, miss_other)
     missed = rng.uniform(size=(num_annotators, n_lesions)) < p_miss[None, :]
 
     def label(threshold: float, keep: npt.NDArray[np.bool_]) -> npt.NDArray[np.uint8]:
@@ -215,7 +280,7 @@ def _scene(
 
     annotations = np.stack([label(float(thresholds[a]), ~missed[a]) for a in range(num_annotators)])
     truth = label(0.5, np.ones(n_lesions, dtype=bool))
-    return image, annotations, truth, soft.max(axis=0).astype(np.float32)
+    return annotations, truth
 
 
 def _size2(size: int | Sequence[int]) -> tuple[int, int]:
