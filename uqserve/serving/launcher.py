@@ -191,70 +191,16 @@ class TritonServer:
 
     def _start(self) -> TritonServer:
         tree = find_server_tree()
-        for kind, port in self._requested.items():
-            if port is not None and not port_is_free(self.address, port):
-                raise ServerError(
-                    f"port {port} on {self.address} is taken (wanted for {kind}); "
-                    f"stop what uses it or pass another `{kind}_port`"
-                )
-        taken = {p for p in self._requested.values() if p is not None}
-        for kind, port in self._requested.items():
-            if port is None:
-                port = free_port(self.address)
-                while port in taken:
-                    port = free_port(self.address)
-                taken.add(port)
-            self.ports[kind] = port
-
-        version = f"{sys.version_info.major}.{sys.version_info.minor}"
-        stub = tree / "python_backend_stubs" / version / "triton_python_backend_stub"
-        if not stub.is_file():
-            raise ServerError(
-                f"nvidia-pytriton has no python backend stub for Python {version}; "
-                "use Python 3.8-3.13 or the NGC image"
-            )
-        self._workdir = Path(tempfile.mkdtemp(prefix="uqserve-tritonserver-"))
-        self._keep_log = self._killed = False
-        server_dir = self._workdir / "tritonserver"
-        shutil.copytree(tree, server_dir, symlinks=True)
-        shutil.copy2(stub, server_dir / "backends" / "python" / stub.name)
-
-        env = dict(os.environ)
-        libs = [str(tree.parent.parent / "nvidia_pytriton.libs")]
-        pylib = sysconfig.get_config_var("LIBDIR")
-        if pylib:
-            libs.append(str(pylib))
-        if env.get("LD_LIBRARY_PATH"):
-            libs.append(env["LD_LIBRARY_PATH"])
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        self._log_path = self._user_log or self._workdir / "tritonserver.log"
-        cmd = [
-            str(server_dir / "bin" / "tritonserver"),
-            f"--model-repository={self.repo}",
-            f"--backend-directory={server_dir / 'backends'}",
-            f"--cache-directory={server_dir / 'caches'}",
-            f"--http-address={self.address}",
-            f"--http-port={self.ports['http']}",
-            f"--grpc-address={self.address}",
-            f"--grpc-port={self.ports['grpc']}",
-            f"--metrics-address={self.address}",
-            f"--metrics-port={self.ports['metrics']}",
-            "--allow-gpu-metrics=false",
-            # Known prefix, so that stop() can remove the regions a killed server leaves.
-            f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
-            "--strict-readiness=true",
-            "--exit-on-error=true",
-            f"--log-verbose={self.log_verbose}",
-            *self.extra_args,
-        ]
+        self._pick_ports()
+        server_dir = self._stage_server(tree)
+        self._log_path = self._user_log or server_dir.parent / "tritonserver.log"
         with open(self._log_path, "wb") as log:
             self._process = subprocess.Popen(
-                cmd,
+                self._command(server_dir),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=env,
+                env=self._environment(tree),
                 cwd=self._workdir,
                 start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop it
             )
@@ -276,6 +222,75 @@ class TritonServer:
             self.stop()
             raise
         return self
+
+    def _pick_ports(self) -> None:
+        """``self.ports``: the requested ports (checked free), free ones for the rest."""
+        for kind, port in self._requested.items():
+            if port is not None and not port_is_free(self.address, port):
+                raise ServerError(
+                    f"port {port} on {self.address} is taken (wanted for {kind}); "
+                    f"stop what uses it or pass another `{kind}_port`"
+                )
+        taken = {p for p in self._requested.values() if p is not None}
+        for kind, port in self._requested.items():
+            if port is None:
+                port = free_port(self.address)
+                while port in taken:
+                    port = free_port(self.address)
+                taken.add(port)
+            self.ports[kind] = port
+
+    def _stage_server(self, tree: Path) -> Path:
+        """A copy of the server ``tree`` with this Python's backend stub, in a new ``_workdir``."""
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = tree / "python_backend_stubs" / version / "triton_python_backend_stub"
+        if not stub.is_file():
+            raise ServerError(
+                f"nvidia-pytriton has no python backend stub for Python {version}; "
+                "use Python 3.8-3.13 or the NGC image"
+            )
+        self._workdir = Path(tempfile.mkdtemp(prefix="uqserve-tritonserver-"))
+        self._keep_log = self._killed = False
+        server_dir = self._workdir / "tritonserver"
+        shutil.copytree(tree, server_dir, symlinks=True)
+        shutil.copy2(stub, server_dir / "backends" / "python" / stub.name)
+        return server_dir
+
+    @staticmethod
+    def _environment(tree: Path) -> dict[str, str]:
+        """The server's environment: its bundled libraries, libpython and this Python first."""
+        env = dict(os.environ)
+        libs = [str(tree.parent.parent / "nvidia_pytriton.libs")]
+        pylib = sysconfig.get_config_var("LIBDIR")
+        if pylib:
+            libs.append(str(pylib))
+        if env.get("LD_LIBRARY_PATH"):
+            libs.append(env["LD_LIBRARY_PATH"])
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        return env
+
+    def _command(self, server_dir: Path) -> list[str]:
+        """The ``tritonserver`` command line: loopback addresses, our ports, strict readiness."""
+        return [
+            str(server_dir / "bin" / "tritonserver"),
+            f"--model-repository={self.repo}",
+            f"--backend-directory={server_dir / 'backends'}",
+            f"--cache-directory={server_dir / 'caches'}",
+            f"--http-address={self.address}",
+            f"--http-port={self.ports['http']}",
+            f"--grpc-address={self.address}",
+            f"--grpc-port={self.ports['grpc']}",
+            f"--metrics-address={self.address}",
+            f"--metrics-port={self.ports['metrics']}",
+            "--allow-gpu-metrics=false",
+            # Known prefix, so that stop() can remove the regions a killed server leaves.
+            f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            f"--log-verbose={self.log_verbose}",
+            *self.extra_args,
+        ]
 
     def _wait_ready(self) -> None:
         url = f"{self.http_url}/v2/health/ready"
