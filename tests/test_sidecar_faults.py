@@ -155,8 +155,9 @@ def _listening(
 ) -> Iterator[Sidecar]:
     """A sidecar whose listener runs; the test steps its worker with ``run_once(now=...)``."""
     kw.setdefault("spool", tmp_path / "spool")
-    send_to = Peer(orthanc.aet, "127.0.0.1", orthanc.dicom_port) if orthanc else None
-    config = SidecarConfig(ae_title="UQSIDECAR", host="127.0.0.1", port=0, send_to=send_to, **kw)
+    if orthanc is not None:
+        kw["send_to"] = Peer(orthanc.aet, "127.0.0.1", orthanc.dicom_port)
+    config = SidecarConfig(ae_title="UQSIDECAR", host="127.0.0.1", port=0, **kw)
     sc = Sidecar(config, BundlePredictor(str(bundle), seed=1, device="cpu"))
     sc.scp.start()
     try:
@@ -332,16 +333,18 @@ class RecordingSCP:
     """A real Storage SCP (pynetdicom) that keeps what it receives, byte for byte.
 
     While ``hold`` is set, the C-STORE after the first one waits (the sender is
-    then mid-send) until ``release`` is set.
+    then mid-send) until ``release`` is set. Objects of a SOP class in
+    ``refuse`` are answered with a failure status (0xC000, cannot understand).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, hold: bool = True, refuse: tuple[str, ...] = ()) -> None:
         from pynetdicom import AE, AllStoragePresentationContexts, evt
 
         self.received: list[tuple[str, bytes]] = []
         self.second_arrived = threading.Event()
         self.release = threading.Event()
-        self.hold = True
+        self.hold = hold
+        self.refuse = refuse
         self.ae = AE(ae_title="RECEIVER")
         for cx in AllStoragePresentationContexts:
             assert cx.abstract_syntax is not None
@@ -354,6 +357,8 @@ class RecordingSCP:
         )
 
     def _store(self, event: Any) -> int:
+        if str(event.request.AffectedSOPClassUID) in self.refuse:
+            return 0xC000
         raw = event.request.DataSet.getvalue()
         self.received.append((str(event.request.AffectedSOPInstanceUID), raw))
         if self.hold and len(self.received) == 2:
@@ -409,6 +414,30 @@ def test_killed_mid_send_then_restarted_sends_the_same_bytes(
     assert len(receiver.received) == 6
     record = (tmp_path / "spool" / "done" / f"{series_key(syn.series_uid)}.json").read_text()
     assert '"status": "delivered"' in record
+
+
+def test_an_object_the_pacs_refuses_goes_to_dead_letter_at_once(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
+    from pydicom.uid import SegmentationStorage
+
+    require("storescu")
+    syn = write_ct_series(tmp_path / "ct", phantom((16, 16, 3)))
+    receiver = RecordingSCP(hold=False, refuse=(str(SegmentationStorage),))
+    key = series_key(syn.series_uid)
+    try:
+        peer = Peer("RECEIVER", "127.0.0.1", receiver.port)
+        with _listening(tmp_path, tiny_bundle, send_to=peer, send_backoff_s=0.01) as sc:
+            assert sent(storescu(syn.files, sc.port, called_ae="UQSIDECAR"))
+            assert sc.run_once(now=time.time() + 60) == [(key, "partial")]  # not retried
+    finally:
+        receiver.close()
+    assert len(receiver.received) == 4  # the three maps and the SR
+    record = sc.spool.done_record(key)
+    assert record is not None and record["attempts"] == 1
+    (name,) = record["dead_letter"]
+    assert name.startswith("segmentation-") and "0xC000" in record["dead_letter"][name]
+    assert (tmp_path / "spool" / "dead-letter" / key / name).is_file()
 
 
 # --------------------------------------------------------------------------- 14

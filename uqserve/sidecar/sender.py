@@ -73,7 +73,8 @@ class SendResult:
     sent: list[Path] = field(default_factory=list)
     failed: dict[Path, str] = field(default_factory=dict)
     # Those of ``failed`` the peer answered with a failure status (it will not
-    # take them); the others could not be sent (peer unreachable, aborted).
+    # take them); the others could not be sent (peer unreachable, aborted, or
+    # out of resources, 0xA7xx: worth another try later).
     refused: set[Path] = field(default_factory=set)
 
     @property
@@ -148,7 +149,7 @@ def send_files(
                     if on_sent is not None:
                         on_sent(f)
                 else:
-                    if code >= 0:
+                    if code >= 0 and code & 0xFF00 != 0xA700:  # out of resources: try later
                         result.refused.add(f)
                     reasons[f] = (
                         "no response (timeout or abort)"
