@@ -493,28 +493,29 @@ class TritonRuntime(Runtime):
         server.down_until = time.monotonic() + self.backoff_s * (2 ** min(attempt, 6))
 
     def _out_specs(
-        self, b: int, h: int, w: int, mode: str
+        self, b: int, sp: tuple[int, ...], mode: str
     ) -> list[tuple[str, tuple[int, ...], Any]]:
-        """``(name, shape, dtype)`` of the outputs a ``mode`` request returns."""
+        """``(name, shape, dtype)`` of the outputs a ``mode`` request returns (``sp``: H, W
+        or D, H, W)."""
         m = self.bundle.manifest
         k, s = m.num_classes, m.num_samples
         if mode == "reduced":
             return [
-                ("mean_sum", (b, k, h, w), np.float32),
-                ("entropy_sum", (b, h, w), np.float32),
-                ("sample_entropy_sum", (b, h, w), np.float32),
-                ("foreground", (b, h, w), np.bool_),
+                ("mean_sum", (b, k, *sp), np.float32),
+                ("entropy_sum", (b, *sp), np.float32),
+                ("sample_entropy_sum", (b, *sp), np.float32),
+                ("foreground", (b, *sp), np.bool_),
                 ("sample_counts", (b, m.num_members, s, k), np.float32),
             ]
         out_specs: list[tuple[str, tuple[int, ...], Any]] = []
         for i in range(m.num_members):
             out_specs += [
-                (f"mean_{i}", (b, k, h, w), np.float32),
-                (f"sample_entropy_{i}", (b, h, w), np.float32),
+                (f"mean_{i}", (b, k, *sp), np.float32),
+                (f"sample_entropy_{i}", (b, *sp), np.float32),
                 (f"sample_counts_{i}", (b, s, k), np.float32),
             ]
             if mode == "samples":
-                out_specs.append((f"sample_labels_{i}", (b, s, h, w), np.uint8))
+                out_specs.append((f"sample_labels_{i}", (b, s, *sp), np.uint8))
         return out_specs
 
     def _infer_on(
@@ -522,14 +523,14 @@ class TritonRuntime(Runtime):
     ) -> dict[str, npt.NDArray[Any]]:
         import tritonclient.grpc as grpcclient
 
-        b, _, h, w = batch.image.shape
+        b, sp = batch.image.shape[0], tuple(batch.image.shape[2:])
         arrays: list[tuple[str, npt.NDArray[Any], str]] = [
             ("image", np.ascontiguousarray(batch.image, dtype=np.float32), "FP32"),
             ("seed", np.ascontiguousarray(batch.seed, dtype=np.int64).reshape(b, 1), "INT64"),
             ("offset", np.ascontiguousarray(batch.offset, dtype=np.int64).reshape(b, 3), "INT64"),
-            ("valid", np.ascontiguousarray(batch.valid, dtype=np.int64).reshape(b, 2), "INT64"),
+            ("valid", np.ascontiguousarray(batch.valid, dtype=np.int64).reshape(b, -1), "INT64"),
         ]
-        out_specs = self._out_specs(b, h, w, mode)
+        out_specs = self._out_specs(b, sp, mode)
         model = {
             "samples": self.model_name,
             "members": nosamples_model_name(self.model_name),
@@ -661,8 +662,10 @@ def _reduced(got: dict[str, npt.NDArray[Any]]) -> ReducedOutputs:
 
 def _check_batch(batch: Batch, bundle: Bundle) -> None:
     image = batch.image
-    if image.ndim != 4:
-        raise UsageError(f"batch.image must be [B, C, H, W], got shape {image.shape}")
+    dims = bundle.manifest.input.dims
+    if image.ndim != dims + 2:
+        form = "[B, C, H, W]" if dims == 2 else "[B, C, D, H, W]"
+        raise UsageError(f"batch.image must be {form}, got shape {image.shape}")
     b, c = image.shape[:2]
     if c != bundle.manifest.input.channels:
         raise UsageError(
@@ -672,7 +675,7 @@ def _check_batch(batch: Batch, bundle: Bundle) -> None:
     for name, arr, shape in (
         ("seed", batch.seed, (b,)),
         ("offset", batch.offset, (b, 3)),
-        ("valid", batch.valid, (b, 2)),
+        ("valid", batch.valid, (b, dims)),
     ):
         if tuple(np.shape(arr)) != shape:
             raise UsageError(

@@ -143,5 +143,5 @@ def _feeds(request: Any, names: tuple[str, ...], member: bool) -> dict[str, np.n
     # The config declares seed as dims [1] (Triton needs a non-empty shape); the graph wants [B].
     feeds["seed"] = feeds["seed"].reshape(b)
     feeds["offset"] = feeds["offset"].reshape(b, 3)
-    feeds["valid"] = feeds["valid"].reshape(b, 2)
+    feeds["valid"] = feeds["valid"].reshape(b, -1)  # [B, 2] slices, [B, 3] volumes
     return feeds

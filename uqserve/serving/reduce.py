@@ -35,8 +35,11 @@ REDUCED_OUTPUTS: dict[str, str] = {
 OPSET = 17
 
 
-def reduce_graph(num_members: int, num_classes: int, num_samples: int) -> bytes:
-    """The serialised ONNX reduction graph for M members, K classes, S samples."""
+def reduce_graph(num_members: int, num_classes: int, num_samples: int, dims: int = 2) -> bytes:
+    """The serialised ONNX reduction graph for M members, K classes, S samples.
+
+    ``dims``: the members' spatial axes (2: ``H, W``; 3: ``D, H, W``).
+    """
     try:
         import onnx
         from onnx import TensorProto, helper
@@ -49,11 +52,12 @@ def reduce_graph(num_members: int, num_classes: int, num_samples: int) -> bytes:
     if M < 1 or K < 2 or S < 1:
         raise UsageError(f"reduce_graph: need M >= 1, K >= 2, S >= 1, got {M}, {K}, {S}")
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    sp = ["H", "W"] if dims == 2 else ["D", "H", "W"]
     inputs, nodes = [], []
     for m in range(M):
         inputs += [
-            helper.make_tensor_value_info(f"mean_{m}", f32, ["B", K, "H", "W"]),
-            helper.make_tensor_value_info(f"sample_entropy_{m}", f32, ["B", "H", "W"]),
+            helper.make_tensor_value_info(f"mean_{m}", f32, ["B", K, *sp]),
+            helper.make_tensor_value_info(f"sample_entropy_{m}", f32, ["B", *sp]),
             helper.make_tensor_value_info(f"sample_counts_{m}", f32, ["B", S, K]),
         ]
     consts = {
@@ -90,10 +94,10 @@ def reduce_graph(num_members: int, num_classes: int, num_samples: int) -> bytes:
     else:
         node("Concat", [f"counts_{m}" for m in range(M)], "sample_counts", axis=1)
     outputs = [
-        helper.make_tensor_value_info("mean_sum", f32, ["B", K, "H", "W"]),
-        helper.make_tensor_value_info("entropy_sum", f32, ["B", "H", "W"]),
-        helper.make_tensor_value_info("sample_entropy_sum", f32, ["B", "H", "W"]),
-        helper.make_tensor_value_info("foreground", TensorProto.BOOL, ["B", "H", "W"]),
+        helper.make_tensor_value_info("mean_sum", f32, ["B", K, *sp]),
+        helper.make_tensor_value_info("entropy_sum", f32, ["B", *sp]),
+        helper.make_tensor_value_info("sample_entropy_sum", f32, ["B", *sp]),
+        helper.make_tensor_value_info("foreground", TensorProto.BOOL, ["B", *sp]),
         helper.make_tensor_value_info("sample_counts", f32, ["B", M, S, K]),
     ]
     graph = helper.make_graph(

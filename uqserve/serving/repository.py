@@ -130,21 +130,25 @@ class _Tensor:
 
 
 def _member_tensors(bundle: Bundle) -> tuple[list[_Tensor], list[_Tensor]]:
-    """The member signature of docs/architecture.md with this bundle's C, K, S."""
+    """The member signature of docs/architecture.md with this bundle's C, K, S.
+
+    Spatial dims ``H, W`` (slices) or ``D, H, W`` (``input.dims`` 3) are variable.
+    """
     m = bundle.manifest
     c, k, s = m.input.channels, m.num_classes, m.num_samples
+    sp = (-1,) * m.input.dims
     inputs = [
-        _Tensor("image", mc.TYPE_FP32, (c, -1, -1)),
+        _Tensor("image", mc.TYPE_FP32, (c, *sp)),
         # Triton wants non-empty dims: [B, 1] on the wire, reshaped to the graph's [B].
         _Tensor("seed", mc.TYPE_INT64, (1,), reshape=()),
         _Tensor("offset", mc.TYPE_INT64, (3,)),
-        _Tensor("valid", mc.TYPE_INT64, (2,)),
+        _Tensor("valid", mc.TYPE_INT64, (m.input.dims,)),
     ]
     outputs = [
-        _Tensor("mean", mc.TYPE_FP32, (k, -1, -1)),
-        _Tensor("sample_entropy", mc.TYPE_FP32, (-1, -1)),
+        _Tensor("mean", mc.TYPE_FP32, (k, *sp)),
+        _Tensor("sample_entropy", mc.TYPE_FP32, sp),
         _Tensor("sample_counts", mc.TYPE_FP32, (s, k)),
-        _Tensor("sample_labels", mc.TYPE_UINT8, (s, -1, -1)),
+        _Tensor("sample_labels", mc.TYPE_UINT8, (s, *sp)),
     ]
     return inputs, outputs
 
@@ -245,6 +249,7 @@ def _reduce_tensors(bundle: Bundle) -> tuple[list[_Tensor], list[_Tensor]]:
     """Inputs (the members' outputs) and outputs of the reduction step."""
     m = bundle.manifest
     k, s, n = m.num_classes, m.num_samples, m.num_members
+    sp = (-1,) * m.input.dims
     _, member_outputs = _member_tensors(bundle)
     inputs = [
         _Tensor(f"{t.name}_{i}", t.dtype, t.dims)
@@ -253,10 +258,10 @@ def _reduce_tensors(bundle: Bundle) -> tuple[list[_Tensor], list[_Tensor]]:
         if t.name != "sample_labels"
     ]
     outputs = [
-        _Tensor("mean_sum", mc.TYPE_FP32, (k, -1, -1)),
-        _Tensor("entropy_sum", mc.TYPE_FP32, (-1, -1)),
-        _Tensor("sample_entropy_sum", mc.TYPE_FP32, (-1, -1)),
-        _Tensor("foreground", mc.TYPE_BOOL, (-1, -1)),
+        _Tensor("mean_sum", mc.TYPE_FP32, (k, *sp)),
+        _Tensor("entropy_sum", mc.TYPE_FP32, sp),
+        _Tensor("sample_entropy_sum", mc.TYPE_FP32, sp),
+        _Tensor("foreground", mc.TYPE_BOOL, sp),
         _Tensor("sample_counts", mc.TYPE_FP32, (n, s, k)),
     ]
     return inputs, outputs
@@ -491,7 +496,7 @@ def _write_reduce(
     version_dir = root / config.name / VERSION
     version_dir.mkdir(parents=True)
     (root / config.name / "config.pbtxt").write_text(_config_text(config, flavour, m.name))
-    graph = reduce_graph(m.num_members, m.num_classes, m.num_samples)
+    graph = reduce_graph(m.num_members, m.num_classes, m.num_samples, dims=m.input.dims)
     (version_dir / "model.onnx").write_bytes(graph)
     if flavour == "python":
         shutil.copyfile(TEMPLATE, version_dir / "model.py")

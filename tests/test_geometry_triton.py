@@ -1,0 +1,73 @@
+"""3D bundles through the real tritonserver: both repository flavours agree with embedded."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_geometry import EXAMPLE4D, _user_onnx_3d
+from uqserve.bundle import Normalization, load_bundle
+from uqserve.prediction import predict_volume
+from uqserve.runtime.embedded import EmbeddedRuntime
+from uqserve.runtime.triton import TritonRuntime
+from uqserve.serving import ServerError, TritonServer, find_server_tree, write_repository
+from uqserve.volumes import read_volume
+
+try:
+    find_server_tree()
+    HAVE_SERVER = True
+except ServerError:
+    HAVE_SERVER = False
+
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(not HAVE_SERVER, reason="tritonserver (server extra) is not installed"),
+]
+
+
+def test_3d_bundle_through_triton_equals_embedded(tmp_path: Path) -> None:
+    """Python flavour with the server-side reduction step (its 3D graph loads), served."""
+    from uqserve.exporting import export_onnx_members
+
+    files = [_user_onnx_3d(tmp_path / f"fold{i}.onnx", i) for i in range(2)]
+    export_onnx_members(
+        files, tmp_path / "b3d", dims=3, patch=(8, 32, 32), spacing=(3.0, 2.5, 2.5),
+        orientation="RAS", normalization=Normalization("zscore"), calibrate=False,
+        name="geo3d",
+    )  # fmt: skip
+    bundle = load_bundle(tmp_path / "b3d")
+    vol = read_volume(EXAMPLE4D, volume_index=0)
+    vol = dataclasses.replace(vol, data=np.ascontiguousarray(vol.data[:64, :48]))
+    with EmbeddedRuntime(bundle, device="cpu") as emb:
+        want = predict_volume(vol, runtime=emb, batch_size=2, want_samples=True)
+    repo = write_repository(bundle, tmp_path / "repo", "python", instances=1, reduce="server")
+    with TritonServer(repo) as srv, TritonRuntime(bundle, [srv.grpc_url]) as rt:
+        got = predict_volume(vol, runtime=rt, batch_size=3, want_samples=True)
+    assert got.report["geometry"]["windows"] == want.report["geometry"]["windows"] > 1
+    for name in ("prob", "tu", "au", "eu"):
+        diff = float(np.abs(getattr(got, name) - getattr(want, name)).max())
+        assert diff <= 1e-5, f"{name}: max abs difference {diff}"
+    assert np.array_equal(got.seg, want.seg)
+    assert np.array_equal(got.sample_counts, want.sample_counts)
+    assert got.sample_labels is not None and want.sample_labels is not None
+    assert np.array_equal(got.sample_labels, want.sample_labels)
+
+
+def test_3d_repository_declares_volumes(tmp_path: Path) -> None:
+    """The onnxruntime flavour's configs carry the volumetric dims of the contract."""
+    from uqserve.exporting import export_onnx_members
+
+    files = [_user_onnx_3d(tmp_path / "fold0.onnx", 0)]
+    export_onnx_members(files, tmp_path / "b", dims=3, patch=(8, 32, 32), calibrate=False)
+    repo = write_repository(tmp_path / "b", tmp_path / "repo", "onnxruntime", instances=1)
+    text = (repo / "b_member_0" / "config.pbtxt").read_text()
+    for name, dims in [
+        ("image", "[1, -1, -1, -1]"), ("valid", "[3]"), ("mean", "[2, -1, -1, -1]"),
+        ("sample_entropy", "[-1, -1, -1]"), ("sample_labels", "[1, -1, -1, -1]"),
+    ]:  # fmt: skip
+        assert f'name: "{name}"' in text
+        block = text.split(f'name: "{name}"', 1)[1].split("}", 1)[0]
+        assert f"dims: {dims}" in block, (name, block)
