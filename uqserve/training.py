@@ -497,6 +497,66 @@ def train(
     The folder is written atomically: a temp folder beside it is renamed into
     place only when every member is saved. Returns ``out_dir``.
     """
+    au, eu, config, model_config = _checked_configs(combination, config, model_config)
+    swag = eu if eu in SWAG_METHODS else None
+    out = Path(out_dir)
+    _prepare_out(out, overwrite)
+
+    slices = _slices(data, config, model_config.num_classes)
+    mean, std = normalization_stats(slices.images)
+    num_nets = config.num_members if eu == "ensemble" else 1
+
+    import torch
+
+    resolve_device(config.device)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(config.threads or default_threads())
+    try:
+        with replace_dir_atomically(out) as tmp:
+            members: list[dict[str, Any]] = []
+            validation: list[float] = []
+            val = _validation_set(slices, config, model_config)
+            for k in range(num_nets):
+                net, entry = _train_and_save_member(
+                    tmp,
+                    combination,
+                    au,
+                    model_config,
+                    slices,
+                    config,
+                    seed + k,
+                    (mean, std),
+                    _member_progress(
+                        progress, f"{combination} member {k + 1}/{num_nets}", config.steps
+                    ),
+                    swag=swag,
+                    member=k,
+                )
+                if val is not None:
+                    d = dice_vs_majority(
+                        net, val.images, val.annotations, mean, std, model_config.num_classes
+                    )
+                    entry["dice_vs_majority"] = round(d, 4)
+                    validation.append(d)
+                members.append(entry)
+            cfg = _checkpoint_config(
+                combination, au, eu, seed, config, model_config, slices, (mean, std), members,
+                validation,
+            )  # fmt: skip
+            (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    finally:
+        torch.set_num_threads(threads_before)
+    return out
+
+
+def _checked_configs(
+    combination: str, config: TrainConfig | None, model_config: ModelConfig | None
+) -> tuple[str, str, TrainConfig, ModelConfig]:
+    """``(au, eu, config, model_config)`` with defaults filled in, or a ``TrainError``.
+
+    MC dropout without dropout gets ``config.dropout``; the tile size must suit
+    the network depth, and SWAG needs enough steps for its snapshots.
+    """
     try:
         au, eu = parse_combination(combination)
     except ValueError as exc:
@@ -515,18 +575,80 @@ def train(
             f"size {config.size[0]}x{config.size[1]} must be a multiple of {m} "
             f"(depth {model_config.depth}); use e.g. {m * max(1, round(config.size[0] / m))}"
         )
-    swag = eu if eu in SWAG_METHODS else None
-    if swag and config.steps < config.swag_snapshots * config.swag_every:
+    if eu in SWAG_METHODS and config.steps < config.swag_snapshots * config.swag_every:
         raise TrainError(
             f"{eu} collects {config.swag_snapshots} snapshots every {config.swag_every} steps: "
             f"steps must be >= {config.swag_snapshots * config.swag_every}, got {config.steps}"
         )
-    out = Path(out_dir)
-    _prepare_out(out, overwrite)
+    return au, eu, config, model_config
 
-    slices = _slices(data, config, model_config.num_classes)
-    mean, std = normalization_stats(slices.images)
-    num_nets = config.num_members if eu == "ensemble" else 1
+
+def _validation_set(
+    slices: _Slices, config: TrainConfig, model_config: ModelConfig
+) -> SyntheticSet | None:
+    """Held-out synthetic slices for each member's Dice (synthetic training data only)."""
+    if slices.description["source"] != "synthetic" or config.validate <= 0:
+        return None
+    return make_dataset(
+        config.validate,
+        config.data_seed + 1_000_003,  # held out: never the training seeds
+        size=config.image_size,
+        ambiguity=config.ambiguity,
+        num_classes=model_config.num_classes,
+        num_annotators=config.num_annotators,
+    )
+
+
+def _train_and_save_member(
+    tmp: Path,
+    combination: str,
+    au: str,
+    model_config: ModelConfig,
+    slices: _Slices,
+    config: TrainConfig,
+    seed: int,
+    norm: tuple[float, float],
+    progress: Callable[[int, float], None],
+    *,
+    swag: str | None,
+    member: int,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train member ``member``, save it (and its SWAG statistics) in ``tmp``; its config entry."""
+    t0 = time.perf_counter()
+    net, losses, stats = _train_member(
+        au, model_config, slices, config, seed, norm[0], norm[1], progress, swag=swag
+    )
+    seconds = time.perf_counter() - t0
+    fname = f"member_{member}.safetensors"
+    _save(net, tmp / fname, {"combination": combination, "member": str(member), "seed": str(seed)})
+    if stats is not None:
+        stats.save(tmp / SWAG_FILE)
+    return net, {
+        "file": fname,
+        "seed": seed,
+        "seconds": round(seconds, 2),
+        "final_loss": round(float(np.mean(losses[-max(1, len(losses) // 20) :])), 5),
+        "loss_curve": _curve(losses),
+    }
+
+
+def _checkpoint_config(
+    combination: str,
+    au: str,
+    eu: str,
+    seed: int,
+    config: TrainConfig,
+    model_config: ModelConfig,
+    slices: _Slices,
+    norm: tuple[float, float],
+    members: list[dict[str, Any]],
+    validation: list[float],
+) -> dict[str, Any]:
+    """The checkpoint folder's ``CONFIG_NAME`` record (read back by ``uqserve.checkpoints``).
+
+    ``validation``: each member's unrounded Dice on the held-out slices (empty without them).
+    """
+    num_nets = len(members)
     bundle_members = {
         "ensemble": num_nets,
         "mcdropout": config.num_masks,
@@ -534,98 +656,37 @@ def train(
         "swagdiag": config.swag_draws,
         "none": 1,
     }[eu]
-
-    import torch
-
-    resolve_device(config.device)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(config.threads or default_threads())
-    try:
-        with replace_dir_atomically(out) as tmp:
-            members: list[dict[str, Any]] = []
-            validation: list[float] = []
-            val = None
-            if slices.description["source"] == "synthetic" and config.validate > 0:
-                val = make_dataset(
-                    config.validate,
-                    config.data_seed + 1_000_003,  # held out: never the training seeds
-                    size=config.image_size,
-                    ambiguity=config.ambiguity,
-                    num_classes=model_config.num_classes,
-                    num_annotators=config.num_annotators,
-                )
-            for k in range(num_nets):
-                t0 = time.perf_counter()
-                net, losses, stats = _train_member(
-                    au,
-                    model_config,
-                    slices,
-                    config,
-                    seed + k,
-                    mean,
-                    std,
-                    _member_progress(
-                        progress, f"{combination} member {k + 1}/{num_nets}", config.steps
-                    ),
-                    swag=swag,
-                )
-                seconds = time.perf_counter() - t0
-                fname = f"member_{k}.safetensors"
-                _save(
-                    net,
-                    tmp / fname,
-                    {"combination": combination, "member": str(k), "seed": str(seed + k)},
-                )
-                if stats is not None:
-                    stats.save(tmp / SWAG_FILE)
-                entry: dict[str, Any] = {
-                    "file": fname,
-                    "seed": seed + k,
-                    "seconds": round(seconds, 2),
-                    "final_loss": round(float(np.mean(losses[-max(1, len(losses) // 20) :])), 5),
-                    "loss_curve": _curve(losses),
-                }
-                if val is not None:
-                    d = dice_vs_majority(
-                        net, val.images, val.annotations, mean, std, model_config.num_classes
-                    )
-                    entry["dice_vs_majority"] = round(d, 4)
-                    validation.append(d)
-                members.append(entry)
-            cfg: dict[str, Any] = {
-                "format": FORMAT,
-                "version": FORMAT_VERSION,
-                "combination": combination,
-                "au": au,
-                "eu": eu,
-                "num_members": num_nets,
-                "bundle_members": bundle_members,
-                "seed": seed,
-                "model_config": model_config.to_dict(),
-                "train_config": config.to_dict(),
-                "normalization": {"scheme": "fixed", "mean": mean, "std": std, "clip": None},
-                "classes": slices.classes or list(default_class_names(model_config.num_classes)),
-                "tile_size": list(config.size),
-                "spacing": list(slices.spacing),
-                "data": slices.description,
-                "members": members,
-                **(_swag_entry(config, swag) if swag else {}),
-                "validation": (
-                    {
-                        "num_images": config.validate,
-                        "dice_vs_majority": [round(v, 4) for v in validation],
-                        "dice_vs_majority_mean": round(float(np.mean(validation)), 4),
-                    }
-                    if validation
-                    else {}
-                ),
-                "uqserve_version": __version__,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    swag = eu if eu in SWAG_METHODS else None
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "combination": combination,
+        "au": au,
+        "eu": eu,
+        "num_members": num_nets,
+        "bundle_members": bundle_members,
+        "seed": seed,
+        "model_config": model_config.to_dict(),
+        "train_config": config.to_dict(),
+        "normalization": {"scheme": "fixed", "mean": norm[0], "std": norm[1], "clip": None},
+        "classes": slices.classes or list(default_class_names(model_config.num_classes)),
+        "tile_size": list(config.size),
+        "spacing": list(slices.spacing),
+        "data": slices.description,
+        "members": members,
+        **(_swag_entry(config, swag) if swag else {}),
+        "validation": (
+            {
+                "num_images": config.validate,
+                "dice_vs_majority": [round(v, 4) for v in validation],
+                "dice_vs_majority_mean": round(float(np.mean(validation)), 4),
             }
-            (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
-    finally:
-        torch.set_num_threads(threads_before)
-    return out
+            if validation
+            else {}
+        ),
+        "uqserve_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def _swag_entry(config: TrainConfig, swag: str) -> dict[str, Any]:
