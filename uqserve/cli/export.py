@@ -140,20 +140,7 @@ def export_command(
         export_recipe,
     )
 
-    routes = [
-        r
-        for r, on in (
-            ("--recipe", recipe),
-            ("--checkpoints", checkpoints),
-            ("--onnx", onnx),
-            ("--nnunet", nnunet),
-        )
-        if on
-    ]
-    if len(routes) != 1:
-        fail("give exactly one of --recipe TOML, --checkpoints DIR, --onnx FILE... or --nnunet DIR")
-    if files and not onnx:
-        fail(f"unexpected arguments {' '.join(map(str, files))}; ONNX files need --onnx")
+    _check_route(files, recipe=recipe, checkpoints=checkpoints, onnx=onnx, nnunet=nnunet)
     names = [c.strip() for c in classes.split(",")] if classes else None
 
     def say(msg: str) -> None:
@@ -221,6 +208,27 @@ def export_command(
             calibrate=calibrate and dims == 2,
             overwrite=overwrite,
         )
+    _print_result(bundle, quiet=quiet, json_out=json_out)
+
+
+def _check_route(
+    files: list[Path] | None,
+    *,
+    recipe: Path | None,
+    checkpoints: Path | None,
+    onnx: bool,
+    nnunet: Path | None,
+) -> None:
+    """Exactly one of the four sources of a bundle; FILES only with ``--onnx``."""
+    routes = [on for on in (recipe, checkpoints, onnx, nnunet) if on]
+    if len(routes) != 1:
+        fail("give exactly one of --recipe TOML, --checkpoints DIR, --onnx FILE... or --nnunet DIR")
+    if files and not onnx:
+        fail(f"unexpected arguments {' '.join(map(str, files))}; ONNX files need --onnx")
+
+
+def _print_result(bundle: Any, *, quiet: bool, json_out: bool) -> None:
+    """The manifest as JSON (``--json``), or one line on what was written and how to go on."""
     if json_out:
         typer.echo(json.dumps(_info_dict(bundle), indent=2))
     elif not quiet and not bundle.manifest.validation:
