@@ -56,7 +56,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from uqserve._fs import replace_dir_atomically
 from uqserve.bundle import Bundle, BundleError, load_bundle, sha256_file
-from uqserve.contracts import MEMBER_INPUTS
+from uqserve.contracts import MEMBER_INPUTS, TensorSpec, member_specs
 from uqserve.errors import UsageError
 
 FLAVOURS = ("python", "onnxruntime")
@@ -129,28 +129,29 @@ class _Tensor:
     reshape: tuple[int, ...] | None = None
 
 
-def _member_tensors(bundle: Bundle) -> tuple[list[_Tensor], list[_Tensor]]:
-    """The member signature of docs/architecture.md with this bundle's C, K, S.
+_MC_TYPES = {"float32": mc.TYPE_FP32, "int64": mc.TYPE_INT64, "uint8": mc.TYPE_UINT8}
 
-    Spatial dims ``H, W`` (slices) or ``D, H, W`` (``input.dims`` 3) are variable.
+
+def _member_tensors(bundle: Bundle) -> tuple[list[_Tensor], list[_Tensor]]:
+    """The member signature (``uqserve.contracts.member_specs``) with this bundle's C, K, S.
+
+    The batch axis ``B`` is Triton's; spatial dims ``H, W`` (slices) or
+    ``D, H, W`` (``input.dims`` 3) are variable (-1).
     """
     m = bundle.manifest
-    c, k, s = m.input.channels, m.num_classes, m.num_samples
-    sp = (-1,) * m.input.dims
-    inputs = [
-        _Tensor("image", mc.TYPE_FP32, (c, *sp)),
-        # Triton wants non-empty dims: [B, 1] on the wire, reshaped to the graph's [B].
-        _Tensor("seed", mc.TYPE_INT64, (1,), reshape=()),
-        _Tensor("offset", mc.TYPE_INT64, (3,)),
-        _Tensor("valid", mc.TYPE_INT64, (m.input.dims,)),
-    ]
-    outputs = [
-        _Tensor("mean", mc.TYPE_FP32, (k, *sp)),
-        _Tensor("sample_entropy", mc.TYPE_FP32, sp),
-        _Tensor("sample_counts", mc.TYPE_FP32, (s, k)),
-        _Tensor("sample_labels", mc.TYPE_UINT8, (s, *sp)),
-    ]
-    return inputs, outputs
+    sizes = {"C": m.input.channels, "K": m.num_classes, "S": m.num_samples}
+
+    def tensors(spec: dict[str, TensorSpec]) -> list[_Tensor]:
+        found = []
+        for name, (dtype, dims) in spec.items():
+            shape = tuple(d if isinstance(d, int) else sizes.get(d, -1) for d in dims[1:])
+            # Triton wants non-empty dims: a [B] input is [B, 1] on the wire, reshaped to [B].
+            reshape = None if shape else ()
+            found.append(_Tensor(name, _MC_TYPES[dtype], shape or (1,), reshape=reshape))
+        return found
+
+    inputs, outputs = member_specs(m.input.dims)
+    return tensors(inputs), tensors(outputs)
 
 
 def _add_io(
