@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -213,9 +215,15 @@ def test_mc_dropout_masks_are_fresh_per_image_and_shared_by_its_tiles() -> None:
     assert (a[0] - other_member[0]).abs().max() > 1e-3  # another member
     assert all(layer.keys is None for layer in dropout_layers(net))  # net untouched
     # The PUNet prior/posterior nets and the diffusion denoiser have dropout too.
-    for au, extra in (("punet", 2 * 3), ("diffusion", 1)):
-        n = len(dropout_layers(build_network(au, ModelConfig(**TINY, dropout=0.2))))
-        assert n == 5 + extra
+    # PUNet: backbone 5 + prior 3 + posterior 3; diffusion: the UNet denoiser's 5
+    # (it has no separate backbone); the cheap head: backbone 5 + 1 in the head.
+    for au, extra, n in (
+        ("punet", {}, 11),
+        ("diffusion", {}, 5),
+        ("diffusion", {"diffusion_denoiser": "head"}, 6),
+    ):
+        cfg = ModelConfig(**TINY, dropout=0.2, **extra)  # type: ignore[arg-type]
+        assert len(dropout_layers(build_network(au, cfg))) == n
 
 
 def test_mc_dropout_masks_are_frozen_per_member() -> None:
@@ -282,3 +290,46 @@ def test_samples_drawn_in_chunks_equal_samples_drawn_at_once(au: str) -> None:
     assert float((h_mean - whole[1]).max()) > 1e-5  # float rounding is ~1e-7
     with pytest.raises(ValueError, match="sample_chunk"):
         member_graph(net, 0, 7, sample_chunk=0)
+
+
+# ---------------------------------------------------------------- diffusion (as the paper)
+
+
+def test_diffusion_schedule_is_cos2_input_scaled_and_logsnr_clamped() -> None:
+    from uqserve.models.heads import diffusion_gamma, stratified_times
+
+    g = diffusion_gamma(torch.tensor([0.0, 0.5, 1.0]), 0.1, 10.0)
+    # The ends: logSNR = +10 and -10 exactly.
+    assert torch.log(g[0] / (1 - g[0])).item() == pytest.approx(10.0, abs=1e-9)
+    assert torch.log(g[2] / (1 - g[2])).item() == pytest.approx(-10.0, abs=1e-9)
+    # t = 1/2: cos² = 1/2; scaled by 0.1² in SNR terms: 0.005 / 0.505, then the linear map
+    # onto [sigmoid(-10), sigmoid(10)].
+    lo, hi = 1 / (1 + math.exp(10)), 1 / (1 + math.exp(-10))
+    assert g[1].item() == pytest.approx(0.005 / 0.505 * (hi - lo) + lo, rel=1e-9)
+    torch.manual_seed(0)
+    t = stratified_times(8).sort().values
+    assert ((t >= torch.arange(8) / 8) & (t < (torch.arange(8) + 1) / 8)).all()
+
+
+def test_diffusion_denoiser_is_the_whole_unet_with_mse_on_softmax() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(**TINY, num_samples=2, diffusion_steps=1)
+    net = build_network("diffusion", cfg)
+    assert not hasattr(net, "backbone")  # the denoiser is the network
+    image, target = _batch(2)
+    loss, logs = net.loss(image, target)
+    assert (
+        0.0 < float(loss.detach()) < 1.0 and "mse" in logs
+    )  # MSE between probabilities and one-hot
+    loss.backward()
+    assert all(p.grad is not None for p in net.denoiser.parameters())
+    # One DDIM step: the sample is softmax(denoiser([x_T, image], t = 1)) of the start noise.
+    net.eval()
+    seed, offset = torch.tensor([3, 3]), torch.zeros(2, 3, dtype=torch.int64)
+    noise = HashNoise(seed, offset, 0, 2, 32, 32)
+    with torch.no_grad():
+        probs = net.sample_probs_from((image,), noise, 2)
+        x_t = noise.pixel_normal(4, 2).reshape(-1, 2, 32, 32)
+        rows = image.unsqueeze(1).expand(2, 2, 1, 32, 32).reshape(-1, 1, 32, 32)
+        direct = torch.softmax(net.denoise(rows, x_t, torch.tensor([1.0])), dim=1)
+    torch.testing.assert_close(probs.reshape(-1, 2, 32, 32), direct, rtol=1e-5, atol=1e-6)

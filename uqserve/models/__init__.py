@@ -61,9 +61,9 @@ def _punet(config: ModelConfig) -> SegNetwork:
 
 
 def _diffusion(config: ModelConfig) -> SegNetwork:
-    from uqserve.models.heads import DiffusionNet
+    from uqserve.models.heads import DiffusionHeadNet, DiffusionNet
 
-    return DiffusionNet(config)
+    return DiffusionNet(config) if config.diffusion_denoiser == "unet" else DiffusionHeadNet(config)
 
 
 _BUILDERS: dict[str, Callable[[ModelConfig], SegNetwork]] = {

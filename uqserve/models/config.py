@@ -14,6 +14,7 @@ COMBINATIONS = tuple(f"{au}-{eu}" for au in AU_METHODS for eu in EU_METHODS)
 #: memory near the backbone's.
 DEFAULT_SAMPLE_CHUNK = 4
 MC_DROPOUT_MASKS = ("fresh", "frozen")
+DIFFUSION_DENOISERS = ("unet", "head")
 
 
 def parse_combination(name: str) -> tuple[str, str]:
@@ -50,8 +51,13 @@ class ModelConfig:
     punet_beta: float = 2.5e-3
     punet_warmup: int = 100
     punet_fcomb: int = 4
-    diffusion_steps: int = 4
-    diffusion_scale: float = 1.0
+    diffusion_steps: int = 10  # DDIM steps unrolled in the graph
+    # "unet" (as the paper): the whole UNet denoises [x_t, image], time embedding in
+    # every block, MSE on softmax(x̂); "head": a cheap head on backbone features.
+    diffusion_denoiser: str = "unet"
+    diffusion_input_scale: float = 0.1  # unet: x0 scaled in SNR terms (SNR x scale²)
+    diffusion_logsnr: float = 10.0  # unet: logSNR clamped to [-this, this]
+    diffusion_scale: float = 1.0  # head: ±scale targets
 
     def __post_init__(self) -> None:
         self.dropout_positions = tuple(self.dropout_positions)
@@ -69,6 +75,10 @@ class ModelConfig:
         bad = set(self.dropout_positions) - {"encoder", "bottleneck", "decoder"}
         if bad:
             problems.append(f"dropout_positions has unknown {sorted(bad)}")
+        if self.diffusion_denoiser not in DIFFUSION_DENOISERS:
+            problems.append(f"diffusion_denoiser must be one of {', '.join(DIFFUSION_DENOISERS)}")
+        if not (self.diffusion_input_scale > 0 and self.diffusion_logsnr > 0):
+            problems.append("diffusion_input_scale and diffusion_logsnr must be > 0")
         if self.mc_dropout_masks not in MC_DROPOUT_MASKS:
             problems.append(f"mc_dropout_masks must be one of {', '.join(MC_DROPOUT_MASKS)}")
         if self.num_samples < 1:

@@ -13,8 +13,11 @@ is the training objective.
   rank-r factor F and diagonal d; loss = MC-sampled NLL via logsumexp.
 - Probabilistic UNet (Kohl et al. 2018): prior and posterior nets over a
   latent z (dim 6), ``fcomb`` of 1x1 convs; ELBO with KL weight and warm-up.
-- diffusion: a conditional denoiser over one-hot masks, x-prediction, cosine
-  schedule, a fixed number of deterministic DDIM steps unrolled in the graph.
+- diffusion (as the paper): the whole UNet denoises ``[x_t, image]`` with a
+  time embedding in every block; x-prediction through a softmax, MSE against
+  the one-hot mask; cos² schedule with input scale 0.1, logSNR clamped to
+  [-10, 10], stratified t; deterministic DDIM steps unrolled in the graph.
+  ``diffusion_denoiser="head"`` selects a cheap head on backbone features.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from torch import nn
 from uqserve.errors import UsageError
 from uqserve.models import noise as hash_noise
 from uqserve.models.config import ModelConfig
-from uqserve.models.unet import Encoder, ResBlock, UNet
+from uqserve.models.unet import Encoder, ResBlock, TimeUNet, UNet
 
 
 def class_softmax(logits: torch.Tensor, dim: int) -> torch.Tensor:
@@ -132,18 +135,20 @@ class SegNetwork(nn.Module):
     """Base class: backbone + AU head. Subclasses implement the head and loss."""
 
     au = "base"
+    uses_backbone = True  # False: the subclass is its own network (the UNet denoiser)
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.step = 0  # training step, for warm-ups; the trainer may set it
-        self.backbone = UNet(
-            config.in_channels,
-            config.width,
-            config.depth,
-            config.dropout,
-            config.dropout_positions,
-        )
+        if self.uses_backbone:
+            self.backbone = UNet(
+                config.in_channels,
+                config.width,
+                config.depth,
+                config.dropout,
+                config.dropout_positions,
+            )
 
     @property
     def num_classes(self) -> int:
@@ -368,13 +373,15 @@ class PUNetNet(SegNetwork):
 
 
 def _alpha_bar(t: torch.Tensor) -> torch.Tensor:
-    """Cosine schedule (Nichol & Dhariwal), clipped away from 0 and 1."""
+    """Cosine schedule (Nichol & Dhariwal), clipped away from 0 and 1 (the head variant)."""
     s = 0.008
     return (torch.cos((t + s) / (1 + s) * (math.pi / 2)) ** 2).clamp(1e-4, 0.9999)
 
 
-class DiffusionNet(SegNetwork):
-    """Conditional denoiser over one-hot masks (x-prediction), DDIM sampling."""
+class DiffusionHeadNet(SegNetwork):
+    """The cheap variant (``diffusion_denoiser="head"``): a small denoiser head on
+    backbone features computed once, ±scale targets, Nichol cosine schedule,
+    cross-entropy; not the paper's model (see :class:`DiffusionNet`)."""
 
     au = "diffusion"
 
@@ -436,3 +443,101 @@ class DiffusionNet(SegNetwork):
         x_t = torch.sqrt(ab) * x0 + torch.sqrt(1.0 - ab) * torch.randn_like(x0)
         loss = F.cross_entropy(self.denoise(feats, x_t, t), target)
         return loss, {"ce": float(loss.detach())}
+
+
+def diffusion_gamma(t: torch.Tensor, input_scale: float, logsnr: float) -> torch.Tensor:
+    """Signal fraction γ(t) = sigmoid(logSNR(t)), float64, as the paper's schedule.
+
+    cos²(πt/2), input-scaled (``b² γ / ((b² - 1) γ + 1)``: SNR x b²), then mapped
+    linearly so that logSNR runs from ``logsnr`` at t = 0 to ``-logsnr`` at t = 1.
+    """
+    t = t.to(torch.float64)
+    b2 = float(input_scale) ** 2
+
+    def scaled(tt: torch.Tensor) -> torch.Tensor:
+        g = torch.cos(tt * (math.pi / 2)) ** 2
+        return b2 * g / ((b2 - 1.0) * g + 1.0)
+
+    ends = scaled(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    hi, lo = 1 / (1 + math.exp(-logsnr)), 1 / (1 + math.exp(logsnr))
+    slope = (hi - lo) / (ends[0] - ends[1])
+    return scaled(t) * slope + (lo - ends[1] * slope)
+
+
+def stratified_times(n: int, device: torch.device | None = None) -> torch.Tensor:
+    """``[n]`` training times in [0, 1): one uniform draw in each of n equal strata, shuffled."""
+    return (torch.randperm(n, device=device) + torch.rand(n, device=device)) / n
+
+
+class DiffusionNet(SegNetwork):
+    """The paper's diffusion model: a time-conditioned UNet over ``[x_t, image]``."""
+
+    au = "diffusion"
+    uses_backbone = False
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        k, w = config.num_classes, config.width
+        self.time_dim = 4 * w
+        self.time_mlp = nn.Sequential(
+            nn.Linear(w, self.time_dim), nn.SiLU(), nn.Linear(self.time_dim, self.time_dim)
+        )
+        self.denoiser = TimeUNet(
+            k + config.in_channels,
+            k,
+            w,
+            config.depth,
+            self.time_dim,
+            config.dropout,
+            config.dropout_positions,
+        )
+
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        """No separate backbone: the denoiser sees the image at every step."""
+        return image
+
+    def _gamma(self, t: float) -> float:
+        c = self.config
+        return float(diffusion_gamma(torch.tensor(t), c.diffusion_input_scale, c.diffusion_logsnr))
+
+    def denoise(self, image: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x̂ logits ``[N,K,H,W]`` from image ``[N,C,H,W]``, x_t ``[N,K,H,W]``, t ``[N]``/``[1]``."""
+        half = self.config.width // 2
+        steps = torch.arange(half, dtype=torch.float32, device=t.device)
+        args = 1000.0 * t.reshape(-1, 1) * torch.exp(-math.log(1000.0) * steps / half)
+        emb = self.time_mlp(torch.cat([torch.sin(args), torch.cos(args)], dim=1))
+        return self.denoiser(torch.cat([x_t, image], dim=1), emb)
+
+    def sample_probs_from(
+        self, context: tuple[torch.Tensor, ...], noise: NoiseSource, samples: int
+    ) -> torch.Tensor:
+        k, steps = self.config.num_classes, self.config.diffusion_steps
+        image = context[0]
+        b, c, h, w = image.shape
+        rows = image.unsqueeze(1).expand(b, samples, c, h, w).reshape(-1, c, h, w)
+        x = noise.pixel_normal(hash_noise.STREAM_DIFFUSION, k).reshape(-1, k, h, w)
+        pred = x
+        for i in reversed(range(steps)):  # DDIM from t = 1 to t = 1/steps
+            g = self._gamma((i + 1) / steps)
+            t = torch.tensor([(i + 1) / steps], dtype=torch.float32)
+            pred = class_softmax(self.denoise(rows, x, t), dim=1)
+            if i == 0:
+                break
+            eps = (x - math.sqrt(g) * pred) / math.sqrt(1.0 - g)
+            g_next = self._gamma(i / steps)
+            x = math.sqrt(g_next) * pred + math.sqrt(1.0 - g_next) * eps
+        return pred.reshape(b, samples, k, h, w)
+
+    def _loss(
+        self, image: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        c = self.config
+        onehot = F.one_hot(target, c.num_classes).permute(0, 3, 1, 2).to(image.dtype)
+        b = image.shape[0]
+        t = stratified_times(b, image.device)
+        g = diffusion_gamma(t, c.diffusion_input_scale, c.diffusion_logsnr).to(image.dtype)
+        g = g.view(-1, 1, 1, 1)
+        x_t = torch.sqrt(g) * onehot + torch.sqrt(1.0 - g) * torch.randn_like(onehot)
+        pred = class_softmax(self.denoise(image, x_t, t), dim=1)
+        loss = F.mse_loss(pred, onehot)
+        return loss, {"mse": float(loss.detach())}

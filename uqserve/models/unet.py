@@ -116,3 +116,72 @@ class UNet(nn.Module):
         for up, block, skip in zip(self.ups, self.dec, reversed(skips[:-1]), strict=True):
             h = block(torch.cat([up(h), skip], dim=1))
         return self.act(self.out_norm(h))
+
+
+class TimeResBlock(nn.Module):
+    """:class:`ResBlock` with a time embedding added after the first convolution."""
+
+    def __init__(self, cin: int, cout: int, emb: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.res = ResBlock(cin, cout, dropout)
+        self.time = nn.Linear(emb, cout)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        r = self.res
+        h = r.conv1(r.act(r.norm1(x))) + self.time(emb).unsqueeze(-1).unsqueeze(-1)
+        h = r.conv2(r.drop(r.act(r.norm2(h))))
+        return h + r.skip(x)
+
+
+class TimeUNet(nn.Module):
+    """The backbone's UNet shape with a time embedding in every block.
+
+    ``forward(x [N, C_in, H, W], emb [N, E]) -> [N, C_out, H, W]``; the
+    diffusion denoiser applied to ``[x_t, image]``.
+    """
+
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        width: int,
+        depth: int,
+        emb: int,
+        dropout: float = 0.0,
+        dropout_positions: Sequence[str] = ("encoder", "bottleneck", "decoder"),
+    ) -> None:
+        super().__init__()
+        chans = channel_widths(width, depth)
+
+        def p(where: str) -> float:
+            return dropout if where in dropout_positions else 0.0
+
+        self.stem = nn.Conv2d(cin, width, 3, padding=1)
+        self.enc = nn.ModuleList()
+        self.downs = nn.ModuleList()
+        for i, c in enumerate(chans):
+            where = "bottleneck" if i == depth - 1 else "encoder"
+            self.enc.append(TimeResBlock(width if i == 0 else chans[i - 1], c, emb, p(where)))
+            if i < depth - 1:
+                self.downs.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+        self.ups = nn.ModuleList()
+        self.dec = nn.ModuleList()
+        for i in reversed(range(depth - 1)):
+            self.ups.append(nn.ConvTranspose2d(chans[i + 1], chans[i], 2, stride=2))
+            self.dec.append(TimeResBlock(2 * chans[i], chans[i], emb, p("decoder")))
+        self.out_norm = nn.GroupNorm(_groups(width), width)
+        self.act = nn.SiLU()
+        self.out = nn.Conv2d(width, cout, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        skips = []
+        for i, block in enumerate(self.enc):
+            h = block(h, emb)
+            skips.append(h)
+            if i < len(self.downs):
+                h = self.downs[i](h)
+        h = skips[-1]
+        for up, block, skip in zip(self.ups, self.dec, reversed(skips[:-1]), strict=True):
+            h = block(torch.cat([up(h), skip], dim=1), emb)
+        return self.out(self.act(self.out_norm(h)))
