@@ -339,6 +339,17 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "timings_total_s": timing,
         "seeds": sorted({int(r["seed"]) for r in runs}),
         "runs": len(runs),
+        # Per combination and seed: per-shift AUROCs of AU and EU, the paper means next to
+        # Δ OOD, and the paper's Δ with every value it comes from (recomputable).
+        "per_run": [
+            {
+                "combination": r["combination"],
+                "seed": r["seed"],
+                "row": r["row"],
+                "paper": r["delta"].get("paper"),
+            }
+            for r in runs
+        ],
     }
 
 

@@ -101,3 +101,6 @@ def test_smoke_study_is_resumable_and_reports_from_run_files(tmp_path: Path, stu
     assert "SMOKE RUN" in md and "softmax-ensemble" in md and "±" in md
     doc = json.loads((out / "study.json").read_text())
     assert doc["runs"] == 2 and doc["seeds"] == [0, 1]
+    first = doc["per_run"][0]
+    assert {"auroc_eu_noise", "auroc_au_jpeg", "auroc_eu_paper", "delta_ood"} <= set(first["row"])
+    assert set(first["paper"]["per_shift"]) == {"noise", "blur", "contrast", "jpeg"}

@@ -27,6 +27,9 @@ SUMMARY_COLUMNS: tuple[tuple[str, str, int], ...] = (
     ("ace_tu", "ACE(TU)", 3),
 )
 DELTA_COLUMNS: tuple[tuple[str, str, int], ...] = (
+    # Δ OOD is computed from these two: AUROCs averaged over the paper's four shifts.
+    ("auroc_eu_paper", "AUROC EU (paper shifts)", 2),
+    ("auroc_au_paper", "AUROC AU (paper shifts)", 2),
     ("delta_ood", "Δ OOD", 2),
     ("delta_ambiguity", "Δ amb.", 2),
     ("delta_calibration", "Δ cal.", 2),
@@ -125,6 +128,9 @@ def markdown_table(results: dict[str, Any]) -> str:
     out += (
         "\nID metrics on the pooled in-distribution test sets; AUROC of image-level EU "
         f"(aggregator `{results['aggregator']}`), ID test vs each shift (severities pooled). "
+        "AUROC EU/AU (paper shifts): the mean over noise, blur, contrast and JPEG, which Δ OOD "
+        "is computed from; Δ ambiguity and Δ calibration: the mean of Δ on ID and Δ on the mean "
+        "of those four shifts (as the paper). "
         "Δ: disentanglement (1 = disentangled, 0 = entangled, < 0: the wrong uncertainty type "
         "does better; it leaves [-1, 1] when a performance is negative, e.g. NCC < 0); ρ(AU,EU): "
         "Spearman rank correlation of image-level AU and EU over the ID test set.\n"
