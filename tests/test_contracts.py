@@ -65,6 +65,25 @@ def test_member_signature_is_ordered_and_typed() -> None:
         assert dtype in ("float32", "int64", "uint8") and dims[0] == "B"
 
 
+def test_runtime_batches_and_outputs_follow_the_member_signature() -> None:
+    from dataclasses import fields
+
+    import numpy as np
+
+    from uqserve.runtime.base import Batch, MemberOutputs
+
+    assert tuple(f.name for f in fields(Batch)) == contracts.MEMBER_INPUTS
+    assert tuple(f.name for f in fields(MemberOutputs)) == contracts.MEMBER_OUTPUTS
+    batch = Batch(
+        np.zeros((1, 1, 8, 8), np.float32),
+        np.zeros(1, np.int64),
+        np.zeros((1, 3), np.int64),
+        np.full((1, 2), 8, np.int64),
+    )
+    feeds = batch.feeds()
+    assert tuple(feeds) == contracts.MEMBER_INPUTS and feeds["valid"] is batch.valid
+
+
 def test_default_class_names() -> None:
     assert contracts.default_class_names(2) == ("background", "lesion")
     assert contracts.default_class_names(4) == ("background", "lesion_1", "lesion_2", "lesion_3")

@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from uqserve.bundle import Bundle
+from uqserve.contracts import MEMBER_INPUTS
 from uqserve.errors import ServiceError
 
 
@@ -38,7 +39,8 @@ class Batch:
     valid: npt.NDArray[np.int64]
 
     def feeds(self) -> dict[str, npt.NDArray[np.generic]]:
-        return {"image": self.image, "seed": self.seed, "offset": self.offset, "valid": self.valid}
+        """The member graphs' inputs by name (``uqserve.contracts.MEMBER_INPUTS``, in order)."""
+        return {name: getattr(self, name) for name in MEMBER_INPUTS}
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from uqserve.bundle import Bundle, BundleError
-from uqserve.contracts import MEMBER_INPUTS, MEMBER_OUTPUTS
+from uqserve.contracts import MEMBER_INPUT_SPEC, MEMBER_INPUTS, MEMBER_OUTPUTS
 from uqserve.errors import UsageError
 from uqserve.runtime.base import (
     Batch,
@@ -207,10 +207,8 @@ class EmbeddedRuntime(Runtime):
 
     def infer(self, batch: Batch, want_samples: bool = False) -> list[MemberOutputs]:
         feeds = {
-            "image": np.ascontiguousarray(batch.image, dtype=np.float32),
-            "seed": np.ascontiguousarray(batch.seed, dtype=np.int64),
-            "offset": np.ascontiguousarray(batch.offset, dtype=np.int64),
-            "valid": np.ascontiguousarray(batch.valid, dtype=np.int64),
+            name: np.ascontiguousarray(array, dtype=MEMBER_INPUT_SPEC[name][0])
+            for name, array in batch.feeds().items()
         }
         names = list(MEMBER_OUTPUTS if want_samples else MEMBER_OUTPUTS[:3])
         if self._pool is None:
