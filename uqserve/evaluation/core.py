@@ -23,7 +23,7 @@ import numpy.typing as npt
 
 from uqserve import metrics as M
 from uqserve import uncertainty as U
-from uqserve.contracts import AGGREGATORS, DEFAULT_AGGREGATOR
+from uqserve.contracts import AGGREGATORS, DEFAULT_AGGREGATOR, PAPER_SHIFTS
 from uqserve.evaluation.paper import paper_scores
 from uqserve.evaluation.sets import EvalImage, EvaluationError, SetSpec
 
@@ -487,7 +487,7 @@ class BundleEvaluation:
             "rank_correlation": _safe(U.rank_correlation, au_scores, eu_scores, min_size=2),
             "note": "Δ: disentanglement; 1 = disentangled, 0 = entangled, "
             "< 0: the wrong type does better. OOD: AUROCs averaged over the paper's "
-            "shifts (noise, blur, contrast, jpeg); ambiguity and calibration: mean of "
+            f"shifts ({', '.join(PAPER_SHIFTS)}); ambiguity and calibration: mean of "
             "Δ on ID and Δ on the mean of those shifts.",
         }
 
