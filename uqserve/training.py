@@ -554,7 +554,8 @@ def _checked_configs(
 ) -> tuple[str, str, TrainConfig, ModelConfig]:
     """``(au, eu, config, model_config)`` with defaults filled in, or a ``TrainError``.
 
-    MC dropout without dropout gets ``config.dropout``; the tile size must suit
+    MC dropout without dropout gets ``config.dropout``; an SSN without a set
+    warm-up (``ssn_warmup=None``) warms up for half the steps; the tile size must suit
     the network depth, and SWAG needs enough steps for its snapshots.
     """
     try:
@@ -565,6 +566,9 @@ def _checked_configs(
     model_config = model_config or ModelConfig(width=DEFAULT_WIDTH)
     if eu == "mcdropout" and model_config.dropout == 0.0:
         model_config = ModelConfig.from_dict({**model_config.to_dict(), "dropout": config.dropout})
+    if model_config.ssn_warmup is None:  # SSN warms up for half the steps unless told
+        warm = config.steps // 2 if au == "ssn" else 0
+        model_config = ModelConfig.from_dict({**model_config.to_dict(), "ssn_warmup": warm})
     if model_config.in_channels != 1:
         raise TrainError(
             f"training data has 1 channel but ModelConfig.in_channels={model_config.in_channels}"

@@ -46,7 +46,9 @@ class ModelConfig:
     ssn_rank: int = 10
     ssn_eps: float = 1e-5
     ssn_train_samples: int = 10
-    ssn_warmup: int = 0
+    # Steps with the low-rank factor zeroed (diagonal noise and MC loss on, as the
+    # paper); None: training picks half its steps.
+    ssn_warmup: int | None = None
     punet_latent: int = 6
     punet_beta: float = 2.5e-3
     punet_warmup: int = 100
@@ -83,6 +85,8 @@ class ModelConfig:
             problems.append(f"mc_dropout_masks must be one of {', '.join(MC_DROPOUT_MASKS)}")
         if self.num_samples < 1:
             problems.append("num_samples must be >= 1")
+        if self.ssn_warmup is not None and self.ssn_warmup < 0:
+            problems.append("ssn_warmup must be >= 0 (or None: half the training steps)")
         if self.ssn_rank < 1 or self.punet_latent < 1 or self.diffusion_steps < 1:
             problems.append("ssn_rank, punet_latent and diffusion_steps must be >= 1")
         if problems:

@@ -278,7 +278,7 @@ class SSNNet(SegNetwork):
         s = self.config.ssn_train_samples
         noise = RandomNoise(b, s, h, w, image.device)
         mu, factor, scale = self.head_context(image, feats)
-        warm = self.step < self.config.ssn_warmup
+        warm = self.step < (self.config.ssn_warmup or 0)
         if warm:
             # Warm-up as the paper: the low-rank factor is zeroed (no gradient reaches
             # its head) while the diagonal noise and the Monte-Carlo loss stay on.
