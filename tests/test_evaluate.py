@@ -262,8 +262,15 @@ def test_evaluate_synthetic_writes_all_outputs_and_is_reproducible(tmp_path: Pat
             assert idm[key] is not None and math.isfinite(idm[key]), key
         assert set(r["sets"]) == {"id-low", "id-high", "ood-noise-1"}
         assert r["delta"]["ood"] is not None
+    # The paper's rank scores among the two bundles: ranks 1 and 2 (or 1.5 each on a tie).
+    ranks = res["ranks"]
+    assert set(ranks) == {"ssn-ens", "ssn-none"}
+    for key in ("PERFRANK_auc", "ENTRANK_auc"):
+        got = sorted(ranks[n][key] for n in ranks)
+        assert got in ([1.0, 2.0], [1.5, 1.5]), (key, got)
     md = (out / "results.md").read_text()
     assert "ssn-none ¹" in md and "paper convention" in md
+    assert "AUROC EU (paper shifts)" in md
     csv_lines = (out / "results.csv").read_text().splitlines()
     assert csv_lines[0] == "bundle,combination,convention,scope,name,metric,value"
     # Same data + seed -> the same numbers.

@@ -44,6 +44,7 @@ from uqserve.evaluation.figures import (
     matplotlib_available,
     summary_figure,
 )
+from uqserve.evaluation.paper import rank_scores
 from uqserve.evaluation.report import (
     atomic_dir,
     clean,
@@ -173,9 +174,20 @@ def evaluate(
         fig_data += figs
         if progress is not None:
             progress("bundles", len(results["bundles"]), len(loaded))
+    results["ranks"] = _ranks(results["bundles"])
     if out_dir is not None:
         _write(results, fig_data, file_names, out_dir, overwrite=overwrite)
     return results
+
+
+def _ranks(bundles: list[dict[str, Any]]) -> dict[str, Any]:
+    """The paper's PERFRANK/ENTRANK among the evaluated bundles with Δ (one seed's ranks)."""
+    scored = {
+        b["name"]: b["results"]["delta"]["paper"]
+        for b in bundles
+        if b["results"]["delta"].get("paper") is not None
+    }
+    return clean(rank_scores(scored)) if len(scored) >= 2 else {}
 
 
 def _evaluate_bundle(
