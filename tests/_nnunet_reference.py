@@ -36,7 +36,15 @@ DATASETS = {
     # CT-style: CT normalisation; thick x, so transpose_forward is [2, 0, 1].
     "ct": (902, "CT", (5, 32, 48), (4.0, 1.0, 1.0), 40.0, 400.0),
 }
-RUNS = {"fold0": ((0,), False), "folds01": ((0, 1), False), "fold0_mirror": ((0,), True)}
+CONFIGURATIONS = ("2d", "3d_fullres")
+#: run -> (configuration, folds, mirroring)
+RUNS = {
+    "fold0": ("2d", (0,), False),
+    "folds01": ("2d", (0, 1), False),
+    "fold0_mirror": ("2d", (0,), True),
+    "3d_fold0": ("3d_fullres", (0,), False),
+    "3d_folds01_mirror": ("3d_fullres", (0, 1), True),
+}
 N_TRAIN, N_TEST = 4, 2
 
 
@@ -100,37 +108,45 @@ def plan(root: Path, key: str, name: str) -> dict:
     plans = json.loads(path.read_text())
     tf = plans["transpose_forward"]
     shape = [DATASETS[key][2][2 - a] for a in range(3)]  # SimpleITK order [z, y, x]
-    slice_shape = [shape[a] for a in tf][1:]
-    conf = plans["configurations"]["2d"]
-    conf["patch_size"] = slice_shape
-    conf["batch_size"] = 2
-    arch = conf["architecture"]["arch_kwargs"]
-    arch.update(
-        n_stages=3,
-        features_per_stage=[4, 8, 16],
-        kernel_sizes=[[3, 3]] * 3,
-        strides=[[1, 1], [2, 2], [2, 2]],
-        n_conv_per_stage=[1, 1, 1],
-        n_conv_per_stage_decoder=[1, 1],
-    )
+    transposed = [shape[a] for a in tf]
+    for conf_name, patch in (("2d", transposed[1:]), ("3d_fullres", transposed)):
+        conf = plans["configurations"][conf_name]
+        conf["patch_size"] = patch
+        conf["batch_size"] = 2
+        first = [1] * len(patch) if conf_name == "2d" else [1, 3, 3]
+        pool = [1, 2, 2][-len(patch) :]
+        conf["architecture"]["arch_kwargs"].update(
+            n_stages=3,
+            features_per_stage=[4, 8, 16],
+            kernel_sizes=[[3] * len(patch) if conf_name == "2d" else first, [3] * len(patch),
+                          [3] * len(patch)],
+            strides=[[1] * len(patch), pool, pool],
+            n_conv_per_stage=[1, 1, 1],
+            n_conv_per_stage_decoder=[1, 1],
+        )  # fmt: skip
+    plans["configurations"].pop("3d_lowres", None)
     path.write_text(json.dumps(plans, indent=2))
-    preprocess([ident], plans_name, configurations=("2d",), num_processes=(1,), verbose=False)
+    preprocess(
+        [ident], plans_name, configurations=CONFIGURATIONS, num_processes=(1, 1), verbose=False
+    )
     return plans
 
 
-def _training_slices(root: Path, name: str, plans: dict) -> np.ndarray:
-    """The first training image as nnU-Net's 2d network sees it: ``[slices, 1, a, b]``."""
+def _training_input(root: Path, name: str, plans: dict, configuration: str) -> np.ndarray:
+    """The first training image as nnU-Net's network sees it: 2d ``[slices, 1, a, b]``,
+    3d ``[1, 1, a, b, c]``."""
     first = sorted((root / "raw" / name / "imagesTr").iterdir())[0]
     arr = np.asarray(nib.load(str(first)).dataobj, dtype=np.float32).transpose(2, 1, 0)
     arr = arr.transpose(plans["transpose_forward"])
-    scheme = plans["configurations"]["2d"]["normalization_schemes"][0]
+    scheme = plans["configurations"][configuration]["normalization_schemes"][0]
     if scheme == "CTNormalization":
         props = plans["foreground_intensity_properties_per_channel"]["0"]
         arr = np.clip(arr, props["percentile_00_5"], props["percentile_99_5"])
         arr = (arr - props["mean"]) / props["std"]
     else:
         arr = (arr - arr.mean()) / arr.std()
-    return arr[:, np.newaxis].astype(np.float32)
+    batch = arr[:, np.newaxis] if configuration == "2d" else arr[np.newaxis, np.newaxis]
+    return batch.astype(np.float32)
 
 
 def _balance(network, slices: np.ndarray) -> None:
@@ -146,7 +162,9 @@ def _balance(network, slices: np.ndarray) -> None:
     last.bias[1] -= shift / 2
 
 
-def write_checkpoints(root: Path, name: str, plans: dict, folds: tuple[int, ...]) -> Path:
+def write_checkpoints(
+    root: Path, name: str, plans: dict, configuration: str, folds: tuple[int, ...]
+) -> Path:
     """Fold checkpoints of randomised, untrained networks; returns the model folder."""
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -157,14 +175,17 @@ def write_checkpoints(root: Path, name: str, plans: dict, folds: tuple[int, ...]
     for fold in folds:
         # run_training's way of saying "fresh start" (the trainer pops the key).
         fresh = {**plans, "continue_training": False}
-        trainer = nnUNetTrainer(fresh, "2d", fold, dataset_json, device=torch.device("cpu"))
+        trainer = nnUNetTrainer(
+            fresh, configuration, fold, dataset_json, device=torch.device("cpu")
+        )
         trainer.initialize()
         torch.manual_seed(1000 + fold)
         with torch.no_grad():
             for mod in trainer.network.modules():
-                if isinstance(mod, nn.Conv2d | nn.ConvTranspose2d) and mod.bias is not None:
+                convs = nn.Conv2d | nn.Conv3d | nn.ConvTranspose2d | nn.ConvTranspose3d
+                if isinstance(mod, convs) and mod.bias is not None:
                     mod.bias.normal_(0.0, 0.2)
-                if isinstance(mod, nn.InstanceNorm2d) and mod.affine:
+                if isinstance(mod, nn.InstanceNorm2d | nn.InstanceNorm3d) and mod.affine:
                     mod.weight.uniform_(0.5, 1.5)
                     mod.bias.normal_(0.0, 0.3)
             # Opposite logits for the two classes (no common mode, which would
@@ -173,7 +194,7 @@ def write_checkpoints(root: Path, name: str, plans: dict, folds: tuple[int, ...]
             last.weight[1] = -last.weight[0]
             last.weight.mul_(6.0)
             last.bias.zero_()
-            _balance(trainer.network, _training_slices(root, name, plans))
+            _balance(trainer.network, _training_input(root, name, plans, configuration))
         mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[3]
         trainer.inference_allowed_mirroring_axes = mirror_axes
         trainer.save_checkpoint(os.path.join(trainer.output_folder, "checkpoint_final.pth"))
@@ -212,14 +233,19 @@ def main(root: Path) -> None:
     for key in DATASETS:
         name, tests = write_raw(root, key)
         plans = plan(root, key, name)
-        model_dir = write_checkpoints(root, name, plans, (0, 1))
+        models = {c: str(write_checkpoints(root, name, plans, c, (0, 1))) for c in CONFIGURATIONS}
         runs = {}
-        for run, (folds, mirror) in RUNS.items():
+        for run, (configuration, folds, mirror) in RUNS.items():
             out = root / f"pred_{key}_{run}"
-            predict(model_dir, root / f"test_{key}", out, folds, mirror)
-            runs[run] = {"folds": list(folds), "mirror": mirror, "out": str(out)}
+            predict(Path(models[configuration]), root / f"test_{key}", out, folds, mirror)
+            runs[run] = {
+                "model_dir": models[configuration],
+                "folds": list(folds),
+                "mirror": mirror,
+                "out": str(out),
+            }
         summary[key] = {
-            "model_dir": str(model_dir),
+            "model_dir": models["2d"],
             "tests": tests,
             "runs": runs,
             "transpose_forward": plans["transpose_forward"],

@@ -12,8 +12,10 @@ Legitimate differences: nnU-Net averages *logits* over folds and mirrors and
 accumulates windows in float16; uqserve averages member *probabilities* (the
 uncertainty decomposition needs them) in float32. Hence one fold without
 mirroring must agree to 5e-3 in probability away from the outermost voxel
-layer (where the Gaussian weights are smallest, float16 errors largest) and
+layer and from the window corners where nnU-Net's float16 Gaussian weights
+are subnormal (``_float16_normal_weights``: its rounding is largest there) and
 in >= 99.9 % of the labels; two folds, or mirroring, in >= 99.5 % of the labels.
+Both the 2d and the 3d_fullres configurations are checked.
 """
 
 from __future__ import annotations
@@ -58,10 +60,31 @@ def _nnunet_probs(out_dir: str, image: str) -> np.ndarray:
     return np.transpose(probs, (0, 3, 2, 1)).astype(np.float32)
 
 
+def _float16_normal_weights(model_dir: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """Where nnU-Net's float16 Gaussian weight of a one-window case is a normal float16.
+
+        At a 3D window's corners the product of three Gaussian tails is subnormal
+        (or clamped) in float16, and nnU-Net's ``logits * w / sum(w)`` loses its
+        precision there (a probability of exactly 0.5 can come out): nnU-Net's
+        rounding, not a difference of the models. Labels are compared here, and
+    probabilities here away from the outermost layer. ``[X, Y, Z]`` bool.
+    """
+    import torch
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+    plans = json.loads((model_dir / "plans.json").read_text())
+    patch = plans["configurations"][model_dir.name.split("__")[-1]]["patch_size"]
+    gauss = compute_gaussian(tuple(patch), 1.0 / 8, 10, device=torch.device("cpu"))
+    g = gauss.float().numpy()
+    g = g[np.newaxis] if g.ndim == 2 else g  # 2d: the same map on every slice
+    g = g.transpose(plans["transpose_backward"]).transpose(2, 1, 0)  # -> SimpleITK -> NIfTI
+    return np.broadcast_to(g >= np.finfo(np.float16).tiny, shape)
+
+
 def _compare(ref: dict[str, Any], key: str, run: str, tmp_path: Path) -> list[dict[str, float]]:
     spec = ref[key]["runs"][run]
     bundle = export_nnunet(
-        ref[key]["model_dir"], tmp_path / f"{key}_{run}",
+        spec["model_dir"], tmp_path / f"{key}_{run}",
         folds=[str(f) for f in spec["folds"]], mirror=spec["mirror"],
     )  # fmt: skip
     assert bundle.manifest.num_members == len(spec["folds"])
@@ -73,11 +96,14 @@ def _compare(ref: dict[str, Any], key: str, run: str, tmp_path: Path) -> list[di
         labels = theirs.argmax(axis=0)
         # Both classes well represented, or agreement would prove little.
         assert 0.02 < float((labels == 1).mean()) < 0.98, "degenerate reference"
-        inner = (slice(None), slice(1, -1), slice(1, -1), slice(1, -1))
+        normal = _float16_normal_weights(Path(spec["model_dir"]), labels.shape)
+        inner = np.zeros(labels.shape, bool)
+        inner[1:-1, 1:-1, 1:-1] = True
+        inner &= normal
         stats.append(
             {
-                "inner_max_abs": float(np.abs(pred.prob - theirs)[inner].max()),
-                "same_labels": float((pred.seg == labels).mean()),
+                "inner_max_abs": float(np.abs(pred.prob - theirs)[:, inner].max()),
+                "same_labels": float((pred.seg == labels)[normal].mean()),
                 "far_from_half": float((np.abs(theirs[1] - 0.5) > 0.3).mean()),
             }
         )
@@ -85,15 +111,18 @@ def _compare(ref: dict[str, Any], key: str, run: str, tmp_path: Path) -> list[di
 
 
 @pytest.mark.parametrize("key", ["mr", "ct"])
-def test_one_fold_matches_nnunet(reference: dict[str, Any], key: str, tmp_path: Path) -> None:
-    for s in _compare(reference, key, "fold0", tmp_path):
+@pytest.mark.parametrize("run", ["fold0", "3d_fold0"])
+def test_one_fold_matches_nnunet(
+    reference: dict[str, Any], key: str, run: str, tmp_path: Path
+) -> None:
+    for s in _compare(reference, key, run, tmp_path):
         assert s["far_from_half"] > 0.3, s
         assert s["inner_max_abs"] <= 5e-3, s
         assert s["same_labels"] >= 0.999, s
 
 
 @pytest.mark.parametrize("key", ["mr", "ct"])
-@pytest.mark.parametrize("run", ["folds01", "fold0_mirror"])
+@pytest.mark.parametrize("run", ["folds01", "fold0_mirror", "3d_folds01_mirror"])
 def test_folds_and_mirroring_match_nnunet(
     reference: dict[str, Any], key: str, run: str, tmp_path: Path
 ) -> None:
@@ -129,6 +158,17 @@ def test_manifest_carries_nnunet_plans(reference: dict[str, Any], tmp_path: Path
     assert man.input.spacing == tuple(reversed(nn["spacing"]))
 
 
+def test_3d_manifest_is_volumetric(reference: dict[str, Any], tmp_path: Path) -> None:
+    """3d_fullres: [B, C, D, H, W] members, patch and spacing as (z, y, x)."""
+    spec = reference["ct"]["runs"]["3d_fold0"]
+    man = export_nnunet(spec["model_dir"], tmp_path / "ct3d", folds=["0"]).manifest
+    nn = man.extra["nnunet"]
+    back = nn["transpose_backward"]
+    assert (man.input.dims, man.input.orientation) == (3, None)
+    assert man.input.patch == tuple(nn["patch_size"][j] for j in back) == (48, 32, 5)
+    assert man.input.spacing == tuple(nn["spacing"][j] for j in back)
+
+
 def _variant(model_dir: Path, tmp_path: Path, configuration: str, conf: dict[str, Any]) -> Path:
     """A copy of ``model_dir`` posing as another configuration of the same plans."""
     parts = model_dir.name.split("__")
@@ -145,7 +185,6 @@ def _variant(model_dir: Path, tmp_path: Path, configuration: str, conf: dict[str
     [
         ("3d_cascade_fullres", {"previous_stage": "3d_lowres"}, "cascade stage"),
         ("3d_lowres", {"next_stage": ["3d_cascade_fullres"]}, "first stage of a cascade"),
-        ("3d_fullres", {}, "not supported yet"),
     ],
 )
 def test_unsupported_configurations_are_refused(

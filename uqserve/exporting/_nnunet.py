@@ -7,10 +7,13 @@ network with nnU-Net's own loader (``nnUNetPredictor.initialize_from_trained_mod
 the trainer's ``build_network_architecture``, i.e. ``dynamic_network_architectures``),
 wraps it into uqserve's member contract and exports it to ONNX:
 
-- the member graph takes uqserve's slice ``[B, C, rows, cols]`` (rows: the
-  first remaining NIfTI array axis) and swaps its two axes to nnU-Net's order
-  (nnU-Net reads images with SimpleITK, whose array axes are the NIfTI axes
-  reversed, and keeps the remaining axes in order after ``transpose_forward``);
+- each fold is exported as a plain logits graph in uqserve's axis order
+  (``_nnunet_member.NnunetLogits``: nnU-Net reads images with SimpleITK, whose
+  array axes are the NIfTI axes reversed, and permutes them by
+  ``transpose_forward``; the graph permutes its input into nnU-Net's order and
+  the logits back) and wrapped into the member contract with the ONNX wrapper
+  (softmax, entropy, counts, labels). 2d models get slices ``[B, C, rows,
+  cols]``; 3d models (3d_fullres) volumes ``[B, C, D, H, W]`` = ``(z, y, x)``;
 - with ``mirror=True`` nnU-Net's test-time mirroring is baked into the graph:
   the logits of every flip combination of the checkpoint's
   ``inference_allowed_mirroring_axes`` are averaged before the softmax, as
@@ -36,6 +39,7 @@ nnunetv2 is imported lazily (the ``nnunet`` extra).
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import math
 import os
@@ -53,18 +57,18 @@ if TYPE_CHECKING:
 
 __all__ = ["NnunetModel", "export_nnunet", "load_nnunet_model"]
 
-#: Configurations uqserve exports (3d_fullres waits for volumetric member graphs).
-SUPPORTED_CONFIGURATIONS = ("2d",)
-
 
 @dataclass
 class NnunetModel:
     """One nnU-Net model folder, read: fold networks and what the plans say.
 
     networks     one ``nn.Module`` per fold (eval mode, no deep supervision)
-    tile         uqserve's slice size ``(rows, cols)`` = nnU-Net's patch reversed
-    multiple     slice sizes must be multiples of this (the network's total stride)
-    spacing      the training voxel size in the slice, mm, uqserve order
+    dims         2 (slices) or 3 (volumes)
+    patch        the window in uqserve's axis order: ``(rows, cols)`` of a slice
+                 (nnU-Net's 2d patch reversed) or ``(D, H, W)`` = ``(z, y, x)``
+    spacing      the training voxel size along those axes, mm
+    perm         nnU-Net's spatial axis ``j`` is uqserve's axis ``perm[j]``
+    multiple     window sizes must be multiples of this (the network's total stride)
     info         everything for ``manifest.extra["nnunet"]``
     """
 
@@ -76,9 +80,11 @@ class NnunetModel:
     classes: tuple[str, ...]
     channels: int
     normalization: Normalization
-    tile: tuple[int, int]
+    dims: int
+    patch: tuple[int, ...]
+    spacing: tuple[float, ...]
+    perm: tuple[int, ...]
     multiple: int
-    spacing: tuple[float, float]
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -141,18 +147,12 @@ def _refuse_unsupported(plans: dict[str, Any], configuration: str, folder: Path)
         raise ExportError(
             f"{folder}: {configuration} is a cascade stage (it takes the "
             f"{conf['previous_stage']} prediction as input); uqserve exports single-stage "
-            "models: export the 2d configuration instead"
+            "models: export the 3d_fullres or 2d configuration instead"
         )
     if conf.get("next_stage"):
         raise ExportError(
             f"{folder}: {configuration} is the first stage of a cascade (its output is "
-            "the next stage's input); export the 2d configuration instead"
-        )
-    if configuration not in SUPPORTED_CONFIGURATIONS:
-        raise ExportError(
-            f"{folder}: configuration {configuration!r} is not supported yet "
-            f"(supported: {', '.join(SUPPORTED_CONFIGURATIONS)}; 3D models need "
-            "volumetric member graphs)"
+            "the next stage's input); export the 3d_fullres or 2d configuration instead"
         )
 
 
@@ -213,7 +213,7 @@ def load_nnunet_model(
 
     ``folds``: e.g. ``("0", "1")``; default every ``fold_*`` with ``checkpoint``.
     Raises :class:`ExportError` naming the file and the reason for anything
-    uqserve cannot serve (cascades, 3D configurations, regions, several channels).
+    uqserve cannot serve (cascades, region-based labels, several channels).
     """
     import copy
     import json
@@ -236,7 +236,9 @@ def load_nnunet_model(
     pm, cm = predictor.plans_manager, predictor.configuration_manager
     lm = pm.get_label_manager(predictor.dataset_json)
     tf = [int(a) for a in pm.transpose_forward]
-    if tf[1:] != sorted(tf[1:]):
+    patch, spacing = [int(p) for p in cm.patch_size], [float(v) for v in cm.spacing]
+    dims = len(patch)
+    if dims == 2 and tf[1:] != sorted(tf[1:]):
         raise ExportError(
             f"{folder}: transpose_forward {tf} reorders the in-slice axes; uqserve slices "
             "keep them in order (nnU-Net's default planners do)"
@@ -246,8 +248,6 @@ def load_nnunet_model(
         net = copy.deepcopy(predictor.network)
         net.load_state_dict(params)
         networks.append(net.eval())
-    patch = [int(p) for p in cm.patch_size]
-    spacing = [float(s) for s in cm.spacing]
     mirror_axes = tuple(int(a) for a in (predictor.allowed_mirroring_axes or ()))
     norm = _normalization(pm, cm, folder)
     info = {
@@ -270,21 +270,26 @@ def load_nnunet_model(
         # nnU-Net's image arrays are SimpleITK's: the NIfTI array axes reversed.
         "slice_axis": 2 - tf[0],
     }
+    # uqserve's volume axes (D, H, W) are SimpleITK's (z, y, x); nnU-Net's are
+    # those permuted by transpose_forward. A slice's (rows, cols) are the
+    # NIfTI axes in increasing order, nnU-Net's in-slice axes reversed.
+    perm = tuple(tf) if dims == 3 else (1, 0)
+    back = [perm.index(a) for a in range(dims)]
     return NnunetModel(
         folder=folder, configuration=configuration, folds=fold_list, networks=networks,
         mirror_axes=mirror_axes, classes=_classes(lm, folder),
-        channels=len(cm.normalization_schemes), normalization=norm, tile=(patch[1], patch[0]),
-        multiple=_total_stride(cm.network_arch_init_kwargs, len(patch)),
-        spacing=(spacing[1], spacing[0]), info=info,
+        channels=len(cm.normalization_schemes), normalization=norm, dims=dims,
+        patch=tuple(patch[j] for j in back), spacing=tuple(spacing[j] for j in back),
+        perm=perm, multiple=_total_stride(cm.network_arch_init_kwargs, dims), info=info,
     )  # fmt: skip
 
 
-def member_graphs(model: NnunetModel, mirror: bool) -> list[nn.Module]:
-    """One :class:`NnunetMember` per fold (``mirror``: bake in test-time mirroring)."""
-    from uqserve.exporting._nnunet_member import NnunetMember
+def logits_graphs(model: NnunetModel, mirror: bool) -> list[nn.Module]:
+    """One :class:`NnunetLogits` per fold (``mirror``: bake in test-time mirroring)."""
+    from uqserve.exporting._nnunet_member import NnunetLogits
 
     axes = model.mirror_axes if mirror else ()
-    return [NnunetMember(net, axes) for net in model.networks]
+    return [NnunetLogits(net, model.perm, axes) for net in model.networks]
 
 
 def export_nnunet(
@@ -301,19 +306,21 @@ def export_nnunet(
     """Export an nnU-Net v2 trained model folder as an uncalibrated bundle.
 
     Each fold becomes one softmax member (two or more folds: a deep ensemble,
-    ``eu = ensemble``; one: ``eu = none``). Every member is checked against its
-    PyTorch graph through the runtime interface before the bundle is written
-    atomically. Calibrate the result with :func:`uqserve.calibration.calibrate`
-    on your own validation cases.
+    ``eu = ensemble``; one: ``eu = none``): its network, in uqserve's axis
+    order, exported to ONNX and wrapped into the member contract. Every member
+    is checked against PyTorch through the runtime interface before the bundle
+    is written atomically. Calibrate the result with
+    :func:`uqserve.calibration.calibrate` on your own validation cases.
     """
-    from uqserve.exporting._torch import check_parity, export_member, parity_feeds
-    from uqserve.runtime.embedded import EmbeddedRuntime
+    import onnx
+
+    from uqserve.exporting._onnx import wrap_onnx_member
 
     say = progress or (lambda _msg: None)
     model = load_nnunet_model(model_dir, folds=folds, checkpoint=checkpoint)
     say(f"read {model.configuration} folds {', '.join(model.folds)} of {model.folder.name}")
-    graphs = member_graphs(model, mirror)
-    n = len(graphs)
+    graphs = logits_graphs(model, mirror)
+    n, k = len(graphs), len(model.classes)
     plan = ExportPlan(
         name=name or Path(out_dir).name,
         au="softmax",
@@ -321,15 +328,15 @@ def export_nnunet(
         num_members=n,
         num_samples=1,
         classes=model.classes,
-        # nnU-Net's geometry: windows of the patch, resampled in-plane to the
-        # training spacing (cubic, nearest along a thick axis), as stored (no
-        # world orientation: nnU-Net keeps the array axes as read).
+        # nnU-Net's geometry: windows of the patch, resampled to the training
+        # spacing (cubic, nearest along a thick axis), as stored (no world
+        # orientation: nnU-Net keeps the array axes as read).
         input=InputSpec(
             channels=model.channels,
-            tile_size=model.tile,
+            tile_size=(model.patch[-2], model.patch[-1]),
             multiple=model.multiple,
-            dims=2,
-            patch=model.tile,
+            dims=model.dims,
+            patch=model.patch,
             spacing=model.spacing,
             orientation=None,
             interpolation="cubic",
@@ -337,19 +344,66 @@ def export_nnunet(
         ),
         extra={"source": "nnunet", "nnunet": {**model.info, "mirror": bool(mirror)}},
     )
-
-    def parity(bundle: Bundle) -> None:
-        feeds = parity_feeds(model.channels, model.tile)
-        with EmbeddedRuntime(bundle, device="cpu", threads=1, workers=1) as rt:
-            for m, diff in enumerate(check_parity(graphs, rt, feeds)):
-                say(f"fold {model.folds[m]}: exported, parity max |diff| {diff:.2g}")
-
     with atomic_bundle_dir(out_dir, overwrite) as tmp:
         files = [f"member_{m}.onnx" for m in range(n)]
         for graph, f in zip(graphs, files, strict=True):
-            export_member(
-                graph, tmp / f, in_channels=model.channels, num_classes=len(model.classes),
-                num_samples=1, example_size=model.tile,
-            )  # fmt: skip
-        finish_bundle(tmp, plan, files, OPSET, calibrate=False, check=parity, say=say)
+            plain = tmp / f"{f}.logits"
+            _export_logits(graph, plain, model)
+            wrapped, _, _ = wrap_onnx_member(
+                plain, num_classes=k, outputs="logits", dims=model.dims
+            )
+            plain.unlink()
+            onnx.save(wrapped, str(tmp / f))
+        check = functools.partial(_check_against_torch, graphs=graphs, model=model, say=say)
+        finish_bundle(tmp, plan, files, OPSET, calibrate=False, check=check, say=say)
     return load_bundle(out_dir, verify=True)
+
+
+def _export_logits(graph: nn.Module, path: Path, model: NnunetModel) -> None:
+    """``graph`` as a plain ONNX graph ``image [B, C, *spatial] -> logits [B, K, *spatial]``."""
+    import warnings
+
+    import torch
+
+    spatial = {i + 2: f"S{i}" for i in range(model.dims)}
+    example = torch.zeros(1, model.channels, *model.patch)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph, (example,), str(path), dynamo=False, opset_version=OPSET,
+            input_names=["image"], output_names=["logits"],
+            dynamic_axes={"image": {0: "B", **spatial}, "logits": {0: "B", **spatial}},
+        )  # fmt: skip
+
+
+def _check_against_torch(
+    bundle: Bundle, graphs: Sequence[nn.Module], model: NnunetModel, say: Say
+) -> None:
+    """Each member, run by onnxruntime, against softmax of its PyTorch logits (one window)."""
+    import numpy as np
+    import torch
+
+    from uqserve.exporting._torch import PARITY_ATOL
+    from uqserve.runtime import Batch
+    from uqserve.runtime.embedded import EmbeddedRuntime
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(1, model.channels, *model.patch)).astype(np.float32)
+    batch = Batch(
+        image=image,
+        seed=np.zeros(1, np.int64),
+        offset=np.zeros((1, 3), np.int64),
+        valid=np.array([model.patch], np.int64),
+    )
+    with EmbeddedRuntime(bundle, device="cpu", threads=1, workers=1) as rt:
+        outs = rt.infer(batch)
+    for m, (graph, out) in enumerate(zip(graphs, outs, strict=True)):
+        with torch.no_grad():
+            ref = torch.softmax(graph(torch.from_numpy(image)), dim=1).numpy()
+        diff = float(np.abs(out.mean - ref).max())
+        if not np.isfinite(diff) or diff > PARITY_ATOL:
+            raise ExportError(
+                f"{model.folder}: fold {model.folds[m]}: ONNX and PyTorch differ by {diff:.3g} "
+                f"(> {PARITY_ATOL:g}); the export is wrong: report it with the plans.json"
+            )
+        say(f"fold {model.folds[m]}: exported, parity max |diff| {diff:.2g}")

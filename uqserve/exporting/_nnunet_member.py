@@ -1,10 +1,14 @@
-"""One nnU-Net fold in uqserve's member contract (a torch module, exported to ONNX).
+"""One nnU-Net fold as a plain logits graph in uqserve's axis order (a torch module).
 
-``forward(image [B, C, rows, cols], seed [B], offset [B, 3], valid [B, 2])``
-returns ``mean [B, K, rows, cols]``, ``sample_entropy [B, rows, cols]``,
-``sample_counts [B, 1, K]`` and ``sample_labels [B, 1, rows, cols]``: a softmax
-member draws one sample, so its sample entropy is the entropy of ``mean``.
-``seed`` and ``offset`` are unused (no noise).
+``forward(image [B, C, *spatial]) -> logits [B, K, *spatial]``, spatial in
+uqserve's order: ``(rows, cols)`` of a slice (NIfTI array axes, increasing) or
+``(D, H, W)`` = ``(z, y, x)`` of a volume. nnU-Net reads images with
+SimpleITK (array axes = NIfTI axes reversed) and permutes them by
+``transpose_forward``; the graph permutes its input into nnU-Net's order,
+runs the network (with test-time mirroring when asked: logits averaged over
+every flip combination, as nnU-Net's predictor) and permutes the logits back.
+The ONNX wrapper (:func:`uqserve.exporting.wrap_onnx_member`) then adds the
+softmax and the rest of the member contract.
 """
 
 from __future__ import annotations
@@ -15,9 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from uqserve.models.member import summarize
-
-__all__ = ["NnunetMember", "mirror_combinations"]
+__all__ = ["NnunetLogits", "mirror_combinations"]
 
 
 def mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
@@ -25,34 +27,28 @@ def mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
     return [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
 
 
-class NnunetMember(nn.Module):
-    """A fold's network, optionally mirrored, as a uqserve member graph.
+class NnunetLogits(nn.Module):
+    """A fold's network between uqserve's axis order and nnU-Net's.
 
-    ``mirror_axes``: nnU-Net's spatial mirroring axes (0, 1 for a 2D model; the
-    checkpoint's ``inference_allowed_mirroring_axes``); empty: no mirroring.
+    ``perm``: nnU-Net's spatial axis ``j`` is uqserve's axis ``perm[j]``.
+    ``mirror_axes``: nnU-Net's spatial mirroring axes (the checkpoint's
+    ``inference_allowed_mirroring_axes``); empty: no mirroring.
     """
 
-    def __init__(self, net: nn.Module, mirror_axes: Sequence[int] = ()) -> None:
+    def __init__(
+        self, net: nn.Module, perm: Sequence[int], mirror_axes: Sequence[int] = ()
+    ) -> None:
         super().__init__()
         self.net = net.eval()
+        self.to_nnunet = [0, 1, *(2 + int(p) for p in perm)]
+        self.back = [0, 1, *(2 + int(perm.index(a)) for a in range(len(perm)))]
         self.flips = mirror_combinations([int(a) + 2 for a in mirror_axes])
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """nnU-Net's ``_internal_maybe_mirror_and_predict``: logits averaged over flips."""
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.permute(*self.to_nnunet)
         out = self.net(x)
-        for axes in self.flips:
+        for axes in self.flips:  # nnU-Net's _internal_maybe_mirror_and_predict
             out = out + torch.flip(self.net(torch.flip(x, axes)), axes)
-        return out / (len(self.flips) + 1) if self.flips else out
-
-    def forward(
-        self,
-        image: torch.Tensor,
-        seed: torch.Tensor,
-        offset: torch.Tensor,
-        valid: torch.Tensor,
-    ) -> tuple[torch.Tensor, ...]:
-        # uqserve's slice rows/cols are NIfTI axis order; nnU-Net's arrays are
-        # SimpleITK's (axes reversed): swap them for the network and back.
-        logits = self.logits(image.transpose(-1, -2)).transpose(-1, -2)
-        probs = torch.softmax(logits.float(), dim=1).unsqueeze(1)  # [B, 1, K, H, W]
-        return summarize(probs, valid)
+        if self.flips:
+            out = out / (len(self.flips) + 1)
+        return out.permute(*self.back).float()
