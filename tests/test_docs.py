@@ -55,3 +55,20 @@ def test_nothing_cites_files_outside_the_repository() -> None:
             continue
         hits += [f"{name}: {word}" for word in outside if word in text]
     assert not hits, hits
+
+
+def test_site_builds_strict(tmp_path: Path) -> None:
+    """`make docs` in a test: broken links or anchors, and pages left out of the nav, fail."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("mkdocs", reason="the docs extra is not installed (pip install '.[docs]')")
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT, capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith(("WARNING", "ERROR"))]
+    assert proc.returncode == 0, "\n".join(warnings) or proc.stderr[-3000:]
+    assert (tmp_path / "site" / "reference" / "cli" / "index.html").is_file()
