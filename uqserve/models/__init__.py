@@ -1,4 +1,5 @@
-"""The model zoo: one UNet backbone, four AU heads, three EU wrappers.
+"""The model zoo: one UNet backbone, four AU heads, five EU methods (none, ensemble,
+MC dropout, SWAG, SWAG-D).
 
 Importing this package needs no torch; :func:`build_network` and
 :func:`member_graph` import it lazily.

@@ -5,8 +5,9 @@ Each network splits into ``features(image)`` (the backbone, computed once),
 SSN's mean, factor and diagonal, computed once) and
 ``sample_probs_from(context, noise, S)`` (the cheap part, batched over S
 samples), so an exported member graph runs the backbone once and draws its
-samples from the head, a chunk of samples at a time. ``loss(image, target)``
-is the training objective.
+samples from the head, a chunk of samples at a time (the paper's diffusion
+model has no separate backbone: its UNet denoiser runs at every sampling
+step). ``loss(image, target)`` is the training objective.
 
 - softmax: a 1x1 conv to K logits; cross-entropy.
 - SSN (Monteiro et al. 2020): logits = mu + F eps_r + sqrt(d) eps_d with a

@@ -7,7 +7,7 @@ chunk's tensors before the next chunk's are made).
 ``forward(image [B,C,H,W] f32, seed [B] i64, offset [B,3] i64, valid [B,2] i64)``
 returns ``mean [B,K,H,W]``, ``sample_entropy [B,H,W]``, ``sample_counts [B,S,K]``
 (valid region only) and ``sample_labels [B,S,H,W]`` uint8 — the signature in
-``docs/architecture.md`` shared by all twelve combinations.
+``docs/architecture.md`` shared by all twenty combinations.
 """
 
 from __future__ import annotations
