@@ -121,7 +121,15 @@ class Frame:
         M, K = member_mean.shape[:2]
         acc = uncertainty.Accumulator(K, self.in_shape)
         for m in range(M):
-            pm = np.stack([self._back(member_mean[m, k], order=1) for k in range(K)])
+            resampled = self.model_shape != self.oriented_shape
+            pm = np.empty((K, *self.in_shape), np.float32)
+            for k in range(K - 1 if resampled else K):
+                pm[k] = self._back(member_mean[m, k], order=1)
+            if resampled:
+                # The weights sum to 1: the last class is what the others leave (one
+                # resample less); without resampling the maps are only moved, exactly.
+                np.subtract(1.0, pm[: K - 1].sum(axis=0), out=pm[K - 1])
+                np.maximum(pm[K - 1], 0.0, out=pm[K - 1])
             hs = None if member_entropy is None else self._back(member_entropy[m], order=1)
             acc.add(pm, hs)
         return acc.result(release=True)

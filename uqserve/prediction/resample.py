@@ -166,17 +166,21 @@ def _axis_pass(a: npt.NDArray[Any], ax: int, n_out: int, order: int) -> npt.NDAr
     t = c - i0
     shape = [1] * a.ndim
     shape[ax] = -1
-    if order == 1:
-        taps, weights = [i0, i0 + 1], [1 - t, t]
-    else:
-        a = ndimage.spline_filter1d(a, 3, axis=ax, output=np.float32, mode="nearest")
-        taps = [i0 - 1, i0, i0 + 1, i0 + 2]
-        weights = [
-            (1 - t) ** 3 / 6,
-            (3 * t**3 - 6 * t**2 + 4) / 6,
-            (-3 * t**3 + 3 * t**2 + 3 * t + 1) / 6,
-            t**3 / 6,
-        ]
+    if order == 1:  # lo + (hi - lo) t, in place
+        lo = np.take(a, i0, axis=ax).astype(np.float32, copy=False)
+        hi = np.take(a, np.minimum(i0 + 1, n_in - 1), axis=ax).astype(np.float32, copy=False)
+        hi -= lo
+        hi *= t.astype(np.float32).reshape(shape)
+        hi += lo
+        return hi
+    a = ndimage.spline_filter1d(a, 3, axis=ax, output=np.float32, mode="nearest")
+    taps = [i0 - 1, i0, i0 + 1, i0 + 2]
+    weights = [
+        (1 - t) ** 3 / 6,
+        (3 * t**3 - 6 * t**2 + 4) / 6,
+        (-3 * t**3 + 3 * t**2 + 3 * t + 1) / 6,
+        t**3 / 6,
+    ]
     out = np.zeros([n_out if d == ax else s for d, s in enumerate(a.shape)], np.float32)
     for tap, w in zip(taps, weights, strict=True):
         part = np.take(a, np.clip(tap, 0, n_in - 1), axis=ax).astype(np.float32, copy=False)
