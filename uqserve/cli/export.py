@@ -306,10 +306,12 @@ def info_command(
             f"{m.input.channels} channel(s), tile {m.input.tile_size[0]}x{m.input.tile_size[1]}, "
             f"multiple of {m.input.multiple}",
         ),
+        ("geometry", _geometry_text(m.input)),
         (
             "normalization",
             f"{norm.scheme} mean={norm.mean:.4g} std={norm.std:.4g}"
-            + (f" clip={norm.clip}" if norm.clip else ""),
+            + (f" clip={norm.clip}" if norm.clip else "")
+            + (" inside the nonzero mask" if norm.nonzero else ""),
         ),
         ("seed", str(m.seed)),
         ("default aggregator", m.default_aggregator),
@@ -339,3 +341,18 @@ def _numbers(text: str | None, typ: type, flag: str) -> list[Any] | None:
         return [typ(v) for v in text.replace("x", ",").split(",") if v.strip()]
     except ValueError:
         fail(f"{flag}: expected comma-separated numbers, e.g. 64,128,128; got {text!r}")
+
+
+def _geometry_text(inp: Any) -> str:
+    """``2D slices, patch 64x64, spacing 0.8x0.8 mm, RAS, cubic`` (the manifest's geometry)."""
+    parts = ["2D slices" if inp.dims == 2 else "3D volumes"]
+    parts.append("whole slices" if inp.patch is None else "patch " + "x".join(map(str, inp.patch)))
+    parts.append(
+        "the scan's spacing"
+        if inp.spacing is None
+        else "spacing " + "x".join(f"{v:g}" for v in inp.spacing) + " mm"
+    )
+    parts.append("as stored" if inp.orientation is None else inp.orientation)
+    if inp.spacing is not None:
+        parts.append(inp.interpolation)
+    return ", ".join(parts)
