@@ -18,6 +18,9 @@ On a synthetic X x Y x Z volume (uqserve.data.make_volume, default 256 x 256 x
   the maps with numpy;
 * ``ssn_ensemble``: the same, plus (b) eager PyTorch re-running the whole
   network once per sample (what torch code without the in-graph S axis does);
+* with ``--scans N``, N copies of the scan through ``uqserve.predict`` with
+  the writes of scan i overlapping the prediction of scan i + 1 (the
+  default) and without (``pipeline=False``): seconds per scan of each;
 * peak RSS of ``predict`` for an SSN bundle with S = 4 vs S = 64, each in its
   own subprocess.
 
@@ -205,6 +208,7 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true", help="skip (b), eager PyTorch")
     ap.add_argument("--no-naive", action="store_true", help="skip (a), the naive ONNX loop")
     ap.add_argument("--no-rss", action="store_true", help="skip the S = 4 vs 64 peak RSS")
+    ap.add_argument("--scans", type=int, default=0, help="also time N scans, pipelined or not")
     ap.add_argument(
         "--rss-child", nargs=3, metavar=("BUNDLE", "DEPTH", "BATCH"), help=argparse.SUPPRESS
     )
@@ -239,6 +243,8 @@ def main() -> None:
             with open_runtime(bundle, device=args.device, precision=args.precision) as rt:
                 uqserve_predict(rt, volume, args.batch_size)  # warm-up: allocator, autotuning
                 entry = _measure(rt, volume, scan, t / "out", nets, samples, args)
+                if args.scans:
+                    entry["per_scan_of_many_s"] = _many(rt, scan, t / f"many-{name}", args)
             result[name] = {"members": args.members, "samples": samples, **entry}
         if not args.no_rss:
             result.update(_rss(t, args))
@@ -276,6 +282,25 @@ def _measure(
     if "eager_torch_s" in best:
         entry["speedup_vs_eager_torch"] = round(best["eager_torch_s"] / best["uqserve_s"], 2)
     return entry
+
+
+def _many(rt: Any, scan: Path, folder: Path, args: Any) -> dict[str, float]:
+    """Seconds per scan over ``args.scans`` copies, pipelined and one after the other."""
+    import shutil
+
+    from uqserve.prediction import predict
+
+    folder.mkdir()
+    for i in range(args.scans):
+        shutil.copyfile(scan, folder / f"scan{i:03d}.nii.gz")
+    out: dict[str, float] = {}
+    for label, pipeline in (("sequential", False), ("pipelined", True)):
+        t0 = time.perf_counter()
+        predict([folder], folder.parent / f"{folder.name}-{label}", runtime=rt,
+                batch_size=args.batch_size, pipeline=pipeline)  # fmt: skip
+        out[label] = round((time.perf_counter() - t0) / args.scans, 3)
+    out["ratio_pipelined_vs_sequential"] = round(out["pipelined"] / out["sequential"], 3)
+    return out
 
 
 def _rss(t: Path, args: Any) -> dict[str, Any]:

@@ -277,3 +277,60 @@ def test_read_nifti_roundtrip_of_example() -> None:
     vol = read_nifti(example)
     assert vol.shape == (128, 128, 24) and vol.slice_axis == 2
     assert vol.spacing == pytest.approx((0.8, 0.8, 3.0))
+
+
+def test_pipelined_scans_equal_sequential_in_order_and_bounded(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """Writing scan i while scan i + 1 predicts changes no byte, keeps the order, and
+    holds at most one uncommitted scan when a scan is reported."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(4):
+        write_nifti(folder / f"s{i}.nii.gz", blob_volume((24, 20, 3), seed=i))
+    (folder / "s2.nii.gz").write_bytes(b"not a nifti")  # a bad scan in the middle
+    seen: list[tuple[str, int, bool]] = []
+
+    def on_scan(res: uqserve.prediction.ScanResult) -> None:
+        out = tmp_path / "piped"
+        uncommitted = [p for p in out.iterdir() if p.name.startswith(".")]
+        seen.append((res.name, len(uncommitted), res.ok))
+
+    with open_runtime(tiny_bundle, device="cpu") as rt:
+        piped = predict(folder, tmp_path / "piped", runtime=rt, on_error="skip", on_scan=on_scan)
+        plain = predict(folder, tmp_path / "plain", runtime=rt, on_error="skip", pipeline=False)
+    assert [r.name for r in piped] == [r.name for r in plain] == ["s0", "s1", "s2", "s3"]
+    # reported in order; while s0 is reported s1 is predicted, uncommitted (s2 is unreadable)
+    assert seen == [("s0", 1, True), ("s1", 0, True), ("s2", 0, False), ("s3", 0, True)]
+    assert not piped[2].ok and "s2.nii.gz" in (piped[2].error or "")
+    for a, b in zip(piped, plain, strict=True):
+        assert a.ok == b.ok
+        if not a.ok:
+            continue
+        for name in OUTPUT_FILES[:-1]:
+            x = (tmp_path / "piped" / a.name / name).read_bytes()
+            assert x == (tmp_path / "plain" / b.name / name).read_bytes(), name
+        ra = json.loads((tmp_path / "piped" / a.name / "report.json").read_text())
+        rb = json.loads((tmp_path / "plain" / b.name / "report.json").read_text())
+        for r in (ra, rb):
+            r.pop("timings")
+            r["outputs"].pop("folder")
+        assert ra == rb
+    assert not [p for p in (tmp_path / "piped").iterdir() if p.name.startswith(".")]
+
+
+def test_pipelined_error_raises_in_order_and_leaves_nothing(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        write_nifti(folder / f"s{i}.nii.gz", blob_volume((24, 20, 3), seed=i))
+    out = tmp_path / "out"
+    (out / "s1").mkdir(parents=True)  # scan 1's results exist: no overwrite
+    reported: list[str] = []
+    with pytest.raises(OutputError, match="s1: results exist already"):
+        predict(folder, out, tiny_bundle, device="cpu", on_scan=lambda r: reported.append(r.name))
+    assert reported == ["s0"]  # the scan before the failure was written and reported first
+    assert sorted(p.name for p in out.iterdir()) == ["s0", "s1"]
+    assert (out / "s0" / "report.json").is_file() and not any((out / "s1").iterdir())

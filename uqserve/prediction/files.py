@@ -8,14 +8,16 @@ touches earlier results.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -59,6 +61,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 DEFAULT_OUT_DIR = Path("uqserve-out")
 OUTPUT_FILES = ("seg.nii.gz", "prob.nii.gz", "tu.nii.gz", "au.nii.gz", "eu.nii.gz", "report.json")
@@ -171,6 +175,7 @@ def predict(
     on_error: str = "raise",
     progress: ProgressFn | None = None,
     on_scan: Callable[[ScanResult], None] | None = None,
+    pipeline: bool = True,
 ) -> list[ScanResult]:
     """Predict each scan and write ``out_dir/<scan name>/`` atomically.
 
@@ -190,6 +195,9 @@ def predict(
     request) and ``deadline_s`` (per scan) bound the wait for ``servers``.
     ``overlap``: the share of sliding windows (bundles with ``input.patch``).
     A scan that fails for any reason does not stop the others with ``"skip"``.
+    ``pipeline``: write each scan's files in a background thread while the
+    next scan is read and predicted (at most two scans in memory); results,
+    ``on_scan`` calls and errors still come in scan order.
     """
     check_on_error(on_error)
     check_batch_size(batch_size)
@@ -215,53 +223,156 @@ def predict(
             "pass them to the runtime you give instead"
         )
     results: list[ScanResult] = []
-    seen: dict[str, Path] = {}
     try:
         seed = resolve_seed(seed, runtime.bundle.manifest)  # before any file is read
         options: dict[str, Any] = dict(
-            seed=seed, batch_size=batch_size, overlap=overlap, png=png, overwrite=overwrite,
+            seed=seed, batch_size=batch_size, overlap=overlap, overwrite=overwrite,
             volume_index=volume_index, max_voxels=max_voxels, progress=progress,
-            compression_level=compression_level,
         )  # fmt: skip
-        for path in paths:
-            res = _one_scan(path, out, runtime, seen, on_error, options)
+        writing = {"png": png, "compression_level": compression_level}
+
+        def done(res: ScanResult) -> None:
             results.append(res)
             if on_scan is not None:
                 on_scan(res)
+
+        _scan_loop(paths, out, runtime, on_error, options, writing, done, pipeline=pipeline)
     finally:
         if own_runtime:
             runtime.close()
     return results
 
 
-def _one_scan(
+def _scan_loop(
+    paths: list[Path],
+    out: Path,
+    runtime: Runtime,
+    on_error: str,
+    options: dict[str, Any],
+    writing: dict[str, Any],
+    done: Callable[[ScanResult], None],
+    *,
+    pipeline: bool,
+) -> None:
+    """Predict scan i + 1 while a writer thread writes scan i's files; commit and report
+    them in order, in this thread.
+
+    At most one write is pending, so at most two scans' maps are held. An
+    error of a write surfaces (``on_error="raise"``) once the next scan is
+    predicted; that scan's temporary folder is then removed, nothing is left.
+    Folders are committed here, not in the writer, so a commit happens in the
+    thread that handles signals, one scan after the other.
+    """
+    seen: dict[str, Path] = {}
+    with ThreadPoolExecutor(1, thread_name_prefix="uqserve-write") as writer:
+        previous: Future[tuple[ScanResult, _Pending | None]] | None = None
+        for path in paths:
+            try:
+                res, pending = _start_scan(path, out, runtime, seen, on_error, options)
+            except BaseException:
+                if previous is not None:  # the earlier scan reports (or fails) first
+                    done(_commit_scan(*previous.result(), on_error))
+                raise
+            try:
+                if previous is not None:
+                    done(_commit_scan(*previous.result(), on_error))
+                    previous = None
+            except BaseException as exc:
+                if pending is not None:
+                    pending.abort(exc)
+                raise
+            if pending is None:
+                done(res)
+            elif pipeline:
+                previous = writer.submit(_write_scan, res, pending, on_error, writing)
+            else:
+                done(_commit_scan(*_write_scan(res, pending, on_error, writing), on_error))
+        if previous is not None:
+            done(_commit_scan(*previous.result(), on_error))
+
+
+@dataclass
+class _Pending:
+    """A scan predicted into the temporary folder of ``stack``, not yet committed."""
+
+    path: Path
+    final: Path
+    stack: contextlib.ExitStack
+    tmp: Path
+    volume: Volume
+    pred: Prediction
+    t0: float
+    t_read: float
+
+    def abort(self, exc: BaseException) -> None:
+        """Remove the temporary folder (the final folder is left as it was)."""
+        self.stack.__exit__(type(exc), exc, exc.__traceback__)
+
+    def commit(self) -> tuple[Path, Report]:
+        """Rename the complete temporary folder into place (``OutputError`` if it cannot)."""
+        self.stack.close()
+        return self.final, self.pred.report
+
+
+def _start_scan(
     path: Path,
     out: Path,
     runtime: Runtime,
     seen: dict[str, Path],
     on_error: str,
     options: dict[str, Any],
-) -> ScanResult:
-    """Predict one scan into ``out/<scan name>``; with ``on_error="skip"`` failures are
-    recorded in the result, except a runtime or bundle failure, which stops the loop."""
+) -> tuple[ScanResult, _Pending | None]:
+    """Read and predict one scan into a temporary folder; None with a recorded error."""
     name = scan_name(path)
     res = ScanResult(source=path, name=name)
-    try:
+
+    def start() -> _Pending:
         if name in seen:
             raise OutputError(
                 f"{path}: same output name {name!r} as {seen[name]}; rename one of them "
                 "or predict them into different `out_dir` folders"
             )
         seen[name] = path
-        res.out_dir, res.report = _predict_file(path, out / name, runtime, **options)
+        return _start_file(path, out / name, runtime, **options)
+
+    return res, _guard(res, path, out / name, on_error, start)
+
+
+def _write_scan(
+    res: ScanResult, pending: _Pending, on_error: str, writing: dict[str, Any]
+) -> tuple[ScanResult, _Pending | None]:
+    """Write a predicted scan's files into its temporary folder (in the writer thread);
+    the pending scan is None when that failed (recorded in ``res``)."""
+    ok = _guard(
+        res, pending.path, pending.final, on_error, lambda: _write_files(pending, **writing)
+    )
+    return res, pending if ok else None
+
+
+def _commit_scan(res: ScanResult, pending: _Pending | None, on_error: str) -> ScanResult:
+    """Commit a written scan's folder; nothing to do for a scan that failed."""
+    if pending is not None:
+        got = _guard(res, pending.path, pending.final, on_error, pending.commit)
+        if got is not None:
+            res.out_dir, res.report = got
+    return res
+
+
+def _guard(
+    res: ScanResult, path: Path, final: Path, on_error: str, step: Callable[[], _T]
+) -> _T | None:
+    """Run one step of a scan; with ``on_error="skip"`` a failure is recorded in ``res``
+    (None is returned), except a runtime or bundle failure, which stops the loop."""
+    try:
+        return step()
     except (VolumeError, OutputError, PredictError) as exc:
         if on_error == "raise":
             raise
         res.error = str(exc)
     except OSError as exc:  # disk full, permissions while writing
         if on_error == "raise":
-            raise OutputError(f"{out / name}: cannot write results ({exc})") from exc
-        res.error = f"{out / name}: cannot write results ({exc.strerror or exc})"
+            raise OutputError(f"{final}: cannot write results ({exc})") from exc
+        res.error = f"{final}: cannot write results ({exc.strerror or exc})"
     except MemoryError:
         if on_error == "raise":
             raise
@@ -276,10 +387,10 @@ def _one_scan(
         res.error = (
             f"{path}: internal error ({type(exc).__name__}: {exc}); please report it with this scan"
         )
-    return res
+    return None
 
 
-def _predict_file(
+def _start_file(
     path: Path,
     final: Path,
     runtime: Runtime,
@@ -287,32 +398,47 @@ def _predict_file(
     seed: int | None,
     batch_size: int | None,
     overlap: float,
-    png: bool,
     overwrite: bool,
     volume_index: int | None,
     max_voxels: int | None,
     progress: ProgressFn | None,
-    compression_level: int = DEFAULT_COMPRESSION_LEVEL,
-) -> tuple[Path, Report]:
-    """One scan: read, predict, write the maps, then ``report.json`` last."""
+) -> _Pending:
+    """One scan's first half: open its temporary folder, read, predict."""
     t0 = time.perf_counter()
-    with atomic_output_dir(final, overwrite=overwrite, inputs=[path]) as tmp:
+    stack = contextlib.ExitStack()
+    tmp = stack.enter_context(atomic_output_dir(final, overwrite=overwrite, inputs=[path]))
+    try:
         volume = read_volume(path, volume_index=volume_index, max_voxels=max_voxels)
         t_read = time.perf_counter() - t0
         pred = predict_volume(
             volume, runtime=runtime, seed=seed, batch_size=batch_size, overlap=overlap,
             progress=progress,
         )  # fmt: skip
+    except BaseException as exc:
+        stack.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    return _Pending(path, final, stack, tmp, volume, pred, t0, t_read)
+
+
+def _write_files(
+    pending: _Pending, *, png: bool, compression_level: int = DEFAULT_COMPRESSION_LEVEL
+) -> bool:
+    """The second half: the maps, then ``report.json`` last, into the temporary folder."""
+    p = pending
+    try:
         t1 = time.perf_counter()
-        report = pred.report
-        report["scan"]["name"] = path.name
-        report["scan"]["sha256"] = input_sha256(path)
+        report = p.pred.report
+        report["scan"]["name"] = p.path.name
+        report["scan"]["sha256"] = input_sha256(p.path)
         report["outputs"] = write_outputs(
-            pred, volume, tmp, png=png, compression_level=compression_level
+            p.pred, p.volume, p.tmp, png=png, compression_level=compression_level
         )
-        report["outputs"]["folder"] = str(final)
-        report["timings"]["read_s"] = t_read
+        report["outputs"]["folder"] = str(p.final)
+        report["timings"]["read_s"] = p.t_read
         report["timings"]["write_s"] = time.perf_counter() - t1
-        report["timings"]["total_s"] = time.perf_counter() - t0
-        (tmp / "report.json").write_text(report_json(report))
-    return final, report
+        report["timings"]["total_s"] = time.perf_counter() - p.t0
+        (p.tmp / "report.json").write_text(report_json(report))
+    except BaseException as exc:
+        p.abort(exc)
+        raise
+    return True
