@@ -37,22 +37,27 @@ DATASETS = {
     "ct": (902, "CT", (5, 32, 48), (4.0, 1.0, 1.0), 40.0, 400.0),
 }
 CONFIGURATIONS = ("2d", "3d_fullres")
-#: run -> (configuration, folds, mirroring)
+#: run -> (configuration, folds, mirroring, test folder suffix)
 RUNS = {
-    "fold0": ("2d", (0,), False),
-    "folds01": ("2d", (0, 1), False),
-    "fold0_mirror": ("2d", (0,), True),
-    "3d_fold0": ("3d_fullres", (0,), False),
-    "3d_folds01_mirror": ("3d_fullres", (0, 1), True),
+    "fold0": ("2d", (0,), False, ""),
+    "folds01": ("2d", (0, 1), False, ""),
+    "fold0_mirror": ("2d", (0,), True, ""),
+    "3d_fold0": ("3d_fullres", (0,), False, ""),
+    "3d_folds01_mirror": ("3d_fullres", (0, 1), True, ""),
+    "fold0_resampled": ("2d", (0,), False, "_resampled"),
+    "3d_fold0_resampled": ("3d_fullres", (0,), False, "_resampled"),
 }
 N_TRAIN, N_TEST = 4, 2
+#: Test images: a smooth random field (Gaussian sigma, voxels) plus a little white
+#: noise (fraction of the intensity scale).
+SMOOTH, NOISE = 2.0, 0.02
 
 
 def _case(rng: np.random.Generator, shape: tuple[int, ...], offset: float, scale: float):
     """A smooth random image (no zero voxel: nnU-Net crops nothing) and its label map."""
-    field = gaussian_filter(rng.normal(size=shape), sigma=(2.0, 2.0, 2.0))
+    field = gaussian_filter(rng.normal(size=shape), sigma=SMOOTH)
     field /= field.std()
-    image = offset + scale * field + 0.1 * scale * rng.normal(size=shape)
+    image = offset + scale * field + NOISE * scale * rng.normal(size=shape)
     label = (field > 0.3).astype(np.uint8)
     return image.astype(np.float32), label
 
@@ -83,6 +88,15 @@ def write_raw(root: Path, key: str) -> tuple[str, list[str]]:
         image, _ = _case(rng, shape, offset, scale)
         _save(image, spacing, tests / f"{key}test_{i:03d}_0000.nii.gz")
         files.append(str(tests / f"{key}test_{i:03d}_0000.nii.gz"))
+    # One case at 0.8x the training spacing in-plane (1.25x the voxels): both
+    # pipelines resample it to the training grid and back.
+    fine = tuple(v if v > 1.0 else 0.8 * v for v in spacing)
+    fine_shape = tuple(round(n * v / f) for n, v, f in zip(shape, spacing, fine, strict=True))
+    resampled = root / f"test_{key}_resampled"
+    resampled.mkdir()
+    image, _ = _case(rng, fine_shape, offset, scale)
+    _save(image, fine, resampled / f"{key}fine_000_0000.nii.gz")
+    files.append(str(resampled / f"{key}fine_000_0000.nii.gz"))
     dataset = {
         "channel_names": {"0": channel},
         "labels": {"background": 0, "lesion": 1},
@@ -183,6 +197,14 @@ def write_checkpoints(
         with torch.no_grad():
             for mod in trainer.network.modules():
                 convs = nn.Conv2d | nn.Conv3d | nn.ConvTranspose2d | nn.ConvTranspose3d
+                if isinstance(mod, convs):
+                    # Spatially constant kernels (random channel mixing): low-pass
+                    # layers, so that the label maps are smooth like a trained
+                    # model's instead of a random network's salt and pepper.
+                    spatial = tuple(range(2, mod.weight.ndim))
+                    mod.weight.copy_(
+                        mod.weight.mean(dim=spatial, keepdim=True).expand_as(mod.weight)
+                    )
                 if isinstance(mod, convs) and mod.bias is not None:
                     mod.bias.normal_(0.0, 0.2)
                 if isinstance(mod, nn.InstanceNorm2d | nn.InstanceNorm3d) and mod.affine:
@@ -235,10 +257,12 @@ def main(root: Path) -> None:
         plans = plan(root, key, name)
         models = {c: str(write_checkpoints(root, name, plans, c, (0, 1))) for c in CONFIGURATIONS}
         runs = {}
-        for run, (configuration, folds, mirror) in RUNS.items():
+        for run, (configuration, folds, mirror, suffix) in RUNS.items():
             out = root / f"pred_{key}_{run}"
-            predict(Path(models[configuration]), root / f"test_{key}", out, folds, mirror)
+            test_dir = root / f"test_{key}{suffix}"
+            predict(Path(models[configuration]), test_dir, out, folds, mirror)
             runs[run] = {
+                "tests": [t for t in tests if Path(t).parent == test_dir],
                 "model_dir": models[configuration],
                 "folds": list(folds),
                 "mirror": mirror,
