@@ -226,6 +226,23 @@ def test_mc_dropout_masks_are_fresh_per_image_and_shared_by_its_tiles() -> None:
         assert len(dropout_layers(build_network(au, cfg))) == n
 
 
+def test_fresh_masks_per_row_and_call_for_the_diffusion_denoiser() -> None:
+    from uqserve.models.dropout import FreshMasks
+
+    keys = FreshMasks(member=2)
+    keys.seed, keys.z = torch.tensor([7, 7]), torch.tensor([0, 1])
+    per_image = keys.mask(0, 16, 0.5)
+    assert per_image.shape == (2, 1, 16, 1, 1)
+    assert not torch.equal(per_image[0], per_image[1])  # another slice, other masks
+    keys.rows, keys.call = torch.arange(3), 1
+    rows = keys.mask(0, 16, 0.5)
+    assert rows.shape == (2, 3, 16, 1, 1)
+    assert not torch.equal(rows[0, 0], rows[0, 1])  # every sample its own masks
+    keys.call = 2
+    assert not torch.equal(keys.mask(0, 16, 0.5), rows)  # and every step
+    assert set(rows.unique().tolist()) <= {0.0, 2.0}  # kept channels scaled by 1/(1-p)
+
+
 def test_mc_dropout_masks_are_frozen_per_member() -> None:
     net = build_network("softmax", ModelConfig(**TINY, dropout=0.3, mc_dropout_masks="frozen"))
     net = net.eval()
@@ -269,10 +286,14 @@ def test_mc_dropout_masks_are_frozen_per_member() -> None:
 
 
 @pytest.mark.parametrize("au", ["ssn", "punet", "diffusion"])
-def test_samples_drawn_in_chunks_equal_samples_drawn_at_once(au: str) -> None:
-    """The member graph's chunked sample loop changes memory, not results."""
+@pytest.mark.parametrize("eu", ["ensemble", "mcdropout"])
+def test_samples_drawn_in_chunks_equal_samples_drawn_at_once(au: str, eu: str) -> None:
+    """The member graph's chunked sample loop changes memory, not results (also with
+    MC-dropout masks, which the diffusion denoiser draws per sample and step)."""
     torch.manual_seed(3)
-    net = build_network(au, ModelConfig(**TINY, num_samples=7, diffusion_steps=2)).eval()
+    drop = 0.2 if eu == "mcdropout" else 0.0
+    cfg = ModelConfig(**TINY, num_samples=7, diffusion_steps=2, dropout=drop)
+    net = build_network(au, cfg).eval()
     feeds = (
         torch.randn(2, 1, 32, 32),
         torch.tensor([5, 9]),
@@ -280,8 +301,8 @@ def test_samples_drawn_in_chunks_equal_samples_drawn_at_once(au: str) -> None:
         torch.tensor([[32, 32], [20, 28]]),
     )
     with torch.no_grad():
-        whole = member_graph(net, 1, 7, sample_chunk=7)(*feeds)
-        chunked = member_graph(net, 1, 7, sample_chunk=3)(*feeds)  # chunks of 3, 3, 1
+        whole = member_graph(net, 1, 7, eu=eu, sample_chunk=7)(*feeds)
+        chunked = member_graph(net, 1, 7, eu=eu, sample_chunk=3)(*feeds)  # chunks of 3, 3, 1
     torch.testing.assert_close(chunked[0], whole[0], rtol=0, atol=1e-6)  # mean
     torch.testing.assert_close(chunked[1], whole[1], rtol=0, atol=1e-6)  # sample entropy
     assert torch.equal(chunked[2], whole[2]) and torch.equal(chunked[3], whole[3])

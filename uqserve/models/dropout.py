@@ -6,8 +6,10 @@ During training :class:`ChannelDropout` drops whole channels per image
 - ``fresh`` (the default, as the paper's main grid): every forward pass, i.e.
   every image (slice), gets new masks, computed inside the graph from the hash
   noise of ``(seed, member, STREAM_DROPOUT, layer, channel, z)`` with ``seed``
-  the run seed and ``z`` the slice index. Tiles of one slice share its masks,
-  so results do not depend on tiling or batching, and ``--seed`` reproduces them;
+  the run seed and ``z`` the slice index (the diffusion denoiser, called once per
+  sample and step, adds the sample index and the step as keys). Tiles of one
+  slice share its masks, so results do not depend on tiling or batching, and
+  ``--seed`` reproduces them;
 - ``frozen``: one mask per member from ``(seed, member, STREAM_DROPOUT, layer,
   channel)``, drawn at export and baked into the graph as constants, so each
   member is an ordinary deterministic graph.
@@ -49,9 +51,9 @@ class ChannelDropout(nn.Module):
             return x * self.mask.view(1, -1, 1, 1)
         if self.keys is not None:
             # x may hold several rows per image (the diffusion denoiser runs on
-            # [B * S] rows, image-major): every row of an image gets its masks.
-            m = self.keys.mask(self.index, self.channels, self.p).to(x.dtype)  # [B, C, 1, 1]
-            rows = x.reshape(m.shape[0], -1, *x.shape[1:]) * m.unsqueeze(1)
+            # [B * S] rows, image-major); the masks are [B, 1 or R, C, 1, 1].
+            m = self.keys.mask(self.index, self.channels, self.p).to(x.dtype)
+            rows = x.reshape(m.shape[0], -1, *x.shape[1:]) * m
             return rows.reshape(x.shape)
         if self.training and self.p > 0:
             return F.dropout2d(x, self.p, training=True)
@@ -63,23 +65,33 @@ class ChannelDropout(nn.Module):
 
 
 class FreshMasks:
-    """Per-image mask keys of one forward pass: ``seed [B]``, ``z [B]`` int64, the member."""
+    """Mask keys of one forward pass: ``seed [B]``, ``z [B]`` int64, the member.
+
+    A network that calls its layers once per row of several rows per image (the
+    diffusion denoiser: one row per sample, one call per step) sets ``rows``
+    (``[R]`` int64, the sample index of each row) and ``call`` (the step, from 1),
+    so every call and row draws new masks, as the paper's denoiser does.
+    """
 
     def __init__(self, member: int) -> None:
         self.member = int(member)
         self.seed: torch.Tensor | None = None
         self.z: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None
+        self.call = 0
 
     def mask(self, layer: int, channels: int, p: float) -> torch.Tensor:
-        """``[B, C, 1, 1]`` keep masks scaled by ``1/(1-p)``."""
+        """``[B, 1, C, 1, 1]`` (or ``[B, R, C, 1, 1]`` with ``rows``) keep masks, scaled by
+        ``1/(1-p)``."""
         if self.seed is None or self.z is None:
             raise RuntimeError("FreshMasks.mask called before the forward pass set seed and z")
-        c = torch.arange(channels, dtype=torch.int64).view(1, -1)
-        u = noise.uniform(
-            [self.seed.view(-1, 1), self.member, noise.STREAM_DROPOUT, layer, c, self.z.view(-1, 1)]
-        )
-        keep = (u >= p).to(torch.float32) / (1.0 - p)
-        return keep.view(keep.shape[0], channels, 1, 1)
+        c = torch.arange(channels, dtype=torch.int64).view(1, 1, -1)
+        keys: list[torch.Tensor | int] = [self.seed.view(-1, 1, 1), self.member]
+        keys += [noise.STREAM_DROPOUT, layer, c, self.z.view(-1, 1, 1)]
+        if self.rows is not None:  # per row and call: two more keys
+            keys += [self.rows.view(1, -1, 1), self.call]
+        keep = (noise.uniform(keys) >= p).to(torch.float32) / (1.0 - p)
+        return keep.unsqueeze(-1).unsqueeze(-1)
 
 
 def dropout_layers(net: nn.Module) -> list[ChannelDropout]:

@@ -33,6 +33,7 @@ from torch import nn
 from uqserve.errors import UsageError
 from uqserve.models import noise as hash_noise
 from uqserve.models.config import ModelConfig
+from uqserve.models.dropout import FreshMasks, dropout_layers
 from uqserve.models.unet import Encoder, ResBlock, TimeUNet, UNet
 
 
@@ -103,12 +104,12 @@ class HashNoise:
         self.height = height
         self.width = width
 
-    def _sample_index(self) -> torch.Tensor:
+    def sample_index(self) -> torch.Tensor:
         """Samples ``first_sample .. first_sample + samples - 1`` (a chunk of all S)."""
         return torch.arange(self.first_sample, self.first_sample + self.samples, dtype=torch.int64)
 
     def global_normal(self, stream: int, n: int) -> torch.Tensor:
-        s = self._sample_index().view(1, -1, 1)
+        s = self.sample_index().view(1, -1, 1)
         i = torch.arange(n, dtype=torch.int64).view(1, 1, -1)
         return hash_noise.normal([self.seed.view(-1, 1, 1), self.member, s, stream, i])
 
@@ -116,7 +117,7 @@ class HashNoise:
         # One hash per pair of channels: Box-Muller's cos gives channel p, its sin
         # channel pairs + p (the hash dominates the cost of a sampled head).
         pairs = (channels + 1) // 2
-        s = self._sample_index().view(1, -1, 1, 1, 1)
+        s = self.sample_index().view(1, -1, 1, 1, 1)
         c = torch.arange(pairs, dtype=torch.int64).view(1, 1, -1, 1, 1)
         z = self.offset[:, 0].view(-1, 1, 1, 1, 1)
         y = self.offset[:, 1].view(-1, 1, 1, 1, 1) + torch.arange(
@@ -465,6 +466,11 @@ def diffusion_gamma(t: torch.Tensor, input_scale: float, logsnr: float) -> torch
     return scaled(t) * slope + (lo - ends[1] * slope)
 
 
+def _fresh_masks(net: nn.Module) -> FreshMasks | None:
+    """The per-forward-pass dropout keys of an MC-dropout member graph, if any."""
+    return next((d.keys for d in dropout_layers(net) if d.keys is not None), None)
+
+
 def stratified_times(n: int, device: torch.device | None = None) -> torch.Tensor:
     """``[n]`` training times in [0, 1): one uniform draw in each of n equal strata, shuffled."""
     return (torch.randperm(n, device=device) + torch.rand(n, device=device)) / n
@@ -518,15 +524,22 @@ class DiffusionNet(SegNetwork):
         rows = image.unsqueeze(1).expand(b, samples, c, h, w).reshape(-1, c, h, w)
         x = noise.pixel_normal(hash_noise.STREAM_DIFFUSION, k).reshape(-1, k, h, w)
         pred = x
+        masks = _fresh_masks(self)
+        if masks is not None and isinstance(noise, HashNoise):
+            masks.rows = noise.sample_index()  # MC dropout: new masks per sample and step
         for i in reversed(range(steps)):  # DDIM from t = 1 to t = 1/steps
             g = self._gamma((i + 1) / steps)
             t = torch.tensor([(i + 1) / steps], dtype=torch.float32)
+            if masks is not None:
+                masks.call = steps - i
             pred = class_softmax(self.denoise(rows, x, t), dim=1)
             if i == 0:
                 break
             eps = (x - math.sqrt(g) * pred) / math.sqrt(1.0 - g)
             g_next = self._gamma(i / steps)
             x = math.sqrt(g_next) * pred + math.sqrt(1.0 - g_next) * eps
+        if masks is not None:
+            masks.rows, masks.call = None, 0
         return pred.reshape(b, samples, k, h, w)
 
     def _loss(
