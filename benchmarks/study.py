@@ -254,10 +254,11 @@ def _group_diff(
     seeds: dict[int, dict[str, dict[str, Any]]],
     key: str,
     a: Callable[[str], bool],
-    b: Callable[[str], bool],
+    b: Callable[[str], bool] | None,
     sign: float = 1.0,
 ) -> dict[str, Any]:
-    """Per seed: sign * (mean of ``key`` over rows in ``a`` - over rows in ``b``); t-interval."""
+    """Per seed: sign * (mean of ``key`` over rows in ``a`` - over rows in ``b``, or - 0
+    when ``b`` is None); t-interval over seeds."""
 
     def mean(rows: dict[str, dict[str, Any]], pick: Callable[[str], bool]) -> float | None:
         v = [r["row"].get(key) for c, r in rows.items() if pick(c)]
@@ -266,10 +267,27 @@ def _group_diff(
 
     diffs = []
     for rows in seeds.values():
-        ma, mb = mean(rows, a), mean(rows, b)
+        ma, mb = mean(rows, a), (0.0 if b is None else mean(rows, b))
         if ma is not None and mb is not None:
             diffs.append(sign * (ma - mb))
     return t_interval(diffs)
+
+
+def _rank_gap(
+    seeds: dict[int, dict[str, dict[str, Any]]], key: str, model: str = "softmax-ensemble"
+) -> dict[str, Any]:
+    """Per seed: the best rank ``key`` of the other models minus ``model``'s (> 0: it is first)."""
+    from uqserve.evaluation.paper import rank_scores
+
+    gaps = []
+    for rows in seeds.values():
+        ranks = rank_scores({c: r["delta"]["paper"] for c, r in rows.items()
+                             if r["delta"].get("paper")})  # fmt: skip
+        own = ranks.get(model, {}).get(key)
+        others = [v[key] for c, v in ranks.items() if c != model and math.isfinite(v[key])]
+        if own is not None and math.isfinite(own) and others:
+            gaps.append(min(others) - own)
+    return t_interval(gaps)
 
 
 def findings(runs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], str]]:
@@ -304,6 +322,13 @@ def findings(runs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], str]
         ("Probabilistic UNets are less entangled for calibration (Δ calibration)",
          _group_diff(seeds, "delta_calibration", lambda c: au(c) == "punet",
                      lambda c: au(c) != "punet" and signal(c))),
+        ("A softmax ensemble ranks first on performance (best other PERFRANK minus its own)",
+         _rank_gap(seeds, "PERFRANK_avg")),
+        ("A softmax ensemble ranks first on disentanglement (best other ENTRANK minus its own)",
+         _rank_gap(seeds, "ENTRANK_avg")),
+        ("'No EU' rows with samples have Δ < 0 (minus their mean Δ)",
+         _group_diff(seeds, "delta_mean", lambda c: eu(c) == "none" and signal(c), None,
+                     sign=-1.0)),
     ]  # fmt: skip
     return [(text, iv, verdict(iv)) for text, iv in claims]
 

@@ -70,6 +70,9 @@ def test_findings_pair_seeds_and_call_only_separated_intervals(study: Any) -> No
     auc = next(v for k, v in found.items() if k.startswith("Ensembles detect"))
     # Per seed: (0.8 + 0.7 + 3 s) / 2 - 0.75 = 1.5 s: mean 0, interval around 0.
     assert auc[0]["mean"] == pytest.approx(0.0, abs=1e-12) and auc[1] == "inconclusive"
+    # softmax-none is first on ENTRANK_auc in every seed, so the softmax ensemble is not.
+    gap = study._rank_gap(study._per_seed(runs), "ENTRANK_auc")
+    assert gap["mean"] == pytest.approx(-1.0) and study.verdict(gap) == "differ"
     ranks = study.rank_table(runs)
     assert ranks["softmax-none"]["ENTRANK_auc"]["mean"] == 1.0  # highest Δ OOD in every seed
     assert ranks["ssn-mcdropout"]["ENTRANK_auc"]["mean"] == 4.0
