@@ -111,7 +111,10 @@ def export_command(
     members: Annotated[
         int | None,
         typer.Option(
-            "--members", "-m", help="Members (MC dropout: masks; ensemble: first M).", min=1
+            "--members",
+            "-m",
+            help="Members (MC dropout: masks; SWAG: weight draws; ensemble: first M).",
+            min=1,
         ),
     ] = None,
     samples: Annotated[
