@@ -163,15 +163,21 @@ def _training_input(root: Path, name: str, plans: dict, configuration: str) -> n
     return batch.astype(np.float32)
 
 
-def _balance(network, slices: np.ndarray) -> None:
-    """Shift the last layer's biases so that about half the training voxels are foreground."""
+def _balance(network, batch: np.ndarray) -> None:
+    """Scale and shift the last layer: on the training image, the logit difference
+    has median 0 (about half the voxels foreground) and standard deviation 6
+    (probabilities far from 0.5, logits far from float16's range)."""
     import torch
 
     network.eval()
-    out = network(torch.from_numpy(slices))
+    out = network(torch.from_numpy(batch))
     out = out[0] if isinstance(out, list | tuple) else out
-    shift = float(torch.median(out[:, 1] - out[:, 0]))
+    diff = out[:, 1] - out[:, 0]
+    factor = 6.0 / float(diff.std())
+    shift = float(torch.median(diff)) * factor
     last = network.decoder.seg_layers[-1]
+    last.weight.mul_(factor)
+    last.bias.mul_(factor)
     last.bias[0] += shift / 2
     last.bias[1] -= shift / 2
 
@@ -189,6 +195,7 @@ def write_checkpoints(
     for fold in folds:
         # run_training's way of saying "fresh start" (the trainer pops the key).
         fresh = {**plans, "continue_training": False}
+        torch.manual_seed(1000 + fold)  # the trainer's initialisation draws from torch's RNG
         trainer = nnUNetTrainer(
             fresh, configuration, fold, dataset_json, device=torch.device("cpu")
         )
@@ -211,10 +218,9 @@ def write_checkpoints(
                     mod.weight.uniform_(0.5, 1.5)
                     mod.bias.normal_(0.0, 0.3)
             # Opposite logits for the two classes (no common mode, which would
-            # only inflate nnU-Net's float16 rounding), scaled far from p = 0.5.
+            # only inflate nnU-Net's float16 rounding), then scaled and balanced.
             last = trainer.network.decoder.seg_layers[-1]
             last.weight[1] = -last.weight[0]
-            last.weight.mul_(6.0)
             last.bias.zero_()
             _balance(trainer.network, _training_input(root, name, plans, configuration))
         mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[3]

@@ -186,6 +186,29 @@ def test_3d_manifest_is_volumetric(reference: dict[str, Any], tmp_path: Path) ->
     assert man.input.spacing == tuple(nn["spacing"][j] for j in back)
 
 
+def test_calibrating_on_slices_is_refused(reference: dict[str, Any], tmp_path: Path) -> None:
+    """Folder cases run slice by slice at 1 mm: not for a bundle with nnU-Net's geometry."""
+    import nibabel as nib
+
+    from uqserve.calibration import calibrate
+    from uqserve.evaluation.sets import EvaluationError
+
+    data = tmp_path / "data"
+    for i, image in enumerate(reference["mr"]["tests"][:2]):
+        (data / f"case{i}").mkdir(parents=True)
+        shutil.copy(image, data / f"case{i}" / "image.nii.gz")
+        img = nib.load(image)
+        labels = np.zeros(img.shape, np.uint8)
+        nib.save(nib.Nifti1Image(labels, img.affine), str(data / f"case{i}" / "label_a.nii.gz"))
+    for run, what in (("fold0", "resampling"), ("3d_fold0", "volumetric")):
+        out = tmp_path / run
+        export_nnunet(reference["mr"]["runs"][run]["model_dir"], out, folds=["0"])
+        before = (out / "manifest.json").read_bytes()
+        with pytest.raises(EvaluationError, match=f"a {what} .* cannot be evaluated or calibrated"):
+            calibrate(out, data)
+        assert (out / "manifest.json").read_bytes() == before
+
+
 def _variant(model_dir: Path, tmp_path: Path, configuration: str, conf: dict[str, Any]) -> Path:
     """A copy of ``model_dir`` posing as another configuration of the same plans."""
     parts = model_dir.name.split("__")

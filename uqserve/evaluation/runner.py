@@ -172,6 +172,16 @@ def source_for(bundle: Bundle, data: str | os.PathLike[str], options: dict[str, 
             f"{bundle.path}: the bundle takes {man.input.channels} channels; "
             "evaluate runs single-channel images"
         )
+    if str(data) != "synthetic" and (man.input.dims == 3 or man.input.spacing is not None):
+        # Folder cases are evaluated slice by slice, each as a 2D image of 1 mm
+        # pixels: a volumetric bundle, or one that resamples to its spacing,
+        # would see inputs it was never meant for.
+        what = "volumetric (dims 3)" if man.input.dims == 3 else "resampling (input.spacing)"
+        raise EvaluationError(
+            f"{bundle.path}: a {what} bundle cannot be evaluated or calibrated on {data} yet: "
+            "folder cases are run slice by slice as 1 mm 2D images; whole-volume evaluation "
+            "is not implemented"
+        )
     opts = dict(options)
     if opts.get("size") is None:
         opts["size"] = man.input.tile_size
