@@ -20,6 +20,7 @@ the writing of the TU/AU/EU maps), which nnU-Net does not compute. Needs the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -99,6 +100,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tiny", action="store_true", help="a tiny network (script check)")
     args = ap.parse_args()
+    # nnU-Net prints its progress on stdout: keep stdout for the JSON.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = _run(args)
+    print(json.dumps(result, indent=2))
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench_nnunet_") as tmp:
         root = Path(tmp)
         for var in ("raw", "preprocessed", "results"):
@@ -135,27 +143,22 @@ def main() -> None:
         if not result.ok or result.report is None:
             raise SystemExit(f"uqserve predict failed: {result.error}")
         timings = dict(result.report.get("timings", {}))
-    print(
-        json.dumps(
-            {
-                "case": [args.size] * 3,
-                "configuration": "3d_fullres",
-                "patch_size": conf["patch_size"],
-                "features_per_stage": conf["architecture"]["arch_kwargs"]["features_per_stage"],
-                "folds": args.folds,
-                "mirroring": False,
-                "threads": args.threads,
-                "nnunet_predict_s": round(nnunet_s, 3),
-                "uqserve_export_s": round(export_s, 3),
-                "uqserve_predict_s": round(uqserve_s, 3),
-                "uqserve_over_nnunet": round(uqserve_s / nnunet_s, 3),
-                "uqserve_stages_s": timings,
-                "uqserve_extra_work": "TU/AU/EU maps, image scores, OOD, volume intervals "
-                "(scores_s) and their files (part of write_s)",
-            },
-            indent=2,
-        )
-    )
+    return {
+        "case": [args.size] * 3,
+        "configuration": "3d_fullres",
+        "patch_size": conf["patch_size"],
+        "features_per_stage": conf["architecture"]["arch_kwargs"]["features_per_stage"],
+        "folds": args.folds,
+        "mirroring": False,
+        "threads": args.threads,
+        "nnunet_predict_s": round(nnunet_s, 3),
+        "uqserve_export_s": round(export_s, 3),
+        "uqserve_predict_s": round(uqserve_s, 3),
+        "uqserve_over_nnunet": round(uqserve_s / nnunet_s, 3),
+        "uqserve_stages_s": timings,
+        "uqserve_extra_work": "TU/AU/EU maps, image scores, OOD, volume intervals "
+        "(scores_s) and their files (part of write_s)",
+    }
 
 
 if __name__ == "__main__":
