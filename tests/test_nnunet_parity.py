@@ -186,27 +186,33 @@ def test_3d_manifest_is_volumetric(reference: dict[str, Any], tmp_path: Path) ->
     assert man.input.spacing == tuple(nn["spacing"][j] for j in back)
 
 
-def test_calibrating_on_slices_is_refused(reference: dict[str, Any], tmp_path: Path) -> None:
-    """Folder cases run slice by slice at 1 mm: not for a bundle with nnU-Net's geometry."""
+def test_calibrate_on_the_users_own_volumes(reference: dict[str, Any], tmp_path: Path) -> None:
+    """nnU-Net bundles calibrate on whole scans through predict's geometry (not 1 mm slices)."""
     import nibabel as nib
 
-    from uqserve.calibration import calibrate
-    from uqserve.evaluation.sets import EvaluationError
+    from uqserve.calibration import VALIDATION_KEYS, calibrate
 
     data = tmp_path / "data"
-    for i, image in enumerate(reference["mr"]["tests"][:2]):
+    tests = reference["mr"]["tests"]
+    for i, image in enumerate([*tests, *tests][:4]):
         (data / f"case{i}").mkdir(parents=True)
         shutil.copy(image, data / f"case{i}" / "image.nii.gz")
         img = nib.load(image)
-        labels = np.zeros(img.shape, np.uint8)
+        # labels: the bright half of the scan (any fixed rule: Dice is only recorded)
+        labels = (np.asarray(img.dataobj) > np.median(np.asarray(img.dataobj))).astype(np.uint8)
         nib.save(nib.Nifti1Image(labels, img.affine), str(data / f"case{i}" / "label_a.nii.gz"))
-    for run, what in (("fold0", "resampling"), ("3d_fold0", "volumetric")):
+    for run in ("folds01", "3d_fold0"):
         out = tmp_path / run
-        export_nnunet(reference["mr"]["runs"][run]["model_dir"], out, folds=["0"])
-        before = (out / "manifest.json").read_bytes()
-        with pytest.raises(EvaluationError, match=f"a {what} .* cannot be evaluated or calibrated"):
-            calibrate(out, data)
-        assert (out / "manifest.json").read_bytes() == before
+        folds = ["0", "1"] if run == "folds01" else ["0"]
+        export_nnunet(reference["mr"]["runs"][run]["model_dir"], out, folds=folds)
+        man = calibrate(out, data, n_ood=1, severities=(0.7,))
+        assert set(VALIDATION_KEYS) <= set(man.validation), run
+        assert man.validation["data"]["unit"] == "volume"
+        assert 0.0 <= man.validation["id"]["dice"] <= 1.0
+        if man.num_members > 1:
+            assert man.ood.threshold is not None and len(man.ood.validation_scores) == 2
+        else:
+            assert man.ood.threshold is None and "no EU method" in man.validation["note"]
 
 
 def _variant(model_dir: Path, tmp_path: Path, configuration: str, conf: dict[str, Any]) -> Path:

@@ -236,12 +236,8 @@ def _print_result(bundle: Any, *, quiet: bool, json_out: bool) -> None:
         typer.echo(json.dumps(_info_dict(bundle), indent=2))
     elif not quiet and not bundle.manifest.validation:
         m = bundle.manifest
-        how = (
-            "calibrating it on your own cases needs whole-volume evaluation, not implemented yet"
-            if m.input.dims == 3 or m.input.spacing is not None
-            else f"calibrate it on your own validation cases: uqserve calibrate {bundle.path} "
-            "--data DIR"
-        )
+        cmd = f"uqserve calibrate {bundle.path} --data DIR"
+        how = f"calibrate it on your own validation cases: {cmd}"
         console.print(
             f"wrote {bundle.path} ({m.combination}, M={m.num_members}), not calibrated "
             f"(no OOD threshold); {how}",

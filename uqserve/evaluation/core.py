@@ -216,10 +216,10 @@ class BundleEvaluation:
             raise EvaluationError(
                 f"prediction has {pred.prob.shape[0]} classes, expected {self.num_classes}"
             )
-        if ann.shape[-2:] != pred.prob.shape[-2:]:
+        if ann.shape[1:] != pred.prob.shape[1:]:
             raise EvaluationError(
-                f"{image.name}: annotations {ann.shape[-2:]} do not match "
-                f"the prediction {pred.prob.shape[-2:]}"
+                f"{image.name}: annotations {ann.shape[1:]} do not match "
+                f"the prediction {pred.prob.shape[1:]}"
             )
         if spec.kind != "val" and self.thresholds is None:
             raise EvaluationError(
@@ -229,7 +229,7 @@ class BundleEvaluation:
         record = self._record(spec, image, pred)
         self.records.setdefault(spec.name, []).append(record)
         pool = self.pools.setdefault(spec.name, _Pool())
-        idx = self._voxel_index(image, pred.prob.shape[-2:])
+        idx = self._voxel_index(image, pred.prob.shape[1:])
         pool.add(pred, ann, idx)
         if spec.kind == "val":
             self._val_maps.append((record, pred))
@@ -241,18 +241,7 @@ class BundleEvaluation:
             self._score(record, pred)
         ex = self.examples.setdefault(spec.name, [])
         if len(ex) < self.keep_examples:
-            ex.append(
-                {
-                    "name": image.name,
-                    "image": image.image[0],
-                    "annotations": ann,
-                    "samples": None if pred.samples is None else _flat_samples(pred.samples)[:6],
-                    "seg": pred.seg,
-                    "tu": pred.tu,
-                    "au": pred.au,
-                    "eu": pred.eu,
-                }
-            )
+            ex.append(_example(image, pred))
         return record
 
     def _voxel_index(self, image: EvalImage, shape: Sequence[int]) -> npt.NDArray[np.intp]:
@@ -506,6 +495,24 @@ class BundleEvaluation:
                     }
                 )
         return rows
+
+
+def _example(image: EvalImage, pred: ImagePrediction) -> dict[str, Any]:
+    """What the figures show of one image; a whole volume shows its middle slice ``[..., z]``."""
+    ex: dict[str, Any] = {
+        "name": image.name,
+        "image": image.image[0],
+        "annotations": image.annotations,
+        "samples": None if pred.samples is None else _flat_samples(pred.samples)[:6],
+        "seg": pred.seg,
+        "tu": pred.tu,
+        "au": pred.au,
+        "eu": pred.eu,
+    }
+    if pred.prob.ndim == 4:  # [K, X, Y, Z]: a whole volume
+        z = pred.prob.shape[-1] // 2
+        ex = {k: v[..., z] if isinstance(v, np.ndarray) else v for k, v in ex.items()}
+    return ex
 
 
 def _platt(u: FloatArray, correct: npt.NDArray[np.bool_]) -> tuple[float, float] | None:

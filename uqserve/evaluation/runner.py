@@ -66,6 +66,8 @@ def predict_image(
     """One image through every member graph -> maps in the row's convention."""
     from uqserve.prediction import predict_volume
 
+    if image.volume is not None:
+        return predict_case(image, bundle, runtime, seed=seed, convention=convention)
     if image.image.shape[0] != 1:
         raise EvaluationError(
             f"{image.name}: {image.image.shape[0]} channels; evaluate runs single-channel images"
@@ -101,6 +103,32 @@ def predict_image(
         else volume_map_to_image(np.asarray(member_fg)).astype(bool),
         au_sample=volume_map_to_image(p.au_sample).astype(np.float32),
         au_latent=volume_map_to_image(p.au_latent).astype(np.float32),
+    )
+
+
+def predict_case(
+    image: EvalImage, bundle: Bundle, runtime: Any, *, seed: int, convention: str
+) -> ImagePrediction:
+    """One whole scan (``image.volume``) through predict -> maps ``[X, Y, Z]`` on its grid.
+
+    No sample label maps are kept (GED and Hungarian IoU are per-2D-image
+    metrics; a volume's samples would not fit in memory for large scans).
+    """
+    from uqserve.prediction import predict_volume
+
+    assert image.volume is not None
+    p = predict_volume(image.volume, bundle, runtime=runtime, seed=seed, progress=None)
+    tu, au, eu = to_convention(
+        convention, tu=p.tu, au=p.au, eu=p.eu, au_sample=p.au_sample, au_latent=p.au_latent
+    )
+    return ImagePrediction(
+        prob=p.prob.astype(np.float32, copy=False),
+        tu=tu.astype(np.float32, copy=False),
+        au=au.astype(np.float32, copy=False),
+        eu=eu.astype(np.float32, copy=False),
+        member_foreground=None if p.member_foreground is None else np.asarray(p.member_foreground),
+        au_sample=p.au_sample.astype(np.float32, copy=False),
+        au_latent=p.au_latent.astype(np.float32, copy=False),
     )
 
 
@@ -172,20 +200,29 @@ def source_for(bundle: Bundle, data: str | os.PathLike[str], options: dict[str, 
             f"{bundle.path}: the bundle takes {man.input.channels} channels; "
             "evaluate runs single-channel images"
         )
-    if str(data) != "synthetic" and (man.input.dims == 3 or man.input.spacing is not None):
-        # Folder cases are evaluated slice by slice, each as a 2D image of 1 mm
-        # pixels: a volumetric bundle, or one that resamples to its spacing,
-        # would see inputs it was never meant for.
-        what = "volumetric (dims 3)" if man.input.dims == 3 else "resampling (input.spacing)"
-        raise EvaluationError(
-            f"{bundle.path}: a {what} bundle cannot be evaluated or calibrated on {data} yet: "
-            "folder cases are run slice by slice as 1 mm 2D images; whole-volume evaluation "
-            "is not implemented"
+    if str(data) != "synthetic" and has_geometry(bundle):
+        # Slices cut out as 1 mm 2D images would be inputs such a bundle was
+        # never meant for: run whole scans through predict's geometry instead.
+        from uqserve.evaluation.cases import case_source
+
+        return case_source(
+            str(data),
+            num_classes=man.num_classes,
+            n_ood=int(options["n_ood"]),
+            shifts=options.get("shifts"),
+            severities=options["severities"],
+            seed=int(options["seed"]),
         )
     opts = dict(options)
     if opts.get("size") is None:
         opts["size"] = man.input.tile_size
     return make_source(data, num_classes=man.num_classes, **opts)
+
+
+def has_geometry(bundle: Bundle) -> bool:
+    """Whether ``bundle`` needs whole scans: 3D windows, a target spacing or orientation."""
+    inp = bundle.manifest.input
+    return inp.dims == 3 or inp.spacing is not None or inp.orientation is not None
 
 
 def bundle_info(bundle: Bundle) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from uqserve.errors import UsageError
+from uqserve.volumes import Volume
 
 # The paper's corruptions first, then uqserve's own (all of uqserve.data.SHIFTS).
 DEFAULT_SEVERITIES: tuple[float, ...] = (0.5, 1.0)
@@ -40,16 +41,20 @@ class EvaluationError(UsageError):
 
 @dataclass(frozen=True)
 class EvalImage:
-    """One 2D image with its annotators.
+    """One 2D image (or one whole volume) with its annotators.
 
-    image        ``[C, H, W]`` float32, raw intensities (the bundle normalises)
-    annotations  ``[A, H, W]`` uint8 label maps, one per annotator
+    image        ``[C, H, W]`` float32, raw intensities (the bundle normalises);
+                 ``[1, X, Y, Z]`` for a whole volume
+    annotations  ``[A, H, W]`` uint8 label maps, one per annotator (``[A, X, Y, Z]``)
+    volume       the whole scan, affine included, when the bundle runs on whole
+                 volumes (its geometry: spacing, orientation, 3D windows); else None
     """
 
     image: npt.NDArray[np.float32]
     annotations: npt.NDArray[np.uint8]
     name: str
     index: int
+    volume: Volume | None = None
 
 
 @dataclass(frozen=True)
@@ -308,6 +313,21 @@ class FolderSource(DataSource):
             j += 1
 
 
+def check_shifts(
+    shifts: Sequence[str] | None, severities: Sequence[float]
+) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """Checked ``(shifts, severities)``; no shifts means all of ``uqserve.data.SHIFTS``."""
+    known = _all_shifts()
+    chosen = tuple(shifts) if shifts else known
+    bad = [s for s in chosen if s not in known]
+    if bad:
+        raise EvaluationError(f"unknown shift(s) {', '.join(bad)}; choose from {', '.join(known)}")
+    sev = tuple(float(s) for s in severities)
+    if not sev or any(not 0.0 <= s <= 1.0 for s in sev):
+        raise EvaluationError(f"severities must lie in [0, 1], got {list(sev)}")
+    return chosen, sev
+
+
 def make_source(
     data: str | os.PathLike[str],
     *,
@@ -321,14 +341,7 @@ def make_source(
     seed: int = 0,
 ) -> DataSource:
     """``"synthetic"`` or a folder path -> the data source for evaluate/calibrate."""
-    known = _all_shifts()
-    chosen = tuple(shifts) if shifts else known
-    bad = [s for s in chosen if s not in known]
-    if bad:
-        raise EvaluationError(f"unknown shift(s) {', '.join(bad)}; choose from {', '.join(known)}")
-    sev = tuple(float(s) for s in severities)
-    if not sev or any(not 0.0 <= s <= 1.0 for s in sev):
-        raise EvaluationError(f"severities must lie in [0, 1], got {list(sev)}")
+    chosen, sev = check_shifts(shifts, severities)
     if str(data) == "synthetic":
         h, w = (int(v) for v in size)
         return SyntheticSource(

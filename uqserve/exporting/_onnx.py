@@ -100,8 +100,9 @@ def export_onnx_members(
     (2, or 3 for ``[B,C,D,H,W]`` graphs), ``patch`` (the window, ``dims``
     sizes; required for 3D), ``spacing`` (mm per model axis, ``[D, H, W]`` =
     ``z, y, x`` for 3D), ``orientation`` (axis codes, e.g. ``"RAS"``) and the
-    image ``interpolation``. Calibration draws synthetic 2D slices, so 3D
-    bundles are exported with ``calibrate=False``.
+    image ``interpolation``. Export-time calibration draws synthetic 2D
+    slices, so 3D bundles are exported with ``calibrate=False`` and calibrated
+    on whole scans afterwards (``uqserve calibrate BUNDLE --data DIR``).
 
     ``classes`` default to ``uqserve.contracts.default_class_names(2)``.
     Each graph becomes one member (two or more: a softmax ensemble, e.g. five
@@ -121,8 +122,9 @@ def export_onnx_members(
         raise ExportError(f"`classes={','.join(classes)}`: need at least two (background first)")
     if dims == 3 and calibrate:
         raise ExportError(
-            "`calibrate=True`: calibration draws synthetic 2D slices; export 3D members with "
-            "`calibrate=False`"
+            "`calibrate=True`: export-time calibration draws synthetic 2D slices; export 3D "
+            "members with `calibrate=False`, then calibrate on your own scans "
+            "(uqserve.calibration.calibrate with a data folder)"
         )
     geometry = InputSpec(
         tile_size=tile_size, multiple=multiple, dims=dims,
