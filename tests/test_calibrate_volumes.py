@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from uqserve.bundle import Normalization, load_bundle
+from tests import test_geometry
+from uqserve.bundle import load_bundle
 from uqserve.calibration import VALIDATION_KEYS
 from uqserve.cli import app
 from uqserve.contracts import PAPER_SHIFTS
@@ -28,21 +29,8 @@ from uqserve.volumes import Volume
 # must reorient and resample every case.
 _AFFINE = np.diag([-2.0, -2.0, 4.0, 1.0])
 
-
-def _onnx_3d(path: Path, seed: int) -> Path:
-    """A small volumetric net ``[B,1,D,H,W] -> [B,2,D,H,W]`` (logits), seeded weights."""
-    import torch
-
-    torch.manual_seed(seed)
-    net = torch.nn.Sequential(
-        torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv3d(4, 2, 3, padding=1)
-    ).eval()
-    torch.onnx.export(
-        net, (torch.zeros(1, 1, 8, 16, 16),), str(path), dynamo=False, opset_version=17,
-        input_names=["input"], output_names=["logits"],
-        dynamic_axes={n: {0: "b", 2: "d", 3: "h", 4: "w"} for n in ("input", "logits")},
-    )  # fmt: skip
-    return path
+# test_geometry's module fixture: two seeded 3D folds, 3 x 2.5 x 2.5 mm, RAS, windows.
+bundle_3d = test_geometry.bundle_3d
 
 
 def _cases(root: Path, n: int) -> Path:
@@ -58,19 +46,6 @@ def _cases(root: Path, n: int) -> Path:
         write_nifti(Volume(image, _AFFINE, f"case{i:02d}"), folder / "image.nii.gz")
         write_nifti(blob.astype(np.uint8), folder / "label_a.nii.gz", affine=_AFFINE)
     return root
-
-
-@pytest.fixture(scope="module")
-def bundle_3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from uqserve.exporting import export_onnx_members
-
-    tmp = tmp_path_factory.mktemp("cal3d")
-    files = [_onnx_3d(tmp / f"fold{i}.onnx", i) for i in range(2)]
-    export_onnx_members(
-        files, tmp / "b3d", dims=3, patch=(8, 16, 16), spacing=(3.0, 2.5, 2.5),
-        orientation="RAS", normalization=Normalization("zscore"), calibrate=False,
-    )  # fmt: skip
-    return tmp / "b3d"
 
 
 def test_calibrate_on_whole_volumes_then_predict_uses_the_threshold(
@@ -119,7 +94,7 @@ def test_calibrate_on_one_volume_is_refused(bundle_3d: Path, tmp_path: Path) -> 
     data = _cases(tmp_path / "one", 1)
     res = CliRunner().invoke(app, ["calibrate", str(bundle_3d), "--data", str(data), "-q"])
     assert res.exit_code != 0
-    assert "needs at least 2" in res.output
+    assert "annotated case; evaluate needs at least 2" in res.output
 
 
 def test_evaluate_runs_whole_volumes_too(bundle_3d: Path, tmp_path: Path) -> None:

@@ -200,22 +200,12 @@ def source_for(bundle: Bundle, data: str | os.PathLike[str], options: dict[str, 
             f"{bundle.path}: the bundle takes {man.input.channels} channels; "
             "evaluate runs single-channel images"
         )
-    if str(data) != "synthetic" and has_geometry(bundle):
-        # Slices cut out as 1 mm 2D images would be inputs such a bundle was
-        # never meant for: run whole scans through predict's geometry instead.
-        from uqserve.evaluation.cases import case_source
-
-        return case_source(
-            str(data),
-            num_classes=man.num_classes,
-            n_ood=int(options["n_ood"]),
-            shifts=options.get("shifts"),
-            severities=options["severities"],
-            seed=int(options["seed"]),
-        )
     opts = dict(options)
     if opts.get("size") is None:
         opts["size"] = man.input.tile_size
+    # A bundle with geometry never sees slices cut out as 1 mm 2D images (inputs
+    # it was never meant for): a folder's cases run whole, through predict's geometry.
+    opts["volumes"] = str(data) != "synthetic" and has_geometry(bundle)
     return make_source(data, num_classes=man.num_classes, **opts)
 
 

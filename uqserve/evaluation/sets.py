@@ -211,6 +211,29 @@ class SyntheticSource(DataSource):
                 )
 
 
+def load_cases(path: Path, num_classes: int) -> Any:
+    """The checked cases of a user's folder (``uqserve.data.load_folder``), labels < classes."""
+    from uqserve.data import load_folder
+
+    if not path.is_dir():
+        raise EvaluationError(
+            f'{path}: no such folder; pass `data="synthetic"` or a folder of cases'
+        )
+    try:
+        dataset = load_folder(path)
+    except ValueError as exc:  # FolderError: names the file and the fix
+        raise EvaluationError(str(exc)) from exc
+    for case in dataset:
+        top = int(case.annotations.max())
+        if top >= num_classes:
+            raise EvaluationError(
+                f"{case.image.source}: labels go up to class {top} but the bundle has "
+                f"{num_classes} classes (0..{num_classes - 1}); evaluate a bundle "
+                "trained on these classes, or remap the labels"
+            )
+    return dataset
+
+
 @dataclass
 class FolderSource(DataSource):
     """A user's folder of annotated cases, read by ``uqserve.data.load_folder``.
@@ -231,31 +254,14 @@ class FolderSource(DataSource):
     _num: int = 0
 
     def __post_init__(self) -> None:
-        from uqserve.data import load_folder
-
         self.path = Path(self.path)
-        if not self.path.is_dir():
-            raise EvaluationError(
-                f'{self.path}: no such folder; pass `data="synthetic"` or a folder of cases'
-            )
         if not self.shifts:
             self.shifts = _all_shifts()
-        try:
-            self._dataset = load_folder(self.path)
-        except ValueError as exc:  # FolderError: names the file and the fix
-            raise EvaluationError(str(exc)) from exc
-        for case in self._dataset:
-            top = int(case.annotations.max())
-            if top >= self.num_classes:
-                raise EvaluationError(
-                    f"{case.image.source}: labels go up to class {top} but the bundle has "
-                    f"{self.num_classes} classes (0..{self.num_classes - 1}); evaluate a bundle "
-                    "trained on these classes, or remap the labels"
-                )
-        self._num = sum(int(c.image.data.shape[2]) for c in self._dataset)
+        self._dataset = load_cases(self.path, self.num_classes)
+        self._num = self._units()
         if self._num < 2:
             raise EvaluationError(
-                f"{self.path}: {self._num} annotated image; evaluate needs at least 2 "
+                f"{self.path}: {self._num} annotated {self._unit_name}; evaluate needs at least 2 "
                 "(one for validation, one for testing)"
             )
         n_val = len(self._val_indices())
@@ -272,6 +278,12 @@ class FolderSource(DataSource):
             "severities": list(self.severities),
             "seed": self.seed,
         }
+
+    _unit_name = "image"
+
+    def _units(self) -> int:
+        """How many evaluation images the folder holds (here: 2D slices)."""
+        return sum(int(c.image.data.shape[2]) for c in self._dataset)
 
     def _iter_images(self) -> Iterator[tuple[str, npt.NDArray[np.float32], npt.NDArray[np.uint8]]]:
         for case in self._dataset:
@@ -339,8 +351,17 @@ def make_source(
     shifts: Sequence[str] | None = None,
     severities: Sequence[float] = DEFAULT_SEVERITIES,
     seed: int = 0,
+    volumes: bool = False,
 ) -> DataSource:
-    """``"synthetic"`` or a folder path -> the data source for evaluate/calibrate."""
+    """``"synthetic"`` or a folder path -> the data source for evaluate/calibrate.
+
+    ``volumes``: a folder's cases run as whole scans (bundles with geometry,
+    ``uqserve.evaluation.cases``), the OOD shifts defaulting to the paper's four.
+    """
+    if volumes and not shifts:
+        from uqserve.contracts import PAPER_SHIFTS
+
+        shifts = PAPER_SHIFTS
     chosen, sev = check_shifts(shifts, severities)
     if str(data) == "synthetic":
         h, w = (int(v) for v in size)
@@ -354,7 +375,10 @@ def make_source(
             num_classes=num_classes,
             seed=seed,
         )
-    return FolderSource(
+    folder = FolderSource
+    if volumes:
+        from uqserve.evaluation.cases import CaseFolderSource as folder
+    return folder(
         shifts=chosen,
         severities=sev,
         path=Path(data),
