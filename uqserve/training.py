@@ -38,6 +38,13 @@ final loss, a loss curve), ``validation`` (synthetic data only: Dice of each
 member against the annotators' majority on held-out slices),
 ``uqserve_version``, ``created``.
 
+Volumes (``ModelConfig(dims=3)``, softmax with EU none, ensemble or mcdropout):
+each step draws random ``TrainConfig.patch`` ``(D, H, W)`` crops from
+``num_volumes`` synthetic volumes (``uqserve.data.make_volume``, RAS+, seen as
+``[Z, Y, X]``, the model axes of a 3D bundle); ``config.json`` then also holds
+``patch``, ``orientation`` ("RAS") and the ``spacing`` ``[D, H, W]`` in mm. There
+is no validation Dice for volumes, and folder data trains 2D networks only.
+
 Same seed, same data, same thread count -> bit-identical weights.
 """
 
@@ -70,8 +77,9 @@ from uqserve.data import (
     make_dataset,
     normalization_stats,
 )
+from uqserve.data.synthetic import make_volume
 from uqserve.errors import UsageError
-from uqserve.models import ModelConfig, build_network, parse_combination
+from uqserve.models import ModelConfig, build_network, check_dims, parse_combination
 
 if TYPE_CHECKING:
     from torch import nn
@@ -122,6 +130,12 @@ class TrainConfig:
     num_annotators: int = 4
     data_seed: int = 0
     validate: int = 32  # held-out synthetic slices for the Dice check; 0 = skip
+    # Volumes (ModelConfig.dims=3): the training crop (D, H, W) = the bundle's
+    # patch, and the synthetic volumes, (X, Y, Z) voxels at (X, Y, Z) mm.
+    patch: tuple[int, int, int] = (16, 32, 32)
+    num_volumes: int = 4
+    volume_shape: tuple[int, int, int] = (64, 64, 24)
+    volume_spacing: tuple[float, float, float] = (1.5, 1.5, 3.0)
     # torch threads; default half the CPUs (1 on 2 cores): on a shared machine,
     # oversubscribed cores make every step much slower.
     threads: int | None = None
@@ -132,7 +146,16 @@ class TrainConfig:
         if isinstance(self.size, int):
             self.size = (self.size, self.size)
         self.size = (int(self.size[0]), int(self.size[1]))
+        self.patch = tuple(int(v) for v in self.patch)  # type: ignore[assignment]
+        self.volume_shape = tuple(int(v) for v in self.volume_shape)  # type: ignore[assignment]
+        self.volume_spacing = tuple(float(v) for v in self.volume_spacing)  # type: ignore[assignment]
         problems = []
+        if len(self.patch) != 3 or min(self.patch) < 4:
+            problems.append("patch must be three sizes (D, H, W) >= 4")
+        if len(self.volume_shape) != 3 or min(self.volume_shape[:2]) < 8 or self.num_volumes < 1:
+            problems.append("volume_shape must be (X, Y, Z) with X, Y >= 8; num_volumes >= 1")
+        if len(self.volume_spacing) != 3 or min(self.volume_spacing) <= 0:
+            problems.append("volume_spacing must be three positive mm values")
         if self.steps < 1:
             problems.append("steps must be >= 1")
         if self.batch_size < 1:
@@ -164,7 +187,8 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["size"] = list(self.size)
+        for k in ("size", "patch", "volume_shape", "volume_spacing"):
+            d[k] = list(d[k])
         return d
 
     @classmethod
@@ -175,7 +199,7 @@ class TrainConfig:
             raise TrainError(
                 f"TrainConfig: unknown fields {sorted(unknown)}; known: {sorted(known)}"
             )
-        return cls(**{**d, "size": tuple(d["size"])} if "size" in d else d)
+        return cls(**d)
 
 
 # --------------------------------------------------------------------------- data
@@ -189,15 +213,55 @@ class _Slices:
     annotations: list[npt.NDArray[np.uint8]]
     num_classes: int
     description: dict[str, Any]
-    spacing: tuple[float, float] = (1.0, 1.0)
+    spacing: tuple[float, ...] = (1.0, 1.0)
     classes: list[str] = field(default_factory=list)
+    orientation: str | None = None  # volumes: the axis codes of the (X, Y, Z) data
+
+
+def _volumes(config: TrainConfig, num_classes: int) -> _Slices:
+    """Synthetic volumes as ``[1, Z, Y, X]`` images and ``[A, Z, Y, X]`` annotations.
+
+    ``[Z, Y, X]`` is how a 3D bundle's graphs see a RAS+ scan (``uqserve.prediction``).
+    """
+    images, annotations = [], []
+    for i in range(config.num_volumes):
+        v = make_volume(
+            config.data_seed * 100_003 + i,
+            config.volume_shape,
+            config.volume_spacing,
+            ambiguity=config.ambiguity,
+            num_classes=num_classes,
+            num_annotators=config.num_annotators,
+        )
+        images.append(np.ascontiguousarray(v.volume.data.T[None], dtype=np.float32))
+        annotations.append(np.ascontiguousarray(v.annotations.transpose(0, 3, 2, 1)))
+    sx, sy, sz = config.volume_spacing
+    desc = {"source": "synthetic-volumes", "num_volumes": config.num_volumes}
+    desc |= {"volume_shape": list(config.volume_shape), "ambiguity": config.ambiguity}
+    return _Slices(
+        images=images,
+        annotations=annotations,
+        num_classes=num_classes,
+        description={**desc, "data_seed": config.data_seed},
+        spacing=(sz, sy, sx),
+        classes=list(default_class_names(num_classes)),
+        orientation="RAS",
+    )
 
 
 def _slices(
     data: str | os.PathLike[str] | SyntheticSet | FolderDataset,
     config: TrainConfig,
     num_classes: int,
+    dims: int = 2,
 ) -> _Slices:
+    if dims == 3:
+        if not (isinstance(data, str) and data == "synthetic"):
+            raise TrainError(
+                "3D networks (ModelConfig.dims=3) train on synthetic volumes only; "
+                "pass data='synthetic' or train a 2D network on the folder"
+            )
+        return _volumes(config, num_classes)
     if isinstance(data, str) and data == "synthetic":
         data = make_dataset(
             config.num_images,
@@ -262,7 +326,7 @@ def _batch(
     slices: _Slices,
     rng: np.random.Generator,
     batch_size: int,
-    size: tuple[int, int],
+    size: tuple[int, ...],
     mean: float,
     std: float,
     config: TrainConfig,
@@ -299,6 +363,45 @@ def _batch(
             ci = ci * scale + shift + noise * rng.standard_normal(ci.shape)
         images[b] = ci
         targets[b] = cl
+    return images, targets
+
+
+def _batch3d(
+    vols: _Slices,
+    rng: np.random.Generator,
+    batch_size: int,
+    patch: tuple[int, ...],
+    mean: float,
+    std: float,
+    config: TrainConfig,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Random patches ``[B, 1, D, H, W]`` of the volumes and one annotator's ``[B, D, H, W]``.
+
+    Volumes smaller than the patch are padded (lowest value, label 0); augmentation:
+    flips along each axis, intensity scale/shift and Gaussian noise (no rotations:
+    the axes differ in spacing).
+    """
+    images = np.empty((batch_size, 1, *patch), np.float32)
+    targets = np.empty((batch_size, *patch), np.int64)
+    for b in range(batch_size):
+        i = int(rng.integers(len(vols.images)))
+        img = (vols.images[i] - mean) / std
+        lab = vols.annotations[i][int(rng.integers(vols.annotations[i].shape[0]))]
+        pad = [(max(0, p - n) // 2, max(0, p - n) - max(0, p - n) // 2)
+               for p, n in zip(patch, lab.shape, strict=True)]  # fmt: skip
+        img = np.pad(img, ((0, 0), *pad), constant_values=float(img.min()))
+        lab = np.pad(lab, pad, constant_values=0)
+        start = [int(rng.integers(n - p + 1)) for n, p in zip(lab.shape, patch, strict=True)]
+        box = tuple(slice(s0, s0 + p) for s0, p in zip(start, patch, strict=True))
+        ci, cl = img[(slice(None), *box)], lab[box]
+        if config.augment:
+            for axis in range(3):
+                if rng.uniform() < 0.5:
+                    ci, cl = np.flip(ci, axis + 1), np.flip(cl, axis)
+            scale, shift = rng.uniform(0.9, 1.1), rng.uniform(-0.1, 0.1)
+            noise = rng.uniform(0.0, config.noise_std)
+            ci = ci * scale + shift + noise * rng.standard_normal(ci.shape)
+        images[b], targets[b] = ci, cl
     return images, targets
 
 
@@ -380,8 +483,9 @@ def _train_member(
         collector = SwagCollector(net, config.swag_snapshots, diag_only=swag == "swagdiag")
         snaps = set(snapshot_steps(config.steps, config.swag_snapshots, config.swag_every))
     losses = []
+    draw, crop = (_batch3d, config.patch) if model_config.dims == 3 else (_batch, config.size)
     for step in range(config.steps):
-        x, y = _batch(slices, rng, config.batch_size, config.size, mean, std, config)
+        x, y = draw(slices, rng, config.batch_size, crop, mean, std, config)
         loss, _ = net.loss(torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev), step=step)
         if not torch.isfinite(loss):
             raise TrainError(
@@ -502,7 +606,7 @@ def train(
     out = Path(out_dir)
     _prepare_out(out, overwrite)
 
-    slices = _slices(data, config, model_config.num_classes)
+    slices = _slices(data, config, model_config.num_classes, model_config.dims)
     mean, std = normalization_stats(slices.images)
     num_nets = config.num_members if eu == "ensemble" else 1
 
@@ -560,6 +664,8 @@ def _checked_configs(
     """
     try:
         au, eu = parse_combination(combination)
+        if model_config is not None:
+            check_dims(au, eu, model_config.dims)
     except ValueError as exc:
         raise TrainError(str(exc)) from exc
     config = config or TrainConfig()
@@ -574,6 +680,11 @@ def _checked_configs(
             f"training data has 1 channel but ModelConfig.in_channels={model_config.in_channels}"
         )
     m = model_config.multiple
+    if model_config.dims == 3 and any(p % m for p in config.patch):
+        raise TrainError(
+            f"patch {'x'.join(map(str, config.patch))} must be a multiple of {m} "
+            f"(depth {model_config.depth}) along every axis"
+        )
     if config.size[0] % m or config.size[1] % m:
         raise TrainError(
             f"size {config.size[0]}x{config.size[1]} must be a multiple of {m} "
@@ -591,7 +702,11 @@ def _validation_set(
     slices: _Slices, config: TrainConfig, model_config: ModelConfig
 ) -> SyntheticSet | None:
     """Held-out synthetic slices for each member's Dice (synthetic training data only)."""
-    if slices.description["source"] != "synthetic" or config.validate <= 0:
+    if (
+        slices.description["source"] != "synthetic"
+        or config.validate <= 0
+        or model_config.dims == 3
+    ):
         return None
     return make_dataset(
         config.validate,
@@ -674,8 +789,13 @@ def _checkpoint_config(
         "train_config": config.to_dict(),
         "normalization": {"scheme": "fixed", "mean": norm[0], "std": norm[1], "clip": None},
         "classes": slices.classes or list(default_class_names(model_config.num_classes)),
-        "tile_size": list(config.size),
+        "tile_size": list(config.size if model_config.dims == 2 else config.patch[1:]),
         "spacing": list(slices.spacing),
+        **(
+            {"patch": list(config.patch), "orientation": slices.orientation}
+            if model_config.dims == 3
+            else {}
+        ),
         "data": slices.description,
         "members": members,
         **(_swag_entry(config, swag) if swag else {}),

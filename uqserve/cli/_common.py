@@ -187,3 +187,13 @@ def progress_bars(enabled: bool, *, loss: bool = False) -> Iterator[ProgressBars
         return
     with ProgressBars(loss=loss) as bars:
         yield bars
+
+
+def parse_numbers(text: str | None, typ: type, flag: str) -> list[Any] | None:
+    """``"1,2,3"`` -> ``[1, 2, 3]`` of ``typ``; None stays None."""
+    if text is None:
+        return None
+    try:
+        return [typ(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        fail(f"{flag}: expected comma-separated numbers, e.g. 64,128,128; got {text!r}")

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from uqserve.cli import app
-from uqserve.cli._common import console, err_console, fail
+from uqserve.cli._common import console, err_console, fail, parse_numbers
 
 
 @app.command("export")
@@ -183,7 +183,7 @@ def export_command(
             fail("--onnx needs one or more ONNX files (one per member)")
         if dims == 3 and calibrate:
             say("3D members: not calibrated (calibration draws synthetic 2D slices)")
-        clip = _numbers(norm_clip, float, "--norm-clip")
+        clip = parse_numbers(norm_clip, float, "--norm-clip")
         if clip is not None and len(clip) != 2:
             fail(f"--norm-clip: give LOW,HIGH, got {norm_clip!r}")
         bundle = export_onnx_members(
@@ -202,8 +202,8 @@ def export_command(
             tile_size=(tile or 128, tile or 128),
             multiple=multiple,
             dims=dims,
-            patch=_numbers(patch, int, "--patch"),
-            spacing=_numbers(spacing, float, "--spacing"),
+            patch=parse_numbers(patch, int, "--patch"),
+            spacing=parse_numbers(spacing, float, "--spacing"),
             orientation=orientation,
             interpolation=interpolation,
             name=name,
@@ -335,16 +335,6 @@ def info_command(
     for i, mem in enumerate(m.members):
         t.add_row(f"member {i}", f"{mem.file}  sha256 {mem.sha256[:16]}…")
     console.print(t)
-
-
-def _numbers(text: str | None, typ: type, flag: str) -> list[Any] | None:
-    """``"1,2,3"`` -> ``[1, 2, 3]`` of ``typ``; None stays None."""
-    if text is None:
-        return None
-    try:
-        return [typ(v) for v in text.replace("x", ",").split(",") if v.strip()]
-    except ValueError:
-        fail(f"{flag}: expected comma-separated numbers, e.g. 64,128,128; got {text!r}")
 
 
 def _geometry_text(inp: Any) -> str:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from uqserve.cli import app
-from uqserve.cli._common import console, fail, progress_bars
+from uqserve.cli._common import console, fail, parse_numbers, progress_bars
 
 # The TrainConfig field that --members sets, per EU method.
 _MEMBERS_FIELD = {
@@ -45,6 +45,19 @@ def train_command(
     size: Annotated[
         int, typer.Option(min=8, help="Square training crop = the bundle's tile size.")
     ] = 64,
+    dims: Annotated[
+        int,
+        typer.Option(
+            min=2,
+            max=3,
+            help="2: slices (default); 3: volumes (softmax, EU none/ensemble/mcdropout).",
+        ),
+    ] = 2,
+    patch: Annotated[
+        str,
+        typer.Option(help="--dims 3: the training crop D,H,W = the bundle's window."),
+    ] = "16,32,32",
+    volumes: Annotated[int, typer.Option(min=1, help="--dims 3: synthetic training volumes.")] = 4,
     width: Annotated[int, typer.Option(min=4, help="UNet base width (multiple of 4).")] = 8,
     depth: Annotated[int, typer.Option(min=1, max=6, help="UNet levels.")] = 3,
     samples: Annotated[
@@ -83,9 +96,12 @@ def train_command(
     if au == "softmax" and samples not in (None, 1):
         fail("softmax draws exactly one sample; drop --samples")
     model_config = ModelConfig(
-        num_classes=classes, width=width, depth=depth, num_samples=num_samples
+        num_classes=classes, width=width, depth=depth, num_samples=num_samples, dims=dims
     )
-    extra = {}
+    extra: dict[str, object] = {
+        "patch": parse_numbers(patch, int, "--patch"),
+        "num_volumes": volumes,
+    }
     if members is not None:
         extra[_MEMBERS_FIELD[eu]] = members
     config = TrainConfig(

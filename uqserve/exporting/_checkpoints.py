@@ -13,6 +13,7 @@ from uqserve.contracts import default_class_names
 from uqserve.exporting._plan import ExportError, ExportPlan
 from uqserve.exporting._torch import export_networks
 from uqserve.exporting._writer import Say
+from uqserve.models.config import ModelConfig
 
 
 def _normalization(cfg: dict[str, Any]) -> Normalization:
@@ -75,6 +76,31 @@ def _swag_draws(ck: Checkpoints, draws: int, seed: int) -> list[Any]:
         raise ExportError(str(exc)) from exc
 
 
+def _input_spec(cfg: dict[str, Any], mc: ModelConfig, tile: Sequence[int]) -> InputSpec:
+    """The manifest input: 2D tiles, or (``dims`` 3) the training patch, spacing and axes."""
+    spec = InputSpec(
+        channels=mc.in_channels,
+        tile_size=(int(tile[0]), int(tile[1])),
+        multiple=mc.multiple,
+        normalization=_normalization(cfg),
+    )
+    if mc.dims == 2:
+        return spec
+    geometry = InputSpec(
+        channels=mc.in_channels,
+        tile_size=spec.tile_size,
+        multiple=mc.multiple,
+        dims=3,
+        patch=tuple(int(v) for v in cfg["patch"]),
+        spacing=tuple(float(v) for v in cfg["spacing"]),
+        orientation=cfg.get("orientation"),
+        normalization=spec.normalization,
+    )
+    if problems := geometry.problems():
+        raise ExportError(f"{CONFIG_NAME}: " + "; ".join(problems))
+    return geometry
+
+
 def export_checkpoints(
     ckpt_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -103,7 +129,7 @@ def export_checkpoints(
     ck = load_checkpoints(ckpt_dir, members=m if ck.eu == "ensemble" else None)
     mc, cfg = ck.model_config, ck.config
     tc = cfg.get("train_config", {})
-    tile = tile_size or tuple(cfg.get("tile_size") or tc.get("size") or (64, 64))[:2]
+    tile = tile_size or tuple(cfg.get("tile_size") or tc.get("size") or (64, 64))[-2:]
     plan = ExportPlan(
         name=name or Path(out_dir).name,
         au=ck.au,
@@ -111,12 +137,7 @@ def export_checkpoints(
         num_members=m,
         num_samples=int(num_samples or mc.num_samples) if ck.au != "softmax" else 1,
         classes=names,
-        input=InputSpec(
-            channels=mc.in_channels,
-            tile_size=(int(tile[0]), int(tile[1])),
-            multiple=mc.multiple,
-            normalization=_normalization(cfg),
-        ),
+        input=_input_spec(cfg, mc, tile),
         seed=int(cfg.get("seed", 0) if seed is None else seed),
         extra={
             "model_config": mc.to_dict(),
@@ -127,6 +148,11 @@ def export_checkpoints(
             "training": {k: cfg[k] for k in ("validation", "data") if k in cfg},
         },
     )
+    if mc.dims == 3 and calibrate:
+        # Calibration draws synthetic 2D slices; a volumetric bundle ships uncalibrated.
+        calibrate = False
+        if progress is not None:
+            progress("3D bundle: not calibrated (calibration draws 2D slices)")
     nets = ck.networks
     if ck.eu in ("swag", "swagdiag"):
         nets = _swag_draws(ck, m, plan.seed)

@@ -50,14 +50,14 @@ def member_value_infos(
 
 
 def conform_signature(
-    model: onnx.ModelProto, channels: int, num_classes: int, num_samples: int
+    model: onnx.ModelProto, channels: int, num_classes: int, num_samples: int, dims: int = 2
 ) -> None:
     """Make ``model``'s inputs and outputs exactly the member contract (in place).
 
     Adds any of ``image, seed, offset, valid`` the exporter dropped, orders the
-    inputs, and writes readable dimension names ``B, H, W`` and the fixed sizes.
+    inputs, and writes readable dimension names ``B, (D,) H, W`` and the fixed sizes.
     """
-    want_in, want_out = member_value_infos(channels, num_classes, num_samples)
+    want_in, want_out = member_value_infos(channels, num_classes, num_samples, dims)
     g = model.graph
     inits = {i.name for i in g.initializer}
     names_in = {vi.name for vi in want_in}

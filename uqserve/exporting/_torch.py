@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from uqserve.bundle import Bundle, load_bundle
-from uqserve.contracts import MEMBER_INPUTS, MEMBER_OUTPUTS
+from uqserve.contracts import MEMBER_INPUTS, MEMBER_OUTPUTS, member_specs
 from uqserve.exporting._onnx import conform_signature
 from uqserve.exporting._plan import OPSET, ExportError, ExportPlan
 from uqserve.exporting._writer import Say, atomic_bundle_dir, finish_bundle
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 PARITY_ATOL = 1e-4
 EXPORTERS = ("torchscript", "dynamo")
 # Dynamic dimensions of the member signature (the rest are fixed per bundle).
-_DYNAMIC = ("B", "H", "W")
+_DYNAMIC = ("B", "D", "H", "W")
 
 
 def _dynamic_axes(names: Sequence[str], spec: dict[str, Any]) -> dict[str, dict[int, str]]:
@@ -45,30 +45,30 @@ def export_member(
     in_channels: int,
     num_classes: int,
     num_samples: int,
-    example_size: tuple[int, int] = (32, 32),
+    example_size: tuple[int, ...] = (32, 32),
     exporter: str = "torchscript",
 ) -> Path:
     """Export one :class:`~uqserve.models.member.MemberGraph` to ONNX (opset 18).
 
     ``exporter="torchscript"`` (default: 0.5 s per member on 2 cores) or
     ``"dynamo"`` (``torch.onnx.export(dynamo=True)``, about 15 s per member).
-    B, H and W are dynamic; all four inputs are present even where a method
-    ignores one (softmax ignores ``seed`` and ``offset``).
+    B and the spatial sizes are dynamic; all four inputs are present even where a
+    method ignores one (softmax ignores ``seed`` and ``offset``). ``example_size``
+    has 2 sizes ``(H, W)`` for a slice network, 3 ``(D, H, W)`` for a volumetric one.
     """
     import onnx
     import torch
 
-    from uqserve.contracts import MEMBER_INPUT_SPEC, MEMBER_OUTPUT_SPEC
-
     if exporter not in EXPORTERS:
         raise ExportError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     path = Path(path)
-    h, w = example_size
+    dims = len(example_size)
+    spec_in, spec_out = member_specs(dims)
     args = (
-        torch.zeros(2, in_channels, h, w),
+        torch.zeros(2, in_channels, *example_size),
         torch.tensor([0, 1], dtype=torch.int64),
         torch.zeros(2, 3, dtype=torch.int64),
-        torch.tensor([[h, w], [h, w]], dtype=torch.int64),
+        torch.tensor([list(example_size)] * 2, dtype=torch.int64),
     )
     graph = graph.eval()
     common: dict[str, Any] = {
@@ -80,15 +80,15 @@ def export_member(
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
             axes = {
-                **_dynamic_axes(MEMBER_INPUTS, MEMBER_INPUT_SPEC),
-                **_dynamic_axes(MEMBER_OUTPUTS, MEMBER_OUTPUT_SPEC),
+                **_dynamic_axes(MEMBER_INPUTS, spec_in),
+                **_dynamic_axes(MEMBER_OUTPUTS, spec_out),
             }
             torch.onnx.export(graph, args, str(path), dynamo=False, dynamic_axes=axes, **common)
         else:
             dyn = torch.export.Dim.DYNAMIC
             shapes = {
                 n: {i: dyn for i in axes}
-                for n, axes in _dynamic_axes(MEMBER_INPUTS, MEMBER_INPUT_SPEC).items()
+                for n, axes in _dynamic_axes(MEMBER_INPUTS, spec_in).items()
             }
             prog = torch.onnx.export(
                 graph, args, None, dynamo=True, external_data=False, dynamic_shapes=shapes, **common
@@ -97,21 +97,24 @@ def export_member(
                 raise ExportError("dynamo export returned no program")
             prog.save(str(path), external_data=False)
     model = onnx.load(str(path))
-    conform_signature(model, in_channels, num_classes, num_samples)
+    conform_signature(model, in_channels, num_classes, num_samples, dims)
     onnx.save(model, str(path))
     return path
 
 
 def parity_feeds(
-    channels: int, size: tuple[int, int], batch: int = 2, seed: int = 0
+    channels: int, size: tuple[int, ...], batch: int = 2, seed: int = 0
 ) -> dict[str, npt.NDArray[Any]]:
-    """Random member-graph inputs: images, seeds, tile offsets and a partly padded tile."""
+    """Random member-graph inputs: images, seeds, tile offsets and a partly padded tile.
+
+    ``size``: ``(H, W)`` slices or ``(D, H, W)`` volumes.
+    """
     rng = np.random.default_rng(seed)
-    h, w = size
-    valid = np.tile(np.array([[h, w]], dtype=np.int64), (batch, 1))
-    valid[-1] = (max(1, h - 5), max(1, w - 3))
+    valid = np.tile(np.array([list(size)], dtype=np.int64), (batch, 1))
+    cuts = (5, 3) if len(size) == 2 else (2, 5, 3)
+    valid[-1] = [max(1, n - cut) for n, cut in zip(size, cuts, strict=True)]
     return {
-        "image": rng.normal(size=(batch, channels, h, w)).astype(np.float32),
+        "image": rng.normal(size=(batch, channels, *size)).astype(np.float32),
         "seed": rng.integers(0, 2**40, size=batch, dtype=np.int64),
         "offset": np.stack(
             [np.arange(batch), rng.integers(0, 512, batch), rng.integers(0, 512, batch)], axis=1
@@ -200,6 +203,8 @@ def export_networks(
     _check_nets(plan, len(nets))
     mult = model_config.multiple
     side = max(32, mult * ((32 + mult - 1) // mult))
+    # Volumes: a smaller example keeps the 3D parity check quick on a CPU.
+    size = (side, side) if model_config.dims == 2 else (max(8, mult), max(16, mult), side)
     graphs = [
         member_graph(nets[m] if plan.eu in NET_PER_MEMBER else nets[0], m, plan.num_samples,
                      eu=plan.eu, seed=plan.seed)
@@ -207,7 +212,7 @@ def export_networks(
     ]  # fmt: skip
 
     def parity(bundle: Bundle) -> None:
-        feeds = parity_feeds(model_config.in_channels, (side, side))
+        feeds = parity_feeds(model_config.in_channels, size)
         with EmbeddedRuntime(bundle, device="cpu", threads=1, workers=1) as rt:
             for m, diff in enumerate(check_parity(graphs, rt, feeds)):
                 say(f"member {m}: exported, parity max |diff| {diff:.2g}")
@@ -221,7 +226,7 @@ def export_networks(
                 in_channels=model_config.in_channels,
                 num_classes=model_config.num_classes,
                 num_samples=plan.num_samples,
-                example_size=(side, side),
+                example_size=size,
                 exporter=exporter,
             )
         finish_bundle(tmp, plan, files, OPSET, calibrate=calibrate, check=parity, say=say)

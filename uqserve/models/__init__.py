@@ -21,6 +21,7 @@ from uqserve.models.config import (
     DEFAULT_SAMPLE_CHUNK,
     EU_METHODS,
     ModelConfig,
+    check_dims,
     parse_combination,
 )
 
@@ -37,6 +38,7 @@ __all__ = [
     "EU_METHODS",
     "ModelConfig",
     "build_network",
+    "check_dims",
     "member_graph",
     "parse_combination",
 ]
@@ -79,13 +81,16 @@ def build_network(au: str, config: ModelConfig | None = None) -> SegNetwork:
     """One member network for AU method ``au`` (or a combination name like ``ssn-ensemble``).
 
     The network has ``loss(image [B,C,H,W], target [B,H,W] int64) -> (loss, logs)``
-    and ``forward(image) -> probs [B, S, K, H, W]``.
+    and ``forward(image) -> probs [B, S, K, H, W]`` (``config.dims=3``: a ``D``
+    axis before ``H``; softmax only, see ``check_dims``).
     """
     if au in COMBINATIONS:
         au = parse_combination(au)[0]
     if au not in _BUILDERS:
         raise UsageError(f"unknown AU method {au!r}; choose one of: {', '.join(AU_METHODS)}")
-    return _BUILDERS[au](config or ModelConfig())
+    config = config or ModelConfig()
+    check_dims(au, None, config.dims)
+    return _BUILDERS[au](config)
 
 
 def member_graph(

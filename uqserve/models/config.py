@@ -14,6 +14,22 @@ COMBINATIONS = tuple(f"{au}-{eu}" for au in AU_METHODS for eu in EU_METHODS)
 #: memory near the backbone's.
 DEFAULT_SAMPLE_CHUNK = 4
 MC_DROPOUT_MASKS = ("fresh", "frozen")
+#: What a volumetric (``dims=3``) member supports: the softmax head only (the
+#: sampled heads' noise and the Probabilistic UNet's latent nets are 2D), and the
+#: EU methods that need no SWAG statistics.
+AU_METHODS_3D = ("softmax",)
+EU_METHODS_3D = ("none", "ensemble", "mcdropout")
+
+
+def check_dims(au: str, eu: str | None, dims: int) -> None:
+    """UsageError unless AU ``au`` (with EU ``eu``) can be built with ``dims`` spatial axes."""
+    if dims == 3 and (au not in AU_METHODS_3D or (eu or "none") not in EU_METHODS_3D):
+        raise UsageError(
+            f"{au if eu is None else f'{au}-{eu}'} is not available in 3D (dims=3); 3D supports AU "
+            f"{', '.join(AU_METHODS_3D)} with EU {', '.join(EU_METHODS_3D)}"
+        )
+
+
 DIFFUSION_DENOISERS = ("unet", "head")
 
 
@@ -35,6 +51,7 @@ class ModelConfig:
 
     in_channels: int = 1
     num_classes: int = 2
+    dims: int = 2  # spatial axes: 2 (slices [B,C,H,W]) or 3 (volumes [B,C,D,H,W])
     width: int = 16
     depth: int = 3
     dropout: float = 0.0
@@ -64,6 +81,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         self.dropout_positions = tuple(self.dropout_positions)
         problems = []
+        if self.dims not in (2, 3):
+            problems.append("dims must be 2 (slices) or 3 (volumes)")
         if self.in_channels < 1:
             problems.append("in_channels must be >= 1")
         if self.num_classes < 2:

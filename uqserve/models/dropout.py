@@ -6,7 +6,8 @@ During training :class:`ChannelDropout` drops whole channels per image
 - ``fresh`` (the default, as the paper's main grid): every forward pass, i.e.
   every image (slice), gets new masks, computed inside the graph from the hash
   noise of ``(seed, member, STREAM_DROPOUT, layer, channel, z)`` with ``seed``
-  the run seed and ``z`` the slice index (the diffusion denoiser, called once per
+  the run seed and ``z`` the slice index (a volumetric member keys ``z`` 0: one
+  mask set per volume, the same in every window; the diffusion denoiser, called once per
   sample and step, adds the sample index and the step as keys). Tiles of one
   slice share its masks, so results do not depend on tiling or batching, and
   ``--seed`` reproduces them;
@@ -47,16 +48,19 @@ class ChannelDropout(nn.Module):
         self.index = 0  # position among the network's dropout layers (a hash key)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spatial = [1] * (x.ndim - 2)  # 2 (slices) or 3 (volumes)
         if self.mask is not None:
-            return x * self.mask.view(1, -1, 1, 1)
+            return x * self.mask.view(1, -1, *spatial)
         if self.keys is not None:
             # x may hold several rows per image (the diffusion denoiser runs on
-            # [B * S] rows, image-major); the masks are [B, 1 or R, C, 1, 1].
+            # [B * S] rows, image-major); the masks are [B, 1 or R, C, 1, 1(, 1)].
             m = self.keys.mask(self.index, self.channels, self.p).to(x.dtype)
+            m = m.reshape(*m.shape[:3], *spatial)
             rows = x.reshape(m.shape[0], -1, *x.shape[1:]) * m
             return rows.reshape(x.shape)
         if self.training and self.p > 0:
-            return F.dropout2d(x, self.p, training=True)
+            drop = F.dropout3d if x.ndim == 5 else F.dropout2d
+            return drop(x, self.p, training=True)
         return x
 
     def extra_repr(self) -> str:

@@ -34,7 +34,7 @@ from uqserve.errors import UsageError
 from uqserve.models import noise as hash_noise
 from uqserve.models.config import ModelConfig
 from uqserve.models.dropout import FreshMasks, dropout_layers
-from uqserve.models.unet import Encoder, ResBlock, TimeUNet, UNet
+from uqserve.models.unet import Encoder, ResBlock, TimeUNet, UNet, conv
 
 
 def class_softmax(logits: torch.Tensor, dim: int) -> torch.Tensor:
@@ -150,6 +150,7 @@ class SegNetwork(nn.Module):
                 config.depth,
                 config.dropout,
                 config.dropout_positions,
+                config.dims,
             )
 
     @property
@@ -179,7 +180,7 @@ class SegNetwork(nn.Module):
     def forward(self, image: torch.Tensor, samples: int | None = None) -> torch.Tensor:
         """Eager sampling with torch noise: ``[B, S, K, H, W]`` probabilities."""
         s = samples or self.config.num_samples
-        b, _, h, w = image.shape
+        b, (h, w) = image.shape[0], image.shape[-2:]
         noise = RandomNoise(b, s, h, w, image.device)
         return self.sample_probs(image, self.features(image), noise, s)
 
@@ -202,19 +203,20 @@ class SegNetwork(nn.Module):
 
 
 def _check_batch(image: torch.Tensor, target: torch.Tensor, config: ModelConfig) -> None:
-    if image.ndim != 4 or image.shape[1] != config.in_channels:
+    axes = "H, W" if config.dims == 2 else "D, H, W"
+    if image.ndim != 2 + config.dims or image.shape[1] != config.in_channels:
         raise UsageError(
-            f"image must be [B, {config.in_channels}, H, W] float32, got {tuple(image.shape)}"
+            f"image must be [B, {config.in_channels}, {axes}] float32, got {tuple(image.shape)}"
         )
     if target.shape != (image.shape[0], *image.shape[2:]):
         raise UsageError(
-            f"target must be [B, H, W] = {(image.shape[0], *image.shape[2:])}, "
+            f"target must be [B, {axes}] = {(image.shape[0], *image.shape[2:])}, "
             f"got {tuple(target.shape)}"
         )
     m = 2 ** (config.depth - 1)
-    if image.shape[2] % m or image.shape[3] % m:
+    if any(n % m for n in image.shape[2:]):
         raise UsageError(
-            f"H and W must be multiples of {m} (depth {config.depth}), got {tuple(image.shape[2:])}"
+            f"{axes} must be multiples of {m} (depth {config.depth}), got {tuple(image.shape[2:])}"
         )
 
 
@@ -225,7 +227,7 @@ class SoftmaxNet(SegNetwork):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
-        self.head = nn.Conv2d(config.width, config.num_classes, 1)
+        self.head = conv(config.dims)(config.width, config.num_classes, 1)
 
     def sample_probs_from(
         self, context: tuple[torch.Tensor, ...], noise: NoiseSource, samples: int

@@ -7,7 +7,9 @@ chunk's tensors before the next chunk's are made).
 ``forward(image [B,C,H,W] f32, seed [B] i64, offset [B,3] i64, valid [B,2] i64)``
 returns ``mean [B,K,H,W]``, ``sample_entropy [B,H,W]``, ``sample_counts [B,S,K]``
 (valid region only) and ``sample_labels [B,S,H,W]`` uint8 — the signature in
-``docs/architecture.md`` shared by all twenty combinations.
+``docs/architecture.md`` shared by all twenty combinations. A volumetric network
+(``ModelConfig.dims=3``) gives the 3D form of ``uqserve.contracts``: a ``D`` axis
+before ``H``, ``valid [B,3]`` and ``offset [B,3]`` the window's global start.
 """
 
 from __future__ import annotations
@@ -24,24 +26,31 @@ from uqserve.models.heads import HashNoise, SegNetwork
 
 
 def summarize(probs: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Reduce ``probs [B,S,K,H,W]`` over its S samples, so that chunks add up.
+    """Reduce ``probs [B,S,K,H,W]`` (or ``[B,S,K,D,H,W]``) over its S samples, so that
+    chunks add up.
 
     Returns the sum of the probabilities ``[B,K,H,W]``, the sum of the sample
-    entropies ``[B,H,W]``, the per-sample counts ``[B,S,K]`` (valid region) and
-    the labels ``[B,S,H,W]`` uint8.
+    entropies ``[B,H,W]``, the per-sample counts ``[B,S,K]`` (inside ``valid
+    [B, 2 or 3]``, the unpadded extent of each axis) and the labels
+    ``[B,S,H,W]`` uint8 (each with the ``D`` axis in 3D).
     """
-    _, _, k, h, w = probs.shape
+    k, spatial = probs.shape[2], probs.shape[3:]
+    n = len(spatial)
     sum_p = probs.sum(dim=1)
     # 0 ln 0 = 0 exactly: clamp only inside the log (p * log(1e-30) is 0 when p is 0).
     plogp = probs * torch.log(probs.clamp_min(1e-30))
     sum_h = -plogp.sum(dim=(1, 2))
-    labels = probs.argmax(dim=2)  # [B,S,H,W] int64
-    rows = torch.arange(h, dtype=torch.int64).view(1, -1, 1) < valid[:, 0].view(-1, 1, 1)
-    cols = torch.arange(w, dtype=torch.int64).view(1, 1, -1) < valid[:, 1].view(-1, 1, 1)
-    inside = (rows & cols).to(torch.float32).unsqueeze(1).unsqueeze(1)  # [B,1,1,H,W]
-    classes = torch.arange(k, dtype=torch.int64).view(1, 1, -1, 1, 1)
-    onehot = (labels.unsqueeze(2) == classes).to(torch.float32)  # [B,S,K,H,W]
-    counts = (onehot * inside).sum(dim=(3, 4))
+    labels = probs.argmax(dim=2)  # [B,S,(D,)H,W] int64
+    inside = torch.ones(1, *([1] * n), dtype=torch.bool)
+    for a, size in enumerate(spatial):  # inside the valid extent along every axis
+        shape = [1] * (n + 1)
+        shape[a + 1] = -1
+        pos = torch.arange(size, dtype=torch.int64).view(shape)
+        inside = inside & (pos < valid[:, a].view(-1, *([1] * n)))
+    inside_f = inside.to(torch.float32).unsqueeze(1).unsqueeze(1)  # [B,1,1,(D,)H,W]
+    classes = torch.arange(k, dtype=torch.int64).view(1, 1, -1, *([1] * n))
+    onehot = (labels.unsqueeze(2) == classes).to(torch.float32)  # [B,S,K,(D,)H,W]
+    counts = (onehot * inside_f).sum(dim=tuple(range(3, 3 + n)))
     return sum_p, sum_h, counts, labels.to(torch.uint8)
 
 
@@ -89,9 +98,11 @@ class MemberGraph(nn.Module):
         offset: torch.Tensor,
         valid: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        _, _, h, w = image.shape
+        h, w = image.shape[-2:]
         if self.fresh is not None:  # MC dropout: this forward pass's masks, per image
-            self.fresh.seed, self.fresh.z = seed, offset[:, 0]
+            # A volume's windows share one mask set (z 0), so windows do not change it.
+            z = offset[:, 0] * 0 if image.ndim == 5 else offset[:, 0]
+            self.fresh.seed, self.fresh.z = seed, z
         context = self.net.head_context(image, self.net.features(image))
         total, chunk = self.num_samples, self.sample_chunk
         # Unrolled at export: each chunk's [B, c, K, H, W] tensors die before the next.

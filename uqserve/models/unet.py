@@ -1,4 +1,4 @@
-"""The one backbone: a residual 2D UNet with GroupNorm and configurable dropout.
+"""The one backbone: a residual UNet (2D, or 3D for volumes) with GroupNorm and dropout.
 
 Every AU method uses this backbone (the Probabilistic UNet's prior/posterior
 nets reuse its encoder half), so there is one code path to export and test.
@@ -14,6 +14,15 @@ from torch import nn
 from uqserve.models.dropout import ChannelDropout
 
 
+def conv(dims: int) -> type[nn.Conv2d] | type[nn.Conv3d]:
+    """The convolution of ``dims`` spatial axes (2: slices, 3: volumes)."""
+    return nn.Conv3d if dims == 3 else nn.Conv2d
+
+
+def _conv_t(dims: int) -> type[nn.ConvTranspose2d] | type[nn.ConvTranspose3d]:
+    return nn.ConvTranspose3d if dims == 3 else nn.ConvTranspose2d
+
+
 def _groups(channels: int) -> int:
     for g in (8, 4, 2, 1):
         if channels % g == 0:
@@ -22,16 +31,20 @@ def _groups(channels: int) -> int:
 
 
 class ResBlock(nn.Module):
-    """norm-act-conv, norm-act-dropout-conv, plus a (1x1 when needed) skip."""
+    """norm-act-conv, norm-act-dropout-conv, plus a (1x1 when needed) skip.
 
-    def __init__(self, cin: int, cout: int, dropout: float = 0.0) -> None:
+    GroupNorm in 2D and 3D: per image, no train/eval difference (see ``dropout``).
+    """
+
+    def __init__(self, cin: int, cout: int, dropout: float = 0.0, dims: int = 2) -> None:
         super().__init__()
+        c = conv(dims)
         self.norm1 = nn.GroupNorm(_groups(cin), cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv1 = c(cin, cout, 3, padding=1)
         self.norm2 = nn.GroupNorm(_groups(cout), cout)
         self.drop = ChannelDropout(cout, dropout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.skip: nn.Module = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.conv2 = c(cout, cout, 3, padding=1)
+        self.skip: nn.Module = c(cin, cout, 1) if cin != cout else nn.Identity()
         self.act = nn.SiLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,19 +68,20 @@ class Encoder(nn.Module):
         depth: int,
         dropout: float = 0.0,
         dropout_positions: Sequence[str] = (),
+        dims: int = 2,
     ) -> None:
         super().__init__()
         chans = channel_widths(width, depth)
-        self.stem = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.stem = conv(dims)(in_channels, width, 3, padding=1)
         self.blocks = nn.ModuleList()
         self.downs = nn.ModuleList()
         for i, c in enumerate(chans):
             cin = width if i == 0 else chans[i - 1]
             where = "bottleneck" if i == depth - 1 else "encoder"
             p = dropout if where in dropout_positions else 0.0
-            self.blocks.append(ResBlock(cin, c, p))
+            self.blocks.append(ResBlock(cin, c, p, dims))
             if i < depth - 1:
-                self.downs.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+                self.downs.append(conv(dims)(c, c, 3, stride=2, padding=1))
         self.out_channels = chans[-1]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -85,7 +99,8 @@ class Encoder(nn.Module):
 class UNet(nn.Module):
     """Residual UNet; ``forward(image [B,C,H,W]) -> features [B, width, H, W]``.
 
-    ``H`` and ``W`` must be multiples of ``2 ** (depth - 1)``.
+    ``dims=3``: ``[B,C,D,H,W] -> [B, width, D, H, W]`` (Conv3d, same shape of net).
+    Spatial sizes must be multiples of ``2 ** (depth - 1)``.
     """
 
     def __init__(
@@ -95,16 +110,17 @@ class UNet(nn.Module):
         depth: int = 3,
         dropout: float = 0.0,
         dropout_positions: Sequence[str] = ("encoder", "bottleneck", "decoder"),
+        dims: int = 2,
     ) -> None:
         super().__init__()
         chans = channel_widths(width, depth)
-        self.encoder = Encoder(in_channels, width, depth, dropout, dropout_positions)
+        self.encoder = Encoder(in_channels, width, depth, dropout, dropout_positions, dims)
         p_dec = dropout if "decoder" in dropout_positions else 0.0
         self.ups = nn.ModuleList()
         self.dec = nn.ModuleList()
         for i in reversed(range(depth - 1)):
-            self.ups.append(nn.ConvTranspose2d(chans[i + 1], chans[i], 2, stride=2))
-            self.dec.append(ResBlock(2 * chans[i], chans[i], p_dec))
+            self.ups.append(_conv_t(dims)(chans[i + 1], chans[i], 2, stride=2))
+            self.dec.append(ResBlock(2 * chans[i], chans[i], p_dec, dims))
         self.out_norm = nn.GroupNorm(_groups(width), width)
         self.act = nn.SiLU()
         self.out_channels = width
