@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from uqserve.bundle import load_bundle
 from uqserve.cli import app
+from uqserve.data import write_nifti
 from uqserve.data.synthetic import make_volume
 from uqserve.errors import UsageError
 from uqserve.models import ModelConfig, build_network
@@ -87,6 +88,18 @@ def test_cli_trains_exports_and_predicts_a_3d_ensemble(tmp_path: Path) -> None:
     b = predict_volume(vol, bundle, batch_size=5)
     for name in MAPS:
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    # exported uncalibrated; whole labelled synthetic scans calibrate it
+    assert load_bundle(bundle).manifest.ood.threshold is None
+    for i in range(4):
+        case = make_volume(50 + i, (40, 36, 20), (1.5, 1.5, 3.0))
+        folder = tmp_path / "cases" / f"case{i}"
+        folder.mkdir(parents=True)
+        write_nifti(case.volume, folder / "image.nii.gz")
+        write_nifti(case.annotations[0], folder / "label_a.nii.gz", affine=case.volume.affine)
+    args = ["calibrate", str(bundle), "--data", str(tmp_path / "cases"), "--n-ood", "2", "-q"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert load_bundle(bundle).manifest.ood.threshold is not None
 
 
 def test_3d_mc_dropout_masks_do_not_depend_on_the_windows(tmp_path: Path) -> None:
