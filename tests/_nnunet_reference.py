@@ -46,6 +46,8 @@ RUNS = {
     "3d_folds01_mirror": ("3d_fullres", (0, 1), True, ""),
     "fold0_resampled": ("2d", (0,), False, "_resampled"),
     "3d_fold0_resampled": ("3d_fullres", (0,), False, "_resampled"),
+    "fold0_cropped": ("2d", (0,), False, "_cropped"),
+    "3d_fold0_cropped": ("3d_fullres", (0,), False, "_cropped"),
 }
 N_TRAIN, N_TEST = 4, 2
 #: Test images: a smooth random field (Gaussian sigma, voxels) plus a little white
@@ -97,6 +99,16 @@ def write_raw(root: Path, key: str) -> tuple[str, list[str]]:
     image, _ = _case(rng, fine_shape, offset, scale)
     _save(image, fine, resampled / f"{key}fine_000_0000.nii.gz")
     files.append(str(resampled / f"{key}fine_000_0000.nii.gz"))
+    # One case that needs cropping AND resampling: another fine-spacing case in
+    # a frame of zeros (one zero slice along the thick axis): nnU-Net crops it
+    # to the nonzero box before normalising and resampling.
+    cropped = root / f"test_{key}_cropped"
+    cropped.mkdir()
+    image, _ = _case(rng, fine_shape, offset, scale)
+    thick, frames = int(np.argmax(spacing)), [(3, 6), (5, 2)]
+    pad = [(1, 0) if a == thick else frames.pop(0) for a in range(3)]
+    _save(np.pad(image, pad), fine, cropped / f"{key}crop_000_0000.nii.gz")
+    files.append(str(cropped / f"{key}crop_000_0000.nii.gz"))
     dataset = {
         "channel_names": {"0": channel},
         "labels": {"background": 0, "lesion": 1},

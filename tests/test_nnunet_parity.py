@@ -15,7 +15,8 @@ mirroring must agree to 5e-3 in probability away from the outermost voxel
 layer and from the window corners where nnU-Net's float16 Gaussian weights
 are subnormal (``_float16_normal_weights``: its rounding is largest there) and
 in >= 99.9 % of the labels; two folds, or mirroring, in >= 99.5 % of the labels;
-a case at another spacing (resampled to the model grid and back) in >= 98 %.
+a case at another spacing (resampled to the model grid and back) in >= 98 %,
+and so must one that also needs nnU-Net's crop to the nonzero bounding box.
 Both the 2d and the 3d_fullres configurations are checked.
 """
 
@@ -88,6 +89,18 @@ def _float16_normal_weights(model_dir: Path, shape: tuple[int, ...]) -> np.ndarr
     return np.broadcast_to(ok, shape)
 
 
+def _nonzero_box(image: str) -> tuple[slice, ...]:
+    """The bounding box of the nonzero voxels of ``image`` (what nnU-Net crops to)."""
+    import nibabel as nib
+
+    nz = np.asarray(nib.load(image).dataobj) != 0
+    box = []
+    for ax in range(3):
+        hit = np.flatnonzero(nz.any(axis=tuple(a for a in range(3) if a != ax)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
 def _compare(ref: dict[str, Any], key: str, run: str, tmp_path: Path) -> list[dict[str, float]]:
     spec = ref[key]["runs"][run]
     bundle = export_nnunet(
@@ -103,7 +116,10 @@ def _compare(ref: dict[str, Any], key: str, run: str, tmp_path: Path) -> list[di
         labels = theirs.argmax(axis=0)
         # Both classes well represented, or agreement would prove little.
         assert 0.02 < float((labels == 1).mean()) < 0.98, "degenerate reference"
-        normal = _float16_normal_weights(Path(spec["model_dir"]), labels.shape)
+        # nnU-Net's windows cover its crop to the nonzero box (the whole scan when nothing is 0).
+        box = _nonzero_box(image)
+        normal = np.ones(labels.shape, bool)
+        normal[box] = _float16_normal_weights(Path(spec["model_dir"]), labels[box].shape)
         inner = np.zeros(labels.shape, bool)
         inner[1:-1, 1:-1, 1:-1] = True
         inner &= normal
@@ -166,13 +182,32 @@ def test_manifest_carries_nnunet_plans(reference: dict[str, Any], tmp_path: Path
 
 
 @pytest.mark.parametrize("key", ["mr", "ct"])
-@pytest.mark.parametrize("run", ["fold0_resampled", "3d_fold0_resampled"])
+@pytest.mark.parametrize(
+    "run", ["fold0_resampled", "3d_fold0_resampled", "fold0_cropped", "3d_fold0_cropped"]
+)
 def test_resampled_case_matches_nnunet(
     reference: dict[str, Any], key: str, run: str, tmp_path: Path
 ) -> None:
-    """A case at 0.8x the training spacing: resampled to the model grid and back."""
+    """A case at 0.8x the training spacing, resampled to the model grid and back;
+    ``*_cropped``: the same in a frame of zeros, cropped to the nonzero box first."""
     for s in _compare(reference, key, run, tmp_path):
         assert s["same_labels"] >= 0.98, s
+
+
+def test_cropped_case_reports_its_box(reference: dict[str, Any], tmp_path: Path) -> None:
+    """Outside the nonzero box: background with probability 1 and no uncertainty."""
+    spec = reference["mr"]["runs"]["3d_fold0_cropped"]
+    bundle = export_nnunet(spec["model_dir"], tmp_path / "crop", folds=["0"])
+    assert bundle.manifest.input.crop_nonzero
+    (image,) = spec["tests"]
+    pred = uqserve.predict_volume(uqserve.read_volume(image), bundle, seed=0)
+    box = _nonzero_box(image)
+    crop = pred.report["geometry"]["crop"]
+    assert crop == {"start": [b.start for b in box], "stop": [b.stop for b in box]}
+    outside = np.ones(pred.seg.shape, bool)
+    outside[box] = False
+    assert outside.any() and (pred.prob[0][outside] == 1.0).all()
+    assert not pred.seg[outside].any() and not pred.tu[outside].any()
 
 
 def test_3d_manifest_is_volumetric(reference: dict[str, Any], tmp_path: Path) -> None:

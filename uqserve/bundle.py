@@ -97,6 +97,9 @@ class InputSpec:
     orientation    the axis codes the model was trained in (e.g. ``"RAS"``: array
                    axis 0 points right, ...); None: as stored
     interpolation  how the image is resampled: ``cubic`` or ``linear``
+    crop_nonzero   crop each scan to the bounding box of its nonzero voxels before
+                   normalisation and resampling, as nnU-Net does (outside the box:
+                   background, zero uncertainty)
     """
 
     channels: int = 1
@@ -108,6 +111,7 @@ class InputSpec:
     orientation: str | None = None
     interpolation: str = "cubic"
     normalization: Normalization = field(default_factory=Normalization)
+    crop_nonzero: bool = False
 
     def problems(self) -> list[str]:
         """What is inconsistent in the geometry fields (empty when all is well)."""
@@ -300,6 +304,7 @@ def _input_spec(inp: dict[str, Any], version: int) -> InputSpec:
         orientation=None if orientation is None else str(orientation).upper(),
         interpolation=str(inp.get("interpolation", "cubic")),
         normalization=Normalization(**norm),
+        crop_nonzero=bool(inp.get("crop_nonzero", False)),
     )
 
 

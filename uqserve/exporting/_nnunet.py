@@ -347,6 +347,7 @@ def export_nnunet(
             orientation=None,
             interpolation="cubic",
             normalization=model.normalization,
+            crop_nonzero=True,  # nnU-Net crops every case to its nonzero bounding box
         ),
         extra={"source": "nnunet", "nnunet": {**model.info, "mirror": bool(mirror)}},
     )

@@ -11,6 +11,7 @@ One module per step, in the order a volume meets them:
 =============  ==========================================================
 ``options``    option checks (seed, batch size, channels); ``PredictError``
 ``intensity``  non-finite voxels out; the bundle's normalisation
+``crop``       the nonzero bounding box (``input.crop_nonzero``) and back
 ``geometry``   volume ``[X, Y, Z]`` <-> batches of padded 2D slices and back
 ``accumulate`` member outputs -> running sums (``Accumulator``), counts, labels
 ``scoring``    segmentation, image scores, OOD decision, entanglement, volumes

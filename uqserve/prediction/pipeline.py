@@ -19,6 +19,7 @@ The steps, each in its own module:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ import numpy.typing as npt
 from uqserve import uncertainty
 from uqserve.bundle import Bundle
 from uqserve.prediction.accumulate import ProgressFn, accumulate
+from uqserve.prediction.crop import Crop, plan_crop
 from uqserve.prediction.frame import Frame, FrameInfo, plan_frame
 from uqserve.prediction.geometry import iter_batches, plan_slices, to_volume_order
 from uqserve.prediction.intensity import (
@@ -159,15 +161,19 @@ def _run(
     # The reader's findings first (zero pixdim, odd voxel sizes, huge intensities).
     warnings: list[str] = [str(w) for w in volume.meta.get("warnings", [])]
     volume, n_bad = clean(volume, warnings)
-    frame = plan_frame(volume, man)
+    crop = plan_crop(volume, man)
+    work = volume if crop is None else crop.volume(volume)
+    frame = plan_frame(work, man)
     as_stored = frame.identity and man.input.patch is None and man.input.dims == 2
-    if as_stored and not man.input.normalization.nonzero:
-        maps = _slices(volume, frame, runtime, seed, batch_size, want_samples, progress, warnings)
+    if as_stored and crop is None and not man.input.normalization.nonzero:
+        maps = _slices(work, frame, runtime, seed, batch_size, want_samples, progress, warnings)
     else:
         maps = _windows(
-            volume, frame, runtime, seed=seed, batch_size=batch_size, overlap=overlap,
+            work, frame, runtime, seed=seed, batch_size=batch_size, overlap=overlap,
             want_samples=want_samples, progress=progress, warnings=warnings,
         )  # fmt: skip
+    if crop is not None:
+        maps = _uncropped(maps, crop, volume.voxel_volume_ml)
 
     t0 = time.perf_counter()
     dec = maps.dec
@@ -200,6 +206,23 @@ def _run(
         sample_labels=None if maps.labels is None else to_volume_order(maps.labels, axis),
         member_foreground=None if fg is None else to_volume_order(fg, axis),
         report=report,
+    )
+
+
+def _uncropped(maps: _Maps, crop: Crop, voxel_ml: float) -> _Maps:
+    """The box's maps on the whole scan's grid: outside, background with p = 1, no uncertainty.
+
+    Each coherent sample counts the cropped-away voxels as background, in the
+    units of the grid ``maps.counts`` were counted on.
+    """
+    counts = maps.counts.copy()
+    counts[..., 0] += crop.outside_voxels * voxel_ml / maps.voxel_ml
+    return dataclasses.replace(
+        maps,
+        dec=crop.restore(maps.dec),
+        counts=counts,
+        labels=None if maps.labels is None else crop.pad(maps.labels),
+        geometry={**maps.geometry, "crop": crop.info()},
     )
 
 

@@ -126,6 +126,7 @@ class FrameInfo(TypedDict):
     interpolation: list[int]  # image interpolation order per model array axis
     patch: list[int] | None
     windows: int  # graph inputs per slice (1: whole slices)
+    crop: NotRequired[dict[str, list[int]]]  # the nonzero box [start, stop) on the scan's grid
 
 
 class Outputs(TypedDict):
