@@ -177,6 +177,8 @@ def test_manifest_carries_nnunet_plans(reference: dict[str, Any], tmp_path: Path
     nn = man.extra["nnunet"]
     assert nn["transpose_forward"] == [2, 0, 1] and nn["transpose_backward"] == [1, 2, 0]
     assert nn["slice_axis"] == 0 and nn["mirror"] is True and nn["folds"] == ["0", "1"]
+    # 2d: slices along the plans' axis, whatever a scan's thickest; nnU-Net's crop
+    assert man.input.slice_axis == 0 and man.input.crop_nonzero
     assert man.input.tile_size == man.input.patch == tuple(reversed(nn["patch_size"]))
     assert man.input.spacing == tuple(reversed(nn["spacing"]))
 
@@ -216,7 +218,7 @@ def test_3d_manifest_is_volumetric(reference: dict[str, Any], tmp_path: Path) ->
     man = export_nnunet(spec["model_dir"], tmp_path / "ct3d", folds=["0"]).manifest
     nn = man.extra["nnunet"]
     back = nn["transpose_backward"]
-    assert (man.input.dims, man.input.orientation) == (3, None)
+    assert (man.input.dims, man.input.orientation, man.input.slice_axis) == (3, None, None)
     assert man.input.patch == tuple(nn["patch_size"][j] for j in back) == (48, 32, 5)
     assert man.input.spacing == tuple(nn["spacing"][j] for j in back)
 

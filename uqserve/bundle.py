@@ -97,6 +97,10 @@ class InputSpec:
     orientation    the axis codes the model was trained in (e.g. ``"RAS"``: array
                    axis 0 points right, ...); None: as stored
     interpolation  how the image is resampled: ``cubic`` or ``linear``
+    slice_axis     ``dims`` 2: the array axis slices are cut along (of the model's
+                   orientation, or of the scan as stored without one), as the
+                   model was trained (nnU-Net's ``transpose_forward[0]``); None:
+                   the scan's through-plane (thickest) axis
     crop_nonzero   crop each scan to the bounding box of its nonzero voxels before
                    normalisation and resampling, as nnU-Net does (outside the box:
                    background, zero uncertainty)
@@ -112,6 +116,7 @@ class InputSpec:
     interpolation: str = "cubic"
     normalization: Normalization = field(default_factory=Normalization)
     crop_nonzero: bool = False
+    slice_axis: int | None = None
 
     def problems(self) -> list[str]:
         """What is inconsistent in the geometry fields (empty when all is well)."""
@@ -133,6 +138,8 @@ class InputSpec:
                 f"input.orientation {self.orientation!r} must be three axis codes, one of "
                 "R/L, A/P, S/I each (e.g. 'RAS')"
             )
+        if self.slice_axis is not None and (self.dims != 2 or self.slice_axis not in (0, 1, 2)):
+            out.append(f"input.slice_axis must be 0, 1 or 2 for dims 2, got {self.slice_axis}")
         if self.interpolation not in INTERPOLATIONS:
             out.append(f"input.interpolation must be one of {', '.join(INTERPOLATIONS)}")
         norm = self.normalization
@@ -305,6 +312,7 @@ def _input_spec(inp: dict[str, Any], version: int) -> InputSpec:
         interpolation=str(inp.get("interpolation", "cubic")),
         normalization=Normalization(**norm),
         crop_nonzero=bool(inp.get("crop_nonzero", False)),
+        slice_axis=None if inp.get("slice_axis") is None else int(inp["slice_axis"]),
     )
 
 

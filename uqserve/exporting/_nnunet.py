@@ -348,6 +348,8 @@ def export_nnunet(
             interpolation="cubic",
             normalization=model.normalization,
             crop_nonzero=True,  # nnU-Net crops every case to its nonzero bounding box
+            # 2d: slices along the plans' axis (transpose_forward[0]), not the scan's thickest
+            slice_axis=int(model.info["slice_axis"]) if model.dims == 2 else None,
         ),
         extra={"source": "nnunet", "nnunet": {**model.info, "mirror": bool(mirror)}},
     )

@@ -16,6 +16,7 @@ keeps its spacing. For ``dims`` 3 it is ``[D, H, W]`` = array axes
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,7 @@ from uqserve.prediction.resample import (
 )
 from uqserve.volumes import Volume
 
-__all__ = ["Frame", "FrameInfo", "plan_frame"]
+__all__ = ["Frame", "FrameInfo", "pin_slice_axis", "plan_frame"]
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,22 @@ class Frame:
             hs = None if member_entropy is None else self._back(member_entropy[m], order=1)
             acc.add(pm, hs)
         return acc.result(release=True)
+
+
+def pin_slice_axis(volume: Volume, man: Manifest) -> Volume:
+    """``volume`` cut along ``input.slice_axis`` when a 2D bundle pins it; else as read."""
+    axis = man.input.slice_axis
+    if man.input.dims != 2 or axis is None:
+        return volume
+    if man.input.orientation is not None:
+        from uqserve.prediction.resample import orientation_transform
+
+        t = orientation_transform(volume.affine, man.input.orientation)
+        if t is not None:  # the model's axis -> the stored axis that becomes it
+            axis = int(np.flatnonzero(t[:, 0] == axis)[0])
+    if axis == volume.slice_axis:
+        return volume
+    return dataclasses.replace(volume, slice_axis=axis)
 
 
 def plan_frame(volume: Volume, man: Manifest) -> Frame:

@@ -32,7 +32,7 @@ from uqserve import uncertainty
 from uqserve.bundle import Bundle
 from uqserve.prediction.accumulate import ProgressFn, accumulate
 from uqserve.prediction.crop import Crop, plan_crop
-from uqserve.prediction.frame import Frame, FrameInfo, plan_frame
+from uqserve.prediction.frame import Frame, FrameInfo, pin_slice_axis, plan_frame
 from uqserve.prediction.geometry import iter_batches, plan_slices, to_volume_order
 from uqserve.prediction.intensity import (
     bounded_warning,
@@ -161,6 +161,7 @@ def _run(
     # The reader's findings first (zero pixdim, odd voxel sizes, huge intensities).
     warnings: list[str] = [str(w) for w in volume.meta.get("warnings", [])]
     volume, n_bad = clean(volume, warnings)
+    volume = pin_slice_axis(volume, man)
     crop = plan_crop(volume, man)
     work = volume if crop is None else crop.volume(volume)
     frame = plan_frame(work, man)
