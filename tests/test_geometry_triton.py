@@ -6,26 +6,17 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
-import pytest
 
+from tests._triton import TRITON_MARKS
 from tests.test_geometry import EXAMPLE4D, _user_onnx_3d
 from uqserve.bundle import Normalization, load_bundle
 from uqserve.prediction import predict_volume
 from uqserve.runtime.embedded import EmbeddedRuntime
 from uqserve.runtime.triton import TritonRuntime
-from uqserve.serving import ServerError, TritonServer, find_server_tree, write_repository
+from uqserve.serving import TritonServer, write_repository
 from uqserve.volumes import read_volume
 
-try:
-    find_server_tree()
-    HAVE_SERVER = True
-except ServerError:
-    HAVE_SERVER = False
-
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(not HAVE_SERVER, reason="tritonserver (server extra) is not installed"),
-]
+pytestmark = TRITON_MARKS
 
 
 def test_3d_bundle_through_triton_equals_embedded(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 
+from tests._triton import TRITON_MARKS
 from tests.conftest import blob_volume, write_nifti
 from uqserve.bundle import BUNDLES_DIR, DEFAULT_BUNDLE, Bundle, load_bundle
 from uqserve.prediction import predict, predict_volume
@@ -31,19 +32,10 @@ from uqserve.runtime.triton import (
     TritonUnavailableError,
     parse_server,
 )
-from uqserve.serving import ServerError, TritonServer, find_server_tree, write_repository
+from uqserve.serving import TritonServer, write_repository
 from uqserve.volumes import read_volume
 
-try:
-    find_server_tree()
-    HAVE_SERVER = True
-except ServerError:
-    HAVE_SERVER = False
-
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(not HAVE_SERVER, reason="tritonserver (server extra) is not installed"),
-]
+pytestmark = TRITON_MARKS
 
 MAPS = ("prob", "tu", "au", "eu", "au_sample", "au_latent")
 UQSERVE = [str(Path(sys.executable).parent / "uqserve")]
