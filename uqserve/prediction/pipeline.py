@@ -2,15 +2,20 @@
 
 The steps, each in its own module:
 
-1. ``options``: the seed and the bundle's channel count are checked;
+1. ``options``: the seed, the overlap and the bundle's channel count are checked;
 2. ``intensity.clean``: non-finite voxels are replaced by the minimum finite
    value (a warning in the report); an all-NaN volume is refused;
-3. ``geometry.plan_slices``: the volume is planned as padded 2D slices along
-   its through-plane axis, and batches are capped in size;
-4. ``intensity.normalization``: the bundle's intensity normalisation;
-5. ``geometry.iter_batches`` -> ``Runtime.infer_many`` ->
-   ``accumulate.accumulate``: batches go through the member graphs and their
-   outputs are streamed into running sums, O(K x voxels) memory;
+3. ``crop``: with ``input.crop_nonzero``, the scan is cut to its nonzero box;
+4. ``frame``: the bundle's orientation and spacing; a scan already in that
+   frame, with no patch, goes on as stored (step 5a), any other through
+   reorientation, resampling and sliding windows (step 5b);
+5a. ``geometry.plan_slices`` -> ``intensity.normalization`` ->
+   ``geometry.iter_batches`` -> ``Runtime.infer_many`` ->
+   ``accumulate.accumulate``: whole slices through the member graphs, their
+   outputs streamed into running sums, O(K x voxels) memory;
+5b. ``windows`` -> ``stitch``: Gaussian-weighted windows on the model grid,
+   member means and sample entropies resampled back to the input grid, where
+   TU/AU/EU are recomputed;
 6. ``scoring``: segmentation, image-level scores, OOD decision, scan
    entanglement and the volume distribution;
 7. ``report.build_report``: the typed report; ``geometry.to_volume_order``
