@@ -51,6 +51,24 @@ def current_umask() -> int:
     return umask
 
 
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder.
+
+    The file gets the mode every other output gets (0666 less the umask).
+    """
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 0600; outputs follow the umask
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
 def _start_time(pid: int) -> int | None:
     """Start time of ``pid`` in clock ticks since boot (Linux), ``None`` when unknown."""
     try:

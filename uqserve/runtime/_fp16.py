@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from uqserve._fs import atomic_write_bytes
 from uqserve.errors import UsageError
 
 #: Bump when the conversion changes: cached graphs of older versions are not reused.
@@ -56,10 +56,7 @@ def fp16_member(path: Path, sha256: str) -> bytes:
     data = convert_fp16(path)
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, cached)
+        atomic_write_bytes(cached, data)
     except OSError:
         pass  # read-only home, full disk: run from memory
     return data

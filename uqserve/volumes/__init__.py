@@ -1,10 +1,10 @@
 """Volumes: reading NIfTI and DICOM series, writing outputs atomically."""
 
+from uqserve._fs import atomic_write_bytes
 from uqserve.volumes.base import Volume, VolumeError
 from uqserve.volumes.io import (
     OutputError,
     atomic_output_dir,
-    atomic_write_bytes,
     read_volume,
     sanitize,
 )

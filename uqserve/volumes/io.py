@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from uqserve import _failpoints
-from uqserve._fs import current_umask, replace_dir_atomically
+from uqserve._fs import replace_dir_atomically
 from uqserve.errors import UsageError
 from uqserve.volumes.base import Volume, VolumeError
 from uqserve.volumes.nifti import is_nifti_path, read_nifti
@@ -155,21 +154,3 @@ def _check_not_input(final: Path, source: Path) -> None:
         raise OutputError(
             f"{final}: the results would replace the input {source}; choose another -o"
         )
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder.
-
-    The file gets the mode every other output gets (0666 less the umask).
-    """
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 0600; outputs follow the umask
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
