@@ -98,6 +98,60 @@ def test_infer_many_in_order(tiny_bundle: Path) -> None:
     assert not np.array_equal(many[0][0].mean, many[1][0].mean)  # seed changes SSN samples
 
 
+@pytest.mark.parametrize(
+    ("workers", "threads"),
+    [(1, 1), (2, 1), (1, 2), (2, 2)],  # on 2 cores: overlapped, then grouped (cores taken)
+)
+def test_infer_many_schedules_give_the_same_outputs(
+    tiny_bundle: Path, workers: int, threads: int
+) -> None:
+    """Whether batches overlap the caller or run in groups, the outputs and their order
+    are those of one ``infer`` per batch; ``want_samples`` is honoured throughout."""
+    bundle = load_bundle(tiny_bundle)
+    batches = [_batch(b=1, seed=s) for s in range(7)]  # not a multiple of any group
+    with EmbeddedRuntime(bundle, device="cpu", workers=1, threads=1) as ref:
+        single = [ref.infer(b, want_samples=True) for b in batches]
+    with EmbeddedRuntime(bundle, device="cpu", workers=workers, threads=threads) as rt:
+        assert rt._overlap == (workers * threads < cpu_count())
+        many = list(rt.infer_many(iter(batches), want_samples=True))
+    assert len(many) == len(batches)
+    for got, want in zip(many, single, strict=True):
+        for g, w in zip(got, want, strict=True):
+            for field in ("mean", "sample_entropy", "sample_counts", "sample_labels"):
+                assert np.array_equal(getattr(g, field), getattr(w, field)), field
+
+
+def test_group_size_gives_every_worker_the_same_number_of_runs() -> None:
+    from uqserve.runtime.embedded import group_size
+
+    assert group_size(5, 1) == 1  # one worker never waits for another
+    for members in range(1, 9):
+        for workers in range(2, 9):
+            g = group_size(members, workers)
+            assert (g * members) % workers == 0  # no worker idles at the group's end
+            assert g * members >= 8 * workers  # the wait for the slowest is amortised
+    assert group_size(5, 2) == 4  # 20 runs, 10 per worker
+
+
+def test_infer_many_stops_cleanly_and_reports_member_failures(tiny_bundle: Path) -> None:
+    bundle = load_bundle(tiny_bundle)
+    with EmbeddedRuntime(bundle, device="cpu", workers=2, threads=1) as rt:
+        results = rt.infer_many(_batch(b=1, seed=s) for s in range(20))
+        next(results)
+        results.close()  # the caller stops early: what was queued is dropped
+        assert rt.infer(_batch(b=1))[0].mean.shape == (1, 2, 32, 40)  # still usable
+        bad = Batch(
+            image=np.zeros((1, 1, 32, 40), np.float32),
+            seed=np.zeros(1, np.int64),
+            offset=np.zeros((1, 2), np.int64),  # wrong shape: onnxruntime refuses it
+            valid=np.array([[32, 40]], np.int64),
+        )
+        with pytest.raises(Exception, match="offset|dimension|shape"):
+            list(rt.infer_many([_batch(b=1), bad, _batch(b=1)]))
+    with pytest.raises(RuntimeServiceError, match="closed"):
+        rt.infer(_batch(b=1))
+
+
 def test_member_that_fails_to_load(tmp_path: Path) -> None:
     folder = make_tiny_bundle(tmp_path / "b")
     (folder / "member_1.onnx").write_bytes(b"not an onnx graph")

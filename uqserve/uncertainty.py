@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,8 @@ __all__ = [
 
 # Spearman ranks both sides in parallel threads from this many values on.
 _PARALLEL_RANKS = 1 << 16
+# Values per chunk of the rank passes after the sort (temporaries of a few MB).
+_RANK_CHUNK = 1 << 20
 
 #: Probability vectors may miss 1 by this much along K (float32 softmax, ONNX reductions).
 SUM_TOLERANCE = 1e-3
@@ -85,9 +88,7 @@ def _check_probabilities(p: npt.ArrayLike, axis: int, name: str) -> tuple[FloatA
     if arr.ndim == 0:
         raise UsageError(f"{name}: expected an array with a class axis, got a scalar")
     total = _sum_classes(np.moveaxis(arr, axis, 0))
-    total -= 1
-    np.abs(total, out=total)
-    err = float(total.max())
+    err = max(float(total.max()) - 1, 1 - float(total.min()))  # NaN if any sum is NaN
     if not math.isfinite(err):
         raise UsageError(f"{name}: contains NaN or infinite values; pass finite probabilities")
     pmin = float(arr.min())
@@ -107,10 +108,12 @@ def _check_probabilities(p: npt.ArrayLike, axis: int, name: str) -> tuple[FloatA
 def _sum_classes(p: FloatArray) -> FloatArray:
     """``p.sum(axis=0)`` for ``[K, *sp]`` as K - 1 element-wise adds (several times faster
     than numpy's reduction over the outer axis of a large array)."""
-    total = np.array(p[0], dtype=p.dtype)  # a copy; 0-d array for 1-D input
-    for k in range(1, p.shape[0]):
+    if p.shape[0] == 1:
+        return np.array(p[0], dtype=p.dtype)  # a copy; 0-d array for 1-D input
+    total = np.add(p[0], p[1])
+    for k in range(2, p.shape[0]):
         np.add(total, p[k], out=total)
-    return total
+    return np.asarray(total)
 
 
 def _finite_array(x: npt.ArrayLike, name: str, ndim: int | None = None) -> FloatArray:
@@ -121,7 +124,9 @@ def _finite_array(x: npt.ArrayLike, name: str, ndim: int | None = None) -> Float
         arr = arr.astype(np.float64)
     if ndim is not None and arr.ndim != ndim:
         raise UsageError(f"{name}: expected {ndim} dimensions, got shape {arr.shape}")
-    if not np.isfinite(arr).all():
+    # max and min are NaN when any value is, +-inf when any is: two cheap reductions
+    # instead of a boolean array of the whole map (4x faster on 16 M voxels).
+    if arr.size and not (math.isfinite(arr.max()) and math.isfinite(arr.min())):
         raise UsageError(f"{name}: contains NaN or infinite values")
     return arr
 
@@ -755,50 +760,94 @@ def ood_decision(
 
 def _rank(x: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float64]:
     """Ranks 1..n with ties given their average rank (as scipy.stats.rankdata)."""
+    ranks = np.multiply(_doubled_ranks(x), 0.5)  # exact: integers and halves
+    return ranks
+
+
+def _doubled_ranks(x: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.unsignedinteger[Any]]:
+    """2 x the ranks of :func:`_rank`, as unsigned integers (uint32 below 2^31 values).
+
+    The scatter into voxel order is random access: 4-byte ranks made it about a
+    third faster than float64 ones. Memory: the sorted keys (8 bytes per value),
+    the ranks (4) and one flag per value; the rest goes in chunks. (Fresh pages
+    cost: with 37 bytes per value of temporaries a first call took twice as
+    long as the next.)
+    """
+    n = x.size
     order, xs = _sorted_order(x)
-    # boundaries of runs of equal values
-    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
-    ends = np.r_[starts[1:], xs.size]
-    avg = (starts + ends + 1) / 2.0  # mean of ranks start+1 .. end
-    ranks = np.empty(x.size, np.float64)
-    ranks[order] = np.repeat(avg, ends - starts)
+    new_run = np.empty(n, bool)  # runs of equal values share their average rank
+    new_run[:1] = True
+    np.not_equal(xs[1:], xs[:-1], out=new_run[1:])
+    del xs
+    starts = np.flatnonzero(new_run)
+    del new_run
+    ends = np.empty_like(starts)
+    ends[:-1] = starts[1:]
+    ends[-1:] = n
+    dtype = np.uint32 if 2 * n < 2**32 else np.uint64
+    doubled = (starts + ends + 1).astype(dtype)  # 2 x the mean of ranks start+1 .. end
+    ranks: npt.NDArray[np.unsignedinteger[Any]] = np.empty(n, dtype)
+    for i in range(0, n, _RANK_CHUNK):
+        j = min(i + _RANK_CHUNK, n)
+        r0 = int(np.searchsorted(starts, i, "right")) - 1  # the runs that meet [i, j)
+        r1 = int(np.searchsorted(starts, j, "left"))
+        lengths = np.minimum(ends[r0:r1], j) - np.maximum(starts[r0:r1], i)
+        ranks[order[i:j]] = np.repeat(doubled[r0:r1], lengths)
     return ranks
 
 
 def _sorted_order(
     x: npt.NDArray[np.floating[Any]],
-) -> tuple[npt.NDArray[np.intp] | npt.NDArray[np.uint64], npt.NDArray[Any]]:
+) -> tuple[npt.NDArray[np.integer[Any]], npt.NDArray[Any]]:
     """A sorting permutation of ``x`` and keys that are equal exactly where ``x`` is.
 
     Tied values all get their run's average rank, so any sorting order gives the
-    same ranks. For float32 the value's order-preserving bits and the index are
-    packed into one uint64 and sorted directly: 5-9x faster than ``argsort``
-    (an indirect sort) on millions of voxels.
+    same ranks. For float32 the value's order-preserving bits (high word) and the
+    index (low word) are written into one uint64 and sorted directly: 5-9x faster
+    than ``argsort`` (an indirect sort) on millions of voxels. Both come back as
+    views of the sorted keys, no copies.
     """
-    if x.dtype != np.float32 or x.size >= 2**32:
+    n = x.size
+    if x.dtype != np.float32 or n >= 2**32:
         order = np.argsort(x, kind="quicksort")
         return order, x[order]
-    bits = (x + np.float32(0)).view(np.uint32)  # + 0: -0.0 becomes 0.0, equal to it
-    # IEEE order as unsigned integers: flip all bits of negatives, the sign bit of others.
-    flip = np.where(bits >> 31 == 1, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
-    keys = (bits ^ flip).astype(np.uint64)
-    keys <<= np.uint64(32)
-    keys |= np.arange(x.size, dtype=np.uint64)
+    keys = np.empty(n, np.uint64)
+    words = keys.view(np.uint32).reshape(n, 2)
+    lo, hi = (0, 1) if sys.byteorder == "little" else (1, 0)
+    bits = words[:, hi]
+    np.add(x.ravel(), np.float32(0), out=bits.view(np.float32))  # -0.0 becomes 0.0
+    if n and float(x.min()) < 0:
+        # IEEE order as unsigned integers: flip all bits of negatives, the sign bit of
+        # others. Non-negative floats (entropies, every map here) already order so.
+        flip = np.where(bits >> 31 == 1, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
+        np.bitwise_xor(bits, flip, out=bits)
+    for i in range(0, n, _RANK_CHUNK):
+        words[i : i + _RANK_CHUNK, lo] = np.arange(i, min(i + _RANK_CHUNK, n), dtype=np.uint32)
     keys.sort()
-    order = keys & np.uint64(0xFFFFFFFF)
-    keys >>= np.uint64(32)
-    return order, keys
+    return words[:, lo], words[:, hi]
 
 
-def _spearman(a: npt.NDArray[np.floating[Any]], b: npt.NDArray[np.floating[Any]]) -> float | None:
+def _spearman(
+    a: npt.NDArray[np.floating[Any]],
+    b: npt.NDArray[np.floating[Any]],
+    mask: BoolArray | None = None,
+) -> float | None:
+    """Spearman's rho of ``a`` and ``b`` (same shape), over ``mask`` if given."""
+
+    def doubled_ranks(x: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.unsignedinteger[Any]]:
+        return _doubled_ranks(x.ravel() if mask is None else x[mask])
+
     if a.size >= _PARALLEL_RANKS:
         # Two large sorts: numpy releases the GIL, so they run on two cores.
         with ThreadPoolExecutor(1) as pool:
-            future = pool.submit(_rank, b)
-            ra = _rank(a)
-            rb = future.result()
+            future = pool.submit(doubled_ranks, b)
+            ra2 = doubled_ranks(a)
+            rb2 = future.result()
     else:
-        ra, rb = _rank(a), _rank(b)
+        ra2, rb2 = doubled_ranks(a), doubled_ranks(b)
+    # The sorted keys are gone by now: float64 ranks do not add to their peak.
+    ra, rb = np.multiply(ra2, 0.5), np.multiply(rb2, 0.5)
+    del ra2, rb2
     ra -= ra.mean()
     rb -= rb.mean()
     den = math.sqrt(float(ra @ ra) * float(rb @ rb))
@@ -848,10 +897,11 @@ def scan_entanglement(
             f"scan_entanglement: shapes differ: tu {t.shape}, au {a.shape}, eu {e.shape}"
         )
     mask = t > 0.05 * math.log(num_classes)
-    if int(np.count_nonzero(mask)) < min_voxels:
+    selected = int(np.count_nonzero(mask))
+    if selected < min_voxels:
         return None
     # Ranks only need the order: sort the maps' own float32 values, not float64 copies.
-    return _spearman(a[mask], e[mask])
+    return _spearman(a, e, None if selected == mask.size else mask)
 
 
 def entanglement_delta(u_correct: float, u_wrong: float, higher_is_better: bool) -> float:
