@@ -146,7 +146,7 @@ def test_infer_many_stops_cleanly_and_reports_member_failures(tiny_bundle: Path)
             offset=np.zeros((1, 2), np.int64),  # wrong shape: onnxruntime refuses it
             valid=np.array([[32, 40]], np.int64),
         )
-        with pytest.raises(Exception, match="offset|dimension|shape"):
+        with pytest.raises(Exception, match=r"offset|dimension|shape"):
             list(rt.infer_many([_batch(b=1), bad, _batch(b=1)]))
     with pytest.raises(RuntimeServiceError, match="closed"):
         rt.infer(_batch(b=1))
