@@ -302,6 +302,34 @@ def test_threshold_mean_and_foreground_aggregators() -> None:
     assert image_score(big, "foreground", member_foreground=empty) == pytest.approx(big.mean())
 
 
+def test_image_scorer_shares_label_parts_and_equals_image_score() -> None:
+    """One ImageScorer for several maps gives exactly image_score's values; the label
+    changes it counts once equal a brute-force count over neighbour pairs."""
+    from uqserve.uncertainty import AGGREGATORS, ImageScorer
+
+    rng = np.random.default_rng(3)
+    seg = (rng.random((9, 7, 5)) > 0.6).astype(np.uint8)
+    fg = rng.random((9, 7, 5)) > 0.9
+    scorer = ImageScorer(seg=seg, member_foreground=fg)
+    for _ in range(3):
+        u = rng.random((9, 7, 5)).astype(np.float32)
+        for agg in AGGREGATORS:
+            thr = 0.5 if agg == "threshold" else None
+            want = image_score(u, agg, seg=seg, member_foreground=fg, threshold=thr)
+            assert scorer.score(u, agg, threshold=thr) == want, agg
+    brute = sum(
+        int(seg[i, j, k] != seg[i + di, j + dj, k + dk])
+        for di, dj, dk in ((1, 0, 0), (0, 1, 0), (0, 0, 1))
+        for i in range(9 - di)
+        for j in range(7 - dj)
+        for k in range(5 - dk)
+    )
+    u = np.ones((9, 7, 5), np.float32)
+    assert scorer.score(u, "border") == pytest.approx(u.sum() / brute, rel=1e-12)
+    with pytest.raises(ValueError, match="shape"):
+        scorer.score(np.ones((9, 7)), "border")
+
+
 def test_image_score_bad_input() -> None:
     u = np.zeros((4, 4))
     with pytest.raises(ValueError, match="unknown aggregator"):

@@ -38,6 +38,7 @@ __all__ = [
     "AGGREGATORS",
     "Accumulator",
     "Decomposition",
+    "ImageScorer",
     "OODResult",
     "ambiguity_delta",
     "calibrate_ood_threshold",
@@ -597,11 +598,9 @@ def _label_changes(seg: npt.NDArray[np.integer[Any]]) -> int:
     """Number of neighbouring voxel pairs with different labels, summed over every axis."""
     total = 0
     for ax in range(seg.ndim):
-        n = seg.shape[ax]
-        if n > 1:
-            a = np.take(seg, np.arange(1, n), axis=ax)
-            b = np.take(seg, np.arange(0, n - 1), axis=ax)
-            total += int(np.count_nonzero(a != b))
+        if seg.shape[ax] > 1:
+            head = (slice(None),) * ax
+            total += int(np.count_nonzero(seg[(*head, slice(1, None))] != seg[(*head, slice(-1))]))
     return total
 
 
@@ -629,60 +628,101 @@ def image_score(
     * ``foreground``: mean over ``member_foreground`` dilated by 2 voxels (a
       5^d box); the whole image if that mask is empty.
 
+    Several maps of one scan: :class:`ImageScorer` computes what depends on
+    ``seg`` and ``member_foreground`` once.
+
     Raises:
         ValueError: unknown aggregator, missing or mis-shaped ``seg`` /
             ``member_foreground`` / ``threshold``, non-finite map.
     """
-    if aggregator not in AGGREGATORS:
-        raise UsageError(
-            f"image_score: unknown aggregator {aggregator!r}; "
-            f"choose one of {', '.join(AGGREGATORS)}"
-        )
-    u = _finite_array(u_map, "image_score(u_map)")
-    if u.size == 0:
-        raise UsageError("image_score(u_map): empty map")
-    if aggregator == "mean":
-        return float(u.mean(dtype=np.float64))
-    if aggregator == "border":
-        if seg is None:
-            raise UsageError("image_score: aggregator 'border' needs seg (the predicted labels)")
-        labels = np.asarray(seg)
-        if labels.shape != u.shape:
-            raise UsageError(f"image_score: seg has shape {labels.shape}, map has {u.shape}")
-        changes = _label_changes(labels)
-        total = float(u.sum(dtype=np.float64))
-        return total / changes if changes else total
-    if aggregator == "patch":
-        if u.ndim not in (2, 3):
-            raise UsageError(f"image_score: 'patch' needs a 2-D or 3-D map, got shape {u.shape}")
-        if int(patch_size) != patch_size or patch_size < 1:
+    scorer = ImageScorer(seg=seg, member_foreground=member_foreground, patch_size=patch_size)
+    return scorer.score(u_map, aggregator, threshold=threshold)
+
+
+class ImageScorer:
+    """:func:`image_score` for several maps of one scan, sharing the label-derived parts
+    (the border's label changes, the dilated foreground), each computed on first use."""
+
+    def __init__(
+        self,
+        *,
+        seg: npt.ArrayLike | None = None,
+        member_foreground: npt.ArrayLike | None = None,
+        patch_size: int = 10,
+    ) -> None:
+        if isinstance(patch_size, bool) or int(patch_size) != patch_size or patch_size < 1:
             raise UsageError(
                 f"image_score: patch_size must be a positive integer, got {patch_size}"
             )
-        ph, pw = min(int(patch_size), u.shape[0]), min(int(patch_size), u.shape[1])
-        return float(_box_sums_2d(u, ph, pw).max())
-    if aggregator == "threshold":
-        if threshold is None or not math.isfinite(threshold):
-            raise UsageError(
-                "image_score: aggregator 'threshold' needs a finite threshold "
-                "(set on validation data)"
-            )
-        above = u >= threshold
-        n = int(np.count_nonzero(above))
-        return float(u[above].sum(dtype=np.float64) / n) if n else 0.0
-    # foreground
-    if member_foreground is None:
-        raise UsageError(
-            "image_score: aggregator 'foreground' needs member_foreground "
-            "(Decomposition.member_foreground)"
+        self.seg = None if seg is None else np.asarray(seg)
+        self.member_foreground = (
+            None if member_foreground is None else np.asarray(member_foreground, dtype=bool)
         )
-    fg = np.asarray(member_foreground, dtype=bool)
-    if fg.shape != u.shape:
-        raise UsageError(f"image_score: member_foreground has shape {fg.shape}, map has {u.shape}")
-    region = _dilate(fg, 2)
-    if not region.any():
-        return float(u.mean(dtype=np.float64))
-    return float(u[region].mean(dtype=np.float64))
+        self.patch_size = int(patch_size)
+        self._changes: int | None = None
+        self._region: BoolArray | None = None
+
+    def score(self, u_map: npt.ArrayLike, aggregator: str, threshold: float | None = None) -> float:
+        """The image-level score of ``u_map`` ``[*sp]`` under ``aggregator``."""
+        if aggregator not in AGGREGATORS:
+            raise UsageError(
+                f"image_score: unknown aggregator {aggregator!r}; "
+                f"choose one of {', '.join(AGGREGATORS)}"
+            )
+        u = _finite_array(u_map, "image_score(u_map)")
+        if u.size == 0:
+            raise UsageError("image_score(u_map): empty map")
+        if aggregator == "mean":
+            return float(u.mean(dtype=np.float64))
+        if aggregator == "border":
+            total = float(u.sum(dtype=np.float64))
+            changes = self._label_changes(u.shape)
+            return total / changes if changes else total
+        if aggregator == "patch":
+            if u.ndim not in (2, 3):
+                raise UsageError(
+                    f"image_score: 'patch' needs a 2-D or 3-D map, got shape {u.shape}"
+                )
+            ph, pw = min(self.patch_size, u.shape[0]), min(self.patch_size, u.shape[1])
+            return float(_box_sums_2d(u, ph, pw).max())
+        if aggregator == "threshold":
+            if threshold is None or not math.isfinite(threshold):
+                raise UsageError(
+                    "image_score: aggregator 'threshold' needs a finite threshold "
+                    "(set on validation data)"
+                )
+            above = u >= threshold
+            n = int(np.count_nonzero(above))
+            return float(u[above].sum(dtype=np.float64) / n) if n else 0.0
+        region = self._foreground_region(u.shape)  # foreground
+        if region is None:
+            return float(u.mean(dtype=np.float64))
+        return float(u[region].mean(dtype=np.float64))
+
+    def _label_changes(self, shape: tuple[int, ...]) -> int:
+        if self.seg is None:
+            raise UsageError("image_score: aggregator 'border' needs seg (the predicted labels)")
+        if self.seg.shape != shape:
+            raise UsageError(f"image_score: seg has shape {self.seg.shape}, map has {shape}")
+        if self._changes is None:
+            self._changes = _label_changes(self.seg)
+        return self._changes
+
+    def _foreground_region(self, shape: tuple[int, ...]) -> BoolArray | None:
+        """``member_foreground`` dilated by 2 voxels; None when empty (the whole image)."""
+        fg = self.member_foreground
+        if fg is None:
+            raise UsageError(
+                "image_score: aggregator 'foreground' needs member_foreground "
+                "(Decomposition.member_foreground)"
+            )
+        if fg.shape != shape:
+            raise UsageError(
+                f"image_score: member_foreground has shape {fg.shape}, map has {shape}"
+            )
+        if self._region is None:
+            self._region = _dilate(fg, 2)
+        return self._region if self._region.any() else None
 
 
 # --------------------------------------------------------------------------- OOD

@@ -275,7 +275,7 @@ class BundleEvaluation:
         )
 
     def _score(self, record: ImageRecord, pred: ImagePrediction) -> None:
-        seg = pred.seg
+        scorer = U.ImageScorer(seg=pred.seg, member_foreground=pred.member_foreground)
         for m in MAPS:
             u = pred.map(m)
             scores = {}
@@ -284,11 +284,7 @@ class BundleEvaluation:
                     scores[agg] = math.nan  # the runtime did not say where members saw foreground
                     continue
                 thr = (self.thresholds or {}).get(m) if agg == "threshold" else None
-                scores[agg] = float(
-                    U.image_score(
-                        u, agg, seg=seg, member_foreground=pred.member_foreground, threshold=thr
-                    )
-                )
+                scores[agg] = scorer.score(u, agg, threshold=thr)
             record.scores[m] = scores
 
     def finish_validation(self) -> None:

@@ -136,7 +136,7 @@ def write_outputs(
         (pred.seg, folder / "seg.nii.gz"),
         (np.ascontiguousarray(prob, dtype=np.float32), folder / "prob.nii.gz"),
         *(
-            (getattr(pred, k).astype(np.float32), folder / f"{k}.nii.gz")
+            (getattr(pred, k).astype(np.float32, copy=False), folder / f"{k}.nii.gz")
             for k in ("tu", "au", "eu")
         ),
     ]

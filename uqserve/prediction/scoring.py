@@ -54,15 +54,16 @@ def score_prediction(
     """
     M, S, K = man.num_members, man.num_samples, man.num_classes
     agg = man.default_aggregator
+    scorer = uncertainty.ImageScorer(seg=seg, member_foreground=dec.member_foreground)
     image: ImageScores = {
         "aggregator": agg,
-        "tu": _score(dec, dec.tu, seg, man, agg, "tu"),
-        "au": _score(dec, dec.au, seg, man, agg, "au"),
-        "eu": _score(dec, dec.eu, seg, man, agg, "eu"),
-        "au_sample": _score(dec, dec.au_sample, seg, man, agg, "au_sample"),
-        "au_latent": _score(dec, dec.au_latent, seg, man, agg, "au_latent"),
+        "tu": _score(scorer, dec.tu, man, agg, "tu"),
+        "au": _score(scorer, dec.au, man, agg, "au"),
+        "eu": _score(scorer, dec.eu, man, agg, "eu"),
+        "au_sample": _score(scorer, dec.au_sample, man, agg, "au_sample"),
+        "au_latent": _score(scorer, dec.au_latent, man, agg, "au_latent"),
     }
-    ood_score = _score(dec, dec.eu, seg, man, man.ood.aggregator, "eu") if M > 1 else 0.0
+    ood_score = _score(scorer, dec.eu, man, man.ood.aggregator, "eu") if M > 1 else 0.0
     if ood_score is None:
         raise PredictError(
             f"{bundle_path}: OOD aggregator 'threshold' has no EU cut-off in the manifest; "
@@ -82,9 +83,8 @@ def score_prediction(
 
 
 def _score(
-    dec: uncertainty.Decomposition,
+    scorer: uncertainty.ImageScorer,
     u: npt.NDArray[np.float32],
-    seg: npt.NDArray[np.uint8],
     man: Manifest,
     aggregator: str,
     key: str,
@@ -95,15 +95,7 @@ def _score(
     thr = thresholds.get(key) if isinstance(thresholds, dict) else None
     if aggregator == "threshold" and thr is None:
         return None  # the bundle was calibrated without a cut-off for this map
-    return float(
-        uncertainty.image_score(
-            u,
-            aggregator,
-            seg=seg,
-            member_foreground=dec.member_foreground,
-            threshold=None if thr is None else float(thr),
-        )
-    )
+    return scorer.score(u, aggregator, threshold=None if thr is None else float(thr))
 
 
 def ood_info(man: Manifest, score: float) -> OodInfo:
