@@ -236,6 +236,15 @@ def segmentation(mean: npt.ArrayLike) -> npt.NDArray[np.uint8]:
     return labels
 
 
+def _scaled_moved(a: FloatArray, perm: tuple[int, ...], factor: np.float32) -> FloatArray:
+    """``a.transpose(perm) * factor`` as a new C-contiguous array (one pass; numpy
+    releases the GIL, so several run in threads)."""
+    moved = a.transpose(perm)
+    out = np.empty(moved.shape, a.dtype)
+    np.multiply(moved, factor, out=out)
+    return out
+
+
 def _finish(
     mean: FloatArray,
     au: FloatArray,
@@ -519,21 +528,35 @@ class Accumulator:
         if self._adds + n > limit and int(self._count[full].max()) + n > limit:
             raise UsageError(f"Accumulator.{what}: more than {limit} members per voxel")
 
-    def result(self, *, release: bool = False) -> Decomposition:
+    def result(
+        self, *, release: bool = False, axes: tuple[int, ...] | None = None
+    ) -> Decomposition:
         """The decomposition of everything added so far.
 
         Args:
-            release: hand the running sums over to the result (divided in
-                place) instead of copying them: peak memory drops by about the
-                size of the maps, and the accumulator cannot be used again.
+            release: hand the running sums over to the result instead of
+                keeping them: peak memory drops by about the size of the maps,
+                and the accumulator cannot be used again.
+            axes: the order of the spatial axes in the returned maps (a
+                permutation, as for ``np.transpose``); they come out
+                C-contiguous in that order. The sums are divided and moved in
+                one pass before TU, EU and AU_latent are derived from them:
+                cheaper than moving all seven maps afterwards, same values.
 
         Raises:
-            ValueError: nothing was added, or voxels saw different numbers of
-                members (a slab is missing or was sent twice).
+            ValueError: nothing was added, voxels saw different numbers of
+                members (a slab is missing or was sent twice), or ``axes`` is
+                not a permutation of the spatial axes.
         """
         self._check_usable("result")
         if self._adds == 0:
             raise UsageError("Accumulator.result: no member outputs were added")
+        nd = len(self.spatial_shape)
+        order = tuple(range(nd)) if axes is None else tuple(axes)
+        if sorted(order) != list(range(nd)):
+            raise UsageError(
+                f"Accumulator.result: axes must be a permutation of 0..{nd - 1}, got {axes!r}"
+            )
         lo, hi = int(self._count.min()), int(self._count.max())
         if lo != hi:
             raise UsageError(
@@ -541,24 +564,25 @@ class Accumulator:
                 "must cover the whole domain exactly once (a slab is missing or duplicated)"
             )
         inv = np.float32(1.0 / hi)
-        if not release:
-            return _finish(
-                np.multiply(self._sum_mean, inv),
-                np.multiply(self._sum_h, inv),
-                np.multiply(self._sum_hs, inv),
-                self._foreground.copy(),
-                hi,
-            )
-        sums = (self._sum_mean, self._sum_h, self._sum_hs)
-        for a in sums:
-            np.multiply(a, inv, out=a)
-        foreground = self._foreground
-        empty = np.empty(0, np.float32)
-        self._sum_mean = self._sum_h = self._sum_hs = empty
-        self._count = np.empty(0, np.uint16)
-        self._foreground = np.empty(0, bool)
-        self._released = True
-        return _finish(*sums, foreground, hi)
+        sums = ((self._sum_mean, (0, *(1 + a for a in order))),
+                (self._sum_h, order), (self._sum_hs, order))  # fmt: skip
+        if order == tuple(range(nd)) and release:
+            for a, _ in sums:  # divided in place: no copy at all
+                np.multiply(a, inv, out=a)
+            mean, h, hs = (a for a, _ in sums)
+        else:
+            with ThreadPoolExecutor(3, thread_name_prefix="uqserve-result") as pool:
+                mean, h, hs = pool.map(lambda item: _scaled_moved(item[0], item[1], inv), sums)
+        foreground = np.ascontiguousarray(self._foreground.transpose(order))
+        if release:
+            empty = np.empty(0, np.float32)
+            self._sum_mean = self._sum_h = self._sum_hs = empty
+            self._count = np.empty(0, np.uint16)
+            self._foreground = np.empty(0, bool)
+            self._released = True
+        elif foreground is self._foreground:
+            foreground = foreground.copy()
+        return _finish(mean, h, hs, foreground, hi)
 
     def _check_usable(self, what: str) -> None:
         if self._released:

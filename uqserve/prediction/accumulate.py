@@ -9,13 +9,10 @@ per-sample labels are gathered alongside.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -99,7 +96,7 @@ def accumulate(
     if z0 != depth:
         raise RuntimeServiceError(f"runtime returned {z0} of {depth} slices")
     t0 = time.perf_counter()
-    dec = _slices_last(acc.result(release=True))
+    dec = acc.result(release=True, axes=(1, 2, 0))  # [depth, rows, cols] -> [rows, cols, depth]
     return Accumulated(
         dec, counts, labels, clock.model_s, clock.accumulate_s + time.perf_counter() - t0
     )
@@ -171,24 +168,3 @@ def check_outputs(out: MemberOutputs, expected: tuple[int, ...], S: int, m: int)
             f"sample_counts {cnt.shape}; expected {expected}, {(b, *sp)}, {(b, S, K)}: "
             "the graph does not match its manifest; re-export the bundle"
         )
-
-
-def _slices_last(dec: uncertainty.Decomposition) -> uncertainty.Decomposition:
-    """Maps ``[..., depth, rows, cols]`` (accumulator order) -> ``[..., rows, cols, depth]``."""
-
-    def last(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
-        return np.ascontiguousarray(np.moveaxis(a, -3, -1))
-
-    # Seven strided copies of the whole volume; numpy releases the GIL while copying.
-    names = ("mean", "tu", "au", "eu", "au_sample", "au_latent", "member_foreground")
-    arrays = {n: getattr(dec, n) for n in names if getattr(dec, n) is not None}
-    with ThreadPoolExecutor(_copy_threads(), thread_name_prefix="uqserve-layout") as pool:
-        moved = dict(zip(arrays, pool.map(last, arrays.values()), strict=True))
-    return dataclasses.replace(dec, **moved)  # type: ignore[arg-type]
-
-
-def _copy_threads() -> int:
-    try:
-        return max(1, min(4, len(os.sched_getaffinity(0))))
-    except AttributeError:  # not on Linux
-        return max(1, min(4, os.cpu_count() or 1))
