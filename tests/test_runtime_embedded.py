@@ -133,6 +133,26 @@ def test_group_size_gives_every_worker_the_same_number_of_runs() -> None:
     assert group_size(5, 2) == 4  # 20 runs, 10 per worker
 
 
+def test_groups_of_large_batches_stay_under_the_memory_budget(tiny_bundle: Path) -> None:
+    """Outputs of a group are held together: large batches (3D patches) make smaller
+    groups, down to one batch at a time."""
+
+    def batch(side: int) -> Batch:
+        image = np.broadcast_to(np.float32(0), (1, 1, side, side))  # no memory behind it
+        return Batch(image, np.zeros(1, np.int64), np.zeros((1, 3), np.int64),
+                     np.array([[side, side]], np.int64))  # fmt: skip
+
+    with EmbeddedRuntime(load_bundle(tiny_bundle), device="cpu", workers=2, threads=1) as rt:
+        assert rt._group == 8  # 2 members on 2 workers
+        assert rt._group_for(batch(1024), want_samples=False) == 8  # 2 x 12 MiB per batch
+        assert rt._group_for(batch(2048), want_samples=False) == 2  # 2 x 48 MiB
+        assert rt._group_for(batch(4096), want_samples=False) == 1  # 2 x 192 MiB
+        # sample labels add S = 3 bytes per voxel and member: 2 x 74 vs 2 x 93 MiB
+        assert rt.bundle.manifest.num_samples == 3
+        assert rt._group_for(batch(1800), want_samples=False) == 3
+        assert rt._group_for(batch(1800), want_samples=True) == 2
+
+
 def test_infer_many_stops_cleanly_and_reports_member_failures(tiny_bundle: Path) -> None:
     bundle = load_bundle(tiny_bundle)
     with EmbeddedRuntime(bundle, device="cpu", workers=2, threads=1) as rt:

@@ -16,7 +16,8 @@ scheduling. ``infer_many`` keeps the workers busy across batches:
   thrashed). Batches are then run in groups (``group_size``) in which every
   worker has as many member runs, no worker idles while the last member of a
   batch finishes, and a group is handed over once complete, while the
-  workers wait.
+  workers wait. A group's outputs stay under ``GROUP_BYTES`` (large 3D
+  patches make smaller groups, down to one batch).
 Only the outputs the caller needs are fetched: ``sample_labels`` is large
 (``[B, S, H, W]``) and is requested only with ``want_samples``.
 
@@ -124,6 +125,10 @@ def cuda_available() -> bool:
         return count.value > 0
     except OSError:
         return False
+
+
+#: Outputs a group of batches may hold (the caller gets them all at once).
+GROUP_BYTES = 256 << 20
 
 
 def group_size(members: int, workers: int, rounds: int = 8) -> int:
@@ -246,18 +251,33 @@ class EmbeddedRuntime(Runtime):
     ) -> Iterator[list[MemberOutputs]]:
         """Results in order; how batches overlap depends on the cores (module doc)."""
         pending: deque[list[Future[list[Any]]]] = deque()
+        group = 0
         try:
             for batch in batches:
+                group = group or self._group_for(batch, want_samples)
                 pending.append(self._submit(batch, want_samples))
                 if self._overlap and len(pending) == 2:
                     yield self._collect(pending.popleft(), want_samples)
-                elif not self._overlap and len(pending) == self._group:
+                elif not self._overlap and len(pending) == group:
                     yield from self._collect_all(pending, want_samples)
             yield from self._collect_all(pending, want_samples)
         finally:  # the caller stopped early or a member failed: drop what has not started
             for futures in pending:
                 for future in futures:
                     future.cancel()
+
+    def _group_for(self, batch: Batch, want_samples: bool) -> int:
+        """``group_size``, less when a group's outputs would pass ``GROUP_BYTES`` (large
+        3D patches): then the largest multiple of the base size that fits, else 1."""
+        man = self.bundle.manifest
+        voxels = int(np.prod(batch.image.shape)) // max(1, int(batch.image.shape[1]))
+        per_voxel = 4 * (man.num_classes + 1) + (man.num_samples if want_samples else 0)
+        batch_bytes = voxels * per_voxel * man.num_members
+        base = group_size(man.num_members, self.workers, rounds=1)
+        fits = GROUP_BYTES // max(1, batch_bytes)
+        if fits >= self._group:
+            return self._group
+        return max(1, fits // base * base)
 
     def _collect_all(
         self, pending: deque[list[Future[list[Any]]]], want_samples: bool
