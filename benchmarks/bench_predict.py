@@ -15,8 +15,8 @@ On a synthetic X x Y x Z volume (uqserve.data.make_volume, default 256 x 256 x
   ``total_s - model_alone_s`` is the time the scan costs beyond its graphs,
   ``outside_fraction`` = ``outside_s / total_s`` and ``total_over_model`` =
   ``total_s / model_alone_s``. (``model_s`` from report.json is the time
-  predict waited for the runtime; the runtime computes the next batch while
-  predict adds up the last one, so it is shorter than the graphs' own time.)
+  predict waited for the runtime: shorter than the graphs' own time where the
+  runtime computes the next batch while predict adds up the last one.)
 * ``softmax_ensemble``: uqserve's in-memory pipeline (``predict_volume``) vs
   (a) a naive loop that runs each
   member's ONNX session slice by slice, fetches every output (sample labels

@@ -824,8 +824,7 @@ def ood_decision(
 
 def _rank(x: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float64]:
     """Ranks 1..n with ties given their average rank (as scipy.stats.rankdata)."""
-    ranks = np.multiply(_doubled_ranks(x), 0.5)  # exact: integers and halves
-    return ranks
+    return np.multiply(_doubled_ranks(x), 0.5)  # exact: integers and halves
 
 
 def _doubled_ranks(x: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.unsignedinteger[Any]]:
