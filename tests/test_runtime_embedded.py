@@ -13,7 +13,7 @@ import pytest
 from tests._bundles import make_tiny_bundle
 from uqserve.bundle import BundleError, load_bundle, sha256_file
 from uqserve.errors import UsageError
-from uqserve.runtime import Batch, RuntimeServiceError, open_runtime
+from uqserve.runtime import Batch, MemberOutputs, RuntimeServiceError, open_runtime
 from uqserve.runtime.embedded import (
     EmbeddedRuntime,
     cpu_count,
@@ -119,6 +119,30 @@ def test_infer_many_schedules_give_the_same_outputs(
         for g, w in zip(got, want, strict=True):
             for field in ("mean", "sample_entropy", "sample_counts", "sample_labels"):
                 assert np.array_equal(getattr(g, field), getattr(w, field)), field
+
+
+def test_prepare_hook_runs_in_the_workers_and_travels_with_the_outputs(
+    tiny_bundle: Path,
+) -> None:
+    """``infer_many(prepare=...)`` calls the hook once per member and batch in the
+    runtime's worker threads; its result comes back as ``outputs.prepared``."""
+    import threading
+
+    from uqserve.runtime.base import Runtime
+
+    def hook(m: int, out: MemberOutputs) -> tuple[int, str, float]:
+        return m, threading.current_thread().name, float(out.mean.sum())
+
+    batches = [_batch(b=1, seed=s) for s in range(3)]
+    with EmbeddedRuntime(load_bundle(tiny_bundle), device="cpu", workers=2, threads=1) as rt:
+        many = list(rt.infer_many(batches, prepare=hook))
+        plain = list(Runtime.infer_many(rt, batches, prepare=hook))  # the base: caller's thread
+    for got, base in zip(many, plain, strict=True):
+        for m, (g, b) in enumerate(zip(got, base, strict=True)):
+            assert g.prepared[0] == m and g.prepared[2] == float(g.mean.sum())
+            assert g.prepared[1].startswith("uqserve-member")
+            assert b.prepared[1] == threading.current_thread().name
+            np.testing.assert_array_equal(g.mean, b.mean)
 
 
 def test_group_size_gives_every_worker_the_same_number_of_runs() -> None:

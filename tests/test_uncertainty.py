@@ -557,3 +557,24 @@ def test_add_sums_rejects_what_no_members_give() -> None:
     acc.add(np.full((2, 4), 0.5, np.float32))
     r = acc.result()
     assert r.num_members == 3 and np.allclose(r.mean, 0.5)
+
+
+def test_prepare_member_then_add_prepared_equals_add() -> None:
+    """The split add (checks and per-member maps elsewhere, sums here) adds exactly
+    what ``add`` adds, and the slab is still checked."""
+    from uqserve.uncertainty import Accumulator, prepare_member
+
+    rng = np.random.default_rng(11)
+    one, two = Accumulator(3, (4, 5, 6)), Accumulator(3, (4, 5, 6))
+    for _ in range(3):
+        pm = rng.dirichlet(np.ones(3), size=(4, 5, 6)).astype(np.float32).transpose(3, 0, 1, 2)
+        hs = (entropy(pm) * rng.random((4, 5, 6))).astype(np.float32)
+        for z in range(4):
+            one.add(pm[:, z : z + 1], hs[z : z + 1], where=(slice(z, z + 1),))
+            member = prepare_member(3, pm[:, z : z + 1], hs[z : z + 1])
+            two.add_prepared(member, where=(slice(z, z + 1),))
+    a, b = one.result(), two.result()
+    for field in ("mean", "tu", "au", "eu", "au_sample", "au_latent", "member_foreground"):
+        assert np.array_equal(getattr(a, field), getattr(b, field)), field
+    with pytest.raises(ValueError, match="expected"):
+        two.add_prepared(member, where=(slice(0, 2),))

@@ -40,6 +40,7 @@ __all__ = [
     "Decomposition",
     "ImageScorer",
     "OODResult",
+    "PreparedMember",
     "ambiguity_delta",
     "calibrate_ood_threshold",
     "calibration_delta",
@@ -49,6 +50,7 @@ __all__ = [
     "image_score",
     "ood_decision",
     "ood_delta",
+    "prepare_member",
     "rank_correlation",
     "scan_entanglement",
     "segmentation",
@@ -324,6 +326,57 @@ def decompose(probs: npt.ArrayLike) -> Decomposition:
     )
 
 
+@dataclass(frozen=True, eq=False)
+class PreparedMember:
+    """One member's slab, checked, with what :meth:`Accumulator.add` derives from it.
+
+    mean            ``[K, *sub]`` float32 p̄_m
+    entropy         ``[*sub]`` H[p̄_m] (nats)
+    sample_entropy  ``[*sub]`` the mean per-sample entropy (``entropy`` for S = 1)
+    foreground      ``[*sub]`` bool, the member's argmax is a class >= 1
+    """
+
+    mean: FloatArray
+    entropy: FloatArray
+    sample_entropy: FloatArray
+    foreground: BoolArray
+
+
+def prepare_member(
+    num_classes: int,
+    member_mean: npt.ArrayLike,
+    member_sample_entropy: npt.ArrayLike | None = None,
+) -> PreparedMember:
+    """:meth:`Accumulator.add`'s checks and per-member maps, without the running sums.
+
+    Safe to call from other threads: a runtime's ``prepare`` hook runs it where
+    the member's outputs were made, while they are in cache, and
+    :meth:`Accumulator.add_prepared` then adds the result.
+    """
+    pm = np.asarray(member_mean)
+    if pm.dtype.kind in "fiu":
+        # One contiguous float32 copy (at most [K, *slab]) when the caller passes a
+        # strided view (e.g. a transposed batch): every pass below is then faster.
+        pm = np.ascontiguousarray(pm, dtype=np.float32)
+    pm, pmin = _check_probabilities(pm, 0, "Accumulator.add(member_mean)")
+    h = _entropy_into(np.empty(pm.shape[1:], np.float32), pm, pmin > 0)
+    if member_sample_entropy is None:
+        return PreparedMember(pm, h, h, _foreground_of(pm))
+    hs = _finite_array(member_sample_entropy, "Accumulator.add(member_sample_entropy)")
+    if hs.shape != h.shape:
+        raise UsageError(
+            f"Accumulator.add: member_sample_entropy has shape {hs.shape}, expected {h.shape}"
+        )
+    # By concavity 0 <= mean_s H[p_s] <= H[mean_s p_s]; allow float32 rounding.
+    tol = SUM_TOLERANCE * (1 + math.log(num_classes))
+    if float(hs.min()) < -tol or bool(np.greater(hs, h + tol).any()):
+        raise UsageError(
+            "Accumulator.add: member_sample_entropy must lie in [0, H[member_mean]] "
+            "(the mean entropy of the member's samples); got values outside"
+        )
+    return PreparedMember(pm, h, hs, _foreground_of(pm))
+
+
 class Accumulator:
     """Streaming decomposition: add members' p̄_m slab by slab, memory O(K x voxels).
 
@@ -418,41 +471,31 @@ class Accumulator:
                 entropies of them.
         """
         self._check_usable("add")
+        self._region(where)  # a bad slab is reported before the member is checked
+        self.add_prepared(self.prepare(member_mean, member_sample_entropy), where)
+
+    def prepare(
+        self, member_mean: npt.ArrayLike, member_sample_entropy: npt.ArrayLike | None = None
+    ) -> PreparedMember:
+        """:func:`prepare_member` for this accumulator's K."""
+        return prepare_member(self.num_classes, member_mean, member_sample_entropy)
+
+    def add_prepared(self, member: PreparedMember, where: tuple[slice, ...] | None = None) -> None:
+        """Add a member made by :meth:`prepare` for the slab ``where`` (as :meth:`add`)."""
+        self._check_usable("add")
         full, shape = self._region(where)
-        pm = np.asarray(member_mean)
-        if pm.dtype.kind in "fiu":
-            # One contiguous float32 copy (at most [K, *slab]) when the caller passes a
-            # strided view (e.g. a transposed batch): every pass below is then faster.
-            pm = np.ascontiguousarray(pm, dtype=np.float32)
-        pm, pmin = _check_probabilities(pm, 0, "Accumulator.add(member_mean)")
-        if pm.shape != (self.num_classes, *shape):
+        if member.mean.shape != (self.num_classes, *shape):
             raise UsageError(
-                f"Accumulator.add: member_mean has shape {pm.shape}, expected "
+                f"Accumulator.add: member_mean has shape {member.mean.shape}, expected "
                 f"{(self.num_classes, *shape)} ([K, *slab]) for where={where!r}"
             )
         self._check_room(full, 1, "add")
-        h = _entropy_into(np.empty(shape, np.float32), pm, pmin > 0)
-        if member_sample_entropy is None:
-            hs: FloatArray = h
-        else:
-            hs = _finite_array(member_sample_entropy, "Accumulator.add(member_sample_entropy)")
-            if hs.shape != shape:
-                raise UsageError(
-                    f"Accumulator.add: member_sample_entropy has shape {hs.shape}, expected {shape}"
-                )
-            # By concavity 0 <= mean_s H[p_s] <= H[mean_s p_s]; allow float32 rounding.
-            tol = SUM_TOLERANCE * (1 + math.log(self.num_classes))
-            if float(hs.min()) < -tol or bool(np.greater(hs, h + tol).any()):
-                raise UsageError(
-                    "Accumulator.add: member_sample_entropy must lie in [0, H[member_mean]] "
-                    "(the mean entropy of the member's samples); got values outside"
-                )
         sub = (slice(None), *full)
-        np.add(self._sum_mean[sub], pm, out=self._sum_mean[sub])
-        np.add(self._sum_h[full], h, out=self._sum_h[full])
-        np.add(self._sum_hs[full], hs, out=self._sum_hs[full], casting="unsafe")
+        np.add(self._sum_mean[sub], member.mean, out=self._sum_mean[sub])
+        np.add(self._sum_h[full], member.entropy, out=self._sum_h[full])
+        np.add(self._sum_hs[full], member.sample_entropy, out=self._sum_hs[full], casting="unsafe")
         np.add(self._count[full], 1, out=self._count[full])
-        np.logical_or(self._foreground[full], _foreground_of(pm), out=self._foreground[full])
+        np.logical_or(self._foreground[full], member.foreground, out=self._foreground[full])
         self._adds += 1
 
     def add_sums(

@@ -10,7 +10,7 @@ per-sample labels are gathered alongside.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -22,8 +22,9 @@ from uqserve._progress import ProgressFn
 from uqserve.bundle import Manifest
 from uqserve.prediction.geometry import SlicePlan
 from uqserve.runtime import MemberOutputs, ReducedOutputs, RuntimeServiceError
+from uqserve.uncertainty import PreparedMember
 
-__all__ = ["Accumulated", "Clock", "ProgressFn", "accumulate", "check_outputs"]
+__all__ = ["Accumulated", "Clock", "ProgressFn", "accumulate", "check_outputs", "member_preparer"]
 
 _Out = TypeVar("_Out", list[MemberOutputs], list[MemberOutputs] | ReducedOutputs)
 
@@ -61,6 +62,7 @@ def accumulate(
     # Slices first: each batch is then one contiguous slab of the running sums (a
     # [X, Y, Z] domain made every add a strided write, 1.5 s of a 256^2 x 64 scan).
     acc = uncertainty.Accumulator(K, (depth, rows, cols))
+    prep = member_preparer(plan, man)  # where the runtime did not run it already
     counts = np.zeros((M, S, K), np.float64)
     labels = np.zeros((M, S, rows, cols, depth), np.uint8) if want_samples else None
     clock = Clock()
@@ -77,11 +79,8 @@ def accumulate(
             continue
         for m, out in enumerate(outs):
             check_outputs(out, (b, K, plan.pad_h, plan.pad_w), S, m)
-            mean = np.swapaxes(out.mean[:, :, :rows, :cols], 0, 1)  # [K, b, X, Y]
-            # S = 1: the sample entropy is H[p̄_m]; let the accumulator compute it so
-            # that AU_latent is exactly 0 rather than float noise.
-            ent = None if S == 1 else out.sample_entropy[:, :rows, :cols]  # [b, X, Y]
-            acc.add(mean, ent, where=(slice(z0, z0 + b),))
+            member = out.prepared if isinstance(out.prepared, PreparedMember) else prep(m, out)
+            acc.add_prepared(member, where=(slice(z0, z0 + b),))
             counts[m] += out.sample_counts.sum(axis=0, dtype=np.float64)
             if labels is not None:
                 if out.sample_labels is None:
@@ -100,6 +99,26 @@ def accumulate(
     return Accumulated(
         dec, counts, labels, clock.model_s, clock.accumulate_s + time.perf_counter() - t0
     )
+
+
+def member_preparer(
+    plan: SlicePlan, man: Manifest
+) -> Callable[[int, MemberOutputs], uncertainty.PreparedMember]:
+    """The runtime's ``prepare`` hook for :func:`accumulate`: one member's batch
+    ``[b, K, pad_h, pad_w]``, checked, cropped to the real pixels and turned into
+    its entropy and foreground (``uncertainty.prepare_member``)."""
+    K, S, rows, cols = man.num_classes, man.num_samples, plan.rows, plan.cols
+
+    def prepare(m: int, out: MemberOutputs) -> uncertainty.PreparedMember:
+        b = out.mean.shape[0] if out.mean.ndim else 0
+        check_outputs(out, (b, K, plan.pad_h, plan.pad_w), S, m)
+        mean = np.swapaxes(out.mean[:, :, :rows, :cols], 0, 1)  # [K, b, X, Y]
+        # S = 1: the sample entropy is H[p̄_m]; let the accumulator compute it so
+        # that AU_latent is exactly 0 rather than float noise.
+        ent = None if S == 1 else out.sample_entropy[:, :rows, :cols]  # [b, X, Y]
+        return uncertainty.prepare_member(K, mean, ent)
+
+    return prepare
 
 
 def _add_reduced(

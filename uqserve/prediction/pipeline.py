@@ -35,7 +35,7 @@ import numpy.typing as npt
 
 from uqserve import uncertainty
 from uqserve.bundle import Bundle
-from uqserve.prediction.accumulate import ProgressFn, accumulate
+from uqserve.prediction.accumulate import ProgressFn, accumulate, member_preparer
 from uqserve.prediction.crop import Crop, plan_crop
 from uqserve.prediction.frame import Frame, FrameInfo, pin_slice_axis, plan_frame
 from uqserve.prediction.geometry import iter_batches, plan_slices, to_volume_order
@@ -249,7 +249,9 @@ def _slices(
     results: Iterator[list[MemberOutputs] | ReducedOutputs] = (
         runtime.infer_many_reduced(batches)
         if runtime.reduces and not want_samples
-        else runtime.infer_many(batches, want_samples=want_samples)
+        else runtime.infer_many(
+            batches, want_samples=want_samples, prepare=member_preparer(plan, man)
+        )
     )
     acc = accumulate(
         results, plan, man, want_samples=want_samples, progress=progress, source=volume.source

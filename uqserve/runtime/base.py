@@ -6,9 +6,11 @@ tritonclient gRPC). Everything above this layer cannot tell which one ran.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -51,12 +53,28 @@ class MemberOutputs:
     sample_entropy ``[B, H, W]`` float32, mean per-sample entropy (nats)
     sample_counts  ``[B, S, K]`` float32, per-sample argmax voxel counts (valid region)
     sample_labels  ``[B, S, H, W]`` uint8 or None when not requested
+    prepared       what the caller's ``prepare`` hook of ``infer_many`` made of
+                   these outputs, else None
     """
 
     mean: npt.NDArray[np.float32]
     sample_entropy: npt.NDArray[np.float32]
     sample_counts: npt.NDArray[np.float32]
     sample_labels: npt.NDArray[np.uint8] | None = None
+    prepared: Any = None
+
+
+#: ``prepare(m, outputs)``: the caller's work on member m's outputs, run by
+#: ``infer_many`` where the outputs were made (a runtime's worker thread, while
+#: they are in cache); the result becomes ``outputs.prepared``.
+PrepareFn = Callable[[int, MemberOutputs], object]
+
+
+def prepared(outs: list[MemberOutputs], prepare: PrepareFn | None) -> list[MemberOutputs]:
+    """``outs`` with ``prepare`` applied to each member (unchanged without one)."""
+    if prepare is None:
+        return outs
+    return [dataclasses.replace(o, prepared=prepare(m, o)) for m, o in enumerate(outs)]
 
 
 @dataclass(frozen=True)
@@ -102,11 +120,15 @@ class Runtime(ABC):
         """Run ``batch`` through every member; element m is member m's outputs."""
 
     def infer_many(
-        self, batches: Iterable[Batch], want_samples: bool = False
+        self,
+        batches: Iterable[Batch],
+        want_samples: bool = False,
+        prepare: PrepareFn | None = None,
     ) -> Iterator[list[MemberOutputs]]:
-        """Results in the order of ``batches``; implementations may pipeline."""
+        """Results in the order of ``batches``; implementations may pipeline, and run
+        ``prepare`` (see ``PrepareFn``) in their own threads."""
         for batch in batches:
-            yield self.infer(batch, want_samples)
+            yield prepared(self.infer(batch, want_samples), prepare)
 
     def infer_reduced(self, batch: Batch) -> ReducedOutputs:
         """The members' outputs for ``batch`` summed (only where ``reduces``)."""

@@ -39,12 +39,12 @@ On CUDA the answer must not depend on the hardware by default:
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import math
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
 
 import numpy as np
 
@@ -54,6 +54,7 @@ from uqserve.errors import UsageError
 from uqserve.runtime.base import (
     Batch,
     MemberOutputs,
+    PrepareFn,
     Runtime,
     RuntimeServiceError,
 )
@@ -244,23 +245,27 @@ class EmbeddedRuntime(Runtime):
         return self._device
 
     def infer(self, batch: Batch, want_samples: bool = False) -> list[MemberOutputs]:
-        return self._collect(self._submit(batch, want_samples), want_samples)
+        return self._collect(self._submit(batch, want_samples, None))
 
     def infer_many(
-        self, batches: Iterable[Batch], want_samples: bool = False
+        self,
+        batches: Iterable[Batch],
+        want_samples: bool = False,
+        prepare: PrepareFn | None = None,
     ) -> Iterator[list[MemberOutputs]]:
-        """Results in order; how batches overlap depends on the cores (module doc)."""
-        pending: deque[list[Future[list[Any]]]] = deque()
+        """Results in order; how batches overlap depends on the cores (module doc).
+        ``prepare`` runs in the worker, right after the member's graph."""
+        pending: deque[list[Future[MemberOutputs]]] = deque()
         group = 0
         try:
             for batch in batches:
                 group = group or self._group_for(batch, want_samples)
-                pending.append(self._submit(batch, want_samples))
+                pending.append(self._submit(batch, want_samples, prepare))
                 if self._overlap and len(pending) == 2:
-                    yield self._collect(pending.popleft(), want_samples)
+                    yield self._collect(pending.popleft())
                 elif not self._overlap and len(pending) == group:
-                    yield from self._collect_all(pending, want_samples)
-            yield from self._collect_all(pending, want_samples)
+                    yield from self._collect_all(pending)
+            yield from self._collect_all(pending)
         finally:  # the caller stopped early or a member failed: drop what has not started
             for futures in pending:
                 for future in futures:
@@ -280,15 +285,17 @@ class EmbeddedRuntime(Runtime):
         return max(1, fits // base * base)
 
     def _collect_all(
-        self, pending: deque[list[Future[list[Any]]]], want_samples: bool
+        self, pending: deque[list[Future[MemberOutputs]]]
     ) -> Iterator[list[MemberOutputs]]:
         """Wait for every pending batch, then hand them over (the workers are idle while
         the caller works, so nobody competes for the cores)."""
-        results = [self._collect(futures, want_samples) for futures in pending]
+        results = [self._collect(futures) for futures in pending]
         pending.clear()
         yield from results
 
-    def _submit(self, batch: Batch, want_samples: bool) -> list[Future[list[Any]]]:
+    def _submit(
+        self, batch: Batch, want_samples: bool, prepare: PrepareFn | None
+    ) -> list[Future[MemberOutputs]]:
         if self._pool is None:
             raise RuntimeServiceError("the embedded runtime is closed; open a new one")
         feeds = {
@@ -296,21 +303,25 @@ class EmbeddedRuntime(Runtime):
             for name, array in batch.feeds().items()
         }
         names = list(MEMBER_OUTPUTS if want_samples else MEMBER_OUTPUTS[:3])
-        return [self._pool.submit(sess.run, names, feeds) for sess in self.sessions]
 
-    @staticmethod
-    def _collect(futures: list[Future[list[Any]]], want_samples: bool) -> list[MemberOutputs]:
-        """Member m's outputs from ``futures[m]``, in member order."""
-        outs = [future.result() for future in futures]
-        return [
-            MemberOutputs(
+        def run(m: int) -> MemberOutputs:
+            out = self.sessions[m].run(names, feeds)
+            outputs = MemberOutputs(
                 mean=out[0],
                 sample_entropy=out[1],
                 sample_counts=out[2],
                 sample_labels=out[3] if want_samples else None,
             )
-            for out in outs
-        ]
+            if prepare is None:
+                return outputs
+            return dataclasses.replace(outputs, prepared=prepare(m, outputs))
+
+        return [self._pool.submit(run, m) for m in range(len(self.sessions))]
+
+    @staticmethod
+    def _collect(futures: list[Future[MemberOutputs]]) -> list[MemberOutputs]:
+        """Member m's outputs from ``futures[m]``, in member order."""
+        return [future.result() for future in futures]
 
     def close(self) -> None:
         if self._pool is not None:

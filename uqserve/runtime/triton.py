@@ -40,7 +40,15 @@ import numpy.typing as npt
 
 from uqserve.bundle import Bundle
 from uqserve.errors import UsageError
-from uqserve.runtime.base import Batch, MemberOutputs, ReducedOutputs, Runtime, RuntimeServiceError
+from uqserve.runtime.base import (
+    Batch,
+    MemberOutputs,
+    PrepareFn,
+    ReducedOutputs,
+    Runtime,
+    RuntimeServiceError,
+    prepared,
+)
 from uqserve.serving.repository import (
     REDUCE_PARAMETER,
     manifest_identity,
@@ -588,14 +596,20 @@ class TritonRuntime(Runtime):
         return got
 
     def infer_many(
-        self, batches: Iterable[Batch], want_samples: bool = False
+        self,
+        batches: Iterable[Batch],
+        want_samples: bool = False,
+        prepare: PrepareFn | None = None,
     ) -> Iterator[list[MemberOutputs]]:
-        """Results in the order of ``batches`` with up to ``max_in_flight`` batches in flight.
+        """Results in the order of ``batches`` with up to ``max_in_flight`` batches in flight
+        (``prepare`` runs in the receiving threads).
 
         One ``deadline_s`` covers all the batches (a scan).
         """
         mode, end = _mode(want_samples), self._deadline()
-        return self._pipelined(lambda b: self._members(self._call(b, mode, end)), batches)
+        return self._pipelined(
+            lambda b: prepared(self._members(self._call(b, mode, end)), prepare), batches
+        )
 
     def infer_many_reduced(self, batches: Iterable[Batch]) -> Iterator[ReducedOutputs]:
         """:meth:`infer_reduced` pipelined like :meth:`infer_many`."""

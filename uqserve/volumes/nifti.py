@@ -210,7 +210,9 @@ def _voxel_source(p: Path, img: nib.Nifti1Image) -> Iterator[nib.Nifti1Image]:
         return
     with igzip.open(p, "rb") as stream:
         holder = nib.FileHolder(filename=str(p), fileobj=stream)
-        yield type(img).from_file_map({"header": holder, "image": holder})
+        with _quiet_nibabel():  # the header is read again
+            image = type(img).from_file_map({"header": holder, "image": holder})
+        yield image
 
 
 def through_plane_axis(spacing: tuple[float, ...], shape: tuple[int, ...]) -> int:
@@ -288,10 +290,17 @@ def write_nifti_like(
 
 
 def _load_quietly(p: Path) -> Any:
+    with _quiet_nibabel():
+        return nib.load(str(p))
+
+
+@contextlib.contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    """nibabel logs the header fixes it makes (zero pixdim -> 1); we report them instead."""
     logger = nib.imageglobals.logger
     before, logger.disabled = logger.disabled, True
     try:
-        return nib.load(str(p))
+        yield
     finally:
         logger.disabled = before
 
