@@ -339,17 +339,7 @@ def _batch(
         i = int(rng.integers(len(slices.images)))
         img, ann = slices.images[i], slices.annotations[i]
         a = int(rng.integers(ann.shape[0]))  # a random annotator is the target
-        lab = ann[a]
-        img = (img - mean) / std
-        # Pad (background value, label 0) when the slice is smaller than the crop.
-        ph, pw = max(0, h - img.shape[1]), max(0, w - img.shape[2])
-        if ph or pw:
-            pad = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
-            img = np.pad(img, ((0, 0), *pad), constant_values=float(img.min()))
-            lab = np.pad(lab, pad, constant_values=0)
-        y = int(rng.integers(img.shape[1] - h + 1))
-        x = int(rng.integers(img.shape[2] - w + 1))
-        ci, cl = img[:, y : y + h, x : x + w], lab[y : y + h, x : x + w]
+        ci, cl = _random_crop((img - mean) / std, ann[a], size, rng)
         if config.augment:
             if rng.uniform() < 0.5:
                 ci, cl = ci[:, ::-1], cl[::-1]
@@ -358,12 +348,37 @@ def _batch(
             if h == w:
                 k = int(rng.integers(4))
                 ci, cl = np.rot90(ci, k, axes=(1, 2)), np.rot90(cl, k)
-            scale, shift = rng.uniform(0.9, 1.1), rng.uniform(-0.1, 0.1)
-            noise = rng.uniform(0.0, config.noise_std)
-            ci = ci * scale + shift + noise * rng.standard_normal(ci.shape)
+            ci = _jitter(ci, rng, config)
         images[b] = ci
         targets[b] = cl
     return images, targets
+
+
+def _random_crop(
+    img: npt.NDArray[np.floating[Any]],
+    lab: npt.NDArray[np.integer[Any]],
+    size: tuple[int, ...],
+    rng: np.random.Generator,
+) -> tuple[npt.NDArray[np.floating[Any]], npt.NDArray[np.integer[Any]]]:
+    """A random ``size`` crop of ``img`` ``[1, *sp]`` and ``lab`` ``[*sp]``; an image
+    smaller than the crop is padded first (its lowest value, label 0), centred."""
+    pad = [(max(0, c - n) // 2, max(0, c - n) - max(0, c - n) // 2)
+           for c, n in zip(size, lab.shape, strict=True)]  # fmt: skip
+    if any(lo or hi for lo, hi in pad):
+        img = np.pad(img, ((0, 0), *pad), constant_values=float(img.min()))
+        lab = np.pad(lab, pad, constant_values=0)
+    start = [int(rng.integers(n - c + 1)) for n, c in zip(lab.shape, size, strict=True)]
+    box = tuple(slice(s0, s0 + c) for s0, c in zip(start, size, strict=True))
+    return img[(slice(None), *box)], lab[box]
+
+
+def _jitter(
+    ci: npt.NDArray[np.floating[Any]], rng: np.random.Generator, config: TrainConfig
+) -> npt.NDArray[np.floating[Any]]:
+    """Intensity augmentation: a random scale and shift, and Gaussian noise."""
+    scale, shift = rng.uniform(0.9, 1.1), rng.uniform(-0.1, 0.1)
+    noise = rng.uniform(0.0, config.noise_std)
+    return ci * scale + shift + noise * rng.standard_normal(ci.shape)
 
 
 def _batch3d(
@@ -387,20 +402,12 @@ def _batch3d(
         i = int(rng.integers(len(vols.images)))
         img = (vols.images[i] - mean) / std
         lab = vols.annotations[i][int(rng.integers(vols.annotations[i].shape[0]))]
-        pad = [(max(0, p - n) // 2, max(0, p - n) - max(0, p - n) // 2)
-               for p, n in zip(patch, lab.shape, strict=True)]  # fmt: skip
-        img = np.pad(img, ((0, 0), *pad), constant_values=float(img.min()))
-        lab = np.pad(lab, pad, constant_values=0)
-        start = [int(rng.integers(n - p + 1)) for n, p in zip(lab.shape, patch, strict=True)]
-        box = tuple(slice(s0, s0 + p) for s0, p in zip(start, patch, strict=True))
-        ci, cl = img[(slice(None), *box)], lab[box]
+        ci, cl = _random_crop(img, lab, patch, rng)
         if config.augment:
             for axis in range(3):
                 if rng.uniform() < 0.5:
                     ci, cl = np.flip(ci, axis + 1), np.flip(cl, axis)
-            scale, shift = rng.uniform(0.9, 1.1), rng.uniform(-0.1, 0.1)
-            noise = rng.uniform(0.0, config.noise_std)
-            ci = ci * scale + shift + noise * rng.standard_normal(ci.shape)
+            ci = _jitter(ci, rng, config)
         images[b], targets[b] = ci, cl
     return images, targets
 
