@@ -122,6 +122,31 @@ def sidecar_command(
             "--network-timeout", help="Close an association silent for this long.", min=0.1
         ),
     ] = 60.0,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-cert",
+            help="PEM certificate of this node: DICOM TLS on the listener and the sender "
+            "(TLS 1.2 or newer; a plain association is then refused).",
+            show_default=False,
+        ),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-key", help="PEM private key of --tls-cert (unencrypted).", show_default=False
+        ),
+    ] = None,
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-ca",
+            help="PEM CA that signs the peers' certificates: senders must present one "
+            "(mutual TLS) and the receiving peer is verified against it "
+            "(default: the system's CAs).",
+            show_default=False,
+        ),
+    ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log every received instance.")
     ] = False,
@@ -134,6 +159,7 @@ def sidecar_command(
     from uqserve.sidecar import Limits, OutputOptions, Peer, Sidecar, SidecarConfig
     from uqserve.sidecar.sender import check_ae_title, parse_address
     from uqserve.sidecar.service import BundlePredictor
+    from uqserve.sidecar.tls import TLSConfig
 
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -142,6 +168,7 @@ def sidecar_command(
     # Everything that cannot work is refused here, before the port is opened:
     # options, bundle, device, model server, spool.
     host, port = parse_address(listen, default_port=11112)
+    tls = TLSConfig.from_files(tls_cert, tls_key, tls_ca)
     peer = Peer.parse(send_to) if send_to else None
     allowed = tuple(
         check_ae_title(a, "--allow AE title") for a in (allow or "").split(",") if a.strip()
@@ -164,6 +191,7 @@ def sidecar_command(
             network_s=network_timeout,
             max_associations=max_associations,
         ),
+        tls=tls,
     )
     servers = [s.removeprefix("grpc://") for s in server or []]
     predictor = BundlePredictor(bundle, servers, seed=seed, device=device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,8 @@ class StorageSCP:
     spooled: ``on_unsupported(series_key, reason)`` is called instead and the
     store is acknowledged (received, deliberately not processed).
     ``on_store(series_key)`` is called after each durable store.
+    ``ssl_context`` (:meth:`uqserve.sidecar.tls.TLSConfig.server_context`)
+    makes it a DICOM TLS listener.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class StorageSCP:
         on_store: Callable[[str], None] | None = None,
         on_unsupported: Callable[[str, str], None] | None = None,
         limits: Limits = Limits(),
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.spool = spool
         self.ae_title = ae_title
@@ -88,6 +92,7 @@ class StorageSCP:
         self.on_unsupported = on_unsupported
         self._server: ThreadedAssociationServer | None = None
         self.limits = limits
+        self.ssl_context = ssl_context  # DICOM TLS: a plain association then fails
         self._ae = AE(ae_title=ae_title)
         self._ae.acse_timeout = limits.acse_s  # also the ARTIM timer: idle sockets are dropped
         self._ae.dimse_timeout = limits.dimse_s
@@ -106,6 +111,7 @@ class StorageSCP:
         server = self._ae.start_server(
             (self.host, self.port),
             block=False,
+            ssl_context=self.ssl_context,
             evt_handlers=[
                 (evt.EVT_C_STORE, self._handle_store),
                 (evt.EVT_REJECTED, self._handle_rejected),
@@ -116,10 +122,11 @@ class StorageSCP:
         self._server = server
         self.port = int(server.server_address[1])
         log.info(
-            "listening on %s:%d as %s (calling AEs allowed: %s; at most %d associations, "
+            "listening on %s:%d%s as %s (calling AEs allowed: %s; at most %d associations, "
             "idle connections closed after %g s)",
             self.host,
             self.port,
+            " with TLS" if self.ssl_context is not None else "",
             self.ae_title,
             ", ".join(self.allow) or "any",
             self.limits.max_associations,

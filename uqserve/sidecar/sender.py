@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import shutil
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -92,6 +93,7 @@ def send_files(
     timeout_s: float = 30.0,
     sleep: Callable[[float], object] = time.sleep,
     on_sent: Callable[[Path], None] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> SendResult:
     """C-STORE ``files`` to ``peer`` in one association per attempt.
 
@@ -100,6 +102,8 @@ def send_files(
     (waiting ``backoff_s * 2**attempt``); what still failed is in
     ``SendResult.failed`` with the last reason. ``on_sent(path)`` is called as
     soon as the peer has stored ``path`` (so a crash later does not resend it).
+    ``tls`` (a client context, :mod:`uqserve.sidecar.tls`): DICOM TLS, the peer's
+    certificate verified for ``peer.host``.
     """
     pending = [Path(f) for f in files]
     result = SendResult()
@@ -117,7 +121,8 @@ def send_files(
         ae.connection_timeout = timeout_s
         for uid in sop_classes:
             ae.add_requested_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+        tls_args = (tls, peer.host) if tls is not None else None
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
         if not assoc.is_established:
             why = (
                 "association rejected"

@@ -50,6 +50,7 @@ from uqserve.sidecar.outputs import (
 from uqserve.sidecar.scp import SUPPORTED_MODALITIES, Limits, StorageSCP
 from uqserve.sidecar.sender import Peer, dead_letter, send_files
 from uqserve.sidecar.spool import SeriesState, Spool, instances_digest
+from uqserve.sidecar.tls import TLSConfig
 from uqserve.volumes import Volume, VolumeError
 from uqserve.volumes.dicom import read_series
 
@@ -168,6 +169,8 @@ class SidecarConfig:
     # How long the instances of a finished series are kept, so that late ones
     # are merged with them and the series is processed whole (0: not kept).
     keep_s: float = 900.0
+    # DICOM TLS on the listener and the sender (and HTTPS trust for DICOMweb).
+    tls: TLSConfig | None = None
 
     def __post_init__(self) -> None:
         if self.stable_seconds < 0:
@@ -198,6 +201,7 @@ class Sidecar:
             on_store=lambda key: self._wake.set(),
             on_unsupported=self._unsupported,
             limits=config.limits,
+            ssl_context=config.tls.server_context() if config.tls else None,
         )
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -506,6 +510,7 @@ class Sidecar:
             backoff_s=self.config.send_backoff_s,
             sleep=self._stop.wait,  # SIGTERM ends the back-off; the series is resumed later
             on_sent=stored,
+            tls=self.config.tls.client_context() if self.config.tls else None,
         )
         refused = {p: why for p, why in result.failed.items() if p in result.refused}
         if refused:
