@@ -198,6 +198,23 @@ def write_ct_series(
     )
 
 
+def set_raw_value(path: str | Path, keyword: str, raw: bytes) -> None:
+    """Store ``raw`` as the bytes of ``keyword`` in the file at ``path``, unchecked.
+
+    pydicom refuses to build malformed values (``ABC`` as a DS); a raw element is
+    written as is, as a broken modality would write it.
+    """
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    ds = pydicom.dcmread(path)
+    tag = Tag(tag_for_keyword(keyword))
+    raw = raw + b" " * (len(raw) % 2)
+    ds._dict[tag] = RawDataElement(tag, dictionary_VR(tag), len(raw), raw, 0, False, True)
+    ds.save_as(path)
+
+
 # --------------------------------------------------------------------------- dcmtk / dicom3tools
 
 

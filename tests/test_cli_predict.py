@@ -164,3 +164,22 @@ def test_dicom_folder(tiny_bundle: Path, tmp_path: Path) -> None:
     code, out, err = _run(tmp_path / "series1", "-o", tmp_path / "o", "-b", tiny_bundle, "--json")
     assert code == 0, err
     assert json.loads(out)["scan"]["shape"] == [24, 20, 3]
+
+
+@pytest.mark.parametrize(
+    ("keyword", "raw"),
+    [("PixelSpacing", rb"abc\0.7"), ("ImageOrientationPatient", rb"0\1\0\0\0"),
+     ("RescaleSlope", b"0")],
+)  # fmt: skip
+def test_malformed_dicom_values_are_one_line_input_errors(
+    tiny_bundle: Path, tmp_path: Path, keyword: str, raw: bytes
+) -> None:
+    from tests.dicom_peers import phantom, set_raw_value, write_ct_series
+
+    syn = write_ct_series(tmp_path / "s", phantom((16, 12, 3), seed=2), shuffle_names=False)
+    set_raw_value(syn.files[2], keyword, raw)
+    code, _, err = _run(tmp_path / "s", "-o", tmp_path / "o", "-b", tiny_bundle, "-q")
+    assert code == 1 and "internal error" not in err
+    (line,) = [line for line in err.splitlines() if keyword in line]
+    assert line.startswith("error:") and "slice002.dcm" in line
+    assert not (tmp_path / "o" / "s").exists()

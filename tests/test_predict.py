@@ -115,6 +115,23 @@ def test_through_plane_axis_not_last(tiny_bundle: Path) -> None:
     assert b.report["scan"]["slice_axis"] == 0
 
 
+@pytest.mark.parametrize("axis", [0, 1])
+def test_one_slice_stored_on_any_axis_gives_the_same_maps(
+    tiny_bundle: Path, tmp_path: Path, axis: int
+) -> None:
+    """One 30 x 26 slice stored [X, Y, 1], [1, X, Y] or [X, 1, Y] (files, isotropic): same maps."""
+    data = blob_volume((30, 26, 1), seed=3)
+    iso = np.diag([0.7, 0.7, 0.7, 1.0])
+    flat = read_nifti(write_nifti(tmp_path / "flat.nii.gz", data, iso))
+    moved_data = np.ascontiguousarray(np.moveaxis(data, 2, axis))
+    moved = read_nifti(write_nifti(tmp_path / "moved.nii.gz", moved_data, iso))
+    assert moved.slice_axis == axis
+    a = predict_volume(flat, tiny_bundle, seed=2)
+    b = predict_volume(moved, tiny_bundle, seed=2)
+    for key in ("seg", "tu", "au", "eu"):
+        np.testing.assert_array_equal(np.moveaxis(getattr(b, key), axis, 2), getattr(a, key))
+
+
 def test_softmax_multiclass_and_single_member(make_bundle: Callable[..., Path]) -> None:
     vol = _volume()
     soft = predict_volume(vol, make_bundle("s", au="softmax", num_samples=1, num_classes=3))

@@ -32,6 +32,7 @@ from tests.dicom_peers import (
     phantom,
     require,
     sent,
+    set_raw_value,
     storescu,
     wait_port,
     write_ct_series,
@@ -206,14 +207,25 @@ def test_hostile_patient_data_gives_results_and_never_reaches_a_log(
 
 @pytest.mark.parametrize(
     ("damage", "said"),
-    [("truncated", "pixel data"), ("65535x65535", "voxels is more than the limit")],
+    [
+        ("truncated", "pixel data"),
+        ("65535x65535", "voxels is more than the limit"),
+        ("SliceThickness", "SliceThickness is not a number"),
+        ("ImagePositionPatient", "ImagePositionPatient is not 3 numbers"),
+        ("ImageOrientationPatient", "are not orthogonal"),
+    ],
 )
 def test_bad_input_fails_at_once_without_retries(
     tmp_path: Path, tiny_bundle: Path, damage: str, said: str
 ) -> None:
     require("storescu")
     syn = write_ct_series(tmp_path / "ct", phantom((16, 16, 3)), shuffle_names=False)
+    raw = {"SliceThickness": b"3 mm", "ImagePositionPatient": rb"0\0",
+           "ImageOrientationPatient": rb"1\0\0\0.2\0.98\0"}  # fmt: skip
     for f in syn.files if damage == "65535x65535" else syn.files[1:2]:
+        if damage in raw:  # malformed or impossible values: input errors, never retried
+            set_raw_value(f, damage, raw[damage])
+            continue
         ds = pydicom.dcmread(f)
         if damage == "truncated":
             ds.PixelData = ds.PixelData[:100]

@@ -181,6 +181,8 @@ def test_through_plane_axis_rule() -> None:
     assert through_plane_axis((3.0, 0.8, 0.8), (20, 64, 64)) == 0
     assert through_plane_axis((0.8, 3.0, 0.8), (64, 20, 64)) == 1
     assert through_plane_axis((3.0, 0.8, 0.8), (20, 64, 1)) == 2  # one slice: last axis
+    assert through_plane_axis((1.0, 1.0, 1.0), (1, 64, 48)) == 0  # one slice stored first
+    assert through_plane_axis((0.8, 0.8, 3.0), (64, 1, 48)) == 1
 
 
 def test_atomic_output_dir(tmp_path: Path) -> None:

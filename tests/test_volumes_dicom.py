@@ -10,7 +10,13 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from tests.dicom_peers import PATIENT_ID, PATIENT_NAME, phantom, write_ct_series
+from tests.dicom_peers import (
+    PATIENT_ID,
+    PATIENT_NAME,
+    phantom,
+    set_raw_value,
+    write_ct_series,
+)
 from uqserve.volumes import VolumeError
 from uqserve.volumes.dicom import DicomSeries, read_series
 
@@ -110,6 +116,52 @@ def test_inconsistent_geometry_rejected(tmp_path: Path) -> None:
     ds.save_as(syn.files[2])
     with pytest.raises(VolumeError, match="Pixel Spacing"):
         read_series(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "raw", "said"),
+    [
+        # orientation: unit vectors 30 degrees apart, and 84 degrees apart
+        ("ImageOrientationPatient", rb"1\0\0\0.8660254\0.5\0", "not orthogonal"),
+        ("ImageOrientationPatient", rb"0\1\0\0.1\0.1\0.98995", "not orthogonal"),
+        ("PixelSpacing", rb"-0.7\0.8", "PixelSpacing is zero or negative"),
+        ("PixelSpacing", rb"0.7\0", "PixelSpacing is zero or negative"),
+        ("RescaleSlope", b"0.0", "RescaleSlope is 0"),
+    ],
+)
+def test_invalid_geometry_is_refused_with_its_reason(
+    tmp_path: Path, keyword: str, raw: bytes, said: str
+) -> None:
+    """Every image of the series carries the same impossible value: refused, the reason named."""
+    syn = write_ct_series(tmp_path, phantom((12, 10, 3)), shuffle_names=False)
+    for f in syn.files:
+        set_raw_value(f, keyword, raw)
+    with pytest.raises(VolumeError, match=said) as info:
+        read_series(tmp_path)
+    assert str(syn.files[0]) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "raw"),
+    [
+        ("ImagePositionPatient", rb"-25\-20"),  # 2 values
+        ("ImageOrientationPatient", rb"1\0\0\0\1"),  # 5 values
+        ("ImageOrientationPatient", rb"1\0\0\0\1\0\0"),  # 7 values
+        ("PixelSpacing", rb"0.7\xyz"),
+        ("PixelSpacing", rb"0.7\nan"),
+        ("RescaleSlope", b"one"),
+        ("RescaleIntercept", b"-1024HU"),
+        ("SliceThickness", b"2.5mm"),
+    ],
+)
+def test_malformed_values_are_input_errors(tmp_path: Path, keyword: str, raw: bytes) -> None:
+    """One image with a value that is not what its tag holds: a VolumeError naming file and tag."""
+    syn = write_ct_series(tmp_path, phantom((12, 10, 3)), shuffle_names=False)
+    set_raw_value(syn.files[1], keyword, raw)
+    with pytest.raises(VolumeError, match=f"{keyword} is not") as info:
+        read_series(tmp_path)
+    assert str(syn.files[1]) in str(info.value)
+    assert raw.decode() not in str(info.value)  # values are never quoted
 
 
 def test_duplicate_positions_rejected(tmp_path: Path) -> None:

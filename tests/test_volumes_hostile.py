@@ -113,7 +113,7 @@ def test_dicom_zero_pixel_spacing_is_refused(tmp_path: Path) -> None:
     ds = pydicom.dcmread(path)
     ds.PixelSpacing = [0, 0]
     ds.save_as(path)
-    with pytest.raises(VolumeError, match="impossible"):
+    with pytest.raises(VolumeError, match="PixelSpacing is zero or negative"):
         read_series(tmp_path / "series")
 
 
@@ -142,7 +142,7 @@ def test_dicom_damaged_geometry_and_overflowing_rescale(
         ds = pydicom.dcmread(f)
         ds.ImagePositionPatient = [float("nan"), 0.0, 0.0]
         ds.save_as(f)
-    with pytest.raises(VolumeError, match=r"Image Position / Orientation .* not numbers"):
+    with pytest.raises(VolumeError, match=r"ImagePositionPatient is not 3 numbers"):
         read_series(tmp_path / "nan")
     huge = write_ct_series(tmp_path / "huge", phantom((16, 12, 3)))
     for f in huge.files:

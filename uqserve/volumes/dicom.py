@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
 from uqserve.volumes.base import (
     Volume,
@@ -100,6 +102,8 @@ def read_series(
     if not datasets:
         raise VolumeError(f"{label}: no DICOM image found; pass a folder holding one image series")
     _check_one_series(datasets, label)
+    for ds in datasets:
+        _check_geometry_values(ds, label)
     first = datasets[0]
     rows, cols, iop, spacing_rc = _common_geometry(datasets, label)
     row_dir, col_dir, normal = _slice_axes(iop, label)
@@ -351,6 +355,64 @@ def _check_image(ds: Dataset, label: str) -> None:
             f"{label}: colour images (Samples per Pixel > 1) are not supported; "
             "send grey-scale CT/MR"
         )
+
+
+def _numbers(ds: Dataset, keyword: str, count: int, where: str) -> npt.NDArray[np.float64]:
+    """``count`` finite numbers from a decimal-string attribute, or a :class:`VolumeError`.
+
+    The message names the attribute, never its value (which may be anything).
+    """
+    try:
+        with warnings.catch_warnings():  # pydicom's warning would quote the value
+            warnings.simplefilter("ignore")
+            value = ds[keyword].value
+        items = list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
+        out = np.asarray([float(v) for v in items], dtype=np.float64)
+    except (TypeError, ValueError, OverflowError, KeyError):
+        out = np.empty(0)
+    if out.shape != (count,) or not np.all(np.isfinite(out)):
+        what = "a number" if count == 1 else f"{count} numbers"
+        raise VolumeError(
+            f"{where}: {keyword} is not {what}; the file is damaged: fix or re-send the series"
+        )
+    return out
+
+
+def _check_geometry_values(ds: Dataset, label: str) -> None:
+    """Position, orientation, spacing and rescale values that are numbers and make sense.
+
+    Refused, each with its reason: malformed values (wrong count, not numbers),
+    a non-orthogonal orientation (results would fail DICOM validation), a zero
+    or negative pixel spacing (a mirrored affine) and a zero Rescale Slope
+    (every pixel the same value).
+    """
+    where = str(getattr(ds, "filename", None) or label)
+    _numbers(ds, "ImagePositionPatient", 3, where)
+    iop = _numbers(ds, "ImageOrientationPatient", 6, where)
+    norms = np.linalg.norm(iop.reshape(2, 3), axis=1)
+    if np.any(norms < 1e-6) or abs(float(iop[:3] @ iop[3:])) > 1e-3 * norms.prod():
+        raise VolumeError(
+            f"{where}: ImageOrientationPatient's row and column directions are not "
+            "orthogonal; the file is damaged: fix or re-send the series"
+        )
+    if np.any(_numbers(ds, "PixelSpacing", 2, where) <= 0):
+        raise VolumeError(
+            f"{where}: PixelSpacing is zero or negative; the file is damaged: "
+            "fix or re-send the series"
+        )
+    for keyword in ("RescaleIntercept", "SliceThickness", "SpacingBetweenSlices"):
+        if _present(ds, keyword):
+            _numbers(ds, keyword, 1, where)
+    if _present(ds, "RescaleSlope") and _numbers(ds, "RescaleSlope", 1, where)[0] == 0:
+        raise VolumeError(
+            f"{where}: RescaleSlope is 0 (every pixel would read the same); "
+            "the file is damaged: fix or re-send the series"
+        )
+
+
+def _present(ds: Dataset, keyword: str) -> bool:
+    """The attribute is there with a value (an empty value means absent)."""
+    return keyword in ds and ds.get_item(keyword).value not in (None, b"", "")
 
 
 def _check_pixel_bytes(ds: Dataset, rows: int, cols: int, label: str) -> None:

@@ -216,10 +216,12 @@ def _voxel_source(p: Path, img: nib.Nifti1Image) -> Iterator[nib.Nifti1Image]:
 
 
 def through_plane_axis(spacing: tuple[float, ...], shape: tuple[int, ...]) -> int:
-    """The axis predict slices along: the last one, unless another axis has the
-    clearly largest spacing (> 1.2x each other axis) and more than one voxel."""
-    if shape[2] == 1:
-        return 2
+    """The axis predict slices along: an axis of one voxel (a single slice, however
+    stored: ``[X, Y, 1]`` and ``[1, X, Y]`` alike), else the last one, unless another
+    axis has the clearly largest spacing (> 1.2x each other axis) and more than one voxel."""
+    single = [ax for ax in (2, 0, 1) if shape[ax] == 1]
+    if single:
+        return single[0]
     order = np.argsort(spacing)[::-1]
     top = int(order[0])
     if (
