@@ -30,6 +30,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
+from uqserve.volumes._dicom_frames import FrameStack, frame_stack
 from uqserve.volumes.base import (
     Volume,
     VolumeError,
@@ -54,11 +55,18 @@ class DicomSeries:
     volume    the pixel data as a :class:`Volume`, ``data [X=columns, Y=rows, Z=slices]``
               float32 after Rescale Slope/Intercept, affine in RAS+ mm
     datasets  the source datasets, sorted by position along the slice normal, in the
-              order of the volume's last axis (pixel data loaded)
+              order of the volume's last axis (pixel data loaded); for a multi-frame
+              image or a mosaic, the one dataset that holds every slice
+    frame_numbers  for a multi-frame image or a mosaic: the 1-based frame (tile) number
+              of each slice along the volume's last axis; ``None`` for single frames
+    layout    ``single-frame``, ``enhanced`` (multi-frame with functional groups) or
+              ``mosaic`` (Siemens, unpacked from the CSA header)
     """
 
     volume: Volume
     datasets: list[Dataset]
+    frame_numbers: list[int] | None = None
+    layout: str = "single-frame"
 
     @property
     def series_uid(self) -> str:
@@ -101,6 +109,9 @@ def read_series(
     datasets = [ds for ds in loaded if ds is not None]
     if not datasets:
         raise VolumeError(f"{label}: no DICOM image found; pass a folder holding one image series")
+    stack = frame_stack(datasets, label, max_voxels)
+    if stack is not None:
+        return _read_stack(stack, datasets[0], label)
     _check_one_series(datasets, label)
     for ds in datasets:
         _check_geometry_values(ds, label)
@@ -111,16 +122,37 @@ def read_series(
     n = len(datasets)
     slice_vec = _slice_vector(positions, along, first, normal, label)
 
+    affine = _affine(row_dir, col_dir, spacing_rc, slice_vec, positions[0])
+    data = _read_pixels(datasets, rows, cols, label, max_voxels)
+    return DicomSeries(volume=_volume(data, affine, first, label, n), datasets=datasets)
+
+
+def _affine(
+    row_dir: npt.NDArray[np.float64],
+    col_dir: npt.NDArray[np.float64],
+    spacing_rc: npt.NDArray[np.float64],
+    slice_vec: npt.NDArray[np.float64],
+    origin: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float64]:
+    """The ``[4, 4]`` RAS+ affine of voxel ``(i=column, j=row, k=slice)`` from LPS geometry."""
     lps = np.eye(4)
     lps[:3, 0] = row_dir * spacing_rc[1]  # i = column index moves along the row direction
     lps[:3, 1] = col_dir * spacing_rc[0]  # j = row index moves along the column direction
     lps[:3, 2] = slice_vec
-    lps[:3, 3] = positions[0]
-    affine = _LPS_TO_RAS @ lps
-    warnings = geometry_warnings(label, affine)
-    data = _read_pixels(datasets, rows, cols, label, max_voxels)
+    lps[:3, 3] = origin
+    affine: npt.NDArray[np.float64] = _LPS_TO_RAS @ lps
+    return affine
 
-    volume = Volume(
+
+def _volume(
+    data: npt.NDArray[np.float32],
+    affine: npt.NDArray[np.float64],
+    first: Dataset,
+    label: str,
+    n: int,
+    **meta: object,
+) -> Volume:
+    return Volume(
         data=data,
         affine=affine,
         source=label,
@@ -129,12 +161,34 @@ def read_series(
         meta={
             "format": "dicom",
             "modality": str(getattr(first, "Modality", "")),
-            "series": uid_hash(str(first.SeriesInstanceUID)),
+            "series": uid_hash(str(getattr(first, "SeriesInstanceUID", ""))),
             "num_instances": n,
-            "warnings": warnings + intensity_warnings(data),
+            **meta,
+            "warnings": geometry_warnings(label, affine) + intensity_warnings(data),
         },
     )
-    return DicomSeries(volume=volume, datasets=datasets)
+
+
+def _read_stack(stack: FrameStack, ds: Dataset, label: str) -> DicomSeries:
+    """One enhanced multi-frame image or mosaic: its frames sorted along the normal,
+    checked to be one regular stack, as a series of single frames would be."""
+    if not str(getattr(ds, "SeriesInstanceUID", "")):
+        raise VolumeError(
+            f"{label}: an image without a Series Instance UID; the file is not a valid series"
+        )
+    row_dir, col_dir, normal = _slice_axes(stack.orientation, label)
+    along = stack.positions @ normal
+    order = np.argsort(along, kind="stable")
+    positions = stack.positions[order]
+    slice_vec = _slice_vector(positions, along[order], stack.measures, normal, label)
+    affine = _affine(row_dir, col_dir, stack.spacing_rc, slice_vec, positions[0])
+    frames = stack.pixels()  # [F, rows, cols]
+    data = np.ascontiguousarray(np.transpose(frames[order], (2, 1, 0)), dtype=np.float32)
+    if not np.all(np.isfinite(data)):
+        raise VolumeError(f"{label}: pixel data holds NaN or infinite values; the file is damaged")
+    volume = _volume(data, affine, ds, label, 1, frames=len(order), layout=stack.layout)
+    numbers = [stack.frame_numbers[i] for i in order]
+    return DicomSeries(volume=volume, datasets=[ds], frame_numbers=numbers, layout=stack.layout)
 
 
 def _check_one_series(datasets: list[Dataset], label: str) -> None:
@@ -149,13 +203,8 @@ def _check_one_series(datasets: list[Dataset], label: str) -> None:
         raise VolumeError(
             f"{label}: images without a Series Instance UID; the files are not a valid series"
         )
-    for ds in datasets:
+    for ds in datasets:  # multi-frame images and mosaics are read by _read_stack
         _check_image(ds, label)
-    if len(datasets) == 1 and int(getattr(datasets[0], "NumberOfFrames", 1) or 1) > 1:
-        raise VolumeError(
-            f"{label}: a multi-frame (enhanced) image; only series of single-frame images "
-            "are supported: export the series as single-frame (classic) images"
-        )
 
 
 def _common_geometry(
