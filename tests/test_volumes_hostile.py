@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import resource
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -153,3 +154,65 @@ def test_dicom_damaged_geometry_and_overflowing_rescale(
     with pytest.raises(VolumeError, match="NaN or infinite"):
         read_series(tmp_path / "huge")
     assert "overflow" not in capfd.readouterr().err  # no numpy warning on stderr
+
+
+def _patched(path: Path, **fields: float) -> Path:
+    """Rewrite header fields of the NIfTI-1 file ``path`` in place, bypassing nibabel's checks."""
+    raw = path.read_bytes()
+    header = nib.Nifti1Header(binaryblock=raw[:348])
+    for name, value in fields.items():
+        header[name] = value
+    path.write_bytes(header.binaryblock + raw[348:])
+    return path
+
+
+def test_corrupt_qform_beside_a_valid_sform_is_refused_at_read(tmp_path: Path) -> None:
+    """Quaternion b^2 + c^2 = 1.13 with qform_code 2; the sform (code 1) alone is fine."""
+    path = _patched(
+        write_nifti(tmp_path / "q.nii", blob_volume((10, 8, 3))),
+        quatern_b=0.8, quatern_c=0.7, quatern_d=0.0, qform_code=2, sform_code=1,
+    )  # fmt: skip
+    with pytest.raises(VolumeError, match=r"q\.nii: the header's qform .* not a valid rotation"):
+        read_volume(path)
+    # the same header with qform_code 0 is read (outputs then copy the sform alone)
+    assert read_volume(_patched(path, qform_code=0)).shape == (10, 8, 3)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_nifti_header_claiming_more_than_its_file_is_refused_without_allocating(
+    tmp_path: Path, gz: bool
+) -> None:
+    """256 x 256 x 1024 float64 (512 MiB) claimed by a file of a few hundred bytes."""
+    small = _patched(write_nifti(tmp_path / "s.nii", blob_volume((4, 4, 2))), datatype=64)
+    header = nib.Nifti1Header(binaryblock=small.read_bytes()[:348])
+    header.set_data_shape((256, 256, 1024))
+    raw = header.binaryblock + small.read_bytes()[348:]
+    path = tmp_path / ("big.nii.gz" if gz else "big.nii")
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (_address_space() + (256 << 20), hard))
+    try:
+        with pytest.raises(VolumeError, match=r"claims 256x256x1024 voxels \(536,870,912 bytes"):
+            read_volume(path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def test_values_beyond_float32_and_bad_scale_factors(tmp_path: Path) -> None:
+    """A float64 voxel of -1e300 (or 3e4 x scl_slope 1e38) is refused without a numpy warning."""
+    data = blob_volume((6, 5, 2)).astype(np.float64)
+    data[2, 3, 1] = -1e300
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a raw RuntimeWarning would fail here
+        with pytest.raises(VolumeError, match=r"values up to 1e\+300 .* do not fit in float32"):
+            read_volume(write_nifti(tmp_path / "f64.nii", data))
+        big = np.full((6, 5, 2), 30000, np.int16)
+        scaled = write_nifti(tmp_path / "scaled.nii", big, slope=1e38)  # up to 3e42
+        with pytest.raises(VolumeError, match="do not fit in float32"):
+            read_volume(scaled)
+    ones = write_nifti(tmp_path / "s.nii", np.ones((6, 5, 2), np.int16), slope=2.0, inter=5.0)
+    with pytest.raises(VolumeError, match=r"s\.nii: the header's scl_slope is infinite"):
+        read_volume(_patched(ones, scl_slope=-np.inf))
+    vol = read_volume(_patched(ones, scl_slope=np.nan))  # nibabel's "unset": no scaling...
+    assert np.all(vol.data == 1)
+    assert any("scl_inter 5 is ignored" in w for w in vol.meta["warnings"])  # ...said aloud

@@ -88,6 +88,9 @@ def read_nifti(
     shape = _checked_shape(p, header, stored_shape, volume_index)
     ndim = len(shape)
     check_voxel_count(str(p), shape[:3], max_voxels)
+    _check_file_holds_voxels(p, header, stored_shape)
+    _check_qform(p, header)
+    scaling = _scaling_warnings(p, header)
     data = _read_voxels(p, img, shape, volume_index)
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) == 0:
@@ -95,7 +98,7 @@ def read_nifti(
             f"{p}: the header's affine is singular or not finite; fix the qform/sform"
         )
     warnings = _zero_pixdim_warnings(p, header, ndim) + geometry_warnings(str(p), affine)
-    warnings += intensity_warnings(data)
+    warnings += scaling + intensity_warnings(data)
     qcode = int(header["qform_code"])
     scode = int(header["sform_code"])
     meta: dict[str, Any] = {
@@ -170,6 +173,88 @@ def _checked_shape(
     return shape
 
 
+# deflate never packs more than 1032 bytes into one: a bound on what a .gz can hold.
+_DEFLATE_MAX_RATIO = 1032
+
+
+def _check_file_holds_voxels(p: Path, header: Any, stored_shape: tuple[int, ...]) -> None:
+    """Refuse a header that claims more voxel bytes than the file can hold, before allocating.
+
+    ``.nii``: the file must reach ``vox_offset`` + the voxel bytes; ``.nii.gz``: the
+    voxel bytes must not exceed what deflate can pack into the compressed size.
+    """
+    itemsize = np.dtype(header.get_data_dtype()).itemsize
+    need = int(np.prod(stored_shape, dtype=object)) * itemsize
+    size = p.stat().st_size
+    gz = p.name.lower().endswith(".gz")
+    room = size * _DEFLATE_MAX_RATIO if gz else size - int(header["vox_offset"])
+    if need > room:
+        dims = "x".join(str(s) for s in stored_shape)
+        held = f"{size:,} bytes{' compressed' if gz else ''}"
+        raise VolumeError(
+            f"{p}: the header claims {dims} voxels ({need:,} bytes) but the file holds "
+            f"{held}; the file is truncated or its header is wrong"
+        )
+
+
+def _scaling_warnings(p: Path, header: Any) -> list[str]:
+    """Refuse an infinite ``scl_slope``; warn when an unset slope drops a real ``scl_inter``.
+
+    NIfTI's "no scaling" is ``scl_slope`` 0, nibabel writes NaN; either way the
+    intercept is then ignored, which must not pass unnoticed.
+    """
+    # nibabel resets the loaded image's scl_* fields: read them as the file stores them.
+    with nib.openers.ImageOpener(str(p)) as f:
+        stored = type(header).from_fileobj(f, check=False)
+    slope, inter = float(stored["scl_slope"]), float(stored["scl_inter"])
+    if np.isinf(slope):
+        raise VolumeError(
+            f"{p}: the header's scl_slope is infinite; fix it "
+            "(scl_slope 0 or 1 and scl_inter 0 mean no scaling)"
+        )
+    if (np.isnan(slope) or slope == 0) and np.isfinite(inter) and inter != 0:
+        return [
+            f"scl_slope is {slope:g} (no scaling), so scl_inter {inter:g} is ignored: "
+            "check the header if the intensities look shifted"
+        ]
+    return []
+
+
+def _check_qform(p: Path, header: Any) -> None:
+    """A qform that is a rotation when its code is set, checked at read.
+
+    The outputs copy it: a corrupt quaternion beside a valid sform would otherwise
+    fail only when the results are written.
+    """
+    if int(header["qform_code"]) <= 0:
+        return
+    try:
+        qform = header.get_qform()
+    except Exception:  # nibabel: a quaternion with b^2 + c^2 + d^2 > 1
+        qform = None
+    if qform is None or not np.all(np.isfinite(qform)):
+        raise VolumeError(
+            f"{p}: the header's qform (quatern_b/c/d, qoffset) is not a valid rotation "
+            f"but qform_code is {int(header['qform_code'])}; fix the qform or set "
+            "qform_code to 0"
+        )
+
+
+def _to_float32(p: Path, arr: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+    """``arr`` as float32; values beyond float32's range (a float64 1e300) are refused."""
+    try:
+        with np.errstate(over="raise"):
+            return np.asarray(arr, dtype=np.float32)
+    except FloatingPointError:
+        finite = np.isfinite(arr)
+        peak = float(np.max(np.abs(arr), where=finite, initial=0.0))
+        raise VolumeError(
+            f"{p}: voxel values up to {peak:.3g} in magnitude do not fit in float32 "
+            f"(at most {float(np.finfo(np.float32).max):.3g}); the data type or scale factor "
+            "(scl_slope) is wrong: fix the file"
+        ) from None
+
+
 def _read_voxels(
     p: Path, img: nib.Nifti1Image, shape: tuple[int, ...], volume_index: int | None
 ) -> npt.NDArray[np.float32]:
@@ -182,12 +267,12 @@ def _read_voxels(
                 arr = arr.reshape(shape[:3])
             else:
                 arr = np.asanyarray(proxy).reshape(shape)
-            # dataobj applies scl_slope/inter; float32 is enough precision for any stored type.
-            data = np.asarray(arr, dtype=np.float32)
     except Exception as exc:  # truncated gzip (EOFError, zlib.error), short files (ValueError)
         raise VolumeError(
             f"{p}: cannot read the voxel data ({_reason(exc)}); the file is truncated or corrupt"
         ) from exc
+    # dataobj applies scl_slope/inter; float32 is enough precision for any stored type.
+    data = _to_float32(p, arr)
     if data.ndim == 2:
         data = data[:, :, np.newaxis]
     return data
