@@ -81,7 +81,7 @@ def _export(tmp: Path, members: int, width: int, patch: tuple[int, int, int]) ->
     out = tmp / "bundle3d"
     export_onnx_members(
         files, out, dims=3, patch=patch, spacing=(1.5, 1.2, 1.2), orientation="RAS",
-        normalization=Normalization("zscore"), calibrate=False,
+        normalization=Normalization("zscore"),
     )  # fmt: skip
     return out
 

@@ -80,7 +80,7 @@ def build_bundle(out: Path, au: str, members: int, samples: int) -> tuple[Path, 
             tile_size=(128, 128), multiple=cfg.multiple, normalization=Normalization("zscore")
         ),
     )
-    export_networks(nets, out, plan, cfg, calibrate=False)
+    export_networks(nets, out, plan, cfg)
     return out, nets
 
 

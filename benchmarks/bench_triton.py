@@ -66,7 +66,7 @@ def untrained_bundle(out: Path, members: int) -> Path:
             tile_size=(128, 128), multiple=cfg.multiple, normalization=Normalization("zscore")
         ),
     )
-    export_networks(nets, out, plan, cfg, calibrate=False)
+    export_networks(nets, out, plan, cfg)
     return out
 
 

@@ -16,7 +16,7 @@ onnx = pytest.importorskip("onnx")
 from typer.testing import CliRunner  # noqa: E402
 
 from uqserve.bundle import BUNDLES_DIR, InputSpec, load_bundle, sha256_file  # noqa: E402
-from uqserve.calibration import VALIDATION_KEYS  # noqa: E402
+from uqserve.calibration import VALIDATION_KEYS, calibrate_bundle  # noqa: E402
 from uqserve.checkpoints import CheckpointError  # noqa: E402
 from uqserve.cli import app  # noqa: E402
 from uqserve.exporting import (  # noqa: E402
@@ -113,7 +113,11 @@ def all_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         )
         nets = _train(au, cfg, m if eu in ("ensemble", "swag", "swagdiag") else 1)
         b = export_networks(
-            nets, root / comb, _plan(comb, m, s), cfg, calibrate=(comb == "ssn-ensemble")
+            nets,
+            root / comb,
+            _plan(comb, m, s),
+            cfg,
+            calibrate=calibrate_bundle if comb == "ssn-ensemble" else None,
         )
         out[comb] = b.path
     return out
@@ -196,7 +200,7 @@ def test_per_pixel_noise_in_graph_is_tiling_invariant(tmp_path: Path) -> None:
             p.zero_()
         for p in net.backbone.out_norm.parameters():
             p.fill_(0.5)
-    b = export_networks([net], tmp_path / "b", _plan("ssn-none", 1, 4), cfg, calibrate=False)
+    b = export_networks([net], tmp_path / "b", _plan("ssn-none", 1, 4), cfg)
     rng = np.random.default_rng(0)
     img = rng.normal(size=(1, 1, 64, 32)).astype(np.float32)
     seed = np.array([11], dtype=np.int64)
@@ -231,17 +235,17 @@ def test_export_is_atomic_and_refuses_to_overwrite(tmp_path: Path) -> None:
     cfg = ModelConfig(width=8, depth=3)
     nets = _train("softmax", cfg, 2, steps=1)
     target = tmp_path / "b"
-    export_networks(nets, target, _plan("softmax-ensemble", 2, 1), cfg, calibrate=False)
+    export_networks(nets, target, _plan("softmax-ensemble", 2, 1), cfg)
     before = sha256_file(target / "manifest.json")
     assert (target / "manifest.json").stat().st_mode & 0o044  # readable by a server's user
     with pytest.raises(ExportError, match="already exists; pass `overwrite=True`"):
-        export_networks(nets, target, _plan("softmax-ensemble", 2, 1), cfg, calibrate=False)
+        export_networks(nets, target, _plan("softmax-ensemble", 2, 1), cfg)
     with pytest.raises(ExportError, match="needs 2 networks"):
         export_networks(nets[:1], target, _plan("softmax-ensemble", 2, 1), cfg, overwrite=True)
     assert sha256_file(target / "manifest.json") == before  # untouched by the failures
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temp folders left
     export_networks(
-        nets[::-1], target, _plan("softmax-ensemble", 2, 1), cfg, calibrate=False, overwrite=True
+        nets[::-1], target, _plan("softmax-ensemble", 2, 1), cfg, overwrite=True
     )
     assert sha256_file(target / "manifest.json") != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
@@ -288,7 +292,6 @@ def test_export_checkpoints(tmp_path: Path) -> None:
         num_members=3,
         num_samples=4,
         classes=["bg", "lesion"],
-        calibrate=False,
     )
     man = b.manifest
     assert (man.au, man.eu, man.num_members, man.num_samples) == ("ssn", "mcdropout", 3, 4)
@@ -326,7 +329,10 @@ def test_recipe_route_trains_with_uqserve_training_then_exports(tmp_path: Path) 
     from uqserve.exporting import export_recipe
 
     b = export_recipe(
-        ROOT / "export" / "softmax-ensemble.toml", tmp_path / "b", overrides=TINY_TRAIN
+        ROOT / "export" / "softmax-ensemble.toml",
+        tmp_path / "b",
+        overrides=TINY_TRAIN,
+        calibrate=calibrate_bundle,
     )
     man = b.manifest
     # Named by the recipe, not by the folder it was written to.
@@ -361,7 +367,7 @@ def test_checkpoints_from_uqserve_train_export(tmp_path: Path) -> None:
         config=TrainConfig(**{**TINY_TRAIN, "num_masks": 3}),  # type: ignore[arg-type]
         model_config=cfg,
     )
-    b = export_checkpoints(ckpt, tmp_path / "b", calibrate=False)
+    b = export_checkpoints(ckpt, tmp_path / "b")
     assert (b.manifest.num_members, b.manifest.num_samples) == (3, 3)
     outs = [_run(b.member_path(m), parity_feeds(1, (32, 32)))[0] for m in range(3)]
     assert np.abs(outs[0] - outs[1]).max() > 1e-4  # three different frozen dropout masks
@@ -401,7 +407,12 @@ def _user_onnx(path: Path, k: int = 2, seed: int = 0, probs: bool = False) -> Pa
 def test_bring_your_own_onnx_members(tmp_path: Path) -> None:
     files = [_user_onnx(tmp_path / f"fold{i}.onnx", seed=i) for i in range(3)]
     b = export_onnx_members(
-        files, tmp_path / "b", classes=["background", "lesion"], tile_size=(32, 32), multiple=8
+        files,
+        tmp_path / "b",
+        classes=["background", "lesion"],
+        tile_size=(32, 32),
+        multiple=8,
+        calibrate=calibrate_bundle,
     )
     man = b.manifest
     assert (man.au, man.eu, man.num_members, man.num_samples, man.opset) == (
@@ -429,7 +440,6 @@ def test_bring_your_own_onnx_members(tmp_path: Path) -> None:
         [_user_onnx(tmp_path / "p.onnx", probs=True)],
         tmp_path / "p",
         outputs="probs",
-        calibrate=False,
     )
     assert pb.manifest.eu == "none"
     user = _session(tmp_path / "p.onnx").run(None, {"input": feeds["image"]})[0]

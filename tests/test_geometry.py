@@ -278,7 +278,7 @@ def bundle_3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
     files = [_user_onnx_3d(tmp / f"fold{i}.onnx", i) for i in range(2)]
     export_onnx_members(
         files, tmp / "b3d", dims=3, patch=(8, 32, 32), spacing=(3.0, 2.5, 2.5),
-        orientation="RAS", normalization=Normalization("zscore"), calibrate=False,
+        orientation="RAS", normalization=Normalization("zscore"),
     )  # fmt: skip
     return tmp / "b3d"
 

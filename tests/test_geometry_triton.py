@@ -26,7 +26,7 @@ def test_3d_bundle_through_triton_equals_embedded(tmp_path: Path) -> None:
     files = [_user_onnx_3d(tmp_path / f"fold{i}.onnx", i) for i in range(2)]
     export_onnx_members(
         files, tmp_path / "b3d", dims=3, patch=(8, 32, 32), spacing=(3.0, 2.5, 2.5),
-        orientation="RAS", normalization=Normalization("zscore"), calibrate=False,
+        orientation="RAS", normalization=Normalization("zscore"),
         name="geo3d",
     )  # fmt: skip
     bundle = load_bundle(tmp_path / "b3d")
@@ -52,7 +52,7 @@ def test_3d_repository_declares_volumes(tmp_path: Path) -> None:
     from uqserve.exporting import export_onnx_members
 
     files = [_user_onnx_3d(tmp_path / "fold0.onnx", 0)]
-    export_onnx_members(files, tmp_path / "b", dims=3, patch=(8, 32, 32), calibrate=False)
+    export_onnx_members(files, tmp_path / "b", dims=3, patch=(8, 32, 32))
     repo = write_repository(tmp_path / "b", tmp_path / "repo", "onnxruntime", instances=1)
     text = (repo / "b_member_0" / "config.pbtxt").read_text()
     for name, dims in [

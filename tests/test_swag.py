@@ -165,10 +165,10 @@ def test_swag_bundle_runs_end_to_end_through_predict(tmp_path: Path, eu: str) ->
     for k, v in stats.mean.items():
         assert torch.allclose(member[k], v.to(torch.float32))
 
-    b = export_checkpoints(ckpt, tmp_path / "b", calibrate=False)
+    b = export_checkpoints(ckpt, tmp_path / "b")
     assert (b.manifest.eu, b.manifest.num_members) == (eu, 3)
     assert b.manifest.extra["swag"]["draw_seed"] == 0
-    again = export_checkpoints(ckpt, tmp_path / "b2", calibrate=False)
+    again = export_checkpoints(ckpt, tmp_path / "b2")
     digests = [sha256_file(b.member_path(m)) for m in range(3)]
     assert digests == [sha256_file(again.member_path(m)) for m in range(3)]  # frozen draws
     assert len(set(digests)) == 3

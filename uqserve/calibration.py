@@ -1,7 +1,8 @@
 """Calibrate a bundle: default aggregator, OOD threshold, validation statistics, Δ scores.
 
 One calibration for both paths: ``uqserve export`` calibrates the bundle it
-writes (:func:`calibrate_manifest` with :data:`EXPORT_CALIBRATION`), and
+writes (:func:`calibrate_bundle`, handed to the exporter: :func:`calibrate_manifest`
+with :data:`EXPORT_CALIBRATION`), and
 ``uqserve calibrate`` recalibrates a bundle in place (:func:`calibrate`). Both
 run the bundle through the :class:`~uqserve.runtime.Runtime` interface
 (embedded onnxruntime, or Triton servers) over the evaluation sets of
@@ -35,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from uqserve import __version__
 from uqserve import uncertainty as U
 from uqserve._progress import ProgressFn
+from uqserve._version import __version__
 from uqserve.bundle import MANIFEST_NAME, Bundle, Manifest, OODSpec, load_bundle, verify_checksums
 from uqserve.bundle import write_manifest as _write_manifest
 from uqserve.contracts import AGGREGATORS, PAPER_SHIFTS
@@ -52,6 +53,7 @@ __all__ = [
     "VALIDATION_KEYS",
     "best_aggregator",
     "calibrate",
+    "calibrate_bundle",
     "calibrate_manifest",
 ]
 
@@ -206,6 +208,22 @@ def calibrate_manifest(
         validation=clean(validation),
         entanglement=clean(_entanglement(summary, description)),
     )
+
+
+def calibrate_bundle(bundle: Bundle, **options: Any) -> Manifest:
+    """Calibrate a freshly exported bundle (:data:`EXPORT_CALIBRATION`); the new manifest.
+
+    What ``uqserve export`` hands to the exporter (``calibrate=calibrate_bundle``).
+    Synthetic slices are drawn at the training image size when the export
+    recorded one (``extra.calibration_size``: the same object scale as in
+    training), else at the tile size. ``options`` override
+    :func:`calibrate_manifest`'s.
+    """
+    man = bundle.manifest
+    cal, mult = int(man.extra.get("calibration_size") or 0), man.input.multiple
+    size = (cal - cal % mult, cal - cal % mult) if cal >= mult else man.input.tile_size
+    kwargs: dict[str, Any] = {"size": size, "device": "cpu", **EXPORT_CALIBRATION, **options}
+    return calibrate_manifest(bundle, **kwargs)
 
 
 def _rounded(v: float | None) -> float | None:

@@ -5,7 +5,7 @@
   what the Triton repository declares);
 - the image-level aggregator names (``uqserve.uncertainty.image_score``, the
   manifest's ``default_aggregator`` and ``ood.aggregator``);
-- the AU and EU method names (from the model registry, ``uqserve.models.config``);
+- the AU and EU method names and their twenty combinations;
 - the paper's four OOD corruptions;
 - the default class names of a model with K classes.
 
@@ -17,7 +17,6 @@ keeps its own copy of the names; a test checks that the two agree.
 from __future__ import annotations
 
 from uqserve.errors import UsageError
-from uqserve.models.config import AU_METHODS, COMBINATIONS, EU_METHODS
 
 __all__ = [
     "AGGREGATORS",
@@ -36,6 +35,14 @@ __all__ = [
     "default_class_names",
     "member_specs",
 ]
+
+# --------------------------------------------------------------------------- methods
+
+#: The aleatoric (AU) and epistemic (EU) methods, and every AU-EU pairing:
+#: ``"ssn-ensemble"`` is SSN heads in a deep ensemble.
+AU_METHODS = ("softmax", "ssn", "punet", "diffusion")
+EU_METHODS = ("none", "ensemble", "mcdropout", "swag", "swagdiag")
+COMBINATIONS = tuple(f"{au}-{eu}" for au in AU_METHODS for eu in EU_METHODS)
 
 # --------------------------------------------------------------------------- member graphs
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from uqserve import __version__
 from uqserve import uncertainty as U
 from uqserve._progress import ProgressFn
+from uqserve._version import __version__
 from uqserve.bundle import (
     Bundle,
     load_bundle,

@@ -20,7 +20,7 @@ import numpy.typing as npt
 from scipy.optimize import linear_sum_assignment
 
 from uqserve.errors import UsageError
-from uqserve.uncertainty import _check_probabilities, _finite_array, rank_correlation
+from uqserve.uncertainty import check_probabilities, finite_array, rank_correlation
 
 __all__ = [
     "ace",
@@ -205,7 +205,7 @@ def ncc(uncertainty_map: npt.ArrayLike, annotations: npt.ArrayLike) -> float:
         uncertainty_map: ``[*sp]``.
         annotations: ``[A, *sp]`` label maps.
     """
-    u = _finite_array(uncertainty_map, "ncc(uncertainty_map)").astype(np.float64)
+    u = finite_array(uncertainty_map, "ncc(uncertainty_map)").astype(np.float64)
     y = _labels(annotations, "ncc(annotations)", min_ndim=2)
     if y.shape[1:] != u.shape:
         raise UsageError(f"ncc: annotations {y.shape} do not match the map {u.shape} ([A, *sp])")
@@ -241,7 +241,7 @@ def ece(probs: npt.ArrayLike, annotations: npt.ArrayLike, n_bins: int = 15) -> f
         probs: ``[K, *sp]`` predictive probabilities p̄.
         annotations: ``[A, *sp]`` (or ``[*sp]``) label maps.
     """
-    p, _ = _check_probabilities(probs, 0, "ece(probs)")
+    p, _ = check_probabilities(probs, 0, "ece(probs)")
     y = _labels(annotations, "ece(annotations)")
     if y.shape == p.shape[1:]:
         y = y[None]
@@ -274,7 +274,7 @@ def _correct_counts(
     ``correct`` is ``u``'s shape (one trial per voxel) or ``[A, *u.shape]``
     (one trial per annotator, as the paper's ACE counts them).
     """
-    uu = _finite_array(u, f"{name}(u)").astype(np.float64)
+    uu = finite_array(u, f"{name}(u)").astype(np.float64)
     c = np.asarray(correct)
     if c.dtype.kind not in "biuf":
         raise UsageError(f"{name}(correct): expected booleans, got dtype {c.dtype}")
@@ -395,8 +395,8 @@ def ace(u: npt.ArrayLike, correct: npt.ArrayLike, a: float, b: float, n_bins: in
 def _two_scores(
     scores_in: npt.ArrayLike, scores_out: npt.ArrayLike, name: str
 ) -> tuple[FloatArray, FloatArray]:
-    a = _finite_array(np.asarray(scores_in, dtype=np.float64).reshape(-1), f"{name}(scores_in)")
-    b = _finite_array(np.asarray(scores_out, dtype=np.float64).reshape(-1), f"{name}(scores_out)")
+    a = finite_array(np.asarray(scores_in, dtype=np.float64).reshape(-1), f"{name}(scores_in)")
+    b = finite_array(np.asarray(scores_out, dtype=np.float64).reshape(-1), f"{name}(scores_out)")
     if a.size == 0 or b.size == 0:
         raise UsageError(f"{name}: need at least one in-distribution and one OOD score")
     return a.astype(np.float64), b.astype(np.float64)

@@ -63,9 +63,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from uqserve import __version__
 from uqserve._fs import replace_dir_atomically
 from uqserve._progress import LossProgressFn
+from uqserve._version import __version__
 from uqserve.checkpoints import CONFIG_NAME
 from uqserve.checkpoints import Checkpoints as Checkpoints  # the reader lives there
 from uqserve.checkpoints import load_checkpoints as load_checkpoints

@@ -44,9 +44,11 @@ __all__ = [
     "ambiguity_delta",
     "calibrate_ood_threshold",
     "calibration_delta",
+    "check_probabilities",
     "decompose",
     "entanglement_delta",
     "entropy",
+    "finite_array",
     "image_score",
     "ood_decision",
     "ood_delta",
@@ -74,7 +76,7 @@ BoolArray = npt.NDArray[np.bool_]
 # --------------------------------------------------------------------------- validation
 
 
-def _check_probabilities(p: npt.ArrayLike, axis: int, name: str) -> tuple[FloatArray, float]:
+def check_probabilities(p: npt.ArrayLike, axis: int, name: str) -> tuple[FloatArray, float]:
     """Return ``p`` as a float array and its minimum; raise UsageError if not probabilities.
 
     Two passes over ``p`` (a sum along ``axis`` and a minimum): every NaN or
@@ -119,7 +121,8 @@ def _sum_classes(p: FloatArray) -> FloatArray:
     return np.asarray(total)
 
 
-def _finite_array(x: npt.ArrayLike, name: str, ndim: int | None = None) -> FloatArray:
+def finite_array(x: npt.ArrayLike, name: str, ndim: int | None = None) -> FloatArray:
+    """Return ``x`` as a float array; raise UsageError if not numeric, finite (and ``ndim``-D)."""
     arr = np.asarray(x)
     if arr.dtype.kind not in "fiu" or arr.dtype.kind == "b":
         raise UsageError(f"{name}: expected a numeric array, got dtype {arr.dtype}")
@@ -171,7 +174,7 @@ def entropy(p: npt.ArrayLike, axis: int = 0) -> FloatArray:
     Raises:
         ValueError: ``p`` is not a probability array along ``axis``.
     """
-    arr, pmin = _check_probabilities(p, axis, "entropy(p)")
+    arr, pmin = check_probabilities(p, axis, "entropy(p)")
     moved = np.moveaxis(arr, axis, 0)
     out = np.empty(moved.shape[1:], dtype=arr.dtype)
     return _entropy_into(out, moved, pmin > 0)
@@ -300,7 +303,7 @@ def decompose(probs: npt.ArrayLike) -> Decomposition:
         )
     if arr.shape[2] < 2:
         raise UsageError(f"decompose(probs): need K >= 2 classes on axis 2, got shape {arr.shape}")
-    arr, pmin = _check_probabilities(arr, 2, "decompose(probs)")
+    arr, pmin = check_probabilities(arr, 2, "decompose(probs)")
     positive = pmin > 0
     n_members, n_samples, k = arr.shape[:3]
     sp = arr.shape[3:]
@@ -358,11 +361,11 @@ def prepare_member(
         # One contiguous float32 copy (at most [K, *slab]) when the caller passes a
         # strided view (e.g. a transposed batch): every pass below is then faster.
         pm = np.ascontiguousarray(pm, dtype=np.float32)
-    pm, pmin = _check_probabilities(pm, 0, "Accumulator.add(member_mean)")
+    pm, pmin = check_probabilities(pm, 0, "Accumulator.add(member_mean)")
     h = _entropy_into(np.empty(pm.shape[1:], np.float32), pm, pmin > 0)
     if member_sample_entropy is None:
         return PreparedMember(pm, h, h, _foreground_of(pm))
-    hs = _finite_array(member_sample_entropy, "Accumulator.add(member_sample_entropy)")
+    hs = finite_array(member_sample_entropy, "Accumulator.add(member_sample_entropy)")
     if hs.shape != h.shape:
         raise UsageError(
             f"Accumulator.add: member_sample_entropy has shape {hs.shape}, expected {h.shape}"
@@ -533,12 +536,10 @@ class Accumulator:
                 f"Accumulator.add_sums: mean_sum has shape {pm.shape}, expected "
                 f"{(self.num_classes, *shape)} ([K, *slab]) for where={where!r}"
             )
-        _check_probabilities(
-            pm / np.float32(members), 0, "Accumulator.add_sums(mean_sum / members)"
-        )
+        check_probabilities(pm / np.float32(members), 0, "Accumulator.add_sums(mean_sum / members)")
         tol = members * SUM_TOLERANCE * (1 + math.log(self.num_classes))
-        h = _finite_array(entropy_sum, "Accumulator.add_sums(entropy_sum)")
-        hs = h if sample_entropy_sum is None else _finite_array(
+        h = finite_array(entropy_sum, "Accumulator.add_sums(entropy_sum)")
+        hs = h if sample_entropy_sum is None else finite_array(
             sample_entropy_sum, "Accumulator.add_sums(sample_entropy_sum)"
         )  # fmt: skip
         fg = np.asarray(foreground, dtype=bool)
@@ -736,7 +737,7 @@ class ImageScorer:
                 f"image_score: unknown aggregator {aggregator!r}; "
                 f"choose one of {', '.join(AGGREGATORS)}"
             )
-        u = _finite_array(u_map, "image_score(u_map)")
+        u = finite_array(u_map, "image_score(u_map)")
         if u.size == 0:
             raise UsageError("image_score(u_map): empty map")
         if aggregator == "mean":
@@ -796,7 +797,7 @@ class ImageScorer:
 
 
 def _scores_1d(x: npt.ArrayLike, name: str, min_size: int = 1) -> npt.NDArray[np.float64]:
-    arr = _finite_array(np.asarray(x, dtype=np.float64).reshape(-1), name).astype(np.float64)
+    arr = finite_array(np.asarray(x, dtype=np.float64).reshape(-1), name).astype(np.float64)
     if arr.size < min_size:
         raise UsageError(f"{name}: need at least {min_size} values, got {arr.size}")
     return arr
@@ -995,9 +996,9 @@ def scan_entanglement(
     """
     if num_classes < 2:
         raise UsageError(f"scan_entanglement: num_classes must be >= 2, got {num_classes}")
-    t = _finite_array(tu, "scan_entanglement(tu)")
-    a = _finite_array(au, "scan_entanglement(au)")
-    e = _finite_array(eu, "scan_entanglement(eu)")
+    t = finite_array(tu, "scan_entanglement(tu)")
+    a = finite_array(au, "scan_entanglement(au)")
+    e = finite_array(eu, "scan_entanglement(eu)")
     if not t.shape == a.shape == e.shape:
         raise UsageError(
             f"scan_entanglement: shapes differ: tu {t.shape}, au {a.shape}, eu {e.shape}"
@@ -1057,7 +1058,7 @@ def volume_distribution(
         ``{name: {"mean_ml", "std_ml" (ddof=1; 0 for one sample),
         "ci95_ml": [2.5 %, 97.5 %] quantiles, "n_samples"}}`` per foreground class.
     """
-    counts = _finite_array(sample_counts, "volume_distribution(sample_counts)")
+    counts = finite_array(sample_counts, "volume_distribution(sample_counts)")
     names = list(class_names)
     if counts.ndim < 2 or counts.shape[-1] != len(names):
         raise UsageError(

@@ -1,4 +1,4 @@
-"""Imports every command module so that each registers on ``app``."""
+"""Imports every command module so that each registers on ``app`` (``_app.py``)."""
 
 # One line per implemented command module, e.g. `from uqserve.cli import predict`.
 from uqserve.cli import (

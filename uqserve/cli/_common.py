@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from uqserve import __version__
+from uqserve._version import __version__
 from uqserve.errors import UqserveError
 
 # No markup anywhere: file names, bundle names and server messages are user text, and

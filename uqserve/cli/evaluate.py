@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from uqserve.cli import app
+from uqserve.cli._app import app
 from uqserve.cli._common import console, progress_bars
 
 _DATA_HELP = (

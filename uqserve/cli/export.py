@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from uqserve.cli import app
+from uqserve.cli._app import app
 from uqserve.cli._common import console, err_console, fail, parse_numbers
 
 
@@ -135,6 +135,7 @@ def export_command(
     """Export a bundle from a recipe, `uqserve train` checkpoints, your own ONNX files,
     or an nnU-Net v2 model folder."""
     from uqserve.bundle import Normalization
+    from uqserve.calibration import calibrate_bundle
     from uqserve.contracts import default_class_names
     from uqserve.exporting import (
         export_checkpoints,
@@ -145,13 +146,14 @@ def export_command(
 
     _check_route(files, recipe=recipe, checkpoints=checkpoints, onnx=onnx, nnunet=nnunet)
     names = [c.strip() for c in classes.split(",")] if classes else None
+    calibrator = calibrate_bundle if calibrate else None  # exporting never imports calibration
 
     def say(msg: str) -> None:
         if not quiet and not json_out:
             err_console.print(msg, style="dim", highlight=False)
 
     if recipe is not None:
-        bundle = export_recipe(recipe, out, overwrite=overwrite, calibrate=calibrate, progress=say)
+        bundle = export_recipe(recipe, out, overwrite=overwrite, calibrate=calibrator, progress=say)
     elif nnunet is not None:
         bundle = export_nnunet(
             nnunet,
@@ -173,7 +175,7 @@ def export_command(
             name=name,
             classes=names,
             tile_size=(tile, tile) if tile else None,
-            calibrate=calibrate,
+            calibrate=calibrator,
             overwrite=overwrite,
             exporter=exporter,
             progress=say,
@@ -208,7 +210,7 @@ def export_command(
             interpolation=interpolation,
             name=name,
             seed=seed or 0,
-            calibrate=calibrate and dims == 2,
+            calibrate=calibrator if dims == 2 else None,
             overwrite=overwrite,
         )
     _print_result(bundle, quiet=quiet, json_out=json_out)

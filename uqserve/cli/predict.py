@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from uqserve.cli import app
+from uqserve.cli._app import app
 from uqserve.cli._common import (
     BundleOption,
     SeedOption,

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from uqserve.cli import app
+from uqserve.cli._app import app
 from uqserve.cli._common import console, fail
 
 ReduceOption = Annotated[

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from uqserve.cli import app
+from uqserve.cli._app import app
 from uqserve.cli._common import console, fail, parse_numbers, progress_bars
 
 # The TrainConfig field that --members sets, per EU method.

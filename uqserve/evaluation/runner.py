@@ -26,7 +26,8 @@ from uqserve.evaluation.core import (
     convention_for,
     to_convention,
 )
-from uqserve.evaluation.sets import DataSource, EvalImage, EvaluationError, SetSpec, make_source
+from uqserve.evaluation.sets import DataSource, EvalImage, EvaluationError, SetSpec
+from uqserve.evaluation.sources import make_source
 from uqserve.volumes import Volume
 
 _AFFINE_2D = np.eye(4)

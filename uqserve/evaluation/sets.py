@@ -15,7 +15,6 @@ whole set in memory. The sets:
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -338,54 +337,6 @@ def check_shifts(
     if not sev or any(not 0.0 <= s <= 1.0 for s in sev):
         raise EvaluationError(f"severities must lie in [0, 1], got {list(sev)}")
     return chosen, sev
-
-
-def make_source(
-    data: str | os.PathLike[str],
-    *,
-    num_classes: int,
-    size: Sequence[int] = (128, 128),
-    n_test: int = 32,
-    n_val: int = 32,
-    n_ood: int = 16,
-    shifts: Sequence[str] | None = None,
-    severities: Sequence[float] = DEFAULT_SEVERITIES,
-    seed: int = 0,
-    volumes: bool = False,
-) -> DataSource:
-    """``"synthetic"`` or a folder path -> the data source for evaluate/calibrate.
-
-    ``volumes``: a folder's cases run as whole scans (bundles with geometry,
-    ``uqserve.evaluation.cases``), the OOD shifts defaulting to the paper's four.
-    """
-    if volumes and not shifts:
-        from uqserve.contracts import PAPER_SHIFTS
-
-        shifts = PAPER_SHIFTS
-    chosen, sev = check_shifts(shifts, severities)
-    if str(data) == "synthetic":
-        h, w = (int(v) for v in size)
-        return SyntheticSource(
-            shifts=chosen,
-            severities=sev,
-            n_test=n_test,
-            n_val=n_val,
-            n_ood=n_ood,
-            size=(h, w),
-            num_classes=num_classes,
-            seed=seed,
-        )
-    folder = FolderSource
-    if volumes:
-        from uqserve.evaluation.cases import CaseFolderSource as folder
-    return folder(
-        shifts=chosen,
-        severities=sev,
-        path=Path(data),
-        num_classes=num_classes,
-        n_ood=n_ood,
-        seed=seed,
-    )
 
 
 def data_options(

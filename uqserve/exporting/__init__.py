@@ -11,8 +11,9 @@ Four routes lead to a bundle:
 
 Every member is run through the runtime interface before the bundle is
 written (torch exports: parity with PyTorch under identical noise, max abs
-difference <= 1e-4), the bundle is calibrated with :mod:`uqserve.calibration`
-(unless ``calibrate=False``; never for nnU-Net models), and it is written
+difference <= 1e-4), the bundle is calibrated by the ``calibrate`` function the caller passes
+(``uqserve.calibration.calibrate_bundle``: exporting never imports
+calibration, which sits above it; never for nnU-Net models), and it is written
 atomically (a temp folder next to the target, renamed at the end).
 
 Modules: ``_torch`` (export and parity), ``_onnx`` (signature and your own
@@ -32,16 +33,16 @@ from uqserve.exporting._torch import (
     export_networks,
     parity_feeds,
 )
-from uqserve.exporting._writer import atomic_bundle_dir, calibrate_bundle
+from uqserve.exporting._writer import Calibrator, atomic_bundle_dir
 
 __all__ = [
     "OPSET",
     "PARITY_ATOL",
+    "Calibrator",
     "ExportError",
     "ExportPlan",
     "Recipe",
     "atomic_bundle_dir",
-    "calibrate_bundle",
     "check_parity",
     "conform_signature",
     "export_checkpoints",

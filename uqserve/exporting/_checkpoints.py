@@ -12,7 +12,7 @@ from uqserve.checkpoints import CONFIG_NAME, Checkpoints, load_checkpoints, read
 from uqserve.contracts import default_class_names
 from uqserve.exporting._plan import ExportError, ExportPlan
 from uqserve.exporting._torch import export_networks
-from uqserve.exporting._writer import Say
+from uqserve.exporting._writer import Calibrator, Say
 from uqserve.models.config import ModelConfig
 
 
@@ -111,7 +111,7 @@ def export_checkpoints(
     name: str | None = None,
     classes: Sequence[str] | None = None,
     tile_size: tuple[int, int] | None = None,
-    calibrate: bool = True,
+    calibrate: Calibrator | None = None,
     overwrite: bool = False,
     exporter: str = "torchscript",
     progress: Say | None = None,
@@ -121,7 +121,8 @@ def export_checkpoints(
     ``num_members`` applies to MC dropout (how many frozen masks; default 10 or
     the training config's), to SWAG (how many weight draws, seeded by the
     bundle seed; default the training config's) and to ensembles (the first ``num_members`` trained
-    members; default all).
+    members; default all). ``calibrate``: e.g. ``uqserve.calibration.calibrate_bundle``;
+    ``None`` writes the bundle uncalibrated (3D bundles always are).
     """
     ck = read_checkpoint_config(ckpt_dir)  # cheap checks before torch loads anything
     names = _class_names(ck, classes)
@@ -150,7 +151,7 @@ def export_checkpoints(
     )
     if mc.dims == 3 and calibrate:
         # Calibration draws synthetic 2D slices; a volumetric bundle ships uncalibrated.
-        calibrate = False
+        calibrate = None
         if progress is not None:
             progress("3D bundle: not calibrated (calibration draws 2D slices)")
     nets = ck.networks

@@ -364,7 +364,7 @@ def export_nnunet(
             plain.unlink()
             onnx.save(wrapped, str(tmp / f))
         check = functools.partial(_check_against_torch, graphs=graphs, model=model, say=say)
-        finish_bundle(tmp, plan, files, OPSET, calibrate=False, check=check, say=say)
+        finish_bundle(tmp, plan, files, OPSET, calibrate=None, check=check, say=say)
     return load_bundle(out_dir, verify=True)
 
 

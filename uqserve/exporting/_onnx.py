@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from uqserve import __version__
+from uqserve._version import __version__
 from uqserve.bundle import Bundle, BundleError, InputSpec, Normalization, load_bundle
 from uqserve.contracts import TensorSpec, default_class_names, member_specs
 from uqserve.exporting._plan import ExportError, ExportPlan
-from uqserve.exporting._writer import atomic_bundle_dir, finish_bundle
+from uqserve.exporting._writer import Calibrator, atomic_bundle_dir, finish_bundle
 
 if TYPE_CHECKING:
     import onnx
@@ -91,7 +91,7 @@ def export_onnx_members(
     interpolation: str = "cubic",
     name: str | None = None,
     seed: int = 0,
-    calibrate: bool = True,
+    calibrate: Calibrator | None = None,
     overwrite: bool = False,
 ) -> Bundle:
     """Wrap your own ONNX graphs (``[B,C,H,W] -> [B,K,H,W]``) into a bundle.
@@ -100,9 +100,10 @@ def export_onnx_members(
     (2, or 3 for ``[B,C,D,H,W]`` graphs), ``patch`` (the window, ``dims``
     sizes; required for 3D), ``spacing`` (mm per model axis, ``[D, H, W]`` =
     ``z, y, x`` for 3D), ``orientation`` (axis codes, e.g. ``"RAS"``) and the
-    image ``interpolation``. Export-time calibration draws synthetic 2D
-    slices, so 3D bundles are exported with ``calibrate=False`` and calibrated
-    on whole scans afterwards (``uqserve calibrate BUNDLE --data DIR``).
+    image ``interpolation``. ``calibrate`` (e.g.
+    ``uqserve.calibration.calibrate_bundle``) draws synthetic 2D slices, so 3D
+    bundles are exported without (``None``) and calibrated on whole scans
+    afterwards (``uqserve calibrate BUNDLE --data DIR``).
 
     ``classes`` default to ``uqserve.contracts.default_class_names(2)``.
     Each graph becomes one member (two or more: a softmax ensemble, e.g. five
@@ -122,8 +123,8 @@ def export_onnx_members(
         raise ExportError(f"`classes={','.join(classes)}`: need at least two (background first)")
     if dims == 3 and calibrate:
         raise ExportError(
-            "`calibrate=True`: export-time calibration draws synthetic 2D slices; export 3D "
-            "members with `calibrate=False`, then calibrate on your own scans "
+            "`calibrate`: export-time calibration draws synthetic 2D slices; export 3D "
+            "members with `calibrate=None`, then calibrate on your own scans "
             "(uqserve.calibration.calibrate with a data folder)"
         )
     geometry = InputSpec(

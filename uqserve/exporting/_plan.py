@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from uqserve import __version__
+from uqserve._version import __version__
 from uqserve.bundle import InputSpec, Manifest, Member
 from uqserve.errors import UsageError
 

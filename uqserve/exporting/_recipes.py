@@ -17,7 +17,7 @@ from typing import Any
 from uqserve.bundle import Bundle
 from uqserve.exporting._checkpoints import export_checkpoints
 from uqserve.exporting._plan import ExportError
-from uqserve.exporting._writer import Say
+from uqserve.exporting._writer import Calibrator, Say
 from uqserve.models.config import ModelConfig, parse_combination
 
 
@@ -83,13 +83,14 @@ def export_recipe(
     *,
     work_dir: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
-    calibrate: bool = True,
+    calibrate: Calibrator | None = None,
     overrides: dict[str, Any] | None = None,
     progress: Say | None = None,
 ) -> Bundle:
     """Train the recipe's members with :func:`uqserve.training.train`, then export them.
 
-    ``overrides`` replace training-config fields (e.g. ``{"steps": 5}`` for a smoke test).
+    ``overrides`` replace training-config fields (e.g. ``{"steps": 5}`` for a smoke test);
+    ``calibrate`` as in :func:`export_checkpoints`.
     """
     from uqserve import training
 

@@ -21,7 +21,7 @@ from uqserve.bundle import Bundle, load_bundle
 from uqserve.contracts import MEMBER_INPUTS, MEMBER_OUTPUTS, member_specs
 from uqserve.exporting._onnx import conform_signature
 from uqserve.exporting._plan import OPSET, ExportError, ExportPlan
-from uqserve.exporting._writer import Say, atomic_bundle_dir, finish_bundle
+from uqserve.exporting._writer import Calibrator, Say, atomic_bundle_dir, finish_bundle
 from uqserve.models.config import ModelConfig
 from uqserve.runtime import Batch, Runtime
 
@@ -186,15 +186,17 @@ def export_networks(
     model_config: ModelConfig,
     *,
     overwrite: bool = False,
-    calibrate: bool = True,
+    calibrate: Calibrator | None = None,
     exporter: str = "torchscript",
     progress: Say | None = None,
 ) -> Bundle:
-    """Export trained networks as one bundle (parity-checked, calibrated, atomic).
+    """Export trained networks as one bundle (parity-checked, atomic, calibrated by ``calibrate``).
 
     ``nets`` holds one network per member for ``ensemble`` and ``swag``/``swagdiag``
     (the weight draws), exactly one for ``none`` and ``mcdropout`` (whose M
-    members are the frozen dropout masks).
+    members are the frozen dropout masks). ``calibrate`` (e.g.
+    ``uqserve.calibration.calibrate_bundle``) runs on the checked bundle; ``None``
+    leaves it uncalibrated.
     """
     from uqserve.models import member_graph
     from uqserve.runtime.embedded import EmbeddedRuntime

@@ -1,4 +1,4 @@
-"""Write a bundle folder atomically: member files, manifest, checks, calibration.
+"""Write a bundle folder atomically: member files, manifest, checks, a calibration hook.
 
 The bundle is assembled in a temp folder next to the target and renamed onto
 it at the end, so a failed export leaves nothing (and an existing bundle
@@ -11,13 +11,16 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from uqserve._fs import replace_dir_atomically
 from uqserve.bundle import Bundle, Manifest, Member, load_bundle, sha256_file, write_manifest
 from uqserve.exporting._plan import ExportError, ExportPlan
 
 Say = Callable[[str], None]
+#: Calibrates a freshly written bundle and returns its new manifest
+#: (``uqserve.calibration.calibrate_bundle``). Exporting sits below prediction
+#: and calibration, so it never imports them: the caller hands one in.
+Calibrator = Callable[[Bundle], Manifest]
 
 
 @contextmanager
@@ -43,30 +46,13 @@ def _publish_permissions(folder: Path) -> None:
             os.chmod(f, 0o666 & ~umask)
 
 
-def calibrate_bundle(bundle: Bundle, **options: Any) -> Manifest:
-    """Calibrate a freshly exported bundle (:data:`uqserve.calibration.EXPORT_CALIBRATION`).
-
-    Synthetic slices are drawn at the training image size when the export
-    recorded one (``extra.calibration_size``: the same object scale as in
-    training), else at the tile size. ``options`` override
-    :func:`uqserve.calibration.calibrate_manifest`'s. Returns the new manifest.
-    """
-    from uqserve.calibration import EXPORT_CALIBRATION, calibrate_manifest
-
-    man = bundle.manifest
-    cal, mult = int(man.extra.get("calibration_size") or 0), man.input.multiple
-    size = (cal - cal % mult, cal - cal % mult) if cal >= mult else man.input.tile_size
-    kwargs: dict[str, Any] = {"size": size, "device": "cpu", **EXPORT_CALIBRATION, **options}
-    return calibrate_manifest(bundle, **kwargs)
-
-
 def finish_bundle(
     folder: Path,
     plan: ExportPlan,
     files: Sequence[str],
     opset: int,
     *,
-    calibrate: bool,
+    calibrate: Calibrator | None,
     check: Callable[[Bundle], None] | None = None,
     say: Say | None = None,
 ) -> None:
@@ -83,5 +69,5 @@ def finish_bundle(
     if calibrate:
         if say is not None:
             say("calibrating the default aggregator and OOD threshold on synthetic data")
-        write_manifest(folder, calibrate_bundle(Bundle(folder, manifest)))
+        write_manifest(folder, calibrate(Bundle(folder, manifest)))
     load_bundle(folder, verify=True)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+# The method names are defined in contracts (the bottom layer) and re-exported here.
+from uqserve.contracts import AU_METHODS as AU_METHODS
+from uqserve.contracts import COMBINATIONS as COMBINATIONS
+from uqserve.contracts import EU_METHODS as EU_METHODS
 from uqserve.errors import UsageError
 
-AU_METHODS = ("softmax", "ssn", "punet", "diffusion")
-EU_METHODS = ("none", "ensemble", "mcdropout", "swag", "swagdiag")
-COMBINATIONS = tuple(f"{au}-{eu}" for au in AU_METHODS for eu in EU_METHODS)
 #: Samples a member graph draws at once: [B, 4, K, H, W] tensors keep the head's
 #: memory near the backbone's.
 DEFAULT_SAMPLE_CHUNK = 4

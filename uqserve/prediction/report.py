@@ -9,15 +9,15 @@ uncertainties in nats, volumes in mL, times in seconds.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NotRequired, TypedDict, cast
 
 import numpy as np
 
-from uqserve import __version__
+from uqserve._version import __version__
 
 if TYPE_CHECKING:
     from uqserve.bundle import Bundle
-    from uqserve.prediction.scoring import Scores
     from uqserve.runtime import Runtime
     from uqserve.volumes import Volume
 
@@ -31,6 +31,7 @@ __all__ = [
     "Report",
     "RuntimeInfo",
     "ScanInfo",
+    "Scores",
     "Timings",
     "VolumeStats",
     "build_report",
@@ -148,6 +149,16 @@ class Report(TypedDict):
     warnings: list[str]
     uqserve_version: str
     outputs: NotRequired[Outputs]  # only when predict wrote files
+
+
+@dataclass
+class Scores:
+    """What one scan is summarised into (the report's numbers; ``scoring.py`` computes them)."""
+
+    image: ImageScores
+    ood: OodInfo
+    entanglement: float | None  # AU~EU Spearman over the scan's voxels
+    volumes: dict[str, VolumeStats]
 
 
 def build_report(

@@ -6,7 +6,6 @@ the mean prediction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,19 +15,9 @@ import numpy.typing as npt
 from uqserve import uncertainty
 from uqserve.bundle import Manifest
 from uqserve.prediction.options import PredictError
-from uqserve.prediction.report import ImageScores, OodInfo, VolumeStats, jsonable
+from uqserve.prediction.report import ImageScores, OodInfo, Scores, VolumeStats, jsonable
 
 __all__ = ["Scores", "score_prediction", "segment"]
-
-
-@dataclass
-class Scores:
-    """What one scan is summarised into (the report's numbers)."""
-
-    image: ImageScores
-    ood: OodInfo
-    entanglement: float | None  # AU~EU Spearman over the scan's voxels
-    volumes: dict[str, VolumeStats]
 
 
 def segment(mean: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:

@@ -49,7 +49,7 @@ from uqserve.runtime.base import (
     RuntimeServiceError,
     prepared,
 )
-from uqserve.serving.repository import (
+from uqserve.triton_names import (
     REDUCE_PARAMETER,
     manifest_identity,
     nosamples_model_name,

@@ -58,13 +58,21 @@ from uqserve._fs import replace_dir_atomically
 from uqserve.bundle import Bundle, BundleError, load_bundle, sha256_file
 from uqserve.contracts import MEMBER_INPUTS, TensorSpec, member_specs
 from uqserve.errors import UsageError
+from uqserve.triton_names import (
+    MANIFEST_PARAMETER,
+    NOSAMPLES_SUFFIX,
+    REDUCE_PARAMETER,
+    manifest_identity,
+    member_model_name,
+    nosamples_model_name,
+    reduce_model_name,
+    reduced_model_name,
+    served_identity,
+)
 
 FLAVOURS = ("python", "onnxruntime")
 MEMBER_FILES = ("copy", "symlink")
-MANIFEST_PARAMETER = "uqserve_manifest"
-NOSAMPLES_SUFFIX = "_nosamples"
 REDUCE_MODES = ("client", "server")
-REDUCE_PARAMETER = "uqserve_reduce"
 VERSION = "1"
 TEMPLATE = Path(__file__).resolve().parent / "python_model.py"
 
@@ -85,40 +93,6 @@ BundleLike = Bundle | str | os.PathLike[str]
 
 class RepositoryError(UsageError):
     """A repository that cannot be written or does not match its graphs."""
-
-
-def member_model_name(bundle_name: str, member: int) -> str:
-    """Triton model name of member ``member`` of bundle ``bundle_name``."""
-    return f"{bundle_name}_member_{member}"
-
-
-def nosamples_model_name(bundle_name: str) -> str:
-    """Triton model name of the ensemble without ``sample_labels`` outputs."""
-    return f"{bundle_name}{NOSAMPLES_SUFFIX}"
-
-
-def reduce_model_name(bundle_name: str) -> str:
-    """Triton model name of the reduction step (``reduce="server"``)."""
-    return f"{bundle_name}_reduce"
-
-
-def reduced_model_name(bundle_name: str) -> str:
-    """Triton model name of the ensemble that returns the members' sums."""
-    return f"{bundle_name}_reduced"
-
-
-def manifest_identity(bundle: Bundle) -> dict[str, Any]:
-    """What a served model must agree on with the client's bundle (JSON-able)."""
-    m = bundle.manifest
-    return {
-        "name": m.name,
-        "manifest_version": m.manifest_version,
-        "combination": m.combination,
-        "num_members": m.num_members,
-        "num_samples": m.num_samples,
-        "classes": list(m.classes),
-        "members": [x.sha256 for x in m.members],
-    }
 
 
 @dataclass(frozen=True)
@@ -705,20 +679,11 @@ def _check_ensemble(
     return problems
 
 
-def served_identity(config: mc.ModelConfig) -> dict[str, Any] | None:
-    """The ``uqserve_manifest`` parameter of an ensemble config, or None."""
-    if MANIFEST_PARAMETER not in config.parameters:
-        return None
-    try:
-        value = json.loads(config.parameters[MANIFEST_PARAMETER].string_value)
-    except json.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
 __all__ = [
     "FLAVOURS",
     "MANIFEST_PARAMETER",
+    "NOSAMPLES_SUFFIX",
+    "REDUCE_PARAMETER",
     "BundleError",
     "RepositoryError",
     "ensemble_config",

@@ -57,7 +57,7 @@ from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import DA, TM, validate_value
 
-from uqserve import __version__
+from uqserve._version import __version__
 from uqserve.errors import UsageError
 
 __all__ = [

@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from uqserve import __version__
+from uqserve._version import __version__
 from uqserve.errors import ServiceError, UqserveError, UsageError
 from uqserve.sidecar._privacy import describe, guard_logs, traceback_lines
 from uqserve.sidecar.outputs import (
