@@ -147,6 +147,19 @@ def sidecar_command(
             show_default=False,
         ),
     ] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics",
+            help="HOST:PORT serving /healthz, /readyz and /metrics (Prometheus) over HTTP "
+            "(default: not served).",
+            show_default=False,
+        ),
+    ] = None,
+    log_format: Annotated[
+        str,
+        typer.Option("--log-format", help="text (human-readable) or json (one object a line)."),
+    ] = "text",
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log every received instance.")
     ] = False,
@@ -157,18 +170,17 @@ def sidecar_command(
     """
     from uqserve.errors import UsageError
     from uqserve.sidecar import Limits, OutputOptions, Peer, Sidecar, SidecarConfig
+    from uqserve.sidecar.logfmt import configure_logging
     from uqserve.sidecar.sender import check_ae_title, parse_address
     from uqserve.sidecar.service import BundlePredictor
     from uqserve.sidecar.tls import TLSConfig
 
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(log_format, verbose=verbose)
     # Everything that cannot work is refused here, before the port is opened:
     # options, bundle, device, model server, spool.
     host, port = parse_address(listen, default_port=11112)
     tls = TLSConfig.from_files(tls_cert, tls_key, tls_ca)
+    metrics_at = parse_address(metrics, default_port=9102) if metrics else None
     peer = Peer.parse(send_to) if send_to else None
     allowed = tuple(
         check_ae_title(a, "--allow AE title") for a in (allow or "").split(",") if a.strip()
@@ -192,6 +204,7 @@ def sidecar_command(
             max_associations=max_associations,
         ),
         tls=tls,
+        metrics=metrics_at,
     )
     servers = [s.removeprefix("grpc://") for s in server or []]
     predictor = BundlePredictor(bundle, servers, seed=seed, device=device)
@@ -203,6 +216,9 @@ def sidecar_command(
         fail(cli_message(str(exc)).replace("as spool", "with --spool"))
     try:
         sidecar.start()
+    except UsageError as exc:  # the --metrics port
+        predictor.close()
+        fail(cli_message(str(exc)).replace("metrics address", "--metrics"))
     except OSError as exc:
         predictor.close()
         fail(

@@ -109,6 +109,24 @@ def parse_server(url: str) -> tuple[str, str]:
     return f"grpc://{target_host}:{port}", f"{target_host}:{port}"
 
 
+def any_server_live(urls: Sequence[str], timeout_s: float = HEALTH_TIMEOUT_S) -> bool:
+    """Whether one of ``urls`` answers its gRPC liveness check within ``timeout_s``
+    (a readiness probe's question; opens and closes its own clients)."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    for url in urls:
+        client = grpcclient.InferenceServerClient(parse_server(url)[1])
+        try:
+            if client.is_server_live(client_timeout=timeout_s):
+                return True
+        except InferenceServerException:
+            continue
+        finally:
+            client.close()
+    return False
+
+
 @dataclass
 class _Server:
     url: str

@@ -41,6 +41,7 @@ import numpy.typing as npt
 from uqserve._version import __version__
 from uqserve.errors import ServiceError, UqserveError, UsageError
 from uqserve.sidecar._privacy import describe, guard_logs, traceback_lines
+from uqserve.sidecar.metrics import MetricsServer, SidecarMetrics
 from uqserve.sidecar.outputs import (
     OutputOptions,
     build_outputs,
@@ -116,6 +117,7 @@ class BundlePredictor:
         self.seed = seed
         self.device = device
         self._runtime: Any = None
+        self._opened = False
 
     def open(self) -> None:
         """Open the runtime now (idempotent): a device without a GPU, an unreachable
@@ -126,6 +128,21 @@ class BundlePredictor:
             self._runtime = open_runtime(
                 self.bundle, list(self.servers) or None, device=self.device
             )
+            self._opened = True
+
+    def ready(self) -> str | None:
+        """Why no series could be predicted now, or None (for the readiness probe).
+
+        In-process: the runtime has been opened (it reopens by itself after a
+        failure). With Triton: a server answers its health check now.
+        """
+        if not self.servers:
+            return None if self._opened else "the in-process runtime is not loaded yet"
+        from uqserve.runtime.triton import any_server_live
+
+        if any_server_live(self.servers, timeout_s=2.0):
+            return None
+        return f"no Triton server answers ({', '.join(self.servers)})"
 
     def __call__(self, volume: Volume) -> PredictionLike:
         from uqserve.prediction import predict_volume
@@ -169,6 +186,8 @@ class SidecarConfig:
     # How long the instances of a finished series are kept, so that late ones
     # are merged with them and the series is processed whole (0: not kept).
     keep_s: float = 900.0
+    # ``(host, port)`` of /healthz, /readyz and /metrics (None: not served).
+    metrics: tuple[str, int] | None = None
     # DICOM TLS on the listener and the sender (and HTTPS trust for DICOMweb).
     tls: TLSConfig | None = None
 
@@ -198,7 +217,7 @@ class Sidecar:
             port=config.port,
             allow=config.allow,
             modalities=config.modalities,
-            on_store=lambda key: self._wake.set(),
+            on_store=self._stored,
             on_unsupported=self._unsupported,
             limits=config.limits,
             ssl_context=config.tls.server_context() if config.tls else None,
@@ -206,6 +225,8 @@ class Sidecar:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._worker: threading.Thread | None = None
+        self.metrics = SidecarMetrics(lambda: len(self.spool.pending()))
+        self.metrics_server: MetricsServer | None = None
 
     @property
     def port(self) -> int:
@@ -218,20 +239,61 @@ class Sidecar:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start(self) -> None:
+    def start(self, *, worker: bool = True) -> None:
+        """Listen, serve the metrics (``config.metrics``) and start the worker thread
+        (``worker=False``: the caller steps :meth:`run_once` itself)."""
         pending = self.spool.pending()
         if pending:
             log.info("resuming %d unfinished series from the spool", len(pending))
+        self._open_metrics()  # before the listener: a taken port leaves nothing running
         self.scp.start()
         self._stop.clear()
-        self._worker = threading.Thread(
-            target=self._loop, name="uqserve-sidecar-worker", daemon=True
-        )
-        self._worker.start()
+        if worker:
+            self._worker = threading.Thread(
+                target=self._loop, name="uqserve-sidecar-worker", daemon=True
+            )
+            self._worker.start()
+        if self.metrics_server is not None:
+            self.metrics_server.start()
+
+    def _open_metrics(self) -> None:
+        if self.config.metrics is None or self.metrics_server is not None:
+            return
+        host, port = self.config.metrics
+        try:
+            self.metrics_server = MetricsServer(
+                host, port, self.metrics, alive=self.alive, ready=self.ready
+            )
+        except OSError as exc:
+            raise UsageError(
+                f"metrics address {host}:{port}: cannot listen ({exc.strerror or exc}); "
+                "choose a free port"
+            ) from exc
+
+    def alive(self) -> str | None:
+        """Why the sidecar is not alive (its worker thread is gone), or None."""
+        if self._worker is not None and not self._worker.is_alive():
+            return "the worker thread has stopped"
+        return None
+
+    def ready(self) -> str | None:
+        """Why the sidecar cannot take series now, or None: the listener is up and the
+        model can predict (``predictor.ready()``, when the predictor has one)."""
+        if self.scp._server is None or self._stop.is_set():
+            return "the DICOM listener is not up"
+        check = getattr(self.predictor, "ready", None)
+        return check() if callable(check) else None
+
+    def _stored(self, key: str) -> None:
+        self.metrics.instances_received.inc()
+        self._wake.set()
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
         self.scp.stop()
         if self._worker is not None:
             self._worker.join()
@@ -282,12 +344,20 @@ class Sidecar:
         dead-letter/), ``undelivered`` (all of them there), ``duplicate`` (a
         re-sent part of a finished series, dropped), ``retry`` or ``failed``.
         """
+        with self.metrics.processing():
+            outcome = self._process_series(key)
+        self.metrics.outcome(outcome)
+        return outcome
+
+    def _process_series(self, key: str) -> str:
         self.spool.claim(key)
         if self._late_or_repeated(key) == "duplicate":
             return "duplicate"
         state = self.spool.load_state(key)
         state.attempts += 1
         self.spool.save_state(state)  # a crash mid-way still counts as an attempt
+        if state.attempts == 1:
+            self.metrics.series_received.inc()
         t0 = time.perf_counter()
         try:
             record = self._process(key, state)
@@ -305,6 +375,7 @@ class Sidecar:
             record["slices"],
             len(record["outputs"]),
             record["seconds"],
+            extra={"series": key, "duration_s": record["seconds"]},
         )
         return str(record["status"])
 
@@ -378,6 +449,7 @@ class Sidecar:
         reason = f"{reason}; gave up after {state.attempts} attempts"
         rest = {p: reason for p in sorted(out.glob("*.dcm"))}
         dead_letter(rest, self.spool.dead_letter_dir(key))
+        self.metrics.results_dead_lettered.inc(len(rest))
         record["dead_letter"] = {
             **record.get("dead_letter", {}),
             **{p.name: why for p, why in rest.items()},
@@ -435,7 +507,8 @@ class Sidecar:
             modality,
             "x".join(map(str, series.volume.shape)),
         )
-        pred = self.predictor(series.volume)
+        with self.metrics.prediction_seconds.time():
+            pred = self.predictor(series.volume)
         report = dict(pred.report)
         bundle = report.get("bundle", {}) if isinstance(report.get("bundle"), dict) else {}
         classes = bundle.get("classes") or [f"class {k}" for k in range(pred.prob.shape[0])]
@@ -477,6 +550,8 @@ class Sidecar:
         paths = write_datasets(datasets, out)
         ood = report.get("ood")
         ood = ood if isinstance(ood, dict) else {}
+        if ood.get("flag") is True:
+            self.metrics.ood_flags.inc()
         return {
             "modality": modality,
             "slices": len(series.datasets),
@@ -501,20 +576,23 @@ class Sidecar:
         def stored(path: Path) -> None:  # gone from out/ as soon as the peer has it
             sent.append(path.name)
             path.unlink(missing_ok=True)
+            self.metrics.results_delivered.labels("dimse").inc()
 
-        result = send_files(
-            paths,
-            peer,
-            calling_ae=self.config.ae_title,
-            retries=self.config.send_retries,
-            backoff_s=self.config.send_backoff_s,
-            sleep=self._stop.wait,  # SIGTERM ends the back-off; the series is resumed later
-            on_sent=stored,
-            tls=self.config.tls.client_context() if self.config.tls else None,
-        )
+        with self.metrics.delivery_seconds.time():
+            result = send_files(
+                paths,
+                peer,
+                calling_ae=self.config.ae_title,
+                retries=self.config.send_retries,
+                backoff_s=self.config.send_backoff_s,
+                sleep=self._stop.wait,  # SIGTERM ends the back-off; the series is resumed later
+                on_sent=stored,
+                tls=self.config.tls.client_context() if self.config.tls else None,
+            )
         refused = {p: why for p, why in result.failed.items() if p in result.refused}
         if refused:
             dead_letter(refused, self.spool.dead_letter_dir(key))
+            self.metrics.results_dead_lettered.inc(len(refused))
             record["dead_letter"] = {
                 **record["dead_letter"],
                 **{p.name: w for p, w in refused.items()},
