@@ -9,41 +9,23 @@ highdicom turns into a Legacy Converted Enhanced CT.
 
 from __future__ import annotations
 
-import gzip
 import io
 import warnings
 from pathlib import Path
 
 import highdicom as hd
-import nibabel
 import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
+from tests.real_dicom import highdicom_volume, nibabel_dicom, pydicom_series
 from uqserve.prediction import predict_volume
 from uqserve.volumes import VolumeError, read_volume
 from uqserve.volumes.dicom import read_series
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-NIBABEL_DICOM = Path(nibabel.__file__).parent / "nicom" / "tests" / "data"
-
-
-def nibabel_dicom(name: str) -> Dataset:
-    """A gzipped DICOM file from nibabel's test data, read with pydicom."""
-    path = NIBABEL_DICOM / f"{name}.dcm.gz"
-    if not path.is_file():
-        pytest.skip(f"nibabel test file {path.name} not installed")
-    return pydicom.dcmread(io.BytesIO(gzip.decompress(path.read_bytes())))
-
-
-def pydicom_series(name: str) -> Path:
-    """A folder of pydicom's DICOMDIR test data (a real, down-sampled series)."""
-    path = get_testdata_file("DICOMDIR", download=False)
-    if path is None:
-        pytest.skip("pydicom test data not available offline")
-    return Path(path).parent / name
 
 
 def _pattern(n: int, rows: int, cols: int) -> np.ndarray:
@@ -80,16 +62,7 @@ def test_philips_enhanced_mr_reads_as_one_stack(tmp_path: Path) -> None:
             (vol.affine @ [0, 0, k, 1])[:3], (LPS_TO_RAS[:3, :3] @ _frame_ipp(ds, f)), atol=1e-3
         )
     # highdicom's own volume of the same file: the same voxels in the same places.
-    ref = hd.Image.from_dataset(ds, copy=False).get_volume()  # [slice, row, col], LPS
-    ours_to_ref = np.zeros((4, 4))
-    ours_to_ref[0, 2] = ours_to_ref[1, 1] = ours_to_ref[2, 0] = ours_to_ref[3, 3] = 1
-    ref_affine = LPS_TO_RAS @ ref.affine @ ours_to_ref
-    ref_data = np.transpose(ref.array, (2, 1, 0))
-    if np.dot(ref_affine[:3, 2], vol.affine[:3, 2]) < 0:  # the other slice order
-        ref_data = ref_data[:, :, ::-1]
-        ref_affine = ref_affine @ np.array(
-            [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, n - 1], [0, 0, 0, 1]], dtype=np.float64
-        )
+    ref_data, ref_affine = highdicom_volume(ds, like=vol.affine)
     np.testing.assert_allclose(vol.affine, ref_affine, atol=1e-4)
     np.testing.assert_allclose(vol.data, ref_data, rtol=1e-6)
     # read_volume takes the single file too (predict's path).

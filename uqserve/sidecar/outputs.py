@@ -59,10 +59,12 @@ from pydicom.valuerep import DA, TM, validate_value
 
 from uqserve._version import __version__
 from uqserve.errors import UsageError
+from uqserve.sidecar._source_frames import SourceFrames
 
 __all__ = [
     "MAP_KINDS",
     "OutputOptions",
+    "SourceFrames",
     "build_outputs",
     "content_digest",
     "derived_uid",
@@ -265,13 +267,13 @@ def make_deterministic(ds: Dataset, source: Sequence[Dataset], key: str) -> Data
     return ds
 
 
-def _frames(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    """``[X, Y, Z]`` -> ``[Z, rows=Y, cols=X]`` (highdicom's frame order), contiguous."""
-    return np.ascontiguousarray(np.transpose(arr, (2, 1, 0)))
-
-
-def _check_shape(name: str, arr: npt.NDArray[Any], source: Sequence[Dataset]) -> None:
-    expected = (int(source[0].Columns), int(source[0].Rows), len(source))
+def _check_shape(
+    name: str, arr: npt.NDArray[Any], source: Sequence[Dataset], frames: SourceFrames
+) -> None:
+    problem = frames.check(source)
+    if problem is not None:
+        raise UsageError(f"source frames do not fit the source images: {problem}")
+    expected = frames.shape(source)
     if tuple(arr.shape) != expected:
         raise UsageError(
             f"{name} has shape {tuple(arr.shape)} but the source series is [X, Y, Z] = {expected}; "
@@ -343,12 +345,14 @@ def make_segmentation(
     *,
     key: str,
     options: OutputOptions = OutputOptions(),
+    frames: SourceFrames = SourceFrames(),
 ) -> hd.seg.Segmentation:
     """A BINARY or LABELMAP DICOM SEG from ``labels [X, Y, Z]`` (0 = background).
 
     One segment per foreground class ``classes[1:]``, segment number = label value.
+    ``frames`` maps slices to the source's frames (multi-frame sources, mosaics).
     """
-    _check_shape("labels", labels, source)
+    _check_shape("labels", labels, source, frames)
     if len(classes) < 2:
         raise UsageError("classes needs background plus at least one foreground class")
     if labels.size and int(labels.max()) >= len(classes):
@@ -357,10 +361,11 @@ def make_segmentation(
         )
     seg_type = hd.seg.SegmentationTypeValues[options.seg_type.upper()]
     return hd.seg.Segmentation(
-        pixel_array=_frames(labels.astype(np.uint8)),
+        pixel_array=frames.frames(labels.astype(np.uint8)),
         segmentation_type=seg_type,
         segment_descriptions=_segment_descriptions(classes, "{}", key, options),
         **_derived_series(source, key, options, "seg", options.seg_type),
+        **frames.geometry(labels.shape[2]),
         content_label="SEGMENTATION",
         content_description=f"uqserve segmentation ({options.model_name})"[:64],
         series_description=f"uqserve segmentation ({options.model_name})"[:64],
@@ -375,21 +380,27 @@ def make_fractional_segmentation(
     *,
     key: str,
     options: OutputOptions = OutputOptions(),
+    frames: SourceFrames = SourceFrames(),
 ) -> hd.seg.Segmentation:
     """A FRACTIONAL (PROBABILITY) SEG of ``prob [K, X, Y, Z]`` for each foreground class."""
     if prob.ndim != 4 or prob.shape[0] != len(classes):
         raise UsageError(f"prob must be [K={len(classes)}, X, Y, Z], got {tuple(prob.shape)}")
-    _check_shape("prob[k]", prob[0], source)
+    _check_shape("prob[k]", prob[0], source, frames)
     # [Z, rows, cols, segments]
-    frames = np.stack(
-        [_frames(np.clip(prob[k], 0.0, 1.0).astype(np.float32)) for k in range(1, len(classes))], -1
+    pixels = np.stack(
+        [
+            frames.frames(np.clip(prob[k], 0.0, 1.0).astype(np.float32))
+            for k in range(1, len(classes))
+        ],
+        -1,
     )
     return hd.seg.Segmentation(
-        pixel_array=frames,
+        pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
         fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
         segment_descriptions=_segment_descriptions(classes, "P({})", key, options),
         **_derived_series(source, key, options, "prob"),
+        **frames.geometry(prob.shape[3]),
         content_label="PROBABILITY",
         content_description=f"uqserve foreground probability ({options.model_name})"[:64],
         series_description=f"uqserve probability ({options.model_name})"[:64],
@@ -405,6 +416,7 @@ def make_parametric_map(
     num_classes: int,
     key: str,
     options: OutputOptions = OutputOptions(),
+    frames: SourceFrames = SourceFrames(),
 ) -> hd.pm.ParametricMap:
     """A float32 Parametric Map of one uncertainty map ``values [X, Y, Z]`` in nats.
 
@@ -413,8 +425,8 @@ def make_parametric_map(
     """
     if kind not in MAP_KINDS:
         raise UsageError(f"kind {kind!r}: choose one of {', '.join(MAP_KINDS)}")
-    _check_shape(f"{kind} map", values, source)
-    data = _frames(np.asarray(values, dtype=np.float32))
+    _check_shape(f"{kind} map", values, source, frames)
+    data = frames.frames(np.asarray(values, dtype=np.float32))
     if not np.all(np.isfinite(data)):
         raise UsageError(f"{kind} map holds NaN or infinite values")
     title, explanation = MAP_KINDS[kind]
@@ -432,6 +444,7 @@ def make_parametric_map(
     pm = hd.pm.ParametricMap(
         pixel_array=data,
         **_derived_series(source, key, options, kind),
+        **frames.geometry(values.shape[2]),
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
         # Width ln K < 1 is only valid with LINEAR_EXACT (PS3.3 C.11.2.1.3).
@@ -624,10 +637,12 @@ def build_outputs(
     prob: npt.NDArray[np.floating[Any]] | None = None,
     report: Mapping[str, Any] | None = None,
     options: OutputOptions = OutputOptions(),
+    frames: SourceFrames = SourceFrames(),
 ) -> list[Dataset]:
     """Every output object for one series: SEG, TU/AU/EU maps, [fractional SEG], [SR].
 
-    ``source`` sorted as the volume's last axis; ``seg [X, Y, Z]``;
+    ``source`` sorted as the volume's last axis (or the one multi-frame image or
+    mosaic, with ``frames`` from :meth:`SourceFrames.of` of the series); ``seg [X, Y, Z]``;
     ``maps`` has ``tu``, ``au``, ``eu`` ``[X, Y, Z]``; ``prob [K, X, Y, Z]`` is
     needed when ``options.fractional``. ``key`` makes the UIDs deterministic
     (use the bundle checksum and the seed). Invalid copied patient/study
@@ -640,17 +655,15 @@ def build_outputs(
         raise UsageError(f"maps lacks {', '.join(missing)}; pass tu, au and eu")
     key = f"{key}:{content_digest(source)}"
     source, omitted = sanitize_sources(source)
-    out: list[Dataset] = [make_segmentation(source, seg, classes, key=key, options=options)]
+    source = frames.prepare(source)
+    kw: dict[str, Any] = {"key": key, "options": options, "frames": frames}
+    out: list[Dataset] = [make_segmentation(source, seg, classes, **kw)]
     for kind in MAP_KINDS:
-        out.append(
-            make_parametric_map(
-                source, maps[kind], kind, num_classes=len(classes), key=key, options=options
-            )
-        )
+        out.append(make_parametric_map(source, maps[kind], kind, num_classes=len(classes), **kw))
     if options.fractional:
         if prob is None:
             raise UsageError("options.fractional needs prob [K, X, Y, Z]")
-        out.append(make_fractional_segmentation(source, prob, classes, key=key, options=options))
+        out.append(make_fractional_segmentation(source, prob, classes, **kw))
     if options.report and report is not None:
         out.append(
             make_report(

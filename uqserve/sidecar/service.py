@@ -44,6 +44,7 @@ from uqserve.sidecar._privacy import describe, guard_logs, traceback_lines
 from uqserve.sidecar.metrics import MetricsServer, SidecarMetrics
 from uqserve.sidecar.outputs import (
     OutputOptions,
+    SourceFrames,
     build_outputs,
     sanitize_sources,
     write_datasets,
@@ -532,6 +533,7 @@ class Sidecar:
                 key=f"{sha}:{report.get('seed')}",
                 report=report,
                 options=options,
+                frames=SourceFrames.of(series),
             )
         except (ValueError, TypeError, AttributeError, KeyError) as exc:
             # highdicom refusing these images: the same images will be refused again.
@@ -554,7 +556,7 @@ class Sidecar:
             self.metrics.ood_flags.inc()
         return {
             "modality": modality,
-            "slices": len(series.datasets),
+            "slices": int(series.volume.shape[2]),
             "outputs": [p.name for p in paths],
             "omitted_attributes": omitted,
             "ood_flag": ood.get("flag"),
