@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import blob_volume, write_nifti
 
 UQSERVE = str(Path(sys.executable).parent / "uqserve")
@@ -67,3 +69,58 @@ def test_other_commands_print_user_text_as_written(tiny_bundle: Path, tmp_path: 
     assert proc.stdout.rstrip().endswith("to [red]repo/")
     proc = uqserve("serve", "--repo", "[red]nothing", cwd=tmp_path)
     assert proc.returncode != 0 and "[red]nothing" in proc.stderr
+
+
+def _on_a_terminal(args: list[str], cwd: Path) -> tuple[int, str]:
+    """Run the real CLI with stdout and stderr on a pseudo-terminal (progress bars drawn)."""
+    import pty
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "COLUMNS": "200", "TERM": "xterm-256color"}
+    proc = subprocess.Popen([UQSERVE, *args], cwd=cwd, env=env, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    return proc.wait(timeout=300), b"".join(chunks).decode(errors="replace")
+
+
+def test_control_characters_in_names_are_escaped_everywhere(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """Escape sequences in file names (OSC retitles the terminal, CSI clears it, a newline
+    forges a line, C1 CSI) reach the table, the errors and the progress bar escaped."""
+    osc, csi, c1 = "\x1b]2;owned\x07", "\x1b[2J", "\x9b31m"
+    inp = tmp_path / "in"
+    inp.mkdir()
+    write_nifti(inp / f"a{osc}b.nii.gz", blob_volume((16, 12, 2), seed=1))
+    (inp / f"bad{csi}\nx{c1}.nii.gz").write_bytes(b"not a nifti")
+    code, text = _on_a_terminal(["predict", "in", "-o", "o", "-b", str(tiny_bundle)], tmp_path)
+    assert code == 1, text
+    for raw in (osc, csi, c1, "\x07", "\x9b"):
+        assert raw not in text
+    assert "uqserve predict · a\\x1b]2;owned\\x07b" in text  # the table's title
+    assert "o/a\\x1b]2;owned\\x07b" in text  # the "written" row
+    assert "in/bad\\x1b[2J\\x0ax\\x9b31m.nii.gz: not a readable NIfTI" in text  # the error
+    assert (tmp_path / "o" / f"a{osc}b").is_dir()  # the folder keeps the real name
+
+
+def test_progress_bars_escape_task_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from uqserve.cli import _common
+
+    buf = io.StringIO()
+    terminal = _common.SafeConsole(file=buf, force_terminal=True, width=120)
+    monkeypatch.setattr(_common, "err_console", terminal)
+    with _common.ProgressBars() as bars:
+        bars(" scan\x1b]2;owned\x07\u202e.nii.gz", 1, 2)
+    assert "\x1b]2" not in buf.getvalue() and "\u202e" not in buf.getvalue()
+    assert "scan\\x1b]2;owned\\x07\\u202e.nii.gz" in buf.getvalue()

@@ -249,3 +249,43 @@ def test_colour_nifti_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
     nib.save(nib.Nifti1Image(rgb, np.eye(4)), str(tmp_path / "rgb.nii"))
     proc = cli(tmp_path / "rgb.nii", "-o", tmp_path / "o", "-b", tiny_bundle)
     assert proc.returncode == 1 and "rgb.nii: colour (RGB) voxel data" in proc.stderr
+
+
+@pytest.mark.parametrize("stem", ["s" * 248, "scan-" + "é" * 100 + "b" * 43])  # 248 bytes each
+def test_longest_scan_names_are_written(tiny_bundle: Path, tmp_path: Path, stem: str) -> None:
+    """A scan name as long as a file name allows (255 bytes with .nii.gz): temp names stay short."""
+    assert len(os.fsencode(stem)) == 248
+    write_nifti(tmp_path / f"{stem}.nii.gz", blob_volume((12, 10, 2)))
+    proc = cli(f"{stem}.nii.gz", "-o", "out", "-b", tiny_bundle, "-q", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [stem]
+    assert (tmp_path / "out" / stem / "report.json").is_file()
+
+
+def test_stale_temp_folders_of_long_names(tmp_path: Path) -> None:
+    """Cut temp names of dead writers: .tmp- removed; .old- kept unless its folder exists."""
+    from uqserve._fs import _stem, owner_tag, remove_stale
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = owner_tag().split(".")[0]
+    names = ["é" * 120, "x" * 200, "y" * 200]
+    tmp, old_lost, old_done = (
+        tmp_path / f".{_stem(n)}.{kind}-{host}.{dead.pid}.0-abc"
+        for n, kind in zip(names, ["tmp", "old", "old"], strict=True)
+    )
+    for folder in (tmp, old_lost, old_done, tmp_path / names[2]):
+        folder.mkdir()
+    assert all(len(os.fsencode(p.name)) < 200 for p in (tmp, old_lost))
+    assert sorted(remove_stale(tmp_path)) == sorted([tmp, old_done])
+    assert old_lost.is_dir()  # its full name is unknown: never removed, never guessed
+
+
+def test_a_name_too_long_for_a_folder_names_the_scan(tmp_path: Path) -> None:
+    from uqserve.volumes import OutputError
+    from uqserve.volumes.io import atomic_output_dir
+
+    with pytest.raises(OutputError, match=r"n{20}: the scan's name is 256 bytes, more than"):
+        with atomic_output_dir(tmp_path / ("n" * 256)):
+            pass
+    assert list(tmp_path.iterdir()) == []

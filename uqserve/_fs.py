@@ -44,6 +44,21 @@ _STALE = re.compile(
 FOREIGN_STALE_S = 2 * 24 * 3600.0
 
 
+# Temp and old folders carry the final name plus ~45 bytes of owner tag; a longer name
+# is cut (at a character) and tagged with its hash so the whole stays under NAME_MAX (255).
+_MAX_STEM_BYTES = 150
+_CUT_STEM = re.compile(r"~[0-9a-f]{12}$")
+
+
+def _stem(name: str) -> str:
+    """``name``, or for a long one its first ~130 bytes, ``~`` and 12 hex of its hash."""
+    raw = os.fsencode(name)
+    if len(raw) <= _MAX_STEM_BYTES:
+        return name
+    head = raw[: _MAX_STEM_BYTES - 20].decode("utf-8", "ignore")  # never half a character
+    return f"{head}~{hashlib.sha256(raw).hexdigest()[:12]}"
+
+
 def current_umask() -> int:
     """The process umask (read without a lasting change)."""
     umask = os.umask(0)
@@ -138,13 +153,21 @@ def remove_stale(folder: Path) -> list[Path]:
                     continue
             except OSError:
                 continue
-        final = folder / m["name"]
-        if m["kind"] == "old" and not os.path.lexists(final):
-            os.rename(entry, final)  # the old results come back
+        if m["kind"] == "old" and not _final_exists(folder, m["name"], entries):
+            if _CUT_STEM.search(m["name"]):
+                continue  # a cut name cannot be put back: left in place, never removed
+            os.rename(entry, folder / m["name"])  # the old results come back
             continue
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
     return removed
+
+
+def _final_exists(folder: Path, stem: str, entries: list[Path]) -> bool:
+    """Whether the folder whose temp stem is ``stem`` exists in ``folder``."""
+    if not _CUT_STEM.search(stem):
+        return os.path.lexists(folder / stem)
+    return any(_stem(e.name) == stem and not _STALE.match(e.name) for e in entries)
 
 
 def _renameat2(src: Path, dst: Path, flags: int) -> bool:
@@ -186,7 +209,7 @@ def _commit(tmp: Path, final: Path, overwrite: bool) -> None:
         if _renameat2(tmp, final, _RENAME_EXCHANGE):
             _remove(tmp)  # tmp now holds the old folder (or the old symlink)
             return
-        old = final.parent / f".{final.name}.old-{owner_tag()}-{os.urandom(4).hex()}"
+        old = final.parent / f".{_stem(final.name)}.old-{owner_tag()}-{os.urandom(4).hex()}"
         os.rename(final, old)
         try:
             os.rename(tmp, final)
@@ -221,7 +244,8 @@ def replace_dir_atomically(
     created = _make_parents(final.parent)
     try:
         remove_stale(final.parent)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{owner_tag()}-", dir=final.parent))
+        prefix = f".{_stem(final.name)}.tmp-{owner_tag()}-"
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
         try:
             yield tmp
             os.chmod(tmp, mode & ~current_umask())

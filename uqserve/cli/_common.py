@@ -5,21 +5,62 @@ from __future__ import annotations
 import functools
 import re
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.segment import Segment
 from rich.text import Text
 
 from uqserve._version import __version__
 from uqserve.errors import UqserveError
 
+# Control characters: C0, DEL, C1 and the bidi marks and overrides that reorder a line.
+_BIDI = "\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_CONTROL = re.compile(f"[\x00-\x1f\x7f-\x9f{_BIDI}]")
+_CONTROL_BUT_NEWLINE = re.compile(f"[\x00-\x09\x0b-\x1f\x7f-\x9f{_BIDI}]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character escaped (``ESC`` -> ``\\x1b``, newline -> ``\\x0a``).
+
+    File names are user text: an ``ESC ] 0 ;`` in one would retitle the terminal,
+    a newline would forge a second line. Printed text is safe; the name is still
+    recognisable.
+    """
+    return _CONTROL.sub(_escape, text)
+
+
+class SafeConsole(Console):
+    """A rich console that never writes a control character from the text it prints.
+
+    Strings are escaped before layout (``render_str``: prints, table cells); the
+    rendered segments are escaped again as a net for ``Text`` built elsewhere.
+    rich's own styles and cursor moves are not text and pass unchanged.
+    """
+
+    def render_str(self, text: str, **kwargs: Any) -> Text:
+        return super().render_str(printable(text), **kwargs)
+
+    def _render_buffer(self, buffer: Iterable[Segment]) -> str:
+        safe = (
+            seg if seg.control else Segment(_CONTROL_BUT_NEWLINE.sub(_escape, seg.text), seg.style)
+            for seg in buffer
+        )
+        return super()._render_buffer(safe)
+
+
 # No markup anywhere: file names, bundle names and server messages are user text, and
 # `[bold]x.nii.gz` or `a[/]b` must print as written. Style with `style=` or `Text` only.
-console = Console(markup=False)
-err_console = Console(stderr=True, markup=False)
+console = SafeConsole(markup=False)
+err_console = SafeConsole(stderr=True, markup=False)
 
 # Options that mean the same in several commands (predict, sidecar).
 BundleOption = Annotated[
@@ -40,8 +81,8 @@ SeedOption = Annotated[
 
 
 def error_line(message: str) -> Text:
-    """``error: MESSAGE`` with a red label and the message as plain text."""
-    return Text.assemble(("error:", "bold red"), " ", message)
+    """``error: MESSAGE`` with a red label and the message as plain, printable text."""
+    return Text.assemble(("error:", "bold red"), " ", printable(message))
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -173,7 +214,7 @@ class ProgressBars:
 
     def __call__(self, task: str, done: int, total: int, loss: float = float("nan")) -> None:
         if task not in self._tasks:
-            self._tasks[task] = self._progress.add_task(task, total=total, loss=loss)
+            self._tasks[task] = self._progress.add_task(printable(task), total=total, loss=loss)
         self._progress.update(self._tasks[task], completed=done, total=total, loss=loss)
         if task.startswith(" ") and done >= total:
             self._progress.remove_task(self._tasks.pop(task))

@@ -8,6 +8,8 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
+from uqserve.cli._common import printable
+
 __all__ = ["summary_table"]
 
 
@@ -23,9 +25,8 @@ def _num(x: Any, digits: int = 4) -> str:
 def summary_table(report: Mapping[str, Any]) -> Table:
     """A short two-column rich table of one scan's report."""
     scan, bundle, scores = report["scan"], report["bundle"], report["scores"]
-    t = Table(
-        title=Text(f"uqserve predict · {scan['name']}"), show_header=False, title_justify="left"
-    )
+    title = Text(f"uqserve predict · {printable(scan['name'])}")
+    t = Table(title=title, show_header=False, title_justify="left")
     t.add_column("", style="bold")
     t.add_column("")
     shape = "x".join(str(s) for s in scan["shape"])
@@ -34,7 +35,7 @@ def summary_table(report: Mapping[str, Any]) -> Table:
     t.add_row(
         "bundle",
         Text(
-            f"{bundle['name']} ({bundle['au']}-{bundle['eu']}, M={bundle['members']}, "
+            f"{printable(bundle['name'])} ({bundle['au']}-{bundle['eu']}, M={bundle['members']}, "
             f"S={bundle['samples']})"
         ),
     )
@@ -70,11 +71,11 @@ def summary_table(report: Mapping[str, Any]) -> Table:
     for name, v in report["volumes"].items():
         t.add_row(Text(f"volume {name}"), Text(_fmt_ml(v)))
     for w in report.get("warnings", []):
-        t.add_row(Text("warning", style="yellow"), Text(w))
+        t.add_row(Text("warning", style="yellow"), Text(printable(w)))
     total = report["timings"].get("total_s", report["timings"].get("predict_s", 0.0))
     t.add_row("time", f"{total:.2f} s")
     if "outputs" in report:
-        t.add_row("written", Text(report["outputs"]["folder"]))
+        t.add_row("written", Text(printable(report["outputs"]["folder"])))
     return t
 
 

@@ -18,6 +18,7 @@ from uqserve.cli._common import (
     err_console,
     error_line,
     fail,
+    printable,
 )
 
 if TYPE_CHECKING:
@@ -167,7 +168,9 @@ def predict_command(
     slices_task = progress.add_task("slices", total=None)
 
     def on_slices(name: str, done: int, total: int) -> None:
-        progress.update(slices_task, description=f"  {name}", completed=done, total=total)
+        progress.update(
+            slices_task, description=f"  {printable(name)}", completed=done, total=total
+        )
 
     def on_scan(res: ScanResult) -> None:
         progress.advance(scans_task)

@@ -100,6 +100,10 @@ def sanitize(volume: Volume) -> tuple[Volume, int]:
     return out, n_bad
 
 
+# NAME_MAX of Linux file systems (ext4, xfs, btrfs, tmpfs): bytes in one path component.
+_NAME_MAX = 255
+
+
 @contextlib.contextmanager
 def atomic_output_dir(
     final_dir: str | os.PathLike[str],
@@ -119,6 +123,11 @@ def atomic_output_dir(
     final = Path(final_dir)
     for source in inputs:
         _check_not_input(final, Path(source))
+    if len(os.fsencode(final.name)) > _NAME_MAX:
+        raise OutputError(
+            f"{final}: the scan's name is {len(os.fsencode(final.name))} bytes, more than a "
+            f"folder name may have ({_NAME_MAX}); rename the scan"
+        )
     if os.path.lexists(final) and not overwrite:  # a dangling symlink counts too
         raise OutputError(
             f"{final}: results exist already; pass `overwrite=True` or choose another `out_dir`"
