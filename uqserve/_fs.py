@@ -1,7 +1,20 @@
-"""Filesystem primitives shared by every writer: nothing half-written, nothing lost.
+"""The one atomic writer: files and folders appear whole or not at all.
 
-A result folder ``final`` is built under ``.NAME.tmp-<host>.<pid>.<start>-XXXX`` beside
-it and moved into place by one rename at the end:
+Every uqserve writer goes through here. Files and folders get the modes any
+other program's would: ``0666`` / ``0777`` less the process umask (``mkstemp``
+and ``mkdtemp`` create them private, which broke a server running as another
+user). ``fsync=True`` makes the result durable before the call returns (the
+sidecar acknowledges a C-STORE only then).
+
+Files: :func:`atomic_path` yields a temporary path beside the target for
+writers that want a file name (nibabel); :func:`atomic_file` an open file;
+:func:`atomic_write_bytes` / :func:`atomic_write_text` write a whole value.
+:func:`write_temp_file` and :func:`commit_file` are the two halves, for a
+writer that must rename under its own lock (the sidecar's spool).
+
+Folders: :func:`replace_dir_atomically`. A result folder ``final`` is built
+under ``.NAME.tmp-<host>.<pid>.<start>-XXXX`` beside it and moved into place by
+one rename at the end:
 
 - the commit holds an exclusive ``flock`` on the parent folder, so two writers
   of the same ``final`` never interleave their check and rename;
@@ -30,6 +43,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
 
 from uqserve import _failpoints
 
@@ -66,22 +80,118 @@ def current_umask() -> int:
     return umask
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder.
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make the entries of folder ``path`` (names added, renamed, removed) durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    The file gets the mode every other output gets (0666 less the umask).
+
+def _fsync_file(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_beside(target: Path, folder: Path | None) -> Path:
+    """An empty temp file for ``target`` in ``folder`` (default: beside it), mode per umask.
+
+    It keeps the target's suffixes (``.nii.gz``) for writers that pick the format by name.
     """
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    suffix = "".join(target.suffixes[-2:]) if target.name.endswith(".nii.gz") else target.suffix
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=f".part{suffix}", dir=folder or target.parent
+    )
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 0600; outputs follow the umask
-        with os.fdopen(fd, "wb") as f:
+    finally:
+        os.close(fd)
+    return Path(tmp)
+
+
+def write_temp_file(folder: str | os.PathLike[str], data: bytes, *, fsync: bool = False) -> Path:
+    """Write ``data`` to a new temp file in ``folder``; :func:`commit_file` puts it in place."""
+    tmp = _temp_beside(Path(folder) / "data", Path(folder))
+    try:
+        with open(tmp, "wb") as f:
             f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def commit_file(
+    tmp: str | os.PathLike[str], target: str | os.PathLike[str], *, fsync: bool = False
+) -> Path:
+    """Rename the temp file ``tmp`` onto ``target`` (same filesystem); on error remove ``tmp``."""
+    target = Path(target)
+    try:
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if fsync:
+        fsync_dir(target.parent)
     return target
+
+
+@contextmanager
+def atomic_path(
+    path: str | os.PathLike[str],
+    *,
+    fsync: bool = False,
+    temp_dir: str | os.PathLike[str] | None = None,
+) -> Iterator[Path]:
+    """Yield a temp file name; what is written there replaces ``path`` on success.
+
+    On any error the temp file is removed and ``path`` is left as it was.
+    ``temp_dir``: where the temp file lives (same filesystem as ``path``).
+    """
+    target = Path(path)
+    tmp = _temp_beside(target, None if temp_dir is None else Path(temp_dir))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())  # a writer that replaced the file made a new one
+        if fsync:
+            _fsync_file(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    commit_file(tmp, target, fsync=fsync)
+
+
+@contextmanager
+def atomic_file(
+    path: str | os.PathLike[str], mode: str = "wb", *, fsync: bool = False
+) -> Iterator[IO[Any]]:
+    """Open a temp file (``mode`` ``"wb"`` or ``"w"``) that replaces ``path`` on success."""
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_file: mode must be 'wb' or 'w', got {mode!r}")
+    with atomic_path(path, fsync=fsync) as tmp, open(tmp, mode) as f:
+        yield f  # closed before atomic_path fsyncs and renames it
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool = False) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder.
+
+    The file gets the mode every other output gets (0666 less the umask).
+    """
+    with atomic_file(path, "wb", fsync=fsync) as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, fsync: bool = False) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically, like :func:`atomic_write_bytes`."""
+    return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
 def _start_time(pid: int) -> int | None:
@@ -229,7 +339,11 @@ def _remove(path: Path) -> None:
 
 @contextmanager
 def replace_dir_atomically(
-    final: str | os.PathLike[str], mode: int = 0o755, *, overwrite: bool = True
+    final: str | os.PathLike[str],
+    mode: int = 0o777,
+    *,
+    overwrite: bool = True,
+    fsync: bool = False,
 ) -> Iterator[Path]:
     """Yield a temp folder beside ``final`` that takes ``final``'s place on success.
 
@@ -238,7 +352,9 @@ def replace_dir_atomically(
     ``final`` exists by then (another writer got there first); ``True``: the
     existing ``final`` is exchanged for the new folder in one step. ``mode``
     opens up the folder that ``mkdtemp`` creates private (0700), less the umask.
-    Stale temp folders of dead writers of ``final`` are removed first.
+    ``fsync``: every file and folder written is durable before the rename, and
+    the rename before the return. Stale temp folders of dead writers of
+    ``final`` are removed first.
     """
     final = Path(final)
     created = _make_parents(final.parent)
@@ -249,8 +365,12 @@ def replace_dir_atomically(
         try:
             yield tmp
             os.chmod(tmp, mode & ~current_umask())
+            if fsync:
+                _fsync_tree(tmp)
             _failpoints.reached("written")
             _commit(tmp, final, overwrite)
+            if fsync:
+                fsync_dir(final.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -261,6 +381,15 @@ def replace_dir_atomically(
             except OSError:
                 break
         raise
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file under ``folder``, then every folder, innermost first."""
+    for root, _dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                _fsync_file(os.path.join(root, name))
+        fsync_dir(root)
 
 
 def _make_parents(folder: Path) -> list[Path]:

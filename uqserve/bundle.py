@@ -11,7 +11,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from uqserve._fs import atomic_write_text
 from uqserve.contracts import AGGREGATORS, AU_METHODS, DEFAULT_AGGREGATOR, EU_METHODS
 from uqserve.errors import UsageError
 
@@ -410,17 +410,7 @@ def verify_checksums(bundle: Bundle) -> None:
 
 
 def write_manifest(folder: str | os.PathLike[str], manifest: Manifest) -> Path:
-    """Write ``manifest.json`` atomically (temp file + rename)."""
+    """Write ``manifest.json`` atomically (temp file + rename; mode per the umask)."""
     manifest.validate(str(folder))
-    folder = Path(folder)
-    target = folder / MANIFEST_NAME
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(manifest.to_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    text = json.dumps(manifest.to_dict(), indent=2) + "\n"
+    return atomic_write_text(Path(folder) / MANIFEST_NAME, text)

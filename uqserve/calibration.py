@@ -28,15 +28,13 @@ import dataclasses
 import datetime as _dt
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from uqserve import uncertainty as U
+from uqserve._fs import atomic_write_bytes
 from uqserve._progress import ProgressFn
 from uqserve._version import __version__
 from uqserve.bundle import MANIFEST_NAME, Bundle, Manifest, OODSpec, load_bundle, verify_checksums
@@ -269,13 +267,6 @@ def _write_new_manifest(b: Bundle, new: Manifest) -> None:
     """Keep ``manifest.v<N>.json``, then replace ``manifest.json`` atomically."""
     verify_checksums(b)  # members must not have changed while we ran
     backup = b.path / f"manifest.v{b.manifest.manifest_version}.json"
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-backup-", suffix=".json", dir=b.path)
-    os.close(fd)
-    try:
-        shutil.copyfile(b.path / MANIFEST_NAME, tmp)
-        os.replace(tmp, backup)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(backup, (b.path / MANIFEST_NAME).read_bytes())
     _write_manifest(b.path, new)
     verify_checksums(Bundle(path=b.path, manifest=new))

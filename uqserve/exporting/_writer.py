@@ -34,16 +34,6 @@ def atomic_bundle_dir(target: str | os.PathLike[str], overwrite: bool = False) -
         raise ExportError(f"{target}: already exists; pass `overwrite=True` to replace it")
     with replace_dir_atomically(target) as tmp:
         yield tmp
-        _publish_permissions(tmp)
-
-
-def _publish_permissions(folder: Path) -> None:
-    """mkstemp creates private (0600) files; a bundle is shared data."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for f in folder.iterdir():
-        if f.is_file():
-            os.chmod(f, 0o666 & ~umask)
 
 
 def finish_bundle(

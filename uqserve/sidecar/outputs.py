@@ -40,7 +40,6 @@ import hashlib
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +56,7 @@ from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import DA, TM, validate_value
 
+from uqserve._fs import atomic_file
 from uqserve._version import __version__
 from uqserve.errors import UsageError
 from uqserve.sidecar._source_frames import SourceFrames
@@ -687,15 +687,7 @@ def write_datasets(datasets: Sequence[Dataset], folder: str | os.PathLike[str]) 
     paths = []
     for ds in datasets:
         target = folder / output_name(ds)
-        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".part", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                ds.save_as(f, enforce_file_format=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(target, "wb", fsync=True) as f:
+            ds.save_as(f, enforce_file_format=True)
         paths.append(target)
     return paths

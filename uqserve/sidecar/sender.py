@@ -17,6 +17,7 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
+from uqserve._fs import atomic_write_text
 from uqserve.errors import UsageError
 
 __all__ = ["Peer", "SendResult", "dead_letter", "parse_address", "send_files"]
@@ -179,8 +180,9 @@ def dead_letter(files: dict[Path, str], folder: str | os.PathLike[str]) -> list[
     for src, reason in files.items():
         dst = folder / src.name
         shutil.move(str(src), dst)
-        (folder / f"{src.name}.reason.json").write_text(
-            json.dumps({"file": src.name, "reason": reason, "time": time.time()}, indent=2)
+        atomic_write_text(
+            folder / f"{src.name}.reason.json",
+            json.dumps({"file": src.name, "reason": reason, "time": time.time()}, indent=2),
         )
         moved.append(dst)
     return moved

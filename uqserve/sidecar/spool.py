@@ -29,13 +29,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from uqserve._fs import atomic_write_text, commit_file, fsync_dir, write_temp_file
 from uqserve.errors import UsageError
 
 __all__ = ["SeriesState", "Spool", "instances_digest", "series_key"]
@@ -48,26 +48,8 @@ def series_key(series_uid: str) -> str:
     return hashlib.sha256(str(series_uid).encode()).hexdigest()[:16]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    atomic_write_text(path, json.dumps(obj, indent=2), fsync=True)
 
 
 @dataclass
@@ -132,23 +114,17 @@ class Spool:
         """Durably store one encoded instance (with file meta); return its path."""
         key = series_key(series_uid)
         name = hashlib.sha256(str(sop_uid).encode()).hexdigest()[:20] + ".dcm"
-        fd, tmp = tempfile.mkstemp(suffix=".part", dir=self.root / "tmp")
+        tmp = write_temp_file(self.root / "tmp", data, fsync=True)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            with self._lock:
+            with self._lock:  # claiming renames incoming/<series>: not between mkdir and rename
                 folder = self.root / "incoming" / key
                 new = not folder.is_dir()
                 folder.mkdir(exist_ok=True)
-                target = folder / name
-                os.replace(tmp, target)
-                _fsync_dir(folder)
+                target = commit_file(tmp, folder / name, fsync=True)
                 if new:
-                    _fsync_dir(folder.parent)
+                    fsync_dir(folder.parent)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         return target
 
@@ -201,8 +177,8 @@ class Spool:
                     for p in src.iterdir():
                         os.replace(p, dst / p.name)
                     src.rmdir()
-                _fsync_dir(dst.parent)
-                _fsync_dir(src.parent)
+                fsync_dir(dst.parent)
+                fsync_dir(src.parent)
             return dst
 
     def instances(self, key: str) -> list[Path]:
@@ -267,7 +243,7 @@ class Spool:
                     os.replace(p, work / p.name)
                     moved += 1
             shutil.rmtree(kept, ignore_errors=True)
-            _fsync_dir(work)
+            fsync_dir(work)
         return moved
 
     def prune_kept(self, max_age_s: float, now: float | None = None) -> None:
