@@ -145,9 +145,10 @@ def write_outputs(
     if png:
         from uqserve.prediction.preview import render_preview
 
+        bundle = pred.report.get("bundle") or {}
         render_preview(
             volume, pred.seg, pred.tu, pred.au, pred.eu, folder / "preview.png",
-            max_u=float(np.log(K)),
+            classes=list(bundle.get("classes") or []), ood=pred.report.get("ood"),
         )  # fmt: skip
         files.append("preview.png")
     return {"folder": str(folder), "files": files}

@@ -1,21 +1,39 @@
-"""``preview.png``: a quick look at one prediction.
+"""``preview.png``: a quick look at one prediction, readable by a radiologist.
 
-The PNG is drawn with Pillow and numpy only (no matplotlib): a few slices in
-rows; columns image, segmentation overlay, TU, AU, EU. The three uncertainty
-columns share one colour scale, 0 to ln K nats, shown by a colour bar under
-each, so the maps can be compared by eye.
+The PNG is drawn with Pillow and numpy only (no matplotlib): a title line with
+the scan's OOD verdict and score, a line naming the slices shown and why, then
+one row per slice with columns image, segmentation overlay, TU, AU, EU.
+
+* Slices are drawn in radiological convention (patient's right on the image's
+  left; anterior up for axial, superior up otherwise) with orientation letters
+  at the edges of the image panel (:mod:`uqserve.prediction._display`).
+* The rows are the slices with the most foreground (else the most TU).
+* Each uncertainty map has its own colour scale, from 0 to a round value at or
+  above the map's 99.9th percentile over the whole volume (brighter voxels take
+  the top colour), with ticks in nats: EU is often a hundred times smaller than
+  TU and would vanish on TU's scale.
+* The overlay has a legend of the classes.
 """
 
 from __future__ import annotations
 
 import io
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from uqserve.prediction._display import (
+    DisplayFrame,
+    display_frame,
+    nice_ticks,
+    orient,
+    pick_slices,
+    tick_label,
+)
 from uqserve.volumes import Volume, atomic_write_bytes
 
 # Anchor colours of matplotlib's viridis (perceptually uniform), interpolated to 256.
@@ -49,17 +67,41 @@ def viridis_lut(n: int = 256) -> npt.NDArray[np.uint8]:
     return np.round(lut).astype(np.uint8)
 
 
-def preview_slices(seg: npt.NDArray[Any], n: int = 3) -> list[int]:
-    """Up to ``n`` slice indices along the last axis, spread over the foreground.
+def ood_line(ood: Mapping[str, Any] | None) -> str:
+    """The OOD verdict and score for the title, e.g. ``OOD: in distribution (EU score ...)``."""
+    ood = ood or {}
+    score = ood.get("score")
+    if score is None:
+        return "OOD: no score"
+    text = f"EU score {float(score):.3g} nats"
+    if ood.get("flag") is None or ood.get("threshold") is None:
+        return f"OOD: not calibrated for this model ({text})"
+    verdict = "OUT OF DISTRIBUTION" if ood["flag"] else "in distribution"
+    pct = ood.get("percentile")
+    pct_s = f", validation percentile {float(pct):.0f}" if pct is not None else ""
+    return f"OOD: {verdict} ({text} vs threshold {float(ood['threshold']):.3g}{pct_s})"
 
-    Slices are evenly spaced between the first and last slice holding
-    foreground (the whole range when there is none).
-    """
-    depth = seg.shape[-1]
-    fg = np.flatnonzero(np.any(seg.reshape(-1, depth) > 0, axis=0))
-    lo, hi = (int(fg[0]), int(fg[-1])) if fg.size else (0, depth - 1)
-    picks = np.linspace(lo, hi, min(n, hi - lo + 1) + 2)[1:-1] if hi > lo else np.array([lo])
-    return sorted({round(float(z)) for z in picks})
+
+def _scale_top(u: npt.NDArray[Any]) -> float:
+    """The top of a map's colour scale: its 99.9th percentile (a few outlying voxels
+    would otherwise darken the rest), at least a thousandth of its maximum."""
+    finite = u[np.isfinite(u)]
+    if not finite.size:
+        return 0.0
+    top = float(np.percentile(finite, 99.9))
+    return max(top, float(finite.max()) * 1e-3)
+
+
+def _window(img: npt.NDArray[Any]) -> tuple[float, float]:
+    """Grey window ``(low, span)``: 1st to 99th percentile of the finite voxels."""
+    finite = img[np.isfinite(img)]
+    lo, hi = np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0)
+    hi = hi if hi > lo else lo + 1.0
+    # Extreme intensities (|x| ~ 3e38): hi - lo overflows float32; window in float64.
+    lo, span = float(lo), float(hi) - float(lo)
+    if not 0 < span < np.inf:
+        lo, span = 0.0, 1.0
+    return lo, span
 
 
 def render_preview(
@@ -70,14 +112,17 @@ def render_preview(
     eu: npt.NDArray[np.float32],
     path: str | os.PathLike[str],
     *,
-    max_u: float | None = None,
+    classes: Sequence[str] = (),
+    ood: Mapping[str, Any] | None = None,
+    title: str | None = None,
     slices: int = 3,
 ) -> Path:
-    """Write ``preview.png``: rows of slices, columns image / overlay / TU / AU / EU.
+    """Write ``preview.png``: title, rows of slices, columns image / overlay / TU / AU / EU.
 
     All arrays are ``[X, Y, Z]`` in the volume's order; slices are taken along
-    ``volume.slice_axis``. ``max_u`` is the top of the uncertainty colour scale
-    (default: the largest TU value).
+    ``volume.slice_axis``. ``classes`` names the labels (0 = background) for the
+    legend; ``ood`` is the report's ``ood`` entry; ``title`` (default: the scan
+    name) starts the title line.
     """
     from PIL import Image, ImageDraw, ImageFont
 
@@ -88,72 +133,122 @@ def render_preview(
 
     img, seg_w = work(volume.data), work(seg)
     maps = [work(tu), work(au), work(eu)]
-    top = float(max_u) if max_u else max(float(np.max(tu)), 1e-6)
-    finite = img[np.isfinite(img)]
-    lo, hi = np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0)
-    hi = hi if hi > lo else lo + 1.0
-    # Extreme intensities (|x| ~ 3e38): hi - lo overflows float32; window in float64.
-    lo, span = float(lo), float(hi) - float(lo)
-    if not 0 < span < np.inf:
-        lo, span = 0.0, 1.0
-    sp = [s for i, s in enumerate(volume.spacing) if i != axis]
-    rows_px, cols_px = img.shape[0] * sp[0], img.shape[1] * sp[1]
-    scale = PANEL / max(rows_px, cols_px)
-    # Display with the first array axis horizontal and the second pointing up.
-    pw, ph = max(1, round(rows_px * scale)), max(1, round(cols_px * scale))
-    lut = viridis_lut()
+    frame = display_frame(volume.affine, axis)
+    zs, why = pick_slices(seg_w, maps[0], slices)
+    lo, span = _window(img)
+    size = orient(img[:, :, 0], frame).shape
+    h_mm, w_mm = size[0] * frame.mm[0], size[1] * frame.mm[1]
+    scale = PANEL / max(h_mm, w_mm)
+    pw, ph = max(1, round(w_mm * scale)), max(1, round(h_mm * scale))
     font = ImageFont.load_default()
-    zs = preview_slices(seg_w, slices)
-    pad, header, bar_h = 6, 18, 34
+    names = [str(c) for c in classes[1:]] or [
+        f"class {k}" for k in range(1, max(2, int(seg_w.max(initial=0)) + 1))
+    ]
+    pad, line, bar_h = 6, 14, 44
+    header = 3 * line + 4
+    footer = max(bar_h, line * len(names) + pad)
     width = pad + 5 * (pw + pad)
-    height = header + len(zs) * (ph + pad) + bar_h + pad
+    height = header + len(zs) * (ph + pad) + footer + pad
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
+    name = title if title is not None else Path(str(volume.source)).name
+    draw.text((pad, 2), f"{name}   {ood_line(ood)}", fill=(0, 0, 0), font=font)
+    draw.text((pad, 2 + line), _rows_line(frame, zs, img.shape[2], axis, why), fill=(60, 60, 60),
+              font=font)  # fmt: skip
     titles = ("image", "segmentation", "TU (nats)", "AU (nats)", "EU (nats)")
-    for c, title in enumerate(titles):
-        draw.text((pad + c * (pw + pad), 3), title, fill=(0, 0, 0), font=font)
-
-    def to_panel(rgb: npt.NDArray[np.uint8]) -> Image.Image:
-        disp = np.ascontiguousarray(np.rot90(rgb, k=1, axes=(0, 1)))  # [Y (up), X, 3]
-        return Image.fromarray(disp, "RGB").resize((pw, ph), Image.Resampling.NEAREST)
-
+    for c, text in enumerate(titles):
+        draw.text((pad + c * (pw + pad), 2 + 2 * line), text, fill=(0, 0, 0), font=font)
+    tops = [nice_ticks(_scale_top(u)) for u in maps]
+    lut = viridis_lut()
     for r, z in enumerate(zs):
         y = header + r * (ph + pad)
-        with np.errstate(over="ignore", invalid="ignore"):
-            gray = np.nan_to_num(np.clip((img[:, :, z] - lo) / span, 0, 1))
-        g8 = np.round(gray * 255).astype(np.uint8)
-        base = np.repeat(g8[..., None], 3, axis=2)
-        labels = seg_w[:, :, z].astype(np.int64)
-        over = base.copy()
-        fg = labels > 0
-        if fg.any():
-            colours = _LABEL_COLOURS[(labels[fg] - 1) % len(_LABEL_COLOURS)]
-            over[fg] = (0.45 * base[fg] + 0.55 * colours).astype(np.uint8)
-        panels = [base, over]
-        for u in maps:
-            idx = np.clip(np.round(u[:, :, z] / top * 255), 0, 255).astype(np.intp)
-            panels.append(lut[idx])
+        panels = _row(img[:, :, z], seg_w[:, :, z], [u[:, :, z] for u in maps], lo, span, tops)
         for c, rgb in enumerate(panels):
-            canvas.paste(to_panel(rgb), (pad + c * (pw + pad), y))
-        draw.text((2, y + 2), f"z={z}", fill=(255, 255, 0), font=font)
-    # Colour bars under the three uncertainty columns.
-    _colour_bars(canvas, draw, lut, font, y=header + len(zs) * (ph + pad), pw=pw, pad=pad, top=top)
+            shown_rgb = orient(rgb, frame)
+            tile = Image.fromarray(shown_rgb, "RGB").resize((pw, ph), Image.Resampling.NEAREST)
+            canvas.paste(tile, (pad + c * (pw + pad), y))
+        _letters(draw, font, frame, (pad, y, pw, ph))
+        draw.text((2 * pad + pw + 3, y + ph - 13), f"slice {z}", fill=(255, 255, 0), font=font)
+    y = header + len(zs) * (ph + pad)
+    _legend(draw, font, names, x=pad + pw + pad, y=y)
+    for c, (top, ticks) in enumerate(tops):
+        _colour_bar(canvas, draw, lut, font, x=pad + (c + 2) * (pw + pad), y=y, pw=pw,
+                    top=top, ticks=ticks)  # fmt: skip
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def _colour_bars(
+def _rows_line(frame: DisplayFrame, zs: list[int], depth: int, axis: int, why: str) -> str:
+    """Which slices the rows show and why, e.g. ``axial slices 6, 16, 20 of 0-23 ...``."""
+    if depth == 1:
+        return f"the only {frame.plane} slice; radiological view"
+    shown = ", ".join(str(z) for z in zs)
+    return (
+        f"{frame.plane} slices {shown} of 0-{depth - 1} (array axis {axis}): the {why}; "
+        "radiological view"
+    )
+
+
+def _row(
+    img: npt.NDArray[Any],
+    labels: npt.NDArray[Any],
+    maps: list[npt.NDArray[Any]],
+    lo: float,
+    span: float,
+    tops: list[tuple[float, list[float]]],
+) -> list[npt.NDArray[np.uint8]]:
+    """The five RGB panels ``[a, b, 3]`` of one slice: grey, overlay, TU, AU, EU."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        gray = np.nan_to_num(np.clip((img - lo) / span, 0, 1))
+    g8 = np.round(gray * 255).astype(np.uint8)
+    base = np.repeat(g8[..., None], 3, axis=2)
+    lab = labels.astype(np.int64)
+    over = base.copy()
+    fg = lab > 0
+    if fg.any():
+        colours = _LABEL_COLOURS[(lab[fg] - 1) % len(_LABEL_COLOURS)]
+        over[fg] = (0.45 * base[fg] + 0.55 * colours).astype(np.uint8)
+    lut = viridis_lut()
+    panels = [base, over]
+    for u, (top, _) in zip(maps, tops, strict=True):
+        idx = np.clip(np.round(np.nan_to_num(u) / top * 255), 0, 255).astype(np.intp)
+        panels.append(lut[idx])
+    return panels
+
+
+def _letters(draw: Any, font: Any, frame: DisplayFrame, box: tuple[int, int, int, int]) -> None:
+    """Orientation letters at the middle of each edge of the panel ``(x, y, w, h)``."""
+    x, y, w, h = box
+    top, bottom, left, right = frame.letters
+    spots = ((top, x + w // 2 - 3, y + 2), (bottom, x + w // 2 - 3, y + h - 13),
+             (left, x + 3, y + h // 2 - 6), (right, x + w - 9, y + h // 2 - 6))  # fmt: skip
+    for text, tx, ty in spots:
+        draw.text((tx + 1, ty + 1), text, fill=(0, 0, 0), font=font)
+        draw.text((tx, ty), text, fill=(255, 255, 0), font=font)
+
+
+def _legend(draw: Any, font: Any, names: list[str], *, x: int, y: int) -> None:
+    """One coloured square and name per foreground class, under the overlay column."""
+    for k, name in enumerate(names):
+        colour = tuple(int(v) for v in _LABEL_COLOURS[k % len(_LABEL_COLOURS)])
+        draw.rectangle((x, y + 2 + 14 * k, x + 10, y + 12 + 14 * k), fill=colour)
+        draw.text((x + 15, y + 1 + 14 * k), name[:28], fill=(0, 0, 0), font=font)
+
+
+def _colour_bar(
     canvas: Any, draw: Any, lut: npt.NDArray[np.uint8], font: Any,
-    *, y: int, pw: int, pad: int, top: float,
+    *, x: int, y: int, pw: int, top: float, ticks: list[float],
 ) -> None:  # fmt: skip
-    """Draw a 0..``top`` colour bar under each of the three uncertainty columns."""
+    """A 0..``top`` nats colour bar with its ticks, ``pw`` pixels wide at ``(x, y)``."""
     from PIL import Image
 
     bar = np.repeat(lut[np.linspace(0, 255, pw).astype(np.intp)][None], 10, axis=0)
-    for c in range(2, 5):
-        x = pad + c * (pw + pad)
-        canvas.paste(Image.fromarray(bar, "RGB"), (x, y))
-        draw.text((x, y + 12), "0", fill=(0, 0, 0), font=font)
-        label = f"{top:.2f}"
-        draw.text((x + pw - 6 * len(label), y + 12), label, fill=(0, 0, 0), font=font)
+    canvas.paste(Image.fromarray(bar, "RGB"), (x, y))
+    for t in ticks:
+        tx = x + round(t / top * (pw - 1))
+        draw.line((tx, y + 10, tx, y + 13), fill=(0, 0, 0))
+        label = tick_label(t)
+        lx = min(max(x, tx - 3 * len(label)), x + pw - 6 * len(label))
+        draw.text((lx, y + 14), label, fill=(0, 0, 0), font=font)
+    draw.text((x, y + 28), "nats", fill=(90, 90, 90), font=font)
