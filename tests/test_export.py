@@ -244,9 +244,7 @@ def test_export_is_atomic_and_refuses_to_overwrite(tmp_path: Path) -> None:
         export_networks(nets[:1], target, _plan("softmax-ensemble", 2, 1), cfg, overwrite=True)
     assert sha256_file(target / "manifest.json") == before  # untouched by the failures
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temp folders left
-    export_networks(
-        nets[::-1], target, _plan("softmax-ensemble", 2, 1), cfg, overwrite=True
-    )
+    export_networks(nets[::-1], target, _plan("softmax-ensemble", 2, 1), cfg, overwrite=True)
     assert sha256_file(target / "manifest.json") != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 

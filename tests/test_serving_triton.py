@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ from uqserve.runtime.triton import (
     TritonUnavailableError,
     parse_server,
 )
-from uqserve.serving import TritonServer, write_repository
+from uqserve.serving import ServerError, TritonServer, write_repository
 from uqserve.volumes import read_volume
 
 pytestmark = TRITON_MARKS
@@ -592,3 +593,63 @@ def test_samples_and_client_mode_still_use_the_members(
             assert np.abs(getattr(got, name) - getattr(want, name)).max() <= 1e-5, name
     assert with_samples.sample_labels is not None and want.sample_labels is not None
     assert np.array_equal(with_samples.sample_labels, want.sample_labels)
+
+
+def _serve_stopped_at_start(bundle: Path, temp: Path) -> subprocess.Popen[str]:
+    """``uqserve serve`` with ``TMPDIR=temp``, stopped once tritonserver is launched."""
+    env = {**os.environ, "UQSERVE_STOP_AT": "server-started", "TMPDIR": str(temp)}
+    proc = subprocess.Popen(
+        [*UQSERVE, "serve", "--bundle", str(bundle), "--instances", "1",
+         "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status)
+    return proc
+
+
+def test_serve_killed_with_its_watchdog_leaves_folders_the_next_start_removes(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """kill -9 of serve, its watchdog and tritonserver: the next start cleans up after them."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    first = _serve_stopped_at_start(tiny_bundle, temp)
+    kids = _children(first.pid)  # tritonserver and the watchdog
+    (server_pid,) = [k for k in kids if _is_tritonserver(k)]
+    group = _process_group(server_pid)
+    for pid in {first.pid} | kids | group:
+        os.kill(pid, signal.SIGKILL)
+    first.wait()
+    assert _wait_all_gone(kids | group, 30) == set()
+    left = sorted(p.name.split("-")[1] for p in temp.glob("uqserve-*"))
+    assert left == ["serve", "tritonserver"], left  # the repository copy, the work folder
+    second = _serve_stopped_at_start(tiny_bundle, temp)
+    try:
+        ours = list(temp.glob("uqserve-*"))
+        assert len(ours) == 2 and all(f".{second.pid}." in p.name for p in ours)
+        os.kill(second.pid, signal.SIGTERM)
+        os.kill(second.pid, signal.SIGCONT)
+        second.communicate(timeout=60)
+        assert second.returncode == 143 and list(temp.glob("uqserve-*")) == []
+    finally:
+        if second.poll() is None:
+            second.kill()
+            second.wait()
+
+
+def test_a_server_that_dies_with_its_log_elsewhere_leaves_no_folder(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    repo = write_repository(tiny_bundle, tmp_path / "repo", instances=1)
+    for config in repo.rglob("config.pbtxt"):
+        config.write_text("this is { not a model config")
+    server = TritonServer(repo, log_path=tmp_path / "server.log")
+    with pytest.raises(ServerError):
+        server.start()
+    server.stop()
+    assert (tmp_path / "server.log").stat().st_size > 0
+    assert list(temp.glob("uqserve-*")) == []  # no empty work folder

@@ -34,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import glob
 import hashlib
 import os
 import re
@@ -271,6 +272,53 @@ def remove_stale(folder: Path) -> list[Path]:
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
     return removed
+
+
+def make_owned_temp_dir(prefix: str) -> Path:
+    """A new folder ``<prefix><host>.<pid>.<start>-XXXX`` in the system temp folder.
+
+    Its name says which process owns it, so :func:`remove_dead_owners_temp`
+    can remove it after that process died without cleaning up (SIGKILL).
+    """
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{owner_tag()}-"))
+
+
+def remove_dead_owners_temp(
+    prefix: str, root: Path | None = None, *, log_name: str | None = None
+) -> list[Path]:
+    """Remove the :func:`make_owned_temp_dir` folders under ``root`` whose owner died.
+
+    ``root`` defaults to the system temp folder. Only owners on this machine and pid
+    namespace are judged. A folder holding nothing but ``log_name`` (a failed start's
+    log, shown to the user) is kept for ``FOREIGN_STALE_S``. Returns what was removed.
+    """
+    root = Path(root or tempfile.gettempdir())
+    owner = r"(?P<host>[0-9a-f]{8})\.(?P<pid>\d+)\.(?P<start>\d+)-"
+    pattern = re.compile(re.escape(prefix) + owner)
+    host, removed = _host_tag(), list[Path]()
+    try:
+        entries = sorted(root.glob(f"{glob.escape(prefix)}*"))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is None or m["host"] != host or entry.is_symlink() or not entry.is_dir():
+            continue
+        if _alive(int(m["pid"]), int(m["start"])) or _young_log_only(entry, log_name):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def _young_log_only(folder: Path, log_name: str | None) -> bool:
+    """``folder`` holds only ``log_name``, written less than ``FOREIGN_STALE_S`` ago."""
+    try:
+        names = [p.name for p in folder.iterdir()]
+        young = time.time() - folder.stat().st_mtime < FOREIGN_STALE_S
+    except OSError:
+        return False
+    return log_name is not None and names == [log_name] and young
 
 
 def _final_exists(folder: Path, stem: str, entries: list[Path]) -> bool:

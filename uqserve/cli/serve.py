@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import signal
-import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from uqserve._fs import make_owned_temp_dir, remove_dead_owners_temp
 from uqserve.cli._app import app
 from uqserve.cli._common import console, fail
 
@@ -78,6 +81,19 @@ def repo_command(
     )
 
 
+SERVE_TEMP_PREFIX = "uqserve-serve-"
+
+
+@contextlib.contextmanager
+def _owned_temp_dir(prefix: str) -> Iterator[Path]:
+    """A temp folder named after this process (see ``make_owned_temp_dir``), removed after."""
+    tmp = make_owned_temp_dir(prefix)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @app.command("serve")
 def serve_command(
     bundle: Annotated[
@@ -118,9 +134,11 @@ def serve_command(
 
     if repo is not None and bundle:
         fail("pass either --bundle or --repo, not both")
+    # A serve killed with SIGKILL left its repository copy: removed once its owner is gone.
+    remove_dead_owners_temp(SERVE_TEMP_PREFIX)
     find_server_tree()
 
-    with tempfile.TemporaryDirectory(prefix="uqserve-serve-") as tmp:
+    with _owned_temp_dir(SERVE_TEMP_PREFIX) as tmp:
         if repo is not None:
             models = validate_repository(repo)
             repo_dir = repo

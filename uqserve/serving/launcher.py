@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -29,8 +28,11 @@ from pathlib import Path
 from types import TracebackType
 
 from uqserve import _failpoints
+from uqserve._fs import make_owned_temp_dir, remove_dead_owners_temp
 from uqserve.errors import ServiceError
 
+WORKDIR_PREFIX = "uqserve-tritonserver-"
+LOG_NAME = "tritonserver.log"
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 
 # The watchdog: a tiny process that outlives a launcher killed with SIGKILL. It waits
@@ -193,7 +195,7 @@ class TritonServer:
         tree = find_server_tree()
         self._pick_ports()
         server_dir = self._stage_server(tree)
-        self._log_path = self._user_log or server_dir.parent / "tritonserver.log"
+        self._log_path = self._user_log or server_dir.parent / LOG_NAME
         with open(self._log_path, "wb") as log:
             self._process = subprocess.Popen(
                 self._command(server_dir),
@@ -249,7 +251,9 @@ class TritonServer:
                 f"nvidia-pytriton has no python backend stub for Python {version}; "
                 "use Python 3.8-3.13 or the NGC image"
             )
-        self._workdir = Path(tempfile.mkdtemp(prefix="uqserve-tritonserver-"))
+        # Work folders of launchers that died with their watchdog (kill -9 of both).
+        remove_dead_owners_temp(WORKDIR_PREFIX, log_name=LOG_NAME)
+        self._workdir = make_owned_temp_dir(WORKDIR_PREFIX)
         self._keep_log = self._killed = False
         server_dir = self._workdir / "tritonserver"
         shutil.copytree(tree, server_dir, symlinks=True)
@@ -359,9 +363,10 @@ class TritonServer:
                 region.unlink(missing_ok=True)
         if self._workdir is not None:
             # Keep the log (and only the log) after a failed start, for the user to read.
-            if self._keep_log:
+            log_inside = self._user_log is None
+            if self._keep_log and log_inside:
                 shutil.rmtree(self._workdir / "tritonserver", ignore_errors=True)
-            else:
+            else:  # nothing to keep: the log (if any) was written elsewhere
                 shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
         return code
