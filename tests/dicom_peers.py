@@ -287,6 +287,7 @@ class Orthanc:
         aet: str = "ORTHANC",
         modalities: dict[str, tuple[str, str, int]] | None = None,
         lua: str | None = None,
+        config: dict[str, Any] | None = None,
     ):
         require("Orthanc")
         self.workdir = Path(workdir)
@@ -295,6 +296,7 @@ class Orthanc:
         self.dicom_port = free_port()
         self.modalities = modalities or {}
         self.lua = lua
+        self.config = config or {}  # more Orthanc settings (plugins, TLS, users)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -316,6 +318,7 @@ class Orthanc:
             "DicomModalities": {k: list(v) for k, v in self.modalities.items()},
             "Plugins": [],
             "StableAge": 1,
+            **self.config,
         }
         if self.lua is not None:
             (self.workdir / "route.lua").write_text(self.lua)

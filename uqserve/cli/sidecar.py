@@ -5,12 +5,16 @@ from __future__ import annotations
 import logging
 import signal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from uqserve.cli._app import app
 from uqserve.cli._common import BundleOption, SeedOption, cli_message, fail
+
+if TYPE_CHECKING:
+    from uqserve.sidecar import Peer
+    from uqserve.sidecar.dicomweb import WebPeer
 
 
 @app.command("sidecar")
@@ -40,8 +44,9 @@ def sidecar_command(
         str | None,
         typer.Option(
             "--send-to",
-            help="AE@HOST:PORT that receives the results by C-STORE "
-            "(default: keep them in SPOOL/out).",
+            help="AE@HOST:PORT that receives the results by C-STORE, or "
+            "http(s)://HOST:PORT/dicom-web for STOW-RS (credentials: $UQSERVE_DICOMWEB_AUTH "
+            "or --dicomweb-auth-file) (default: keep them in SPOOL/out).",
             show_default=False,
         ),
     ] = None,
@@ -122,6 +127,15 @@ def sidecar_command(
             "--network-timeout", help="Close an association silent for this long.", min=0.1
         ),
     ] = 60.0,
+    dicomweb_auth_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--dicomweb-auth-file",
+            help="File holding 'Bearer <token>' or 'Basic <user>:<password>' for a DICOMweb "
+            "--send-to (read again before each delivery; never pass secrets as options).",
+            show_default=False,
+        ),
+    ] = None,
     tls_cert: Annotated[
         Path | None,
         typer.Option(
@@ -169,7 +183,8 @@ def sidecar_command(
     Runs until SIGTERM or Ctrl-C. Logs never contain patient identifiers.
     """
     from uqserve.errors import UsageError
-    from uqserve.sidecar import Limits, OutputOptions, Peer, Sidecar, SidecarConfig
+    from uqserve.sidecar import Limits, OutputOptions, Sidecar, SidecarConfig
+    from uqserve.sidecar.dicomweb import WebAuth, WebPeer
     from uqserve.sidecar.logfmt import configure_logging
     from uqserve.sidecar.sender import check_ae_title, parse_address
     from uqserve.sidecar.service import BundlePredictor
@@ -181,7 +196,10 @@ def sidecar_command(
     host, port = parse_address(listen, default_port=11112)
     tls = TLSConfig.from_files(tls_cert, tls_key, tls_ca)
     metrics_at = parse_address(metrics, default_port=9102) if metrics else None
-    peer = Peer.parse(send_to) if send_to else None
+    peer = _peer(send_to) if send_to else None
+    web_auth = WebAuth.load(dicomweb_auth_file) if isinstance(peer, WebPeer) else None
+    if dicomweb_auth_file is not None and not isinstance(peer, WebPeer):
+        raise UsageError("--dicomweb-auth-file needs a DICOMweb --send-to http(s)://...")
     allowed = tuple(
         check_ae_title(a, "--allow AE title") for a in (allow or "").split(",") if a.strip()
     )
@@ -205,6 +223,7 @@ def sidecar_command(
         ),
         tls=tls,
         metrics=metrics_at,
+        web_auth=web_auth,
     )
     servers = [s.removeprefix("grpc://") for s in server or []]
     predictor = BundlePredictor(bundle, servers, seed=seed, device=device)
@@ -237,3 +256,13 @@ def sidecar_command(
         )
     sidecar.wait()
     raise typer.Exit(0)
+
+
+def _peer(text: str) -> Peer | WebPeer:
+    """``--send-to``: a DICOMweb root (http/https) or a DICOM AE@HOST:PORT."""
+    from uqserve.sidecar import Peer
+    from uqserve.sidecar.dicomweb import WebPeer
+
+    if text.strip().lower().startswith(("http://", "https://")):
+        return WebPeer.parse(text)
+    return Peer.parse(text)

@@ -41,6 +41,7 @@ import numpy.typing as npt
 from uqserve._version import __version__
 from uqserve.errors import ServiceError, UqserveError, UsageError
 from uqserve.sidecar._privacy import describe, guard_logs, traceback_lines
+from uqserve.sidecar.dicomweb import WebAuth, WebPeer, stow_files
 from uqserve.sidecar.metrics import MetricsServer, SidecarMetrics
 from uqserve.sidecar.outputs import (
     OutputOptions,
@@ -50,7 +51,7 @@ from uqserve.sidecar.outputs import (
     write_datasets,
 )
 from uqserve.sidecar.scp import SUPPORTED_MODALITIES, Limits, StorageSCP
-from uqserve.sidecar.sender import Peer, dead_letter, send_files
+from uqserve.sidecar.sender import Peer, SendResult, dead_letter, send_files
 from uqserve.sidecar.spool import SeriesState, Spool, instances_digest
 from uqserve.sidecar.tls import TLSConfig
 from uqserve.volumes import Volume, VolumeError
@@ -174,7 +175,9 @@ class SidecarConfig:
     host: str = "0.0.0.0"
     port: int = 11112
     allow: tuple[str, ...] = ()
-    send_to: Peer | None = None
+    send_to: Peer | WebPeer | None = None
+    # Credentials of a DICOMweb ``send_to`` (read from the environment or a file).
+    web_auth: WebAuth | None = None
     stable_seconds: float = 10.0
     modalities: tuple[str, ...] = SUPPORTED_MODALITIES
     outputs: OutputOptions = field(default_factory=OutputOptions)
@@ -564,6 +567,21 @@ class Sidecar:
             "dead_letter": {},
         }
 
+    def _deliver(self, paths: list[Path], stored: Callable[[Path], None]) -> SendResult:
+        """C-STORE or STOW-RS ``paths`` to ``config.send_to``, with the same retries."""
+        peer, tls = self.config.send_to, self.config.tls
+        common: dict[str, Any] = {
+            "retries": self.config.send_retries,
+            "backoff_s": self.config.send_backoff_s,
+            "sleep": self._stop.wait,  # SIGTERM ends the back-off; the series is resumed later
+            "on_sent": stored,
+            "tls": tls.client_context() if tls else None,
+        }
+        if isinstance(peer, WebPeer):
+            return stow_files(paths, peer, auth=self.config.web_auth, **common)
+        assert peer is not None
+        return send_files(paths, peer, calling_ae=self.config.ae_title, **common)
+
     def _send(self, key: str, state: SeriesState, record: dict[str, Any]) -> dict[str, Any]:
         """Send what is left in out/<key>; each result is deleted once the peer stored it.
 
@@ -578,19 +596,11 @@ class Sidecar:
         def stored(path: Path) -> None:  # gone from out/ as soon as the peer has it
             sent.append(path.name)
             path.unlink(missing_ok=True)
-            self.metrics.results_delivered.labels("dimse").inc()
+            self.metrics.results_delivered.labels(protocol).inc()
 
+        protocol = "dicomweb" if isinstance(peer, WebPeer) else "dimse"
         with self.metrics.delivery_seconds.time():
-            result = send_files(
-                paths,
-                peer,
-                calling_ae=self.config.ae_title,
-                retries=self.config.send_retries,
-                backoff_s=self.config.send_backoff_s,
-                sleep=self._stop.wait,  # SIGTERM ends the back-off; the series is resumed later
-                on_sent=stored,
-                tls=self.config.tls.client_context() if self.config.tls else None,
-            )
+            result = self._deliver(paths, stored)
         refused = {p: why for p, why in result.failed.items() if p in result.refused}
         if refused:
             dead_letter(refused, self.spool.dead_letter_dir(key))
@@ -610,9 +620,8 @@ class Sidecar:
         self.spool.save_state(state)
         unreached = len(result.failed) - len(refused)
         if unreached:
-            raise PeerUnavailable(
-                f"{unreached} result(s) not stored by {peer}: peer unreachable or aborted"
-            )
+            why = next(w for p, w in result.failed.items() if p not in refused)
+            raise PeerUnavailable(f"{unreached} result(s) not stored by {peer}: {why}")
         if record["dead_letter"]:
             record["status"] = "partial" if sent else "undelivered"
         else:
