@@ -89,3 +89,21 @@ def highdicom_volume(
         flip[2, 2], flip[2, 3] = -1, data.shape[2] - 1
         affine, data = affine @ flip, data[:, :, ::-1]
     return data, affine
+
+
+def two_echo_mprage() -> Dataset:
+    """``philips_mprage`` relabelled as two echoes of 88 slices each (a 4D object)."""
+    ds = nibabel_dicom("philips_mprage")
+    per_frame = ds.PerFrameFunctionalGroupsSequence
+    dim = Dataset()
+    dim.DimensionIndexPointer = 0x00189082  # Effective Echo Time
+    dim.FunctionalGroupPointer = 0x00189114
+    dim.DimensionDescriptionLabel = "Effective Echo Time"
+    ds.DimensionIndexSequence.append(dim)
+    for f, frame in enumerate(per_frame):
+        echo, slot = divmod(f, 88)
+        same = per_frame[slot].PlanePositionSequence[0].ImagePositionPatient
+        frame.PlanePositionSequence[0].ImagePositionPatient = [float(v) for v in same]
+        content = frame.FrameContentSequence[0]
+        content.DimensionIndexValues = [*content.DimensionIndexValues, echo + 1]
+    return ds

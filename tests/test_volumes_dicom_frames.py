@@ -20,7 +20,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
-from tests.real_dicom import highdicom_volume, nibabel_dicom, pydicom_series
+from tests.real_dicom import highdicom_volume, nibabel_dicom, pydicom_series, two_echo_mprage
 from uqserve.prediction import predict_volume
 from uqserve.volumes import VolumeError, read_volume
 from uqserve.volumes.dicom import read_series
@@ -71,24 +71,8 @@ def test_philips_enhanced_mr_reads_as_one_stack(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read_volume(single).data, vol.data)
 
 
-def _two_echoes(ds: Dataset) -> Dataset:
-    """The Philips file relabelled as two echoes of 88 slices each (a 4D object)."""
-    per_frame = ds.PerFrameFunctionalGroupsSequence
-    dim = Dataset()
-    dim.DimensionIndexPointer = 0x00189082  # Effective Echo Time
-    dim.FunctionalGroupPointer = 0x00189114
-    dim.DimensionDescriptionLabel = "Effective Echo Time"
-    ds.DimensionIndexSequence.append(dim)
-    for f, frame in enumerate(per_frame):
-        echo, slot = divmod(f, 88)
-        frame.PlanePositionSequence[0].ImagePositionPatient = _frame_ipp(ds, slot + 1).tolist()
-        content = frame.FrameContentSequence[0]
-        content.DimensionIndexValues = [*content.DimensionIndexValues, echo + 1]
-    return ds
-
-
 def test_multi_stack_enhanced_is_refused_with_how_to_pick(tmp_path: Path) -> None:
-    ds = _two_echoes(nibabel_dicom("philips_mprage"))
+    ds = two_echo_mprage()
     with pytest.raises(VolumeError) as err:
         read_series([ds], name="echoes")
     msg = str(err.value)
