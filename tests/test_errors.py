@@ -151,7 +151,7 @@ def test_sidecar_unwritable_spool_names_the_spool(tmp_path: Path, tiny_bundle: P
         res = CliRunner().invoke(
             app,
             ["sidecar", "--spool", str(blocker / "spool"), "--bundle", str(tiny_bundle),
-             "--listen", f"127.0.0.1:{port}"],
+             "--listen", f"127.0.0.1:{port}", "--allow-any"],
         )  # fmt: skip
     assert res.exit_code == 1, res.output
     assert "spool" in res.stderr and "writable folder with --spool" in res.stderr, res.stderr

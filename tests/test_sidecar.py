@@ -400,6 +400,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, tiny_bundle: Path) -> None:
 
     runner = CliRunner()
     base = ["sidecar", "--spool", str(tmp_path / "s"), "--listen", f"127.0.0.1:{free_port()}"]
+    base += ["--allow", SENDER]
     for extra, needle in [
         (["--bundle", str(tmp_path / "missing")], "no such bundle"),
         (["--bundle", str(tiny_bundle), "--send-to", "nowhere"], "AE@HOST:PORT"),

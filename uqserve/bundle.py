@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,12 @@ MANIFEST_NAME = "manifest.json"
 NORMALIZATIONS = ("fixed", "zscore", "ct")
 INTERPOLATIONS = ("cubic", "linear")
 
+#: A bundle's name becomes Triton model names and folder names in a model
+#: repository, so it follows Triton's model-name rules strictly: letters,
+#: digits, ``_``, ``-`` and ``.``, starting with a letter or digit (never a
+#: path: no ``/``, ``..`` or control characters), at most 64 characters.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
 # Where shipped bundles live (package data).
 BUNDLES_DIR = Path(__file__).resolve().parent / "bundles"
 DEFAULT_BUNDLE = "softmax-ensemble"
@@ -34,6 +41,28 @@ DEFAULT_BUNDLE = "softmax-ensemble"
 
 class BundleError(UsageError):
     """A bundle that cannot be used; the message names the file and the fix."""
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a bundle name (:data:`NAME_PATTERN`), or None."""
+    if NAME_PATTERN.fullmatch(name):
+        return None
+    return (
+        f"name {name!r} is not a valid bundle name: use 1-64 letters, digits, '_', '-' or '.', "
+        "starting with a letter or digit (it becomes Triton model and folder names); "
+        "choose another name (uqserve export --name)"
+    )
+
+
+def member_file_problem(file: str) -> str | None:
+    """Why ``file`` cannot be a member file (it must stay inside the bundle), or None."""
+    parts = Path(file).parts
+    if not file or Path(file).is_absolute() or ".." in parts or "\\" in file or "\x00" in file:
+        return (
+            f"member file {file!r} is not a file name inside the bundle folder "
+            "(no absolute paths, no '..')"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -264,7 +293,8 @@ class Manifest:
 
     def validate(self, source: str = "manifest") -> None:
         """Raise ``BundleError`` naming the first field that is inconsistent."""
-        problems = []
+        problems = [p for p in (name_problem(self.name),) if p]
+        problems += [p for p in map(member_file_problem, (m.file for m in self.members)) if p]
         if self.au not in AU_METHODS:
             problems.append(f"au {self.au!r} is not one of {', '.join(AU_METHODS)}")
         if self.eu not in EU_METHODS:
@@ -331,7 +361,16 @@ class Bundle:
     manifest: Manifest
 
     def member_path(self, index: int) -> Path:
-        return self.path / self.manifest.members[index].file
+        """Member ``index``'s file; refused when it (or a symlink) leaves the bundle folder."""
+        file = self.manifest.members[index].file
+        path = self.path / file
+        if not path.resolve().is_relative_to(self.path.resolve()):
+            raise BundleError(
+                f"{self.path / MANIFEST_NAME}: members[{index}].file {file!r} leads outside "
+                "the bundle folder (a symlink?); member files must lie inside it: re-export "
+                "the bundle"
+            )
+        return path
 
     @property
     def manifest_sha256(self) -> str:
@@ -390,6 +429,8 @@ def load_bundle(name_or_path: str | os.PathLike[str] | None = None, verify: bool
     if not isinstance(data, dict):
         raise BundleError(f"{mpath}: manifest must be a JSON object")
     bundle = Bundle(path=path, manifest=Manifest.from_dict(data, source=str(mpath)))
+    for i in range(bundle.manifest.num_members):
+        bundle.member_path(i)  # refuses files outside the folder
     if verify:
         verify_checksums(bundle)
     return bundle
@@ -398,7 +439,7 @@ def load_bundle(name_or_path: str | os.PathLike[str] | None = None, verify: bool
 def verify_checksums(bundle: Bundle) -> None:
     """Raise ``BundleError`` on the first member file that is missing or altered."""
     for i, member in enumerate(bundle.manifest.members):
-        f = bundle.path / member.file
+        f = bundle.member_path(i)
         if not f.is_file():
             raise BundleError(f"{f}: member {i} is missing; restore it or re-export the bundle")
         digest = sha256_file(f)

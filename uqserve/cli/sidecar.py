@@ -27,10 +27,14 @@ def sidecar_command(
         str | None,
         typer.Option(
             "--allow",
-            help="Comma-separated calling AE titles accepted (default: any; set it in production).",
+            help="Comma-separated calling AE titles accepted (required, or --allow-any).",
             show_default=False,
         ),
     ] = None,
+    allow_any: Annotated[
+        bool,
+        typer.Option("--allow-any", help="Accept every calling AE title (no --allow list)."),
+    ] = False,
     server: Annotated[
         list[str] | None,
         typer.Option(
@@ -203,6 +207,11 @@ def sidecar_command(
     allowed = tuple(
         check_ae_title(a, "--allow AE title") for a in (allow or "").split(",") if a.strip()
     )
+    if not allowed and not allow_any:  # fail closed: an empty $ALLOW must not open the door
+        fail(
+            f"--allow {'is empty' if allow is not None else 'is missing'}: give the calling AE "
+            "titles to accept (--allow PACS,MODALITY), or --allow-any to accept every caller"
+        )
     config = SidecarConfig(
         spool=spool,
         ae_title=check_ae_title(ae_title, "--ae-title"),
@@ -250,10 +259,8 @@ def sidecar_command(
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    if not allowed:
-        logging.getLogger("uqserve.sidecar").warning(
-            "no --allow given: any calling AE title may send"
-        )
+    if allow_any and not allowed:
+        logging.getLogger("uqserve.sidecar").warning("--allow-any: every calling AE title may send")
     sidecar.wait()
     raise typer.Exit(0)
 

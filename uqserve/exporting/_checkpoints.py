@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from uqserve.bundle import Bundle, InputSpec, Normalization
 from uqserve.checkpoints import CONFIG_NAME, Checkpoints, load_checkpoints, read_checkpoint_config
 from uqserve.contracts import default_class_names
-from uqserve.exporting._plan import ExportError, ExportPlan
+from uqserve.exporting._plan import ExportError, ExportPlan, bundle_name
 from uqserve.exporting._torch import export_networks
 from uqserve.exporting._writer import Calibrator, Say
 from uqserve.models.config import ModelConfig
@@ -125,6 +124,7 @@ def export_checkpoints(
     ``None`` writes the bundle uncalibrated (3D bundles always are).
     """
     ck = read_checkpoint_config(ckpt_dir)  # cheap checks before torch loads anything
+    name = bundle_name(name, out_dir)
     names = _class_names(ck, classes)
     m = _num_members(ck, num_members)
     ck = load_checkpoints(ckpt_dir, members=m if ck.eu == "ensemble" else None)
@@ -132,7 +132,7 @@ def export_checkpoints(
     tc = cfg.get("train_config", {})
     tile = tile_size or tuple(cfg.get("tile_size") or tc.get("size") or (64, 64))[-2:]
     plan = ExportPlan(
-        name=name or Path(out_dir).name,
+        name=name,
         au=ck.au,
         eu=ck.eu,
         num_members=m,

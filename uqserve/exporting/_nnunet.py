@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from uqserve.bundle import Bundle, InputSpec, Normalization, load_bundle
-from uqserve.exporting._plan import OPSET, ExportError, ExportPlan
+from uqserve.exporting._plan import OPSET, ExportError, ExportPlan, bundle_name
 from uqserve.exporting._writer import Say, atomic_bundle_dir, finish_bundle
 
 if TYPE_CHECKING:
@@ -323,12 +323,13 @@ def export_nnunet(
     from uqserve.exporting._onnx import wrap_onnx_member
 
     say = progress or (lambda _msg: None)
+    name = bundle_name(name, out_dir)
     model = load_nnunet_model(model_dir, folds=folds, checkpoint=checkpoint)
     say(f"read {model.configuration} folds {', '.join(model.folds)} of {model.folder.name}")
     graphs = logits_graphs(model, mirror)
     n, k = len(graphs), len(model.classes)
     plan = ExportPlan(
-        name=name or Path(out_dir).name,
+        name=name,
         au="softmax",
         eu="ensemble" if n > 1 else "none",
         num_members=n,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from uqserve._version import __version__
 from uqserve.bundle import Bundle, BundleError, InputSpec, Normalization, load_bundle
 from uqserve.contracts import TensorSpec, default_class_names, member_specs
-from uqserve.exporting._plan import ExportError, ExportPlan
+from uqserve.exporting._plan import ExportError, ExportPlan, bundle_name
 from uqserve.exporting._writer import Calibrator, atomic_bundle_dir, finish_bundle
 
 if TYPE_CHECKING:
@@ -112,6 +112,7 @@ def export_onnx_members(
     contract's outputs (mean, entropy, per-sample counts in the valid region,
     labels) and the unused ``seed``/``offset`` inputs with the onnx API.
     """
+    name = bundle_name(name, out_dir)
     if au != "softmax":
         raise ExportError(f"`au={au}`: only softmax members can be brought as plain ONNX graphs")
     if outputs not in ("logits", "probs"):
@@ -147,7 +148,7 @@ def export_onnx_members(
         )
     opsets = {o for _, _, o in wrapped}
     plan = ExportPlan(
-        name=name or Path(out_dir).name,
+        name=name,
         au="softmax",
         eu="ensemble" if len(wrapped) > 1 else "none",
         num_members=len(wrapped),

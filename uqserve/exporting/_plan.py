@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from uqserve._version import __version__
-from uqserve.bundle import InputSpec, Manifest, Member
+from uqserve.bundle import InputSpec, Manifest, Member, name_problem
 from uqserve.errors import UsageError
 
 #: The ONNX opset uqserve exports member graphs at.
@@ -16,6 +18,14 @@ OPSET = 18
 
 class ExportError(UsageError):
     """An export that cannot proceed; the message names the file and the fix."""
+
+
+def bundle_name(name: str | None, out_dir: str | os.PathLike[str]) -> str:
+    """``name``, or the output folder's name; refused unless a valid bundle name."""
+    chosen = name or Path(out_dir).name
+    if problem := name_problem(chosen):
+        raise ExportError(problem if name else f"{problem}, or pass one (the default is --out's)")
+    return chosen
 
 
 @dataclass
@@ -31,6 +41,11 @@ class ExportPlan:
     input: InputSpec
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Refused before anything is trained or written.
+        if problem := name_problem(self.name):
+            raise ExportError(problem)
 
     def manifest(self, members: tuple[Member, ...], opset: int) -> Manifest:
         """The (not yet calibrated) manifest of these member files."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from uqserve.bundle import Bundle
+from uqserve.bundle import Bundle, name_problem
 from uqserve.exporting._checkpoints import export_checkpoints
 from uqserve.exporting._plan import ExportError
 from uqserve.exporting._writer import Calibrator, Say
@@ -70,6 +70,8 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise ExportError(f"{path}: {exc}") from exc
+    if problem := name_problem(recipe.name or recipe.combination):
+        raise ExportError(f"{path}: [bundle] {problem}")
     if recipe.classes is not None and len(recipe.classes) != model.num_classes:
         raise ExportError(
             f"{path}: {len(recipe.classes)} class names but model.num_classes = {model.num_classes}"

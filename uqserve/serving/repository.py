@@ -55,7 +55,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from uqserve._fs import replace_dir_atomically
-from uqserve.bundle import Bundle, BundleError, load_bundle, sha256_file
+from uqserve.bundle import Bundle, BundleError, load_bundle, name_problem, sha256_file
 from uqserve.contracts import MEMBER_INPUTS, TensorSpec, member_specs
 from uqserve.errors import UsageError
 from uqserve.triton_names import (
@@ -415,9 +415,8 @@ def _write_bundle(
             threads=threads,
             max_queue_delay_us=max_queue_delay_us,
         )
-        version_dir = root / config.name / VERSION
-        version_dir.mkdir(parents=True)
-        (root / config.name / "config.pbtxt").write_text(_config_text(config, flavour, m.name))
+        version_dir = _model_dir(root, config.name)
+        (version_dir.parent / "config.pbtxt").write_text(_config_text(config, flavour, m.name))
         files = {"model.onnx": bundle.member_path(member).resolve()}
         if flavour == "python":
             files["model.py"] = TEMPLATE
@@ -444,12 +443,29 @@ def _write_bundle(
         )  # fmt: skip
 
 
-def _write_ensemble(root: Path, config: mc.ModelConfig, flavour: str, bundle_name: str) -> None:
-    version_dir = root / config.name / VERSION
+def _model_dir(root: Path, model: str) -> Path:
+    """Create ``root/model/VERSION``: the one place a model name becomes a path.
+
+    A name that would leave ``root`` (``..``, ``/``, an absolute path) or is
+    not a valid model name is refused before anything is created.
+    """
+    base = root.resolve()
+    folder = (base / model).resolve()
+    if name_problem(model) or folder.parent != base or not folder.is_relative_to(base):
+        raise RepositoryError(
+            f"model name {model!r} is not a folder name inside the repository; "
+            "rename the bundle (letters, digits, '_', '-', '.')"
+        )
+    version_dir = folder / VERSION
     version_dir.mkdir(parents=True)
+    return version_dir
+
+
+def _write_ensemble(root: Path, config: mc.ModelConfig, flavour: str, bundle_name: str) -> None:
+    version_dir = _model_dir(root, config.name)
     # Triton needs the version folder even for an ensemble; git keeps no empty folders.
     (version_dir / ".gitkeep").write_text("")
-    (root / config.name / "config.pbtxt").write_text(_config_text(config, flavour, bundle_name))
+    (version_dir.parent / "config.pbtxt").write_text(_config_text(config, flavour, bundle_name))
 
 
 def _write_reduce(
@@ -468,9 +484,8 @@ def _write_reduce(
     config = reduce_config(
         bundle, flavour, max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us
     )
-    version_dir = root / config.name / VERSION
-    version_dir.mkdir(parents=True)
-    (root / config.name / "config.pbtxt").write_text(_config_text(config, flavour, m.name))
+    version_dir = _model_dir(root, config.name)
+    (version_dir.parent / "config.pbtxt").write_text(_config_text(config, flavour, m.name))
     graph = reduce_graph(m.num_members, m.num_classes, m.num_samples, dims=m.input.dims)
     (version_dir / "model.onnx").write_bytes(graph)
     if flavour == "python":
