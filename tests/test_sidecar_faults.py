@@ -394,7 +394,7 @@ def test_killed_mid_send_then_restarted_sends_the_same_bytes(
     port, log = free_port(), tmp_path / "sidecar.log"
     args = [
         "--ae-title", "UQSIDECAR", "--send-to", f"RECEIVER@127.0.0.1:{receiver.port}",
-        "--spool", str(tmp_path / "spool"), "--stable-seconds", "0.5",
+        "--allow-any", "--spool", str(tmp_path / "spool"), "--stable-seconds", "0.5",
         "--bundle", str(tiny_bundle), "--seed", "3", "--device", "cpu",
     ]  # fmt: skip
     try:
@@ -532,7 +532,7 @@ def test_cli_refuses_settings_that_cannot_work_before_listening(
     port = free_port()
     procs = []
     for extra, needle in cases:
-        base = [*CLI, "--listen", f"127.0.0.1:{port}", "--bundle", str(tiny_bundle)]
+        base = [*CLI, "--listen", f"127.0.0.1:{port}", "--bundle", str(tiny_bundle), "--allow-any"]
         base += ["--spool", str(tmp_path / "spool")]
         procs.append((subprocess.Popen(base + extra, stderr=subprocess.PIPE, text=True), needle))
     try:
@@ -623,7 +623,7 @@ def test_sigterm_during_a_pacs_outage_exits_promptly_and_keeps_the_results(
     syn = write_ct_series(tmp_path / "ct", phantom((16, 16, 3)))
     port, log = free_port(), tmp_path / "sidecar.log"
     args = [
-        "--ae-title", "UQSIDECAR", "--send-to", f"NOBODY@127.0.0.1:{free_port()}",
+        "--ae-title", "UQSIDECAR", "--allow-any", "--send-to", f"NOBODY@127.0.0.1:{free_port()}",
         "--spool", str(tmp_path / "spool"), "--stable-seconds", "0.5",
         "--bundle", str(tiny_bundle), "--device", "cpu",
     ]  # fmt: skip

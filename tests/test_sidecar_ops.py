@@ -158,7 +158,7 @@ def test_json_logs_and_probes_from_the_command_line(tmp_path: Path, tiny_bundle:
     port, metrics_port, log = free_port(), free_port(), tmp_path / "sidecar.log"
     args = [
         "--ae-title", "UQSIDECAR", "--spool", str(tmp_path / "spool"), "--stable-seconds", "0.5",
-        "--bundle", str(tiny_bundle), "--seed", "3", "--device", "cpu",
+        "--bundle", str(tiny_bundle), "--seed", "3", "--device", "cpu", "--allow-any",
         "--metrics", f"127.0.0.1:{metrics_port}", "--log-format", "json", "--verbose",
     ]  # fmt: skip
     key = series_key(syn.series_uid)
@@ -193,7 +193,8 @@ def test_a_taken_metrics_port_is_refused_in_one_line(tmp_path: Path, tiny_bundle
         busy = taken.getsockname()[1]
         proc = subprocess.run(
             [*CLI, "--listen", f"127.0.0.1:{free_port()}", "--spool", str(tmp_path / "s"),
-             "--bundle", str(tiny_bundle), "--device", "cpu", "--metrics", f"127.0.0.1:{busy}"],
+             "--bundle", str(tiny_bundle), "--device", "cpu", "--metrics", f"127.0.0.1:{busy}",
+             "--allow-any"],
             capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
     assert proc.returncode != 0, proc.stderr

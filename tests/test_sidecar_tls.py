@@ -149,7 +149,8 @@ def test_tls_settings_that_cannot_work_are_refused_naming_the_flag(
     port = free_port()
     proc = subprocess.run(
         [*CLI, "--listen", f"127.0.0.1:{port}", "--spool", str(tmp_path / "spool"),
-         "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.client_key), "--device", "cpu"],
+         "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.client_key), "--device", "cpu",
+         "--allow-any"],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert proc.returncode != 0
