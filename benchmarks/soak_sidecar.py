@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/soak_sidecar.py [--senders 3] [--series 12] [--slices 6]
         [--size 48] [--duration 150] [--kills 3] [--pacs-down 15] [--seed 0]
+        [--tls] [--dicomweb]
 
 What runs, all real and on 127.0.0.1:
 
@@ -15,6 +16,16 @@ What runs, all real and on 127.0.0.1:
   the first 70 % of ``--duration`` (when the kills and the outage happen),
   retrying a series whole until it is acknowledged (as a modality does when
   its peer is down).
+
+``--tls``: certificates made with ``openssl`` (a CA, server and client
+certificates); the senders use ``storescu +tls``, the sidecar listens with
+``--tls-cert/--tls-key/--tls-ca`` (mutual TLS) and sends over TLS to
+``storescp +tls``. ``--dicomweb``: the receiving PACS is a real Orthanc with
+its DICOMweb plugin (basic auth, credentials in ``--dicomweb-auth-file``),
+reached by STOW-RS through a loopback relay that keeps every request body
+(Orthanc keeps one copy per SOP Instance UID, so repeats and conflicts are
+counted from what was sent); Orthanc is stopped for the outage, and the
+results counted are those Orthanc holds at the end.
 
 After the senders are done it waits (at most ``--drain`` s) for the results
 and prints: series sent, results expected (5 per series: SEG, three maps, SR),
@@ -52,6 +63,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.dicom_peers import free_port, phantom, sent, storescu, wait_port, write_ct_series  # noqa: E402
+from tests.dicomweb_peers import PASSWORD, USER, OrthancWeb, Relay, dicom_part  # noqa: E402
+from tests.tls_peers import PKI, make_pki, storescu_tls, tls_args  # noqa: E402
 
 KINDS = 5  # SEG, TU, AU, EU maps, SR
 
@@ -78,6 +91,43 @@ class Process:
             self.proc.wait(timeout=60)
 
 
+class WebPacs:
+    """Orthanc with DICOMweb behind a recording relay; stopped and started like a Process."""
+
+    def __init__(self, work: Path) -> None:
+        self.orthanc = OrthancWeb(work / "orthanc", auth=True)
+        self.relay: Relay | None = None
+        self.synced = 0
+
+    def start(self) -> None:
+        self.orthanc.__enter__()
+        if self.relay is None:
+            self.relay = Relay(self.orthanc.url, hold=False)
+
+    def kill(self, sig: int = signal.SIGTERM) -> None:
+        self.orthanc.__exit__()
+
+    def sync(self, received: Path) -> None:
+        """Every object Orthanc answered 200 to, into ``received`` (one file per request,
+        repeats included, dated when stored): what storescp ``+uf`` keeps in DIMSE mode."""
+        assert self.relay is not None
+        answers = self.relay.answers[self.synced :]
+        for i, (t, body, status) in enumerate(answers, start=self.synced):
+            if status == 200:
+                path = received / f"stow{i:06d}.dcm"
+                path.write_bytes(dicom_part(body))
+                os.utime(path, (t, t))
+        self.synced += len(answers)
+
+    def holds(self) -> int:
+        """Objects other than the CT images that Orthanc holds (one per SOP Instance UID)."""
+        tags = [
+            self.orthanc.get(f"/instances/{i}/simplified-tags")
+            for i in self.orthanc.get("/instances")
+        ]
+        return sum(t.get("Modality") != "CT" for t in tags)
+
+
 @dataclass
 class Soak:
     args: argparse.Namespace
@@ -88,6 +138,14 @@ class Soak:
     resends: int = 0  # storescu runs that failed (sidecar down or killed mid-series)
     events: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    pki: PKI | None = None  # --tls
+
+    def push(self, files: list[Path], port: int) -> bool:
+        """One storescu association with every file; True when all were stored."""
+        if self.pki is None:
+            return sent(storescu(files, port, called_ae="UQSOAK", calling_ae="MODALITY"))
+        tls = tls_args(self.pki.client_cert, self.pki.client_key, self.pki.ca)
+        return sent(storescu_tls(files, port, called_ae="UQSOAK", calling_ae="MODALITY", tls=tls))
 
     def note(self, what: str) -> None:
         with self.lock:
@@ -114,7 +172,7 @@ def sender(
     for at, uid, files in series:
         time.sleep(max(0.0, T0 + at - time.monotonic()))
         while time.monotonic() < deadline:
-            if sent(storescu(files, port, called_ae="UQSOAK", calling_ae="MODALITY")):
+            if soak.push(files, port):
                 with soak.lock:
                     soak.sent_at[uid] = time.time()
                     soak.slices[uid] = len(files)
@@ -212,33 +270,66 @@ def tally(soak: Soak, received: Path) -> dict[str, Any]:
     }
 
 
-def wait_drained(soak: Soak, received: Path, deadline: float) -> None:
+def wait_drained(soak: Soak, received: Path, deadline: float, pacs: Any) -> None:
     while time.monotonic() < deadline:
+        if isinstance(pacs, WebPacs):
+            pacs.sync(received)
         if tally(soak, received)["lost"] == 0:
             return
         time.sleep(2.0)
 
 
+def receiver(a: argparse.Namespace, work: Path, received: Path, pki: PKI | None) -> tuple[Any, Any]:
+    """The receiving PACS, and (called after it started) the sidecar's --send-to options."""
+    if a.dicomweb:
+        web = WebPacs(work)
+        auth = work / "dicomweb-auth"
+        auth.write_text(f"Basic {USER}:{PASSWORD}\n")
+        auth.chmod(0o600)
+
+        def web_send_to() -> list[str]:
+            assert web.relay is not None
+            return ["--send-to", f"{web.relay.url}/dicom-web", "--dicomweb-auth-file", str(auth)]
+
+        return web, web_send_to
+    pacs_port = free_port()
+    tls = tls_args(pki.server_cert, pki.server_key, pki.ca) if pki is not None else []
+    storescp = [
+        "storescp",
+        "-aet",
+        "PACS",
+        "-od",
+        str(received),
+        "+uf",
+        *tls,
+        "-pm",
+        str(pacs_port),
+    ]
+    pacs = Process(storescp, work / "pacs.log", pacs_port)
+    return pacs, lambda: ["--send-to", f"PACS@127.0.0.1:{pacs_port}"]
+
+
 def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     soak = Soak(a, work, random.Random(a.seed))
+    soak.pki = make_pki(work / "pki") if a.tls else None
     received = work / "pacs"
     received.mkdir()
-    pacs_port, port = free_port(), free_port()
-    pacs = Process(
-        ["storescp", "-aet", "PACS", "-od", str(received), "+uf", "-pm", str(pacs_port)],
-        work / "pacs.log",
-        pacs_port,
-    )
+    port = free_port()
+    pacs, send_to = receiver(a, work, received, soak.pki)
+    pacs.start()  # first: the relay's address is the DICOMweb --send-to
     sidecar_cmd = [
         sys.executable, "-c", "from uqserve.cli import app; app()", "sidecar",
         "--listen", f"127.0.0.1:{port}", "--ae-title", "UQSOAK", "--allow", "MODALITY",
-        "--send-to", f"PACS@127.0.0.1:{pacs_port}", "--spool", str(work / "spool"),
+        *send_to(), "--spool", str(work / "spool"),
         "--stable-seconds", str(a.stable), "--retry-seconds", "1", "--max-attempts", "12",
         "--seed", "1", "--device", "cpu", *(["--bundle", a.bundle] if a.bundle else []),
     ]  # fmt: skip
+    if soak.pki is not None:
+        pki = soak.pki
+        sidecar_cmd += ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+                        "--tls-ca", str(pki.ca)]  # fmt: skip
     sidecar = Process(sidecar_cmd, work / "sidecar.log", port)
     series = make_series(work / "ct", a.series, a.slices, a.size)
-    pacs.start()
     sidecar.start()
     stop = threading.Event()
     deadline = T0 + a.duration
@@ -254,10 +345,17 @@ def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
         t.join()
     monkey.join()  # every planned kill and the outage happen, even if senders finish early
     stop.set()
-    wait_drained(soak, received, time.monotonic() + a.drain)
+    wait_drained(soak, received, time.monotonic() + a.drain, pacs)
     sidecar.kill(signal.SIGTERM)
+    if isinstance(pacs, WebPacs):
+        pacs.sync(received)
+        result = {**tally(soak, received), "archive_holds": pacs.holds()}
+        if pacs.relay is not None:
+            result["stow_requests"] = len(pacs.relay.bodies)
+            pacs.relay.close()
+    else:
+        result = tally(soak, received)
     pacs.kill(signal.SIGTERM)
-    result = tally(soak, received)
     kills = sum(e["event"] == "sidecar SIGKILL" for e in soak.events)
     return {
         **result,
@@ -283,6 +381,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--stable", type=float, default=2.0, help="--stable-seconds of the sidecar")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bundle", default=None, help="default: the shipped softmax-ensemble")
+    p.add_argument("--tls", action="store_true", help="DICOM TLS in and out (openssl-made PKI)")
+    p.add_argument("--dicomweb", action="store_true", help="deliver by STOW-RS to Orthanc")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, spool)")
     a = p.parse_args(argv)
     if a.bundle is None:

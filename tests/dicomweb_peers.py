@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ssl
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,7 @@ class Relay:
     def __init__(self, upstream: str, *, hold: bool = True, tls: ssl.SSLContext | None = None):
         self.upstream = upstream
         self.bodies: list[bytes] = []
+        self.answers: list[tuple[float, bytes, int]] = []  # (time, body, upstream status)
         self.hold = hold
         self.second_stored = threading.Event()
         self.release = threading.Event()
@@ -106,9 +108,13 @@ class Relay:
                 relay.bodies.append(body)
                 keep = ("Content-Type", "Accept", "Authorization")
                 headers = {k: v for k in keep if (v := self.headers.get(k)) is not None}
-                r = httpx.post(
-                    relay.upstream + self.path, content=body, headers=headers, timeout=30
-                )
+                url = relay.upstream + self.path
+                try:
+                    r = httpx.post(url, content=body, headers=headers, timeout=30)
+                except httpx.HTTPError:  # the archive is down
+                    self.send_error(502)
+                    return
+                relay.answers.append((time.time(), body, r.status_code))
                 if relay.hold and len(relay.bodies) == 2:
                     relay.second_stored.set()
                     relay.release.wait(60)
