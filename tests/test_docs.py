@@ -35,17 +35,45 @@ def test_every_page_is_in_the_nav() -> None:
     assert pages == listed, f"not in nav: {pages - listed}; missing pages: {listed - pages}"
 
 
-def test_nothing_cites_files_outside_the_repository() -> None:
-    """The project stands alone: no design notes or shared folders outside it are cited."""
+#: Folders that are no part of the project's sources (what .gitignore leaves out).
+NOT_SOURCES = {".git", ".venv", "site", "build", "dist", "__pycache__", ".pytest_cache",
+               ".mypy_cache", ".ruff_cache", ".hypothesis", "uqserve-out"}  # fmt: skip
+
+
+def project_files(root: Path) -> list[str]:
+    """The project's files: git's list in a checkout, else a walk that skips ``NOT_SOURCES``.
+
+    An unpacked source archive (``pip download``, a release tarball) has no ``.git``.
+    """
     import subprocess
 
-    tracked = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout.split()  # fmt: skip
+    if (root / ".git").exists():
+        return subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard"],
+            cwd=root, capture_output=True, text=True, check=True,
+        ).stdout.split()  # fmt: skip
+    return sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file()
+        and not any(
+            part in NOT_SOURCES or part.endswith(".egg-info") for part in p.relative_to(root).parts
+        )
+    )
+
+
+def test_project_files_outside_a_git_checkout(tmp_path: Path) -> None:
+    for rel in ("README.md", "docs/index.md", ".venv/lib/x.py", "site/index.html", "a.egg-info/P"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    assert project_files(tmp_path) == ["README.md", "docs/index.md"]
+
+
+def test_nothing_cites_files_outside_the_repository() -> None:
+    """The project stands alone: no design notes or shared folders outside it are cited."""
     outside = ("science" + ".md", "DESIGN" + ".md", "/work/" + "shared")  # not cited by this file
     hits = []
-    for name in tracked:
+    for name in project_files(ROOT):
         path = ROOT / name
         if path.suffix in {".png", ".onnx", ".gz", ".nii", ".dcm"} or not path.is_file():
             continue
@@ -71,4 +99,12 @@ def test_site_builds_strict(tmp_path: Path) -> None:
     )  # fmt: skip
     warnings = [line for line in proc.stderr.splitlines() if line.startswith(("WARNING", "ERROR"))]
     assert proc.returncode == 0, "\n".join(warnings) or proc.stderr[-3000:]
-    assert (tmp_path / "site" / "reference" / "cli" / "index.html").is_file()
+    assert (tmp_path / "site" / "reference" / "cli.html").is_file()
+    # Opened from disk (file://), links must name files, not folders.
+    index = (tmp_path / "site" / "index.html").read_text()
+    assert 'href="getting-started.html"' in index and 'href="getting-started/"' not in index
+    # The API page renders its docstrings: no RST tables, literal-block markers or roles.
+    api = (tmp_path / "site" / "reference" / "python.html").read_text()
+    assert "Accumulator" in api
+    for raw in ("=====", "::</p>", ":func:", ":class:", ":meth:"):
+        assert raw not in api, raw
