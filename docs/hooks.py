@@ -43,6 +43,14 @@ def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Fil
     return _PLACEHOLDER.sub(replace, markdown)
 
 
+# Sphinx roles in docstrings (":func:`x`"): mkdocstrings shows the code span, not the role.
+_ROLE = re.compile(r":(?:class|func|meth|mod|data|attr|exc|obj):(?=<code>)")
+
+
+def on_page_content(html: str, page: Page, config: MkDocsConfig, files: Files) -> str:
+    return _ROLE.sub("", html)
+
+
 def cli_reference() -> str:
     """Markdown for every command of the Typer app, from typer's own generator."""
     import click

@@ -124,3 +124,27 @@ def test_progress_bars_escape_task_names(monkeypatch: pytest.MonkeyPatch) -> Non
         bars(" scan\x1b]2;owned\x07\u202e.nii.gz", 1, 2)
     assert "\x1b]2" not in buf.getvalue() and "\u202e" not in buf.getvalue()
     assert "scan\\x1b]2;owned\\x07\\u202e.nii.gz" in buf.getvalue()
+
+
+def test_help_reads_well_at_80_columns() -> None:
+    # No `<bool>` beside flags, no 2^63-1 spelled out, and each command's summary in the
+    # command list is its docstring's whole first paragraph (not cut mid-`code`).
+    import typer.main
+    from typer.testing import CliRunner
+
+    from uqserve.cli import app
+    from uqserve.cli._app import summary
+
+    runner = CliRunner()
+    group = typer.main.get_command(app)
+    names = sorted(group.commands)  # type: ignore[attr-defined]
+    assert {"predict", "export", "sidecar", "train"} <= set(names)
+    for args in ([], *([name] for name in names)):
+        out = runner.invoke(app, [*args, "--help"], env={"COLUMNS": "80"}).output
+        assert "<bool>" not in out and "922337203685477" not in out, (args, out)
+        assert max(len(line) for line in out.splitlines()) <= 80, (args, out)
+    for name in names:
+        command = group.commands[name]  # type: ignore[attr-defined]
+        assert command.short_help == summary(command.callback.__doc__)
+        assert command.short_help.count("`") % 2 == 0, command.short_help
+        assert "\n" not in command.short_help and not command.short_help.endswith("...")

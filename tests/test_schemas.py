@@ -189,3 +189,20 @@ def test_manifest_schema_describes_every_validation_key() -> None:
 
     described = schema("manifest")["$defs"]["validation"]["properties"]
     assert set(VALIDATION_KEYS) <= set(described)
+
+
+def test_every_field_is_described() -> None:
+    # The schema page lists every field of report.json and manifest.json with its description.
+    import importlib.util
+
+    pytest.importorskip("mkdocs", reason="docs/hooks.py needs the docs extra")
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("hooks", root / "docs" / "hooks.py")
+    assert spec is not None and spec.loader is not None
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    for name in ("report", "manifest"):
+        schema = json.loads((hooks.SCHEMAS / f"{name}.schema.json").read_text())
+        fields = hooks._fields(schema, schema, "")
+        undescribed = [path for path, sub, _ in fields if not sub.get("description")]
+        assert len(fields) > 50 and not undescribed, f"{name}: {undescribed}"

@@ -6,6 +6,7 @@ Its own module so that the command modules import it without importing the
 
 from __future__ import annotations
 
+import inspect
 import signal
 import sys
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from types import FrameType
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from uqserve._version import __version__
 from uqserve.cli._common import one_line_errors
@@ -22,6 +24,29 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C: every ``with``/``finally`` cleans up."""
+
+
+def summary(doc: str) -> str:
+    """The first paragraph of a docstring as one line."""
+    return " ".join(inspect.cleandoc(doc).split("\n\n")[0].split())
+
+
+def _without_flag_types(params: list[Any]) -> list[Any]:
+    """Flags take no value: no ``<bool>`` beside them in ``--help``."""
+    for p in params:
+        if isinstance(p, TyperOption) and p.is_flag and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _without_flag_types(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _without_flag_types(super().get_params(ctx))
 
 
 class _App(typer.Typer):
@@ -35,10 +60,12 @@ class _App(typer.Typer):
     """
 
     def command(self, *args: Any, **kwargs: Any) -> Callable[[F], F]:
-        register = super().command(*args, **kwargs)
-
         def decorator(func: F) -> F:
-            register(one_line_errors(func))
+            # The command list shows the docstring's whole first paragraph, never a
+            # summary cut at 45 characters (click's default), mid-word or mid-`code`.
+            kwargs.setdefault("short_help", summary(func.__doc__ or ""))
+            kwargs.setdefault("cls", _Command)
+            super(_App, self).command(*args, **kwargs)(one_line_errors(func))
             return func
 
         return decorator
@@ -67,6 +94,7 @@ class _App(typer.Typer):
 
 app = _App(
     name="uqserve",
+    cls=_Group,
     help="Segmentation with total, aleatoric and epistemic uncertainty: export, serve, predict.",
     no_args_is_help=True,
     add_completion=False,

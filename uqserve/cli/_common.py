@@ -72,10 +72,22 @@ BundleOption = Annotated[
         show_default="softmax-ensemble",
     ),
 ]
+
+
+def _seed_in_range(value: int | None) -> int | None:
+    """A usage error (exit 2) for a seed outside the graphs' int64, checked before any file."""
+    if value is not None and not 0 <= value < 2**63:
+        raise typer.BadParameter(f"{value} is not in 0..2^63-1")
+    return value
+
+
+# The range is checked by a callback, not min/max: --help would print 2^63 - 1 in full.
 SeedOption = Annotated[
     int | None,
     typer.Option(
-        help="Noise seed (default: the bundle's seed).", min=0, max=2**63 - 1, show_default=False
+        help="Noise seed, 0 to 2^63-1 (default: the bundle's seed).",
+        callback=_seed_in_range,
+        show_default=False,
     ),
 ]
 

@@ -1,14 +1,16 @@
 """Users' annotated data: one folder per case, one label map per annotator.
 
-Layout (2D and 3D alike)::
+Layout (2D and 3D alike):
 
-    DATA/
-      case_001/
-        image.nii.gz          # [X, Y, Z] scan (or [X, Y]); image.nii or image.png also work
-        label_alice.nii.gz    # one integer label map per annotator, same grid as the image
-        label_bob.nii.gz      # (label_<annotator>.nii / .png also work)
-      case_002/
-        ...
+```text
+DATA/
+  case_001/
+    image.nii.gz          # [X, Y, Z] scan (or [X, Y]); image.nii or image.png also work
+    label_alice.nii.gz    # one integer label map per annotator, same grid as the image
+    label_bob.nii.gz      # (label_<annotator>.nii / .png also work)
+  case_002/
+    ...
+```
 
 Labels hold class ids ``0 .. K-1`` (0 = background). A 2D PNG image must be
 grayscale; it is read as a ``[X, Y, 1]`` volume (columns, rows) with 1 mm

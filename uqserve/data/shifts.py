@@ -6,29 +6,26 @@ runs from 0 (the mildest setting of the shift, *not* the identity) to 1 (the
 strongest). ``intensity range`` below is the 0.5-99.5 % percentile range of
 the input.
 
-========== ==================================================================
-kind       what it does (severity 0 -> 1)
-========== ==================================================================
-noise      additive Gaussian noise, std 0.1 -> 0.5 of the intensity range
-           (the paper's range)
-blur       in-plane Gaussian blur, sigma 1 % -> 4 % of the in-plane size. The
-           paper quotes 5-20 %; at 128 px that is a 6-26 px sigma, which
-           erases every lesion, so the range is scaled down
-jpeg       JPEG compression per slice with Pillow, quality 20 -> 10 (the
-           paper's range)
-contrast   CLAHE-like local contrast change (numpy): 8 x 8 tiles, 256-bin
-           histograms clipped at 1.5 -> 5 times the mean bin count (the
-           paper's CLAHE uses clip 5), excess redistributed, per-tile
-           equalisation mapped with bilinear interpolation between tiles
-inversion  contrast inversion ``lo + hi - x`` blended with the image:
-           75 % -> 100 % inverted
-bias       smooth multiplicative bias field ``exp(a f)`` (``f`` a random
-           quadratic in the normalised coordinates, max |f| = 1):
-           a = 0.3 -> 0.9
-structures unseen bright structures that are not lesions: 2 -> 6 thin rings
-           and lines, +0.3 -> +0.7 of the intensity range; in volumes they
-           run through several consecutive slices
-========== ==================================================================
+What each ``kind`` does (severity 0 -> 1):
+
+- ``noise``: additive Gaussian noise, std 0.1 -> 0.5 of the intensity range
+  (the paper's range);
+- ``blur``: in-plane Gaussian blur, sigma 1 % -> 4 % of the in-plane size. The
+  paper quotes 5-20 %; at 128 px that is a 6-26 px sigma, which erases every
+  lesion, so the range is scaled down;
+- ``jpeg``: JPEG compression per slice with Pillow, quality 20 -> 10 (the
+  paper's range);
+- ``contrast``: CLAHE-like local contrast change (numpy): 8 x 8 tiles, 256-bin
+  histograms clipped at 1.5 -> 5 times the mean bin count (the paper's CLAHE
+  uses clip 5), excess redistributed, per-tile equalisation mapped with
+  bilinear interpolation between tiles;
+- ``inversion``: contrast inversion ``lo + hi - x`` blended with the image:
+  75 % -> 100 % inverted;
+- ``bias``: smooth multiplicative bias field ``exp(a f)`` (``f`` a random
+  quadratic in the normalised coordinates, max abs f = 1): a = 0.3 -> 0.9;
+- ``structures``: unseen bright structures that are not lesions: 2 -> 6 thin
+  rings and lines, +0.3 -> +0.7 of the intensity range; in volumes they run
+  through several consecutive slices.
 
 Shifts are deterministic in ``seed``. Intensities are not clipped afterwards,
 except where the shift itself clips (JPEG's 8-bit range).

@@ -1,25 +1,31 @@
 """The predict pipeline: a volume in, segmentation + TU/AU/EU maps + report out.
 
-Used by ``uqserve predict``, the sidecar and ``evaluate``. From Python::
+Used by ``uqserve predict``, the sidecar and ``evaluate``. From Python:
 
-    import uqserve
-    results = uqserve.predict(["scan.nii.gz"], "out")             # files in, files out
-    pred = uqserve.predict_volume(volume, "ssn-ensemble")          # arrays in memory
+```python
+import uqserve
+results = uqserve.predict(["scan.nii.gz"], "out")             # files in, files out
+pred = uqserve.predict_volume(volume, "ssn-ensemble")          # arrays in memory
+```
 
 One module per step, in the order a volume meets them:
 
-=============  ==========================================================
-``options``    option checks (seed, batch size, channels); ``PredictError``
-``intensity``  non-finite voxels out; the bundle's normalisation
-``crop``       the nonzero bounding box (``input.crop_nonzero``) and back
-``geometry``   volume ``[X, Y, Z]`` <-> batches of padded 2D slices and back
-``accumulate`` member outputs -> running sums (``Accumulator``), counts, labels
-``scoring``    segmentation, image scores, OOD decision, entanglement, volumes
-``report``     the typed ``Report`` written as report.json
-``pipeline``   ``predict_volume``: the steps above chained, ``Prediction``
-``files``      ``predict``: the scan loop, reading and atomic writing
-``preview``    the optional preview.png
-=============  ==========================================================
+| module | step |
+| --- | --- |
+| `options` | option checks (seed, batch size, channels); `PredictError` |
+| `intensity` | non-finite voxels out; the bundle's normalisation |
+| `crop` | the nonzero bounding box (`input.crop_nonzero`) and back |
+| `resample` | reorientation and resampling onto the model's grid, and back |
+| `frame` | the scan's grid -> the model grid and back (`resample` for each map) |
+| `geometry` | volume `[X, Y, Z]` <-> batches of padded 2D slices and back |
+| `windows` | sliding windows over slices or volumes larger than the patch |
+| `accumulate` | member outputs -> running sums (`Accumulator`), counts, labels |
+| `stitch` | windows' member outputs -> each member's maps on the model grid |
+| `scoring` | segmentation, image scores, OOD decision, entanglement, volumes |
+| `report` | the typed `Report` written as report.json |
+| `pipeline` | `predict_volume`: the steps above chained, `Prediction` |
+| `files` | `predict`: the scan loop, reading and atomic writing |
+| `preview` | the optional preview.png |
 """
 
 from __future__ import annotations

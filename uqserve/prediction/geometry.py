@@ -14,8 +14,11 @@ This is the one place that knows how voxels reach the graphs and come back:
 - outputs are cropped back to ``rows x cols`` and their axes moved back to
   the volume's order.
 
-Resampling to the bundle's spacing or sliding windows over large slices
-belong here too: they change the plan and the batches, not the steps after.
+The bundles with geometry take more steps before and after this one:
+``crop.py`` (the nonzero box), ``resample.py`` and ``frame.py`` (reorientation
+and resampling to the bundle's spacing, and back), ``windows.py`` (sliding
+windows over slices larger than the patch) and ``stitch.py`` (windows back
+into whole maps).
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
 """JSON Schemas (draft 2020-12) of the two files uqserve writes for others to read.
 
-``report.schema.json``   report.json of ``uqserve predict`` (one per scan)
-``manifest.schema.json`` manifest.json of a bundle (``uqserve export`` / ``calibrate``)
+- ``report.schema.json``: report.json of ``uqserve predict`` (one per scan);
+- ``manifest.schema.json``: manifest.json of a bundle (``uqserve export`` / ``calibrate``).
 
 They ship inside the package so that consumers (a PACS integration, a
-dashboard) can validate what they receive::
+dashboard) can validate what they receive:
 
-    from uqserve.schemas import validate
-    validate(json.loads(Path("out/scan/report.json").read_text()), "report")
+```python
+from uqserve.schemas import validate
+validate(json.loads(Path("out/scan/report.json").read_text()), "report")
+```
 """
 
 from __future__ import annotations
