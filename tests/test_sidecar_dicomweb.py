@@ -131,7 +131,7 @@ def test_killed_while_the_archive_has_stored_a_result_unconfirmed_then_restarted
     relay = Relay(orthanc.url)
     port, log = free_port(), tmp_path / "sidecar.log"
     args = [
-        "--ae-title", "UQSIDECAR", "--send-to", f"{relay.url}/dicom-web",
+        "--ae-title", "UQSIDECAR", "--allow-any", "--send-to", f"{relay.url}/dicom-web",
         "--dicomweb-auth-file", str(_auth_file(tmp_path, f"basic {USER}:{PASSWORD}")),
         "--spool", str(tmp_path / "spool"), "--stable-seconds", "0.5",
         "--bundle", str(tiny_bundle), "--seed", "3", "--device", "cpu",
