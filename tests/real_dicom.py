@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import warnings
 from pathlib import Path
 
 import highdicom as hd
@@ -107,3 +108,24 @@ def two_echo_mprage() -> Dataset:
         content = frame.FrameContentSequence[0]
         content.DimensionIndexValues = [*content.DimensionIndexValues, echo + 1]
     return ds
+
+
+def legacy_converted(sources: list[Dataset], modality: str = "CT") -> Dataset:
+    """A Legacy Converted Enhanced CT (or MR) image highdicom makes from ``sources``,
+    written and read back as a PACS would store it."""
+    cls = {
+        "CT": hd.legacy.LegacyConvertedEnhancedCTImage,
+        "MR": hd.legacy.LegacyConvertedEnhancedMRImage,
+    }[modality]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # highdicom notes attributes it could not carry over
+        ds = cls(
+            legacy_datasets=sources,
+            series_instance_uid=hd.UID(),
+            series_number=99,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+        )
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return pydicom.dcmread(io.BytesIO(buf.getvalue()))

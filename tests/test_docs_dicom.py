@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import io
 import re
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
-from tests.real_dicom import nibabel_dicom, pydicom_series, small_enhanced_mr, two_echo_mprage
+from tests.real_dicom import (
+    legacy_converted,
+    nibabel_dicom,
+    pydicom_series,
+    small_enhanced_mr,
+    two_echo_mprage,
+)
 from uqserve.volumes import VolumeError
 from uqserve.volumes.dicom import DicomSeries, read_series
 
@@ -48,21 +52,6 @@ def _testfile(name: str) -> str:
     return str(path)
 
 
-def _legacy(sources: list[Dataset], cls: Callable[..., Dataset]) -> Dataset:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds = cls(
-            legacy_datasets=sources,
-            series_instance_uid=hd.UID(),
-            series_number=99,
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-        )
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return pydicom.dcmread(io.BytesIO(buf.getvalue()))
-
-
 def _ct5n() -> list[Dataset]:
     return [pydicom.dcmread(p) for p in sorted(pydicom_series("98892001/CT5N").iterdir())]
 
@@ -73,13 +62,9 @@ EXAMPLES: dict[str, Callable[[], list[Dataset]]] = {
     "MR Image Storage": lambda: [pydicom.dcmread(_testfile("MR_small.dcm"))],
     "MR Image Storage, Siemens mosaic": lambda: [nibabel_dicom("siemens_dwi_0")],
     "Enhanced MR Image Storage": lambda: [small_enhanced_mr()],
-    "Legacy Converted Enhanced CT Image Storage": lambda: [
-        _legacy(_ct5n(), hd.legacy.LegacyConvertedEnhancedCTImage)
-    ],
+    "Legacy Converted Enhanced CT Image Storage": lambda: [legacy_converted(_ct5n())],
     "Legacy Converted Enhanced MR Image Storage": lambda: [
-        _legacy(
-            [pydicom.dcmread(_testfile("MR_small.dcm"))], hd.legacy.LegacyConvertedEnhancedMRImage
-        )
+        legacy_converted([pydicom.dcmread(_testfile("MR_small.dcm"))], "MR")
     ],
 }
 

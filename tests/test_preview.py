@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -93,9 +92,9 @@ def test_ood_title_line() -> None:
     )
 
 
+@pytest.mark.slow
 def test_preview_png_of_the_example(tmp_path: Path) -> None:
     """EU gets its own scale (not TU's): its panels use the bright end of viridis too."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     [res] = predict(EXAMPLE, tmp_path / "out", png=True, seed=0)
     with Image.open(res.out_dir / "preview.png") as im:
         rgb = np.asarray(im.convert("RGB"))

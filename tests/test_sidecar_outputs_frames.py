@@ -113,7 +113,6 @@ def _drawn_mosaic() -> Dataset:
     return ds
 
 
-@pytest.mark.slow
 def test_mosaic_results_carry_their_own_slice_positions(tmp_path: Path, tiny_bundle: Path) -> None:
     source = _drawn_mosaic()
     series = read_series([source], name="mosaic")

@@ -9,19 +9,25 @@ highdicom turns into a Legacy Converted Enhanced CT.
 
 from __future__ import annotations
 
-import io
 import warnings
 from pathlib import Path
 
-import highdicom as hd
+import nibabel
 import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
-from tests.real_dicom import highdicom_volume, nibabel_dicom, pydicom_series, two_echo_mprage
-from uqserve.prediction import predict_volume
+from tests.real_dicom import (
+    highdicom_volume,
+    legacy_converted,
+    nibabel_dicom,
+    pydicom_series,
+    small_enhanced_mr,
+    two_echo_mprage,
+)
+from uqserve.prediction import predict, predict_volume
 from uqserve.volumes import VolumeError, read_volume
 from uqserve.volumes.dicom import read_series
 
@@ -100,18 +106,7 @@ def test_enhanced_without_geometry_names_the_functional_group() -> None:
 def test_legacy_converted_enhanced_gives_the_series_maps(tiny_bundle: Path) -> None:
     folder = pydicom_series("98892001/CT5N")
     sources = [pydicom.dcmread(p) for p in sorted(folder.iterdir())]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        legacy = hd.legacy.LegacyConvertedEnhancedCTImage(
-            legacy_datasets=sources,
-            series_instance_uid=hd.UID(),
-            series_number=99,
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-        )
-    buf = io.BytesIO()
-    legacy.save_as(buf, enforce_file_format=True)
-    converted = read_series([pydicom.dcmread(io.BytesIO(buf.getvalue()))], name="legacy")
+    converted = read_series([legacy_converted(sources)], name="legacy")
     classic = read_series(folder)
     assert converted.layout == "enhanced" and classic.layout == "single-frame"
     np.testing.assert_allclose(converted.volume.affine, classic.volume.affine, atol=1e-5)
@@ -120,6 +115,20 @@ def test_legacy_converted_enhanced_gives_the_series_maps(tiny_bundle: Path) -> N
     b = predict_volume(classic.volume, tiny_bundle, seed=0)
     for name in ("seg", "prob", "tu", "au", "eu"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
+def test_predict_reads_an_enhanced_file_or_its_folder(tmp_path: Path, tiny_bundle: Path) -> None:
+    ds = small_enhanced_mr()
+    (tmp_path / "mr").mkdir()
+    ds.save_as(tmp_path / "mr" / "IM0001")
+    ds.save_as(tmp_path / "single.dcm")
+    series = read_series([ds], name="mr")
+    results = predict([tmp_path / "mr", tmp_path / "single.dcm"], tmp_path / "out", tiny_bundle)
+    segs = [nibabel.load(r.out_dir / "seg.nii.gz") for r in results]
+    for img in segs:
+        assert img.shape == (64, 64, 8)
+        np.testing.assert_allclose(img.affine, series.volume.affine, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(segs[0].dataobj), np.asarray(segs[1].dataobj))
 
 
 def test_siemens_mosaic_unpacks_into_slices() -> None:
