@@ -1,10 +1,11 @@
 """The AU x EU study: all 20 combinations, several seeds, resumable, with intervals.
 
-    .venv/bin/python benchmarks/study.py --scale power            # the study (days on 2 cores)
+    .venv/bin/python benchmarks/study.py --scale power            # the study (~18 CPU-h)
     .venv/bin/python benchmarks/study.py --scale power --device cuda --jobs 4
     .venv/bin/python benchmarks/study.py --scale power --report   # tables/figures only
 
-One *run* is one combination at one seed: train, export, calibrate, evaluate.
+One *run* is one combination at one seed: train (or reuse the shared networks of
+its AU method and seed, see :func:`shared_network`), export, evaluate.
 Each finished run is saved as ``results/runs/<scale>/<combination>/seed<k>.json``
 (the learn check, the timings of each part, the per-shift AUROCs of AU and EU,
 the paper's Δ with every value it comes from) and skipped when the script is
@@ -15,11 +16,14 @@ per-run files alone (no training, no evaluation).
 
 Every number in the report is a mean over seeds with a 95 % t-interval. A
 finding of the paper gets a verdict only where the interval of the paired
-difference (per seed) excludes 0: "agree" or "differ"; otherwise
+difference (per seed) excludes 0: "supported" or "contradicted"; otherwise
 "inconclusive". The learn check (held-out Dice of the trained networks
 against the annotators' majority vote, >= 0.6) is printed per run and listed
-in the report. Checkpoints and bundles go to ``--work`` (default
-``build/study-<scale>``, not committed). Prints one JSON line per run.
+in the report; each run records the process CPU seconds of each part (the
+cost table). Checkpoints, shared networks and bundles go to ``--work``
+(default ``build/study-<scale>``, not committed). Prints one JSON line per run.
+With ``--out`` the repository's ``results``, ``--report`` also rewrites the
+generated statements in README.md and docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -39,22 +43,21 @@ ROOT = Path(__file__).resolve().parents[1]
 PAPER = ("noise", "blur", "contrast", "jpeg")  # the paper's four corruptions
 LEARN_DICE = 0.6  # held-out Dice vs the annotators' majority a trained network must reach
 
-_EVAL_BIG = {"n_test": 50, "n_val": 32, "n_ood": 50, "severities": (0.5, 1.0)}
+_EVAL_BIG = {"n_test": 50, "n_val": 32, "n_ood": 50, "severities": (0.5, 1.0), "shifts": PAPER}
 # Everything that defines a scale, in one place (quoted in results/study.md).
 # ID test images = 2 * n_test (low and high ambiguity); images per shift =
-# n_ood * len(severities).
+# n_ood * len(severities); only the paper's four shifts (the only ones Δ uses).
+# SWAG: 30 snapshots over the last ~9 % of the steps (the paper: one per epoch over
+# the last 30 of 320 epochs); the SSN warm-up is 10/320 of the steps (the default).
 SCALES: dict[str, dict[str, Any]] = {
     # The study: >= 100 ID test images and >= 100 per shift, >= 3 seeds.
     "power": {
         "train": {
             "steps": 2000, "batch_size": 8, "size": (64, 64), "image_size": 64,
             "num_images": 512, "num_members": 5, "num_masks": 10, "swag_draws": 10,
-            "swag_snapshots": 30, "swag_every": 10, "ambiguity": "high", "validate": 32,
+            "swag_snapshots": 30, "swag_every": 6, "ambiguity": "high", "validate": 32,
         },
-        "model": {"width": 16, "depth": 3, "num_samples": 10, "diffusion_steps": 10,
-                  "ssn_warmup": 1000},
-        "calibrate": {"n_test": 16, "n_val": 32, "n_ood": 8, "shifts": PAPER,
-                      "severities": (1.0,)},
+        "model": {"width": 16, "depth": 3, "num_samples": 10, "diffusion_steps": 10},
         "evaluate": _EVAL_BIG,
         "seeds": (0, 1, 2),
     },
@@ -63,12 +66,9 @@ SCALES: dict[str, dict[str, Any]] = {
         "train": {
             "steps": 1600, "batch_size": 8, "size": (32, 32), "image_size": 32,
             "num_images": 192, "num_members": 3, "num_masks": 4, "swag_draws": 4,
-            "swag_snapshots": 30, "swag_every": 10, "ambiguity": "high", "validate": 16,
+            "swag_snapshots": 30, "swag_every": 5, "ambiguity": "high", "validate": 16,
         },
-        "model": {"width": 8, "depth": 2, "num_samples": 4, "diffusion_steps": 4,
-                  "ssn_warmup": 800},
-        "calibrate": {"n_test": 6, "n_val": 12, "n_ood": 4, "shifts": PAPER,
-                      "severities": (1.0,)},
+        "model": {"width": 8, "depth": 2, "num_samples": 4, "diffusion_steps": 4},
         "evaluate": _EVAL_BIG,
         "seeds": (0, 1, 2),
     },
@@ -79,10 +79,7 @@ SCALES: dict[str, dict[str, Any]] = {
             "num_members": 2, "num_masks": 2, "swag_draws": 2, "swag_snapshots": 2,
             "swag_every": 2, "ambiguity": "high", "validate": 4,
         },
-        "model": {"width": 4, "depth": 1, "num_samples": 2, "diffusion_steps": 2,
-                  "ssn_warmup": 2},
-        "calibrate": {"n_test": 2, "n_val": 4, "n_ood": 2, "shifts": ("noise",),
-                      "severities": (1.0,)},
+        "model": {"width": 4, "depth": 1, "num_samples": 2, "diffusion_steps": 2},
         "evaluate": {"n_test": 3, "n_val": 4, "n_ood": 3, "shifts": PAPER,
                      "severities": (1.0,)},
         "seeds": (0, 1),
@@ -90,11 +87,15 @@ SCALES: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 # Per-run numbers the report aggregates: (key, label, digits, higher is better).
+# Labels say what is computed where it is not the paper's definition (see NOTES).
 METRICS: tuple[tuple[str, str, int, bool], ...] = (
     ("dice_vs_majority", "learn Dice", 2, True),
     ("dice", "Dice", 3, True),
-    ("ged2", "GED²", 3, False),
+    ("ged2_paper", "GED² paper", 3, False),
+    ("ged2", "GED² IoU", 3, False),
+    ("hm_iou", "HM-IoU¹", 3, True),
     ("ncc_au", "NCC(AU)", 3, True),
+    ("ece", "ECE²", 3, False),
     ("ace_tu", "ACE(TU)", 3, False),
     ("auroc_eu_paper", "AUROC EU", 2, True),
     ("auroc_au_paper", "AUROC AU", 2, True),
@@ -102,6 +103,19 @@ METRICS: tuple[tuple[str, str, int, bool], ...] = (
     ("delta_ambiguity", "Δ amb.", 2, True),
     ("delta_calibration", "Δ cal.", 2, True),
     ("delta_mean", "Δ mean", 2, True),
+)
+NOTES = (
+    "GED² paper: the paper's variant (d = 1 − Dice, within each member's samples, "
+    "averaged over members); GED² IoU: Kohl et al.'s (d = 1 − IoU over all samples). "
+    "¹ HM-IoU (Hungarian-matched IoU) is not in the paper's code. ² ECE: uqserve's "
+    "expected calibration error of max p̄ (15 bins, accuracy = share of annotators "
+    "agreeing), not a quantity the paper reports; ACE(TU) is the paper's uncertainty "
+    "calibration error behind Δ cal. AUROC EU/AU: image-level AUROC with uqserve's "
+    "`border` aggregator (not established as the paper's), averaged over the paper's "
+    "four shifts (noise, blur, contrast, JPEG); AUROC of TU is not computed per shift. "
+    "Δ as the paper (OOD on those averaged AUROCs; ambiguity and calibration: the mean "
+    "of Δ on ID and on the mean of those shifts). PERFRANK/ENTRANK: the paper's rank "
+    "scores (1 = best), ranked within each seed."
 )
 
 
@@ -116,18 +130,95 @@ def run_path(runs: Path, scale: str, combination: str, seed: int) -> Path:
 # ------------------------------------------------------------------------------- one run
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process so far (user + system, every thread: torch, onnxruntime)."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+class _Clock:
+    """CPU seconds (and wall seconds) per part of a run, for the cost table."""
+
+    def __init__(self) -> None:
+        self.cpu: dict[str, float] = {}
+        self.wall: dict[str, float] = {}
+        self._at = (_cpu_s(), time.perf_counter())
+
+    def lap(self, part: str) -> None:
+        now = (_cpu_s(), time.perf_counter())
+        self.cpu[part] = self.cpu.get(part, 0.0) + now[0] - self._at[0]
+        self.wall[part] = self.wall.get(part, 0.0) + now[1] - self._at[1]
+        self._at = now
+
+
+def shared_network(au: str, seed: int, m: int, scale: str, work: Path, device: str) -> Path:
+    """The ``<au>-none`` network ``m`` of ``seed``, trained once and cached under ``work``.
+
+    Network 0 is the ``none`` row, ensemble member 0 and (its SWAG statistics are
+    collected on the side) the SWAG and SWAG-D rows; networks 1.. are the other
+    ensemble members (seeded ``1000 seed + m``, as ``train`` seeds ensemble members).
+    A file lock makes parallel runs wait for one another instead of training twice.
+    """
+    import fcntl
+
+    from uqserve.models import ModelConfig
+    from uqserve.training import TrainConfig, train
+
+    cfg = SCALES[scale]
+    path = work / f"seed{seed}" / "shared" / f"{au}-net{m}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "config.json").is_file():
+            train(f"{au}-none", path, config=TrainConfig(**cfg["train"], threads=1, device=device),
+                  model_config=ModelConfig(**cfg["model"]), seed=1000 * seed + m,
+                  overwrite=True, collect_swag=m == 0)  # fmt: skip
+            log(f"trained shared {au}-net{m} of seed {seed}")
+    return path
+
+
+def checkpoints_for(
+    combination: str, seed: int, scale: str, work: Path, device: str
+) -> tuple[Path, list[str]]:
+    """The checkpoint folder of one run and the shared networks it needed.
+
+    MC dropout trains its own network; every other row is assembled from the
+    shared ``none`` networks of its AU method and seed (see :func:`shared_network`).
+    """
+    from uqserve.models import ModelConfig
+    from uqserve.training import TrainConfig, assemble_checkpoints, train
+
+    cfg = SCALES[scale]
+    au, eu = combination.split("-")
+    out = work / f"seed{seed}" / "checkpoints" / combination
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if eu == "mcdropout":
+        tc = TrainConfig(**cfg["train"], threads=1, device=device)
+        train(combination, out, config=tc, model_config=ModelConfig(**cfg["model"]),
+              seed=1000 * seed, overwrite=True)  # fmt: skip
+        return out, []
+    n = cfg["train"]["num_members"] if eu == "ensemble" else 1
+    nets = [shared_network(au, seed, m, scale, work, device) for m in range(n)]
+    assemble_checkpoints(nets, combination, out, overwrite=True)
+    return out, [p.name for p in nets]
+
+
 def run_one(
     combination: str, seed: int, scale: str, work: str, runs: str, device: str
 ) -> dict[str, Any]:
-    """Train, export, calibrate and evaluate one combination at one seed; save the run."""
+    """Train (or reuse), export and evaluate one combination at one seed; save the run.
+
+    The record's ``timings`` are wall seconds, ``cpu_s`` process CPU seconds (the
+    cost table uses these: on a shared machine wall time measures the neighbours);
+    ``trained_here`` lists the shared networks this run trained (later runs reuse them).
+    """
     import torch
 
     torch.set_num_threads(1)
-    from uqserve.calibration import calibrate
     from uqserve.evaluate import evaluate
     from uqserve.exporting import export_checkpoints
-    from uqserve.models import ModelConfig
-    from uqserve.training import TrainConfig, train
 
     out = run_path(Path(runs), scale, combination, seed)
     if out.is_file():
@@ -135,33 +226,31 @@ def run_one(
     cfg = SCALES[scale]
     root = Path(work) / f"seed{seed}"
     bundle = root / "bundles" / combination
-    for sub in ("bundles", "checkpoints"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    t: dict[str, float] = {}
-    t0 = time.perf_counter()
-    ckpt = train(
-        combination,
-        root / "checkpoints" / combination,
-        config=TrainConfig(**cfg["train"], threads=1, device=device),
-        model_config=ModelConfig(**cfg["model"]),
-        seed=1000 * seed,  # ensemble members are seeded seed + m: keep seeds apart
-        overwrite=True,
-    )
-    t["train_s"] = time.perf_counter() - t0
+    (root / "bundles").mkdir(parents=True, exist_ok=True)
+    before = _trained(Path(work), seed)
+    clock = _Clock()
+    ckpt, shared = checkpoints_for(combination, seed, scale, Path(work), device)
+    clock.lap("train")
     export_checkpoints(ckpt, bundle, name=combination, calibrate=False, overwrite=True)
-    t["export_s"] = time.perf_counter() - t0 - sum(t.values())
-    calibrate(bundle, "synthetic", device="cpu", seed=seed, **cfg["calibrate"])
-    t["calibrate_s"] = time.perf_counter() - t0 - sum(t.values())
+    clock.lap("export")
     res = evaluate([bundle], "synthetic", device="cpu", seed=seed, figures=False,
                    **cfg["evaluate"])  # fmt: skip
-    t["evaluate_s"] = time.perf_counter() - t0 - sum(t.values())
+    clock.lap("evaluate")
     validation = json.loads((ckpt / "config.json").read_text()).get("validation", {})
-    record = _record(combination, seed, scale, res["bundles"][0], validation, t)
+    record = _record(combination, seed, scale, res["bundles"][0], validation, clock.wall)
+    record["cpu_s"] = {k: round(v, 1) for k, v in clock.cpu.items()}
+    record["shared_networks"] = shared
+    record["trained_here"] = sorted(_trained(Path(work), seed) - before)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(tmp, out)  # a run is there completely or not at all
-    return {k: record[k] for k in ("combination", "seed", "learn_check", "timings")}
+    return {k: record[k] for k in ("combination", "seed", "learn_check", "cpu_s")}
+
+
+def _trained(work: Path, seed: int) -> set[str]:
+    """The shared networks of ``seed`` that exist under ``work``."""
+    return {p.parent.name for p in (work / f"seed{seed}" / "shared").glob("*/config.json")}
 
 
 def _record(
@@ -192,7 +281,7 @@ def _record(
             "threshold": LEARN_DICE,
             "passed": dice is not None and dice >= LEARN_DICE,
         },
-        "timings": {k: round(v, 1) for k, v in timings.items()},
+        "timings": {f"{k}_s": round(v, 1) for k, v in timings.items()},
         "row": row,
         "convention": res["convention"],
         "delta": res["delta"],
@@ -220,14 +309,14 @@ def t_interval(values: Sequence[float | None]) -> dict[str, Any]:
 
 
 def verdict(interval: dict[str, Any]) -> str:
-    """ "agree" when the interval of (paper's claim) lies above 0, "differ" below, else
-    "inconclusive" (also with fewer than two seeds)."""
+    """ "supported" when the interval of (paper's claim) lies above 0, "contradicted"
+    below, else "inconclusive" (also with fewer than two seeds)."""
     m, h = interval["mean"], interval["half"]
     if m is None or h is None:
         return "inconclusive"
     if m - h > 0:
-        return "agree"
-    return "differ" if m + h < 0 else "inconclusive"
+        return "supported"
+    return "contradicted" if m + h < 0 else "inconclusive"
 
 
 def _fmt(iv: dict[str, Any], d: int = 2) -> str:
@@ -346,22 +435,21 @@ def rank_table(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]
     return {c: {k: t_interval(v) for k, v in ks.items()} for c, ks in per.items()}
 
 
-def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def aggregate(runs: list[dict[str, Any]], scale: str) -> dict[str, Any]:
     combos = sorted({r["combination"] for r in runs}, key=_order)
     table = {
         c: {k: t_interval([r["row"].get(k) for r in runs if r["combination"] == c])
             for k, *_ in METRICS}
         for c in combos
     }  # fmt: skip
-    parts = ("train_s", "export_s", "calibrate_s", "evaluate_s")
-    timing = {p: round(sum(r["timings"].get(p, 0.0) for r in runs), 1) for p in parts}
     learn = [{"combination": r["combination"], "seed": r["seed"], **r["learn_check"]} for r in runs]
-    return {
+    agg = {
         "combinations": table,
         "ranks": rank_table(runs),
         "findings": [{"claim": t, "interval": iv, "verdict": v} for t, iv, v in findings(runs)],
         "learn_check": learn,
-        "timings_total_s": timing,
+        "cost": cost_table(runs, scale),
+        "missing": missing_runs(runs, scale),
         "seeds": sorted({int(r["seed"]) for r in runs}),
         "runs": len(runs),
         # Per combination and seed: per-shift AUROCs of AU and EU, the paper means next to
@@ -376,6 +464,81 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
             for r in runs
         ],
     }
+    agg["statements"] = statements(agg, scale)
+    return agg
+
+
+def missing_runs(runs: list[dict[str, Any]], scale: str) -> dict[str, list[str]]:
+    """Per seed of the scale, the combinations without a finished run."""
+    from uqserve.models import COMBINATIONS
+
+    have = {(r["combination"], int(r["seed"])) for r in runs}
+    out = {f"seed{s}": [c for c in COMBINATIONS if (c, s) not in have]
+           for s in SCALES[scale]["seeds"]}  # fmt: skip
+    return {k: v for k, v in out.items() if v}
+
+
+CPU_PARTS = ("train", "export", "evaluate")
+
+
+def cost_table(runs: list[dict[str, Any]], scale: str) -> dict[str, Any]:
+    """Process CPU seconds (not wall: the machine is shared) per run, per AU method and
+    for the grid. A run's ``train`` includes the shared networks it trained first (the
+    ``none`` run trains network 0, the ensemble run networks 1..M-1; MC dropout its own);
+    the grid is the sum of the per-combination means x the scale's seed count."""
+    per: dict[str, dict[str, float]] = {}
+    for c in sorted({r["combination"] for r in runs if "cpu_s" in r}, key=_order):
+        rs = [r["cpu_s"] for r in runs if r["combination"] == c and "cpu_s" in r]
+        per[c] = {p: round(sum(x.get(p, 0.0) for x in rs) / len(rs), 1) for p in CPU_PARTS}
+        per[c]["run"] = round(sum(per[c][p] for p in CPU_PARTS), 1)
+        per[c]["n"] = len(rs)
+    au: dict[str, dict[str, float]] = {}
+    for c, v in per.items():
+        a = au.setdefault(c.split("-")[0], {**dict.fromkeys(CPU_PARTS, 0.0), "run": 0.0,
+                                            "combinations": 0})  # fmt: skip
+        for p in (*CPU_PARTS, "run"):
+            a[p] = round(a[p] + v[p], 1)
+        a["combinations"] += 1
+    seed_cpu = sum(v["run"] for v in per.values())
+    seeds = len(SCALES[scale]["seeds"])
+    return {
+        "per_combination": per,
+        "per_au_method_per_seed": au,
+        "measured_combinations": len(per),
+        "grid_cpu_s": round(seed_cpu * seeds, 1),
+        "grid_wall_h_jobs2": round(seed_cpu * seeds / 2 / 3600, 1),
+        "seeds": seeds,
+    }
+
+
+def statements(agg: dict[str, Any], scale: str) -> list[str]:
+    """The sentences the README and the docs show about the findings (from study.json)."""
+    from uqserve.models import COMBINATIONS
+
+    expected = len(COMBINATIONS) * len(SCALES[scale]["seeds"])
+    where = (f"`{scale}` scale, {agg['runs']} of {expected} runs, seeds "
+             f"{agg['seeds'] or 'none'}")  # fmt: skip
+    if not agg["runs"]:
+        return [f"No run of the study has finished yet ({where})."]
+    out = [f"Study status ({where}): " + (
+        "the grid is complete." if not agg["missing"]
+        else f"{sum(len(v) for v in agg['missing'].values())} runs missing, so every "
+        "grouped claim below averages only the rows that exist.")]  # fmt: skip
+    for f in agg["findings"]:
+        out.append(f"{f['claim']}: **{f['verdict']}** ({_fmt(f['interval'])}, {where}).")
+    weak = [x for x in agg["learn_check"] if not x["passed"]]
+    out.append(
+        f"Learn check: {len(agg['learn_check']) - len(weak)} of "
+        f"{len(agg['learn_check'])} runs reach Dice ≥ {LEARN_DICE} vs the majority."
+    )
+    return out
+
+
+RUN_ORDER = ("none", "swag", "swagdiag", "mcdropout", "ensemble")
+
+
+def _run_order(c: str) -> tuple[int, int]:
+    return RUN_ORDER.index(c.split("-")[1]), _order(c)[0]
 
 
 def _order(c: str) -> tuple[int, int]:
@@ -387,7 +550,7 @@ def _order(c: str) -> tuple[int, int]:
 
 def write_report(runs: list[dict[str, Any]], scale: str, out: Path) -> dict[str, Any]:
     """``out/study.md``, ``out/study.json`` and ``out/figures/study_*.png`` from the runs."""
-    agg = aggregate(runs)
+    agg = aggregate(runs, scale)
     study = {"scale": scale, "config": SCALES[scale], **agg}
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps(study, indent=1) + "\n")
@@ -396,7 +559,22 @@ def write_report(runs: list[dict[str, Any]], scale: str, out: Path) -> dict[str,
     return study
 
 
-def _markdown(agg: dict[str, Any], scale: str, figures: list[str]) -> str:
+STATEMENTS_BEGIN = "<!-- study-statements: generated by benchmarks/study.py --report -->"
+STATEMENTS_END = "<!-- /study-statements -->"
+
+
+def update_statements(path: Path, lines: Sequence[str]) -> bool:
+    """Replace the block between the statement markers in ``path`` (True when found)."""
+    text = path.read_text()
+    a, b = text.find(STATEMENTS_BEGIN), text.find(STATEMENTS_END)
+    if a < 0 or b < a:
+        return False
+    body = "\n".join(f"- {x}" for x in lines)
+    path.write_text(text[: a + len(STATEMENTS_BEGIN)] + "\n" + body + "\n" + text[b:])
+    return True
+
+
+def _table(agg: dict[str, Any]) -> list[str]:
     head = ["combination", *[m[1] for m in METRICS], "PERFRANK", "ENTRANK"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c, vals in agg["combinations"].items():
@@ -404,35 +582,73 @@ def _markdown(agg: dict[str, Any], scale: str, figures: list[str]) -> str:
         cells = [_fmt(vals[k], d) for k, _, d, _ in METRICS]
         cells += [_fmt(r[k], 1) if k in r else "–" for k in ("PERFRANK_avg", "ENTRANK_avg")]
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _cost_lines(cost: dict[str, Any]) -> list[str]:
+    head = "| {} | train | export | evaluate | per run |"
+    lines = [head.format("combination (runs)"), "|---|---|---|---|---|"]
+    for c, v in cost["per_combination"].items():
+        lines.append(f"| {c} ({v['n']}) | " + " | ".join(f"{v[p]:.0f}" for p in
+                     (*CPU_PARTS, "run")) + " |")  # fmt: skip
+    lines += [
+        "",
+        "| AU method: its rows of one seed (rows measured) | train | export | evaluate "
+        "| all its rows |",
+        "|---|---|---|---|---|",
+    ]
+    for a, v in cost["per_au_method_per_seed"].items():
+        lines.append(f"| {a} ({v['combinations']}) | " + " | ".join(f"{v[p]:.0f}" for p in
+                     (*CPU_PARTS, "run")) + " |")  # fmt: skip
+    part = (
+        ""
+        if cost["measured_combinations"] == 20
+        else (f" (only {cost['measured_combinations']} of 20 combinations measured: a lower bound)")
+    )
+    return [
+        *lines,
+        "",
+        f"Grid, {cost['seeds']} seeds: {cost['grid_cpu_s']:.0f} CPU-s{part}, "
+        f"about {cost['grid_wall_h_jobs2']} h wall at `--jobs 2` on two free cores.",
+    ]
+
+
+def _markdown(agg: dict[str, Any], scale: str, figures: list[str]) -> str:
     weak = [x for x in agg["learn_check"] if not x["passed"]]
-    smoke = scale == "smoke"
+    missing = agg["missing"]
     text = [
         f"# The AU x EU study (scale: {scale})",
         "",
-        *(
-            [
-                "**SMOKE RUN: this only proves that the machinery works. Its networks are "
-                "untrained and its numbers mean nothing; it supports no finding.**",
-                "",
-            ]
-            if smoke
-            else []
-        ),
+        *(["**SMOKE RUN: this only proves that the machinery works. Its networks are "
+           "untrained and its numbers mean nothing; it supports no finding.**", ""]
+          if scale == "smoke" else []),
         f"{agg['runs']} runs, seeds {agg['seeds']}. Rebuilt from `results/runs/{scale}/` by "
         f"`benchmarks/study.py --scale {scale} --report`. Every number: mean ± 95 % "
         "t-interval over seeds (no ± with one seed).",
         "",
+        *(["**Incomplete: runs missing** (the grid is 20 combinations x seeds "
+           f"{list(SCALES[scale]['seeds'])}): "
+           + "; ".join(f"{k}: {', '.join(v)}" for k, v in missing.items()), ""]
+          if missing else []),
         f"Scale: `{json.dumps(SCALES[scale], default=list)}`",
+        "",
+        "## Method",
+        "",
+        "Shared training, as the paper's method allows: per AU method and seed, network 0 "
+        "(seed 1000 s) is the `none` row, ensemble member 0, and, its SWAG statistics "
+        "collected on the side of the same run (the paper's SWAG observes an ordinary run: "
+        "one snapshot per epoch over its last 30 of 320 epochs; here 30 over the last ~9 % "
+        "of the steps), the SWAG and SWAG-D rows (which differ only in the covariance they "
+        "keep); networks 1..4 (seeds 1000 s + m) complete the ensemble; MC dropout trains "
+        "its own network with dropout. Each shared network is trained once and reused. "
+        "Evaluation uses only the paper's four shifts; no calibration step (its outputs "
+        "feed nothing here).",
         "",
         "## Results",
         "",
-        *lines,
+        *_table(agg),
         "",
-        "AUROC EU/AU: image-level AUROC (aggregator `border`) averaged over the paper's four "
-        "shifts (noise, blur, contrast, JPEG); Δ as the paper (OOD on those averaged AUROCs; "
-        "ambiguity and calibration: the mean of Δ on ID and on the mean of those shifts). "
-        "Other shifts are in each run's file. PERFRANK/ENTRANK: the paper's rank scores "
-        "(1 = best), ranked within each seed.",
+        NOTES,
         "",
         "## The paper's findings",
         "",
@@ -442,21 +658,20 @@ def _markdown(agg: dict[str, Any], scale: str, figures: list[str]) -> str:
         "",
         f"## Learn check (held-out Dice vs majority ≥ {LEARN_DICE})",
         "",
-        "All runs passed."
-        if not weak
-        else "Below the bar (their rows measure an "
-        "under-trained model): "
-        + ", ".join(
-            f"{x['combination']} seed {x['seed']} ({_num(x['dice_vs_majority'])})" for x in weak
-        ),
+        "All runs passed." if not weak else "Below the bar (not a result; the recipe must be "
+        "fixed and the run redone): " + ", ".join(
+            f"{x['combination']} seed {x['seed']} ({_num(x['dice_vs_majority'])})" for x in weak),
         "",
-        "## Time per part (seconds, all runs)",
+        "## Cost (process CPU seconds per run, mean over seeds)",
         "",
-        f"`{json.dumps(agg['timings_total_s'])}`",
+        "CPU seconds of the run's process (user + system, all threads), not wall time: "
+        "the machine is shared, so wall time measures the neighbours.",
+        "",
+        *_cost_lines(agg["cost"]),
         "",
         *[f"![{f}](figures/{f})" for f in figures],
         "",
-    ]
+    ]  # fmt: skip
     return "\n".join(text)
 
 
@@ -517,7 +732,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         seeds = args.seeds if args.seeds is not None else SCALES[args.scale]["seeds"]
         combos = list(args.combinations or COMBINATIONS)
         work = args.work or ROOT / "build" / f"study-{args.scale}"
-        todo = [(c, s) for s in seeds for c in combos]
+        # Seed by seed (all of seed 0 first); within a seed the rows that reuse network 0
+        # come before those that train more (MC dropout, then the ensembles).
+        todo = [(c, s) for s in seeds for c in sorted(combos, key=_run_order)]
         with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             futures = [
                 pool.submit(run_one, c, s, args.scale, str(work), str(runs_dir), args.device)
@@ -534,8 +751,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     runs = load_runs(runs_dir, args.scale)
     if not runs:
         raise SystemExit(f"{runs_dir / args.scale}: no runs yet; run without --report first")
-    write_report(runs, args.scale, args.out)
+    study = write_report(runs, args.scale, args.out)
     log(f"wrote {args.out / 'study.md'} from {len(runs)} runs")
+    if args.out.resolve() == (ROOT / "results").resolve():  # the committed report
+        for doc in (ROOT / "README.md", ROOT / "docs" / "benchmarks.md"):
+            if update_statements(doc, study["statements"]):
+                log(f"updated the study statements in {doc.relative_to(ROOT)}")
 
 
 def _check_device(device: str) -> None:

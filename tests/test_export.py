@@ -30,6 +30,7 @@ from uqserve.exporting import (  # noqa: E402
     parity_feeds,
 )
 from uqserve.models import COMBINATIONS, ModelConfig, build_network, parse_combination  # noqa: E402
+from uqserve.models.member import MEMBER_KEY  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTS = ("mean", "sample_entropy", "sample_counts", "sample_labels")
@@ -311,6 +312,22 @@ def test_export_checkpoints(tmp_path: Path) -> None:
     assert man.classes == ("bg", "lesion") and man.seed == 4 and man.input.tile_size == (32, 32)
     assert (man.input.normalization.mean, man.input.normalization.std) == (0.25, 2.0)
     assert _run(b.member_path(2), parity_feeds(1, (32, 32)))[2].shape == (2, 4, 2)
+    # Fresh masks: one export; the members differ only in their MEMBER_KEY initializer
+    # (each passed the parity check against its own PyTorch graph).
+    import onnx
+
+    def body(m: int) -> tuple[bytes, list[int]]:
+        g = onnx.load(str(b.member_path(m))).graph
+        keys = [int(onnx.numpy_helper.to_array(i)) for i in g.initializer if i.name == MEMBER_KEY]
+        rest = [i for i in g.initializer if i.name != MEMBER_KEY]
+        del g.initializer[:]
+        g.initializer.extend(rest)
+        return g.SerializeToString(), keys
+
+    assert [body(m)[1] for m in range(3)] == [[0], [1], [2]]
+    assert body(0)[0] == body(1)[0] == body(2)[0]
+    seeds = parity_feeds(1, (32, 32))
+    assert not np.array_equal(_run(b.member_path(0), seeds)[0], _run(b.member_path(1), seeds)[0])
 
     with pytest.raises(ExportError, match="2 classes but 3 class names"):
         export_checkpoints(ckpt, tmp_path / "c", classes=["a", "b", "c"])

@@ -332,6 +332,16 @@ def test_diffusion_schedule_is_cos2_input_scaled_and_logsnr_clamped() -> None:
     assert ((t >= torch.arange(8) / 8) & (t < (torch.arange(8) + 1) / 8)).all()
 
 
+def test_diffusion_time_embedding_is_the_papers() -> None:
+    from uqserve.models.heads import time_embedding
+
+    # The paper: t in [0, 1] as is, max period 10, cos then sin; dim 4: frequencies 1, 10^-1/2.
+    emb = time_embedding(torch.tensor([0.0, 0.5, 1.0]), 4)
+    f = torch.tensor([1.0, 10**-0.5])
+    t = torch.tensor([[0.0], [0.5], [1.0]])
+    torch.testing.assert_close(emb, torch.cat([torch.cos(t * f), torch.sin(t * f)], dim=1))
+
+
 def test_diffusion_denoiser_is_the_whole_unet_with_mse_on_softmax() -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(**TINY, num_samples=2, diffusion_steps=1)

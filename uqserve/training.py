@@ -11,12 +11,20 @@
 * mcdropout: one network trained with channel dropout (p = 0.2 unless the
   model config sets one); the exporter turns it into ``num_masks`` members
   with frozen masks;
-* swag / swagdiag: one network trained at a constant learning rate (after
-  the warm-up); over its last ``swag_snapshots * swag_every`` steps the raw
-  weights are collected every ``swag_every`` steps into SWAG statistics
-  (``swag.safetensors``, see ``uqserve.models.swag``); ``member_0`` holds
-  their mean. The exporter draws ``swag_draws`` weight sets as members;
-* none: one network.
+* swag / swagdiag: one network trained exactly like ``none`` (the same
+  schedule, as the paper, whose SWAG runs only observe an ordinary run); over
+  its last ``swag_snapshots * swag_every`` steps the raw weights are collected
+  every ``swag_every`` steps into SWAG statistics (``swag.safetensors``, see
+  ``uqserve.models.swag``); ``member_0`` holds their mean. The exporter draws
+  ``swag_draws`` weight sets as members;
+* none: one network (``collect_swag=True`` also writes the SWAG statistics of
+  its run, from which :func:`assemble_checkpoints` makes the swag/swagdiag
+  folders without training again).
+
+:func:`assemble_checkpoints` builds a ``none``, ``ensemble``, ``swag`` or
+``swagdiag`` folder from trained ``none`` folders, so a study trains each
+shared network once: ensemble member ``m`` of seed ``s`` is the ``none``
+network of seed ``s + m``, bit for bit, and SWAG and SWAG-D share one run.
 
 Every step draws a batch of random crops; each image's target is the label
 map of one randomly chosen annotator, so the network sees the annotators'
@@ -66,7 +74,7 @@ import numpy.typing as npt
 from uqserve._fs import replace_dir_atomically
 from uqserve._progress import LossProgressFn
 from uqserve._version import __version__
-from uqserve.checkpoints import CONFIG_NAME
+from uqserve.checkpoints import CONFIG_NAME, read_checkpoint_config
 from uqserve.checkpoints import Checkpoints as Checkpoints  # the reader lives there
 from uqserve.checkpoints import load_checkpoints as load_checkpoints
 from uqserve.contracts import default_class_names
@@ -92,6 +100,7 @@ FORMAT = "uqserve-checkpoints"
 FORMAT_VERSION = 1
 DEFAULT_DROPOUT = 0.2
 DEFAULT_WIDTH = 8  # with TrainConfig() a member trains in minutes on 2 CPU cores
+SSN_WARMUP_FRACTION = 10 / 320  # the paper: 10 warm-up epochs of (at least) 320
 
 
 class TrainError(UsageError):
@@ -446,11 +455,9 @@ def default_threads() -> int:
     return max(1, min(4, (os.cpu_count() or 1) // 2))
 
 
-def _lr_factor(step: int, config: TrainConfig, constant: bool = False) -> float:
+def _lr_factor(step: int, config: TrainConfig) -> float:
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
-    if constant:  # SWAG: the snapshots sample around one stationary learning rate
-        return 1.0
     t = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
@@ -466,14 +473,13 @@ def _train_member(
     on_step: Callable[[int, float], None],
     swag: str | None = None,
 ) -> tuple[nn.Module, list[float], SwagStats | None]:
-    """Train one network; returns it, its per-step losses and (``swag``) SWAG statistics.
-
-    The network holds its EMA weights, or for ``swag`` ("swag" or "swagdiag")
-    the SWAG mean of the raw weights.
+    """Train one network; returns it (EMA weights), its per-step losses and (``swag``:
+    "swag" or "swagdiag") the SWAG statistics of its raw weights. Collecting does not
+    change the run: the same seed gives the same weights with or without it.
     """
     import torch
 
-    from uqserve.models.swag import SwagCollector, load_parameters, mean_weights, snapshot_steps
+    from uqserve.models.swag import SwagCollector, snapshot_steps
 
     torch.manual_seed(seed)  # seeds every CUDA device too
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x7EA1]))
@@ -481,9 +487,7 @@ def _train_member(
     net = build_network(au, model_config).to(dev)
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: _lr_factor(s, config, constant=swag is not None)
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config))
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
     collector, snaps = None, set()
     if swag is not None:
@@ -517,10 +521,7 @@ def _train_member(
         on_step(step, losses[-1])
     net.load_state_dict(ema)
     net = net.cpu()  # checkpoints, validation and export run on the CPU
-    if collector is None:
-        return net.eval(), losses, None
-    stats = collector.stats()
-    return load_parameters(net, mean_weights(stats)).eval(), losses, stats
+    return net.eval(), losses, None if collector is None else collector.stats()
 
 
 def _curve(losses: Sequence[float], points: int = 50) -> list[float]:
@@ -597,6 +598,7 @@ def train(
     seed: int = 0,
     progress: LossProgressFn | None = None,
     overwrite: bool = False,
+    collect_swag: bool = False,
 ) -> Path:
     """Train the members of ``combination`` (e.g. ``"softmax-ensemble"``) into ``out_dir``.
 
@@ -607,9 +609,17 @@ def train(
     ``uqserve.data.load_folder``), or an in-memory ``SyntheticSet``/``FolderDataset``.
     The folder is written atomically: a temp folder beside it is renamed into
     place only when every member is saved. Returns ``out_dir``.
+
+    ``collect_swag`` (``none`` only): also keep the run's SWAG statistics (full
+    SWAG, ``swag.safetensors``) for :func:`assemble_checkpoints`; the weights are
+    the same as without it.
     """
     au, eu, config, model_config = _checked_configs(combination, config, model_config)
-    swag = eu if eu in SWAG_METHODS else None
+    if collect_swag and eu != "none":
+        raise TrainError(f"collect_swag is for EU 'none' (one network), not {combination}")
+    swag = eu if eu in SWAG_METHODS else ("swag" if collect_swag else None)
+    if collect_swag:
+        _checked_configs(f"{au}-swag", config, model_config)  # enough steps for the snapshots
     out = Path(out_dir)
     _prepare_out(out, overwrite)
 
@@ -642,6 +652,7 @@ def train(
                     ),
                     swag=swag,
                     member=k,
+                    swa_weights=eu in SWAG_METHODS,
                 )
                 if val is not None:
                     d = dice_vs_majority(
@@ -654,6 +665,8 @@ def train(
                 combination, au, eu, seed, config, model_config, slices, (mean, std), members,
                 validation,
             )  # fmt: skip
+            if collect_swag:
+                cfg.update(_swag_entry(config, "swag"))
             (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
     finally:
         torch.set_num_threads(threads_before)
@@ -666,8 +679,8 @@ def _checked_configs(
     """``(au, eu, config, model_config)`` with defaults filled in, or a ``TrainError``.
 
     MC dropout without dropout gets ``config.dropout``; an SSN without a set
-    warm-up (``ssn_warmup=None``) warms up for half the steps; the tile size must suit
-    the network depth, and SWAG needs enough steps for its snapshots.
+    warm-up (``ssn_warmup=None``) warms up for ``SSN_WARMUP_FRACTION`` of the steps;
+    the tile size must suit the network depth, and SWAG needs enough steps for its snapshots.
     """
     try:
         au, eu = parse_combination(combination)
@@ -679,8 +692,8 @@ def _checked_configs(
     model_config = model_config or ModelConfig(width=DEFAULT_WIDTH)
     if eu == "mcdropout" and model_config.dropout == 0.0:
         model_config = ModelConfig.from_dict({**model_config.to_dict(), "dropout": config.dropout})
-    if model_config.ssn_warmup is None:  # SSN warms up for half the steps unless told
-        warm = config.steps // 2 if au == "ssn" else 0
+    if model_config.ssn_warmup is None:  # the paper's share of the run unless told
+        warm = max(1, round(config.steps * SSN_WARMUP_FRACTION)) if au == "ssn" else 0
         model_config = ModelConfig.from_dict({**model_config.to_dict(), "ssn_warmup": warm})
     if model_config.in_channels != 1:
         raise TrainError(
@@ -738,12 +751,20 @@ def _train_and_save_member(
     *,
     swag: str | None,
     member: int,
+    swa_weights: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train member ``member``, save it (and its SWAG statistics) in ``tmp``; its config entry."""
+    """Train member ``member``, save it (and its SWAG statistics) in ``tmp``; its config entry.
+
+    ``swa_weights``: the saved weights are the SWAG mean of the raw weights, not the EMA.
+    """
+    from uqserve.models.swag import load_parameters, mean_weights
+
     t0 = time.perf_counter()
     net, losses, stats = _train_member(
         au, model_config, slices, config, seed, norm[0], norm[1], progress, swag=swag
     )
+    if swa_weights and stats is not None:
+        net = load_parameters(net, mean_weights(stats))
     seconds = time.perf_counter() - t0
     fname = f"member_{member}.safetensors"
     _save(net, tmp / fname, {"combination": combination, "member": str(member), "seed": str(seed)})
@@ -844,3 +865,94 @@ def _member_progress(
             progress(task, step + 1, steps, loss)
 
     return on_step
+
+
+# ------------------------------------------------------------------ shared networks
+
+
+def assemble_checkpoints(
+    sources: Sequence[str | os.PathLike[str]],
+    combination: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Build the checkpoint folder of ``combination`` from trained ``<au>-none`` folders.
+
+    * ``none``: ``sources[0]``'s network;
+    * ``ensemble``: member ``m`` is ``sources[m]``'s network (train source ``m`` with
+      seed ``s + m``: the folder is then what ``train`` would write for seed ``s``);
+    * ``swag`` / ``swagdiag``: ``sources[0]`` trained with ``collect_swag=True``; the
+      weights are its SWAG mean, SWAG-D keeps only the diagonal moments.
+
+    MC dropout trains its own network (``train``). Written atomically; returns ``out_dir``.
+    """
+    au, eu = _checked_configs(combination, None, None)[:2]
+    cks = [(load_checkpoints if eu in SWAG_METHODS else read_checkpoint_config)(p) for p in sources]
+    bad = [str(c.path) for c in cks if c.combination != f"{au}-none"]
+    want = len(cks) >= 1 if eu == "ensemble" else len(cks) == 1
+    if eu == "mcdropout" or not want or bad:
+        raise TrainError(
+            f"{combination}: needs {'one or more' if eu == 'ensemble' else 'one'} trained "
+            f"{au}-none folder(s){'; got ' + ', '.join(bad) if bad else ''} (MC dropout: "
+            "train it, it has its own network)"
+        )
+    out = Path(out_dir)
+    _prepare_out(out, overwrite)
+    with replace_dir_atomically(out) as tmp:
+        cfg = dict(cks[0].config)
+        if eu in SWAG_METHODS:
+            entry, dice = _assemble_swag(cks[0], tmp, eu)
+            members, validation = [entry], ([] if dice is None else [dice])
+        else:
+            members, validation = [], []
+            for m, ck in enumerate(cks):
+                (tmp / f"member_{m}.safetensors").write_bytes(ck.files[0].read_bytes())
+                members.append({**ck.config["members"][0], "file": f"member_{m}.safetensors"})
+                validation += ck.config.get("validation", {}).get("dice_vs_majority", [])
+        cfg.pop("swag", None)
+        cfg.update(
+            combination=combination, eu=eu, num_members=len(members), members=members,
+            bundle_members={"ensemble": len(members), "none": 1}.get(eu, cfg["train_config"]
+                                                                    ["swag_draws"]),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **(_swag_entry(TrainConfig.from_dict(cfg["train_config"]), eu)
+               if eu in SWAG_METHODS else {}),
+        )  # fmt: skip
+        if validation:
+            cfg["validation"] = {
+                **cfg.get("validation", {}),
+                "dice_vs_majority": [round(v, 4) for v in validation],
+                "dice_vs_majority_mean": round(float(np.mean(validation)), 4),
+            }
+        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    return out
+
+
+def _assemble_swag(ck: Checkpoints, tmp: Path, eu: str) -> tuple[dict[str, Any], float | None]:
+    """Write ``member_0`` (the SWAG mean) and the SWAG-(D) statistics of ``ck``'s run into
+    ``tmp``; returns its member entry and its held-out Dice (None without a held-out set)."""
+    from uqserve.models.swag import SwagStats, load_parameters, mean_weights
+
+    file = ck.path / SWAG_FILE
+    if not file.is_file():
+        raise TrainError(f"{ck.path}: no {SWAG_FILE}; train it with collect_swag=True")
+    stats = SwagStats.load(file)
+    if eu == "swagdiag":  # SWAG-D: the same moments, no deviation matrix
+        stats = SwagStats(stats.mean, stats.sq_mean, {}, stats.snapshots, stats.collected, True)
+    stats.save(tmp / SWAG_FILE)
+    net = load_parameters(ck.networks[0], mean_weights(stats))
+    _save(net, tmp / "member_0.safetensors", {"combination": f"{ck.au}-{eu}", "member": "0",
+                                             "seed": str(ck.config["seed"])})  # fmt: skip
+    entry = {**ck.config["members"][0], "file": "member_0.safetensors"}
+    tc = TrainConfig.from_dict(ck.config["train_config"])
+    val = _validation_set(
+        _Slices([], [], ck.model_config.num_classes, ck.config["data"]), tc, ck.model_config
+    )
+    norm = ck.config["normalization"]
+    dice = None
+    if val is not None:
+        dice = dice_vs_majority(net, val.images, val.annotations, norm["mean"], norm["std"],
+                                ck.model_config.num_classes)  # fmt: skip
+        entry["dice_vs_majority"] = round(dice, 4)
+    return entry, dice

@@ -164,6 +164,26 @@ def check_parity(
     return diffs
 
 
+def with_member_key(src: Path, dst: Path, member: int) -> Path:
+    """Write member graph ``src`` as member ``member``: only its ``MEMBER_KEY`` changes.
+
+    For members that share their weights and differ only in the index their noise
+    is keyed by (fresh-mask MC dropout); the parity check then tests each one.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    from uqserve.models.member import MEMBER_KEY
+
+    model = onnx.load(str(src))
+    keys = [i for i in model.graph.initializer if i.name == MEMBER_KEY]
+    if len(keys) != 1:
+        raise ExportError(f"{src}: no single {MEMBER_KEY!r} initializer; export each member")
+    keys[0].CopyFrom(numpy_helper.from_array(np.array(member, dtype=np.int64), MEMBER_KEY))
+    onnx.save(model, str(dst))
+    return dst
+
+
 #: EU methods exported from one network per member (SWAG: one per weight draw).
 NET_PER_MEMBER = ("ensemble", "swag", "swagdiag")
 
@@ -219,9 +239,14 @@ def export_networks(
             for m, diff in enumerate(check_parity(graphs, rt, feeds)):
                 say(f"member {m}: exported, parity max |diff| {diff:.2g}")
 
+    # Fresh-mask MC dropout: the members differ only in their index, so one export.
+    one_graph = plan.eu == "mcdropout" and model_config.mc_dropout_masks == "fresh"
     with atomic_bundle_dir(out_dir, overwrite) as tmp:
         files = [f"member_{m}.onnx" for m in range(plan.num_members)]
-        for graph, f in zip(graphs, files, strict=True):
+        for m, (graph, f) in enumerate(zip(graphs, files, strict=True)):
+            if one_graph and m > 0:
+                with_member_key(tmp / files[0], tmp / f, m)
+                continue
             export_member(
                 graph,
                 tmp / f,

@@ -65,7 +65,7 @@ class ModelConfig:
     ssn_eps: float = 1e-5
     ssn_train_samples: int = 10
     # Steps with the low-rank factor zeroed (diagonal noise and MC loss on, as the
-    # paper); None: training picks half its steps.
+    # paper); None: training picks the paper's share, 10/320 of its steps.
     ssn_warmup: int | None = None
     punet_latent: int = 6
     punet_beta: float = 2.5e-3
@@ -106,7 +106,7 @@ class ModelConfig:
         if self.num_samples < 1:
             problems.append("num_samples must be >= 1")
         if self.ssn_warmup is not None and self.ssn_warmup < 0:
-            problems.append("ssn_warmup must be >= 0 (or None: half the training steps)")
+            problems.append("ssn_warmup must be >= 0 (or None: 10/320 of the training steps)")
         if self.ssn_rank < 1 or self.punet_latent < 1 or self.diffusion_steps < 1:
             problems.append("ssn_rank, punet_latent and diffusion_steps must be >= 1")
         if problems:

@@ -78,7 +78,8 @@ class FreshMasks:
     """
 
     def __init__(self, member: int) -> None:
-        self.member = int(member)
+        # An int, or the member graph's 0-d int64 buffer (set before each forward pass).
+        self.member: int | torch.Tensor = int(member)
         self.seed: torch.Tensor | None = None
         self.z: torch.Tensor | None = None
         self.rows: torch.Tensor | None = None

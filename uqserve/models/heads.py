@@ -36,6 +36,18 @@ from uqserve.models.config import ModelConfig
 from uqserve.models.dropout import FreshMasks, dropout_layers
 from uqserve.models.unet import Encoder, ResBlock, TimeUNet, UNet, conv
 
+#: The paper's sinusoidal time embedding of t in [0, 1]: max period 10.
+DIFFUSION_MAX_PERIOD = 10.0
+
+
+def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The paper's embedding ``[N, dim]`` (cos, then sin) of diffusion times ``t`` ``[N]``
+    in [0, 1], used as is (no x1000): frequencies ``10 ** (-i / (dim / 2))``."""
+    half = dim // 2
+    steps = torch.arange(half, dtype=torch.float32, device=t.device)
+    args = t.reshape(-1, 1) * torch.exp(-math.log(DIFFUSION_MAX_PERIOD) * steps / half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
 
 def class_softmax(logits: torch.Tensor, dim: int) -> torch.Tensor:
     """Softmax over the (short) class axis ``dim``.
@@ -82,7 +94,7 @@ class HashNoise:
     and channel ``ceil(C/2) + p`` the sin of pair ``p``'s Box-Muller transform.
 
     ``seed [B]`` int64, ``offset [B, 3]`` int64 ``(z, y0, x0)``; the member index is
-    a Python int (a constant in the exported graph), and so is ``first_sample``,
+    a 0-d int64 tensor (the member graph's buffer) or an int; ``first_sample`` is an int,
     the index of the first of these ``samples`` samples.
     """
 
@@ -90,7 +102,7 @@ class HashNoise:
         self,
         seed: torch.Tensor,
         offset: torch.Tensor,
-        member: int,
+        member: int | torch.Tensor,
         samples: int,
         height: int,
         width: int,
@@ -98,7 +110,8 @@ class HashNoise:
     ) -> None:
         self.seed = seed
         self.offset = offset
-        self.member = int(member)
+        # A 0-d int64 tensor (an exported graph's MEMBER_KEY initializer) or an int.
+        self.member = member if isinstance(member, torch.Tensor) else int(member)
         self.samples = samples
         self.first_sample = int(first_sample)
         self.height = height
@@ -511,10 +524,7 @@ class DiffusionNet(SegNetwork):
 
     def denoise(self, image: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x̂ logits ``[N,K,H,W]`` from image ``[N,C,H,W]``, x_t ``[N,K,H,W]``, t ``[N]``/``[1]``."""
-        half = self.config.width // 2
-        steps = torch.arange(half, dtype=torch.float32, device=t.device)
-        args = 1000.0 * t.reshape(-1, 1) * torch.exp(-math.log(1000.0) * steps / half)
-        emb = self.time_mlp(torch.cat([torch.sin(args), torch.cos(args)], dim=1))
+        emb = self.time_mlp(time_embedding(t, self.config.width))
         return self.denoiser(torch.cat([x_t, image], dim=1), emb)
 
     def sample_probs_from(

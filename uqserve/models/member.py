@@ -54,6 +54,10 @@ def summarize(probs: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, .
     return sum_p, sum_h, counts, labels.to(torch.uint8)
 
 
+#: The buffer (and ONNX initializer) holding a member graph's index.
+MEMBER_KEY = "member_key"
+
+
 class MemberGraph(nn.Module):
     """One exported member: a trained network, its index and its sample count."""
 
@@ -88,6 +92,11 @@ class MemberGraph(nn.Module):
                 raise UsageError("mcdropout member needs a network with dropout > 0")
         self.net = net
         self.member = int(member)
+        # The member index as a named int64 initializer (MEMBER_KEY) of the exported
+        # graph: members that differ only in it (fresh-mask MC dropout) are one export
+        # with this value replaced (uqserve.exporting), not one export each.
+        self.member_key: torch.Tensor
+        self.register_buffer(MEMBER_KEY, torch.tensor(self.member, dtype=torch.int64))
         self.num_samples = int(num_samples)
         self.sample_chunk = int(sample_chunk)
 
@@ -103,13 +112,14 @@ class MemberGraph(nn.Module):
             # A volume's windows share one mask set (z 0), so windows do not change it.
             z = offset[:, 0] * 0 if image.ndim == 5 else offset[:, 0]
             self.fresh.seed, self.fresh.z = seed, z
+            self.fresh.member = self.member_key
         context = self.net.head_context(image, self.net.features(image))
         total, chunk = self.num_samples, self.sample_chunk
         # Unrolled at export: each chunk's [B, c, K, H, W] tensors die before the next.
         parts = []
         for first in range(0, total, chunk):
             c = min(chunk, total - first)
-            noise = HashNoise(seed, offset, self.member, c, h, w, first_sample=first)
+            noise = HashNoise(seed, offset, self.member_key, c, h, w, first_sample=first)
             parts.append(summarize(self.net.sample_probs_from(context, noise, c), valid))
         sum_p, sum_h = parts[0][0], parts[0][1]
         for p in parts[1:]:
