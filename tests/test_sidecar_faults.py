@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import io
+import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -623,6 +625,82 @@ def test_full_disk_acknowledges_only_what_it_kept(tmp_path: Path, tiny_bundle: P
             assert sc.run_once(now=time.time() + 60) == [(key, "written")]
         record = sc.spool.done_record(key)
         assert record is not None and record["slices"] == 10
+
+
+def _fill(disk: Path, leave: int) -> Path:
+    """Fill ``disk`` up, then free ``leave`` bytes; returns the filler file."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            try:
+                os.write(fd, b"\0" * 65536)
+            except OSError:
+                break
+        while True:  # the last partial chunks
+            try:
+                os.write(fd, b"\0" * 4096)
+            except OSError:
+                break
+        os.ftruncate(fd, max(0, os.fstat(fd).st_size - leave))
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_full_disk_while_building_results_says_so_backs_off_and_cleans_up(
+    tmp_path: Path, tiny_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    require("storescu")
+    syn = write_ct_series(tmp_path / "ct", phantom((64, 64, 6), seed=5))
+    key = series_key(syn.series_uid)
+    with _small_disk(tmp_path / "small", "4m") as disk:
+        with _listening(tmp_path, tiny_bundle, spool=disk / "spool", retry_base_s=30) as sc:
+            assert sent(storescu(syn.files, sc.port, called_ae="UQSIDECAR"))
+            out = disk / "spool" / "out" / key
+            # Room for the state files, not for the results: a transient failure that says why.
+            _fill(disk, leave=24 << 10)
+            caplog.set_level(logging.INFO, logger="uqserve.sidecar")
+            t = time.time() + 60
+            assert sc.run_once(now=t) == [(key, "retry")]
+            state = sc.spool.load_state(key)
+            assert "No space left on device" in state.last_error
+            assert not out.exists() or not list(out.iterdir())  # no partial results
+            # No room at all: not even the state can be saved. Held back, logged once a try.
+            (disk / "filler").unlink()
+            _fill(disk, leave=0)
+            assert sc.run_once(now=t + 100) == [(key, "retry")]
+            assert sc.run_once(now=t + 101) == []  # backing off, silently
+            said = [r.getMessage() for r in caplog.records if "cannot be written" in r.getMessage()]
+            assert len(said) == 1 and "No space left on device" in said[0], said
+            subprocess.run(["mount", "-o", "remount,size=32m", str(disk)], check=True)
+            assert sc.run_once(now=t + 100 + 31) == [(key, "written")]
+        assert len(list(out.glob("*.dcm"))) == 5
+
+
+def test_stable_clock_starts_when_the_listener_is_up(tmp_path: Path, tiny_bundle: Path) -> None:
+    """A series found in the spool on start waits --stable-seconds from the listener's start,
+    however long the start-up took (here: the spool opened 100 s before the listener)."""
+    syn = write_ct_series(tmp_path / "ct", phantom((16, 16, 3)))
+    key = series_key(syn.series_uid)
+    config = SidecarConfig(
+        spool=tmp_path / "spool", ae_title="UQSIDECAR", host="127.0.0.1", port=0,
+        stable_seconds=5.0,
+    )  # fmt: skip
+    incoming = tmp_path / "spool" / "incoming" / key
+    incoming.mkdir(parents=True)
+    for f in syn.files:  # left by a sidecar that was killed long ago
+        shutil.copy(f, incoming / f"{f.stem}.dcm")
+        os.utime(incoming / f"{f.stem}.dcm", (time.time() - 3600,) * 2)
+    sc = Sidecar(config, BundlePredictor(str(tiny_bundle), seed=1, device="cpu"))
+    sc.spool.opened -= 100  # the start-up (loading a model, say) took 100 s
+    sc.scp.start()
+    try:
+        up = time.time()
+        assert sc.run_once(now=up + 4) == []  # the sender may still be resuming
+        assert sc.run_once(now=up + 6) == [(key, "written")]
+    finally:
+        sc.stop()
 
 
 def test_failure_model_page_names_real_tests() -> None:

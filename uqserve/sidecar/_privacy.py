@@ -11,13 +11,16 @@ therefore never prints a foreign message:
   created (a log record factory), whichever handler then sees them; those
   loggers stop propagating and hand each record to a scrubber that re-logs
   logger name + level + source line once on ``uqserve.sidecar``;
-* exceptions are described by :func:`describe` (type + fixed text), except
-  uqserve's own errors, whose messages are written never to quote tag values.
+* exceptions are described by :func:`describe` (type + fixed text, or the
+  system's text for an errno), except uqserve's own errors, whose messages are
+  written never to quote tag values.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import threading
 import warnings
 from collections.abc import Callable
@@ -109,10 +112,28 @@ def guard_logs() -> None:
 
 
 def describe(exc: BaseException) -> str:
-    """A log-safe description of ``exc``: our own message, or only the type."""
+    """A log-safe description of ``exc``: our own message, or only the type.
+
+    An ``OSError`` with an errno (itself or its cause: pydicom re-raises without
+    one) adds the system's text for it (``No space left on device``): a fixed
+    table, never a file name or a value.
+    """
     if isinstance(exc, (UqserveError, VolumeError)):
         return str(exc)
+    code = _errno_of(exc)
+    if code is not None:
+        return f"{type(exc).__name__} ({os.strerror(code)})"
     return f"{type(exc).__name__} ({_WITHHELD})"
+
+
+def _errno_of(exc: BaseException | None, depth: int = 0) -> int | None:
+    """The errno of the first ``OSError`` in ``exc``'s chain of causes, or None."""
+    if exc is None or depth > 8:
+        return None
+    code = getattr(exc, "errno", None)
+    if isinstance(exc, OSError) and isinstance(code, int) and code in errno.errorcode:
+        return code
+    return _errno_of(exc.__cause__ or exc.__context__, depth + 1)
 
 
 def traceback_lines(tb: TracebackType | None) -> str:

@@ -121,6 +121,7 @@ class StorageSCP:
         assert server is not None  # block=False returns the server
         self._server = server
         self.port = int(server.server_address[1])
+        self.spool.listening()  # start-up time does not count towards --stable-seconds
         log.info(
             "listening on %s:%d%s as %s (calling AEs allowed: %s; at most %d associations, "
             "idle connections closed after %g s)",

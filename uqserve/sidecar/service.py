@@ -229,6 +229,8 @@ class Sidecar:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._worker: threading.Thread | None = None
+        # Series held back after a spool write failed: key -> (not before, tries).
+        self._held: dict[str, tuple[float, int]] = {}
         self.metrics = SidecarMetrics(lambda: len(self.spool.pending()))
         self.metrics_server: MetricsServer | None = None
 
@@ -332,14 +334,40 @@ class Sidecar:
     # -- processing -------------------------------------------------------
 
     def run_once(self, now: float | None = None) -> list[tuple[str, str]]:
-        """Process every series that is due; return ``(key, outcome)`` pairs."""
+        """Process every series that is due; return ``(key, outcome)`` pairs.
+
+        A series whose spool files cannot be written (the disk is full) is held
+        back in memory, doubling from ``retry_base_s``: logged once per try, not
+        once per poll.
+        """
+        clock = time.time() if now is None else now
         self.spool.prune_kept(self.config.keep_s, now)
         done = []
         for key in self.spool.ready(self.config.stable_seconds, now):
             if self._stop.is_set():
                 break
-            done.append((key, self.process(key)))
+            if self._held.get(key, (0.0, 0))[0] > clock:
+                continue
+            try:
+                outcome = self.process(key)
+            except OSError as exc:  # the spool itself failed: no state file can say so
+                outcome = self._hold(key, exc, clock)
+            else:
+                self._held.pop(key, None)
+            done.append((key, outcome))
         return done
+
+    def _hold(self, key: str, exc: OSError, now: float) -> str:
+        tries = self._held.get(key, (0.0, 0))[1] + 1
+        delay = min(self.config.retry_base_s * 2 ** (tries - 1), 3600.0)
+        self._held[key] = (now + delay, tries)
+        log.error(
+            "series %s: the spool cannot be written (%s); next try in %.0f s",
+            key,
+            describe(exc),
+            delay,
+        )
+        return "retry"
 
     def process(self, key: str) -> str:
         """Process one series.
@@ -484,7 +512,11 @@ class Sidecar:
             # New, or instances arrived since the results were built: build (again).
             state.built, state.record = None, {}
             self.spool.save_state(state)
-            state.record = self._build(key, files, out)
+            try:
+                state.record = self._build(key, files, out)
+            except BaseException:
+                shutil.rmtree(out, ignore_errors=True)  # no partial results left behind
+                raise
             state.built = digest
             self.spool.save_state(state)
         record = dict(state.record)

@@ -84,8 +84,9 @@ class Spool:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
-        # Nothing could arrive while the process was down: series found on start
-        # get a full stable period from now, so senders can resume first.
+        # Nothing could arrive while no listener was up: series found on start get a
+        # full stable period from when the listener is up (``listening``), so senders
+        # can resume first; until then, from now.
         self.opened = time.time()
         self._lock = threading.Lock()
         try:
@@ -145,6 +146,10 @@ class Spool:
                 with contextlib.suppress(FileNotFoundError):
                     times.append(p.stat().st_mtime)
         return max(times) if times else None
+
+    def listening(self, now: float | None = None) -> None:
+        """The listener is up (now): the stable clock of series found on start starts here."""
+        self.opened = time.time() if now is None else now
 
     def ready(self, stable_seconds: float, now: float | None = None) -> list[str]:
         """Keys due for processing now, oldest first.
