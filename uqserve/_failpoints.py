@@ -5,10 +5,9 @@ send itself SIGSTOP when it reaches that point; a test then waits for the stop
 (``waitpid(..., WUNTRACED)``), acts (kills it, runs a rival) and resumes or
 kills it. Deterministic, no sleeps. Unset, ``reached`` is one dict lookup.
 
-Points: ``read`` (input read), ``predicted`` (maps computed, nothing written),
-``written`` (outputs complete in the temp folder), ``commit`` (holding the
-commit lock, before the rename), ``server-started`` (tritonserver launched, not
-yet ready).
+Points: ``read`` (input read), ``written`` (outputs complete in the temp
+folder), ``commit`` (holding the commit lock, before the rename),
+``server-started`` (tritonserver launched, not yet ready).
 """
 
 from __future__ import annotations

@@ -31,9 +31,11 @@ __all__ = [
     "MEMBER_OUTPUT_SPEC",
     "MEMBER_OUTPUT_SPEC_3D",
     "PAPER_SHIFTS",
+    "REDUCED_OUTPUT_SPEC",
     "TensorSpec",
     "default_class_names",
     "member_specs",
+    "reduced_outputs",
 ]
 
 # --------------------------------------------------------------------------- methods
@@ -92,6 +94,32 @@ MEMBER_OUTPUT_SPEC_3D: dict[str, TensorSpec] = {
 
 MEMBER_INPUTS: tuple[str, ...] = tuple(MEMBER_INPUT_SPEC)
 MEMBER_OUTPUTS: tuple[str, ...] = tuple(MEMBER_OUTPUT_SPEC)
+
+
+#: Outputs of the server-side reduction (``uqserve repo --reduce server``), in order:
+#: the members' sums. ``M`` members; ``*`` the spatial axes (``H, W`` or ``D, H, W``).
+#: mean_sum Σ_m p̄_m; entropy_sum Σ_m H[p̄_m] (nats); sample_entropy_sum Σ_m of the mean
+#: per-sample entropies; foreground: any member's argmax is not background;
+#: sample_counts every member's per-sample class counts.
+REDUCED_OUTPUT_SPEC: dict[str, TensorSpec] = {
+    "mean_sum": ("float32", ("B", "K", "*")),
+    "entropy_sum": ("float32", ("B", "*")),
+    "sample_entropy_sum": ("float32", ("B", "*")),
+    "foreground": ("bool", ("B", "*")),
+    "sample_counts": ("float32", ("B", "M", "S", "K")),
+}
+
+
+def reduced_outputs(
+    sizes: dict[str, int | str], spatial: tuple[int | str, ...]
+) -> list[tuple[str, str, tuple[int | str, ...]]]:
+    """``(name, dtype, shape)`` of each reduced output: the symbols of
+    :data:`REDUCED_OUTPUT_SPEC` replaced by ``sizes`` (``B``, ``M``, ``S``, ``K``)
+    and ``*`` by the ``spatial`` axes."""
+    return [
+        (name, dtype, tuple(a for d in dims for a in (spatial if d == "*" else (sizes[str(d)],))))
+        for name, (dtype, dims) in REDUCED_OUTPUT_SPEC.items()
+    ]
 
 
 def member_specs(dims: int) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -230,9 +229,3 @@ def bundle_info(bundle: Bundle) -> dict[str, Any]:
         "manifest_version": man.manifest_version,
         "manifest_sha256": bundle.manifest_sha256,
     }
-
-
-def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0

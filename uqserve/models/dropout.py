@@ -128,10 +128,3 @@ def freeze_dropout_masks(net: nn.Module, seed: int, member: int) -> int:
         keep = (u >= layer.p).to(torch.float32)
         layer.mask = keep / (1.0 - layer.p)
     return len(layers)
-
-
-def unfreeze_dropout_masks(net: nn.Module) -> None:
-    """Undo :func:`freeze_dropout_masks` and :func:`fresh_dropout_masks` (training behaviour)."""
-    for layer in dropout_layers(net):
-        layer.mask = None
-        layer.keys = None

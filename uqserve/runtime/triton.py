@@ -39,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from uqserve.bundle import Bundle
+from uqserve.contracts import reduced_outputs
 from uqserve.errors import UsageError
 from uqserve.runtime.base import (
     Batch,
@@ -134,7 +135,6 @@ class _Server:
     verified: bool = False
     reduces: bool = False  # serves <bundle>_reduced
     down_until: float = 0.0
-    failures: int = 0
     last_error: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -385,7 +385,6 @@ class TritonRuntime(Runtime):
                     "bundle the server was built from"
                 )
             server.verified = True
-            server.failures = 0
 
     def _check_reduce(self, server: _Server, client: Any, config: Any, timeout: float) -> None:
         """Does ``server`` reduce? A late server must agree with the decision made at start."""
@@ -482,7 +481,6 @@ class TritonRuntime(Runtime):
                 # The server may have restarted with another model: check again before reuse.
                 server.verified = False
             else:
-                server.failures = 0
                 return outputs
             if time.monotonic() >= end:
                 break
@@ -514,7 +512,6 @@ class TritonRuntime(Runtime):
             return False
 
     def _mark_down(self, server: _Server, message: str, attempt: int) -> None:
-        server.failures += 1
         server.last_error = message
         server.down_until = time.monotonic() + self.backoff_s * (2 ** min(attempt, 6))
 
@@ -526,12 +523,10 @@ class TritonRuntime(Runtime):
         m = self.bundle.manifest
         k, s = m.num_classes, m.num_samples
         if mode == "reduced":
+            sizes: dict[str, int | str] = {"B": b, "M": m.num_members, "S": s, "K": k}
             return [
-                ("mean_sum", (b, k, *sp), np.float32),
-                ("entropy_sum", (b, *sp), np.float32),
-                ("sample_entropy_sum", (b, *sp), np.float32),
-                ("foreground", (b, *sp), np.bool_),
-                ("sample_counts", (b, m.num_members, s, k), np.float32),
+                (name, tuple(int(d) for d in shape), np.dtype(dtype).type)
+                for name, dtype, shape in reduced_outputs(sizes, sp)
             ]
         out_specs: list[tuple[str, tuple[int, ...], Any]] = []
         for i in range(m.num_members):

@@ -33,7 +33,6 @@ from uqserve.errors import ServiceError
 
 WORKDIR_PREFIX = "uqserve-tritonserver-"
 LOG_NAME = "tritonserver.log"
-DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 
 # The watchdog: a tiny process that outlives a launcher killed with SIGKILL. It waits
 # for EOF on its stdin (the launcher holds the only write end, so EOF means the launcher

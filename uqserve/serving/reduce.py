@@ -22,16 +22,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from uqserve.contracts import reduced_outputs
 from uqserve.errors import UsageError
 
-#: Outputs of the reduction, in order, with their numpy dtype names.
-REDUCED_OUTPUTS: dict[str, str] = {
-    "mean_sum": "float32",
-    "entropy_sum": "float32",
-    "sample_entropy_sum": "float32",
-    "foreground": "bool",
-    "sample_counts": "float32",
-}
 OPSET = 17
 
 
@@ -93,12 +86,10 @@ def reduce_graph(num_members: int, num_classes: int, num_samples: int, dims: int
         node("Identity", ["counts_0"], "sample_counts")
     else:
         node("Concat", [f"counts_{m}" for m in range(M)], "sample_counts", axis=1)
+    types = {"float32": f32, "bool": TensorProto.BOOL}
     outputs = [
-        helper.make_tensor_value_info("mean_sum", f32, ["B", K, *sp]),
-        helper.make_tensor_value_info("entropy_sum", f32, ["B", *sp]),
-        helper.make_tensor_value_info("sample_entropy_sum", f32, ["B", *sp]),
-        helper.make_tensor_value_info("foreground", TensorProto.BOOL, ["B", *sp]),
-        helper.make_tensor_value_info("sample_counts", f32, ["B", M, S, K]),
+        helper.make_tensor_value_info(name, types[dtype], list(shape))
+        for name, dtype, shape in reduced_outputs({"B": "B", "M": M, "S": S, "K": K}, tuple(sp))
     ]
     graph = helper.make_graph(
         nodes, "uqserve_reduce", inputs, outputs, initializer=list(consts.values())

@@ -56,7 +56,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from uqserve._fs import replace_dir_atomically
 from uqserve.bundle import Bundle, BundleError, load_bundle, name_problem, sha256_file
-from uqserve.contracts import MEMBER_INPUTS, TensorSpec, member_specs
+from uqserve.contracts import MEMBER_INPUTS, TensorSpec, member_specs, reduced_outputs
 from uqserve.errors import UsageError
 from uqserve.triton_names import (
     MANIFEST_PARAMETER,
@@ -103,7 +103,12 @@ class _Tensor:
     reshape: tuple[int, ...] | None = None
 
 
-_MC_TYPES = {"float32": mc.TYPE_FP32, "int64": mc.TYPE_INT64, "uint8": mc.TYPE_UINT8}
+_MC_TYPES = {
+    "float32": mc.TYPE_FP32,
+    "int64": mc.TYPE_INT64,
+    "uint8": mc.TYPE_UINT8,
+    "bool": mc.TYPE_BOOL,
+}
 
 
 def _member_tensors(bundle: Bundle) -> tuple[list[_Tensor], list[_Tensor]]:
@@ -232,12 +237,9 @@ def _reduce_tensors(bundle: Bundle) -> tuple[list[_Tensor], list[_Tensor]]:
         for t in member_outputs
         if t.name != "sample_labels"
     ]
-    outputs = [
-        _Tensor("mean_sum", mc.TYPE_FP32, (k, *sp)),
-        _Tensor("entropy_sum", mc.TYPE_FP32, sp),
-        _Tensor("sample_entropy_sum", mc.TYPE_FP32, sp),
-        _Tensor("foreground", mc.TYPE_BOOL, sp),
-        _Tensor("sample_counts", mc.TYPE_FP32, (n, s, k)),
+    outputs = [  # Triton's dims leave out the batch
+        _Tensor(name, _MC_TYPES[dtype], tuple(int(d) for d in shape[1:]))
+        for name, dtype, shape in reduced_outputs({"B": -1, "M": n, "S": s, "K": k}, sp)
     ]
     return inputs, outputs
 

@@ -89,9 +89,6 @@ class PredictionLike(Protocol):
     def report(self) -> Mapping[str, Any]: ...
 
 
-Predictor = Callable[[Volume], PredictionLike]
-
-
 class BundlePredictor:
     """``predict_volume`` with a runtime kept open between series.
 
@@ -209,7 +206,9 @@ class SidecarConfig:
 class Sidecar:
     """The running sidecar: ``start()``, then ``stop()`` (or use as a context manager)."""
 
-    def __init__(self, config: SidecarConfig, predictor: Predictor) -> None:
+    def __init__(
+        self, config: SidecarConfig, predictor: Callable[[Volume], PredictionLike]
+    ) -> None:
         guard_logs()
         self.config = config
         self.predictor = predictor
