@@ -96,6 +96,7 @@ class Relay:
         self.upstream = upstream
         self.bodies: list[bytes] = []
         self.answers: list[tuple[float, bytes, int]] = []  # (time, body, upstream status)
+        self.authorizations: list[str | None] = []  # the Authorization header of each
         self.hold = hold
         self.second_stored = threading.Event()
         self.release = threading.Event()
@@ -106,6 +107,7 @@ class Relay:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 relay.bodies.append(body)
+                relay.authorizations.append(self.headers.get("Authorization"))
                 keep = ("Content-Type", "Accept", "Authorization")
                 headers = {k: v for k in keep if (v := self.headers.get(k)) is not None}
                 url = relay.upstream + self.path

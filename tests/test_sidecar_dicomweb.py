@@ -98,6 +98,29 @@ def test_https_is_verified_unless_the_hospital_ca_is_given(
     assert len(relay.bodies) == 5 and len(orthanc.results(syn.study_uid)) == 5
 
 
+def test_a_bearer_token_from_the_environment_is_sent_and_reread_each_delivery(
+    tmp_path: Path, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require("storescu")
+    first = write_ct_series(tmp_path / "ct1", phantom((16, 16, 3), seed=25))
+    second = write_ct_series(tmp_path / "ct2", phantom((16, 16, 3), seed=26))
+    monkeypatch.setenv(AUTH_ENV, "Bearer token-one")
+    auth = WebAuth.load()
+    with OrthancWeb(tmp_path / "orthanc") as orthanc:  # no auth: the relay sees the header
+        relay = Relay(orthanc.url, hold=False)
+        kw = {"send_to": WebPeer.parse(f"{relay.url}/dicom-web"), "web_auth": auth}
+        try:
+            with _listening(tmp_path, tiny_bundle, **kw) as sc:
+                assert sent(storescu(first.files, sc.port, called_ae="UQSIDECAR"))
+                assert sc.run_once(now=time.time() + 60)[0][1] == "delivered"
+                monkeypatch.setenv(AUTH_ENV, "Bearer token-two")  # rotated
+                assert sent(storescu(second.files, sc.port, called_ae="UQSIDECAR"))
+                assert sc.run_once(now=time.time() + 120)[0][1] == "delivered"
+        finally:
+            relay.close()
+    assert relay.authorizations == ["Bearer token-one"] * 5 + ["Bearer token-two"] * 5
+
+
 def test_what_each_archive_answer_means() -> None:
     from uqserve.sidecar.dicomweb import _judge
 
