@@ -99,6 +99,7 @@ METRICS: tuple[tuple[str, str, int, bool], ...] = (
     ("ace_tu", "ACE(TU)", 3, False),
     ("auroc_eu_paper", "AUROC EU", 2, True),
     ("auroc_au_paper", "AUROC AU", 2, True),
+    ("auroc_tu_paper", "AUROC TU", 2, True),
     ("delta_ood", "Δ OOD", 2, True),
     ("delta_ambiguity", "Δ amb.", 2, True),
     ("delta_calibration", "Δ cal.", 2, True),
@@ -112,7 +113,7 @@ NOTES = (
     "agreeing), not a quantity the paper reports; ACE(TU) is the paper's uncertainty "
     "calibration error behind Δ cal. AUROC EU/AU: image-level AUROC with uqserve's "
     "`border` aggregator (not established as the paper's), averaged over the paper's "
-    "four shifts (noise, blur, contrast, JPEG); AUROC of TU is not computed per shift. "
+    "four shifts (noise, blur, contrast, JPEG). "
     "Δ as the paper (OOD on those averaged AUROCs; ambiguity and calibration: the mean "
     "of Δ on ID and on the mean of those shifts). PERFRANK/ENTRANK: the paper's rank "
     "scores (1 = best), ranked within each seed."
@@ -435,7 +436,17 @@ def rank_table(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]
     return {c: {k: t_interval(v) for k, v in ks.items()} for c, ks in per.items()}
 
 
+def _with_tu(run: dict[str, Any]) -> dict[str, Any]:
+    """``run`` with ``row["auroc_tu_paper"]``: TU's AUROC averaged over the paper's shifts
+    (from the per-shift values every run file keeps), as AU's and EU's are."""
+    v = [run.get("shifts", {}).get(s, {}).get("auroc_tu") for s in PAPER]
+    f = [float(x) for x in v if x is not None and math.isfinite(x)]
+    tu = sum(f) / len(f) if len(f) == len(PAPER) else None
+    return {**run, "row": {**run["row"], "auroc_tu_paper": tu}}
+
+
 def aggregate(runs: list[dict[str, Any]], scale: str) -> dict[str, Any]:
+    runs = [_with_tu(r) for r in runs]
     combos = sorted({r["combination"] for r in runs}, key=_order)
     table = {
         c: {k: t_interval([r["row"].get(k) for r in runs if r["combination"] == c])

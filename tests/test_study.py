@@ -96,6 +96,8 @@ def test_smoke_study_is_resumable_and_reports_from_run_files(tmp_path: Path, stu
     assert rec["row"]["auroc_eu_paper"] == pytest.approx(
         sum(s["auroc_eu"] for s in rec["shifts"].values()) / 4
     )
+    tu = study._with_tu(rec)["row"]["auroc_tu_paper"]  # the report's AUROC TU column
+    assert tu == pytest.approx(sum(s["auroc_tu"] for s in rec["shifts"].values()) / 4)
     before = {p: p.stat().st_mtime_ns for p in runs}
     (out / "study.md").unlink()
     study.main(args)  # resumes: nothing is re-run
