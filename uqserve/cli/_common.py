@@ -41,13 +41,15 @@ def printable(text: str) -> str:
 class SafeConsole(Console):
     """A rich console that never writes a control character from the text it prints.
 
-    Strings are escaped before layout (``render_str``: prints, table cells); the
-    rendered segments are escaped again as a net for ``Text`` built elsewhere.
+    Strings are escaped before layout (``render_str``: prints, table cells; all
+    but newlines, which a traceback needs); the rendered segments are escaped
+    again as a net for ``Text`` built elsewhere.
     rich's own styles and cursor moves are not text and pass unchanged.
     """
 
     def render_str(self, text: str, **kwargs: Any) -> Text:
-        return super().render_str(printable(text), **kwargs)
+        # Newlines stay: a traceback is several lines. Names go through printable().
+        return super().render_str(_CONTROL_BUT_NEWLINE.sub(_escape, text), **kwargs)
 
     def _render_buffer(self, buffer: Iterable[Segment]) -> str:
         safe = (

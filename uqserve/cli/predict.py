@@ -205,4 +205,4 @@ def predict_command(
     if failed:
         fail(f"{len(failed)} of {len(paths)} scans failed; see the lines above", code=1)
     if not (quiet or json_out):
-        console.print(f"results in {out}/", highlight=False)
+        console.print(f"results in {printable(str(out))}/", highlight=False)
