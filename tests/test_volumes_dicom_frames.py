@@ -103,6 +103,23 @@ def test_enhanced_without_geometry_names_the_functional_group() -> None:
             read_series([rtdose])
 
 
+def test_enhanced_frames_with_invalid_geometry_are_refused() -> None:
+    ds = small_enhanced_mr()
+    for frame in ds.PerFrameFunctionalGroupsSequence:
+        frame.PlaneOrientationSequence[0].ImageOrientationPatient = [1, 0, 0, 0.6, 0.8, 0]
+    with pytest.raises(VolumeError, match=r"^enh: ImageOrientationPatient.*not orthogonal"):
+        read_series([ds], name="enh")
+    ds = small_enhanced_mr()
+    for frame in ds.PerFrameFunctionalGroupsSequence:
+        frame.PixelMeasuresSequence[0].PixelSpacing = [-4.0, 4.0]
+    with pytest.raises(VolumeError, match=r"^enh: PixelSpacing is zero or negative"):
+        read_series([ds], name="enh")
+    ds = small_enhanced_mr()
+    ds.PerFrameFunctionalGroupsSequence[3].PixelValueTransformationSequence[0].RescaleSlope = 0
+    with pytest.raises(VolumeError, match=r"^enh: Rescale Slope is 0"):
+        read_series([ds], name="enh")
+
+
 def test_legacy_converted_enhanced_gives_the_series_maps(tiny_bundle: Path) -> None:
     folder = pydicom_series("98892001/CT5N")
     sources = [pydicom.dcmread(p) for p in sorted(folder.iterdir())]

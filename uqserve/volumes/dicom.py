@@ -176,6 +176,11 @@ def _read_stack(stack: FrameStack, ds: Dataset, label: str) -> DicomSeries:
         raise VolumeError(
             f"{label}: an image without a Series Instance UID; the file is not a valid series"
         )
+    probe = Dataset()  # the frames' shared geometry, checked as a single frame's would be
+    probe.ImagePositionPatient = [float(v) for v in stack.positions[0]]
+    probe.ImageOrientationPatient = [float(v) for v in stack.orientation]
+    probe.PixelSpacing = [float(v) for v in stack.spacing_rc]
+    _check_geometry_values(probe, label)
     row_dir, col_dir, normal = _slice_axes(stack.orientation, label)
     along = stack.positions @ normal
     order = np.argsort(along, kind="stable")
