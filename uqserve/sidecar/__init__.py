@@ -10,7 +10,7 @@ TLS, :class:`TLSConfig`) or to a DICOMweb archive by STOW-RS
 
 from uqserve.sidecar.dicomweb import WebAuth, WebPeer, stow_files
 from uqserve.sidecar.metrics import SidecarMetrics
-from uqserve.sidecar.outputs import OutputOptions, build_outputs, write_datasets
+from uqserve.sidecar.outputs import OutputOptions, SourceFrames, build_outputs, write_datasets
 from uqserve.sidecar.scp import Limits
 from uqserve.sidecar.sender import Peer, SendResult, send_files
 from uqserve.sidecar.service import BundlePredictor, PermanentError, Sidecar, SidecarConfig
@@ -27,6 +27,7 @@ __all__ = [
     "Sidecar",
     "SidecarConfig",
     "SidecarMetrics",
+    "SourceFrames",
     "Spool",
     "TLSConfig",
     "WebAuth",
