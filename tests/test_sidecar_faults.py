@@ -678,6 +678,19 @@ def test_full_disk_while_building_results_says_so_backs_off_and_cleans_up(
         assert len(list(out.glob("*.dcm"))) == 5
 
 
+def test_failing_worker_passes_back_off(tmp_path: Path, tiny_bundle: Path) -> None:
+    """A fault outside any series (the spool's kept/ is a file) backs the worker off."""
+    config = SidecarConfig(spool=tmp_path / "spool", port=0, poll_s=0.5)
+    sc = Sidecar(config, BundlePredictor(str(tiny_bundle), seed=1, device="cpu"))
+    kept = tmp_path / "spool" / "kept"
+    kept.rmdir()
+    kept.write_text("in the way")
+    assert [sc._pass() for _ in range(8)] == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+    kept.unlink()
+    kept.mkdir()
+    assert sc._pass() == 0.5 and sc._pass() == 0.5
+
+
 def test_stable_clock_starts_when_the_listener_is_up(tmp_path: Path, tiny_bundle: Path) -> None:
     """A series found in the spool on start waits --stable-seconds from the listener's start,
     however long the start-up took (here: the spool opened 100 s before the listener)."""

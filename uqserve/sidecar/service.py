@@ -230,6 +230,7 @@ class Sidecar:
         self._worker: threading.Thread | None = None
         # Series held back after a spool write failed: key -> (not before, tries).
         self._held: dict[str, tuple[float, int]] = {}
+        self._failed_passes = 0
         self.metrics = SidecarMetrics(lambda: len(self.spool.pending()))
         self.metrics_server: MetricsServer | None = None
 
@@ -314,16 +315,26 @@ class Sidecar:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception as exc:  # a bug must not kill the worker; the series stays spooled
-                log.error(
-                    "worker pass failed: %s at %s",
-                    describe(exc),
-                    traceback_lines(exc.__traceback__),
-                )
-            self._wake.wait(self.config.poll_s)
+            self._wake.wait(self._pass())
             self._wake.clear()
+
+    def _pass(self) -> float:
+        """One worker pass; the seconds to wait before the next: ``poll_s``, doubling
+        after each failed pass up to a minute (a lasting fault is not logged every poll)."""
+        try:
+            self.run_once()
+        except Exception as exc:  # a bug must not kill the worker; the series stays spooled
+            self._failed_passes += 1
+            delay = min(self.config.poll_s * 2**self._failed_passes, 60.0)
+            log.error(
+                "worker pass failed: %s at %s; next pass in %.1f s",
+                describe(exc),
+                traceback_lines(exc.__traceback__),
+                delay,
+            )
+            return delay
+        self._failed_passes = 0
+        return self.config.poll_s
 
     def _unsupported(self, key: str, reason: str) -> None:
         if self.spool.failed_reason(key) is None:
