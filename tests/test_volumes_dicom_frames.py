@@ -85,6 +85,17 @@ def test_multi_stack_enhanced_is_refused_with_how_to_pick(tmp_path: Path) -> Non
     assert msg.startswith("echoes: ") and "2 stacks of 88 slices" in msg
     assert "Effective Echo Time" in msg and "export one series per" in msg
     assert "\n" not in msg
+    # A varying time index is a second stack even where no position repeats.
+    ds = small_enhanced_mr()
+    dim = Dataset()
+    dim.DimensionIndexPointer = 0x00209128  # Temporal Position Index
+    dim.DimensionDescriptionLabel = "Temporal Position Index"
+    ds.DimensionIndexSequence.append(dim)
+    for f, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        content = frame.FrameContentSequence[0]
+        content.DimensionIndexValues = [*content.DimensionIndexValues, f % 2 + 1]
+    with pytest.raises(VolumeError, match=r"about 2 stacks of 4 slices \(Temporal Position"):
+        read_series([ds], name="time")
 
 
 def test_enhanced_without_geometry_names_the_functional_group() -> None:

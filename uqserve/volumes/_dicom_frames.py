@@ -248,41 +248,45 @@ def _check_one_stack(
 ) -> None:
     """Refuse frames that form several stacks: a non-spatial dimension varies, or
     two frames share one position."""
-    varying = _varying_dimensions(ds, per_frame)
+    varying, combinations = _varying_dimensions(ds, per_frame)
     normal = np.cross(orientation[:3], orientation[3:])
     along = np.round(positions @ normal, 3)
     n_positions = len(np.unique(along))
     if not varying and n_positions == len(positions):
         return
     names = ", ".join(varying) or "repeated slice positions"
-    stacks = max(1, round(len(positions) / max(n_positions, 1)))
+    stacks = combinations if varying else round(len(positions) / max(n_positions, 1))
+    per_stack = round(len(positions) / max(stacks, 1))
     raise VolumeError(
-        f"{label}: the multi-frame image holds about {stacks} stacks of {n_positions} "
+        f"{label}: the multi-frame image holds about {max(stacks, 2)} stacks of {per_stack} "
         f"slices ({names}); uqserve reads one stack: pick one on the scanner or PACS "
         f"(export one series per {varying[0] if varying else 'stack'}) and send that"
     )
 
 
-def _varying_dimensions(ds: Dataset, per_frame: list[Dataset]) -> list[str]:
-    """Labels of the non-spatial dimensions (Dimension Index Sequence) whose index varies."""
+def _varying_dimensions(ds: Dataset, per_frame: list[Dataset]) -> tuple[list[str], int]:
+    """Labels of the non-spatial dimensions (Dimension Index Sequence) whose index varies,
+    and how many combinations of their values the frames hold."""
     dims = list(ds.get("DimensionIndexSequence") or [])
     if not dims:
-        return []
+        return [], 1
     indices = []
     for frame in per_frame:
         content = _group(frame, None, "FrameContentSequence")
         values = _values(content.get("DimensionIndexValues")) if content is not None else []
         indices.append(values)
     if any(len(v) != len(dims) for v in indices):
-        return []
-    names = []
+        return [], 1
+    names, columns = [], []
     for d, dim in enumerate(dims):
         pointer = int(dim.get("DimensionIndexPointer", 0) or 0)
         if pointer in _SPATIAL_DIMENSIONS:
             continue
         if len({row[d] for row in indices}) > 1:
             names.append(str(dim.get("DimensionDescriptionLabel", "") or f"dimension {d + 1}"))
-    return names
+            columns.append(d)
+    combinations = len({tuple(row[d] for d in columns) for row in indices})
+    return names, combinations
 
 
 def _enhanced_rescale(
