@@ -214,3 +214,13 @@ def test_the_kubernetes_deployment_probes_the_metrics_endpoint() -> None:
     assert metrics_arg.endswith(f":{port}")
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+
+
+def test_an_unknown_log_format_is_refused_in_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [*CLI, "--spool", str(tmp_path / "s"), "--allow-any", "--log-format", "xml"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "--log-format 'xml': use one of text, json" in proc.stderr
+    assert "Traceback" not in proc.stderr
