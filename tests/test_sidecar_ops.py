@@ -224,3 +224,31 @@ def test_an_unknown_log_format_is_refused_in_one_line(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "--log-format 'xml': use one of text, json" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.triton
+def test_readyz_follows_a_real_triton_server_going_away(tmp_path: Path, tiny_bundle: Path) -> None:
+    from tests._triton import HAVE_SERVER
+    from uqserve.serving import TritonServer, write_repository
+
+    if not HAVE_SERVER:
+        pytest.skip("tritonserver (server extra) is not installed")
+    repo = write_repository(tiny_bundle, tmp_path / "repo", instances=1)
+    config = SidecarConfig(
+        spool=tmp_path / "spool", host="127.0.0.1", port=0, metrics=("127.0.0.1", 0)
+    )
+    with TritonServer(repo) as srv:
+        predictor = BundlePredictor(str(tiny_bundle), [srv.grpc_url], device="cpu")
+        predictor.open()  # what the CLI does before listening: the served model is checked
+        sc = Sidecar(config, predictor)
+        sc.start(worker=False)
+        assert sc.metrics_server is not None
+        port = sc.metrics_server.port
+        try:
+            assert _get(port, "/readyz") == (200, "ok\n")
+            srv.stop()  # the server goes away under a running sidecar
+            code, body = _get(port, "/readyz")
+            assert _get(port, "/healthz") == (200, "ok\n")
+        finally:
+            sc.stop()
+    assert code == 503 and "no Triton server answers" in body
