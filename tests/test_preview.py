@@ -62,6 +62,14 @@ def test_sagittal_enhanced_mr_has_anterior_left_and_superior_up() -> None:
     assert frame.plane == "sagittal" and frame.letters == ("S", "I", "A", "P")
 
 
+def test_other_slice_axes_and_planes() -> None:
+    """Identity affine: slicing along x gives sagittal, along y coronal, both radiological."""
+    eye = np.eye(4)
+    assert display_frame(eye, 0).letters == ("S", "I", "A", "P")
+    assert display_frame(eye, 1).letters == ("S", "I", "R", "L")
+    assert display_frame(np.zeros((4, 4)), 2).mm == (1.0, 1.0)  # never a zero-sized panel
+
+
 def test_slices_with_most_foreground_else_most_uncertainty() -> None:
     seg = np.zeros((4, 4, 20), np.uint8)
     for z, n in {3: 2, 4: 9, 5: 8, 11: 5, 17: 4}.items():

@@ -66,7 +66,8 @@ def display_frame(affine: npt.NDArray[np.float64], slice_axis: int) -> DisplayFr
     plane = int(np.argmax(np.abs(normal)))
     right, up = _SCREEN[plane]
     # The in-plane axis closer to the screen's horizontal runs horizontally.
-    a_horizontal = abs(da @ right) / np.linalg.norm(da) >= abs(db @ right) / np.linalg.norm(db)
+    na, nb = float(np.linalg.norm(da)) or 1.0, float(np.linalg.norm(db)) or 1.0
+    a_horizontal = abs(da @ right) / na >= abs(db @ right) / nb
     dh, dv = (da, db) if a_horizontal else (db, da)
     flip_cols = bool(dh @ right < 0)
     flip_rows = bool(dv @ up > 0)  # row 0 is the top: index must grow downwards
@@ -78,7 +79,7 @@ def display_frame(affine: npt.NDArray[np.float64], slice_axis: int) -> DisplayFr
         _letter(-screen_right),
         _letter(screen_right),
     )
-    mm = (float(np.linalg.norm(dv)), float(np.linalg.norm(dh)))
+    mm = (float(np.linalg.norm(dv)) or 1.0, float(np.linalg.norm(dh)) or 1.0)
     return DisplayFrame(
         transpose=bool(a_horizontal),
         flip_rows=flip_rows,
