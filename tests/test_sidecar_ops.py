@@ -252,3 +252,20 @@ def test_readyz_follows_a_real_triton_server_going_away(tmp_path: Path, tiny_bun
         finally:
             sc.stop()
     assert code == 503 and "no Triton server answers" in body
+
+
+def test_ood_flags_are_counted(tmp_path: Path) -> None:
+    require("storescu")
+    from tests._bundles import make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "strict-bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["ood"]["threshold"] = 1e-6  # every scan is out of distribution for this bundle
+    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    syn = write_ct_series(tmp_path / "ct", phantom((16, 16, 3), seed=3))
+    with _listening(tmp_path, bundle) as sc:
+        assert sent(storescu(syn.files, sc.port, called_ae="UQSIDECAR"))
+        assert sc.run_once(now=time.time() + 60)[0][1] == "written"
+        flags = sc.metrics.ood_flags._value.get()
+    record = sc.spool.done_record(series_key(syn.series_uid))
+    assert record is not None and record["ood_flag"] is True and flags == 1
