@@ -375,15 +375,14 @@ def test_foreground_aggregator_gets_the_members_foreground(tiny_bundle: Path) ->
     from tests.conftest import blob_volume
     from uqserve.evaluation.runner import image_to_volume, predict_image
     from uqserve.evaluation.sets import EvalImage
-    from uqserve.prediction import predict_volume
-    from uqserve.runtime import open_runtime
+    from uqserve.prediction import Predictor
 
     bundle = load_bundle(tiny_bundle)
     image = blob_volume((40, 36, 1))[:, :, 0][None]  # [1, H, W]
     img = EvalImage(image, np.zeros((1, 40, 36), np.uint8), "blob", 0)
-    with open_runtime(bundle) as rt:
-        pred: ImagePrediction = predict_image(img, bundle, rt, seed=3, convention="uqserve")
-        volume_pred = predict_volume(image_to_volume(image, "blob"), runtime=rt, seed=3)
+    with Predictor(bundle) as predictor:
+        pred: ImagePrediction = predict_image(img, predictor, seed=3, convention="uqserve")
+        volume_pred = predictor.predict(image_to_volume(image, "blob"), seed=3)
     fg = pred.member_foreground
     assert fg is not None and fg.shape == (40, 36) and fg.dtype == bool
     assert 0 < fg.sum() < fg.size  # the blob, not everything or nothing

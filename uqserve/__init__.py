@@ -3,6 +3,8 @@
 The public API, importable from the package root::
 
     import uqserve
+    with uqserve.Predictor("ssn-ensemble") as predictor:            # a bundle opened once
+        pred = predictor.predict("scan.nii.gz")                     # a Prediction in memory
     result = uqserve.predict(["scan.nii.gz"], out_dir="out")      # files in, files out
     pred = uqserve.predict_volume(uqserve.read_volume("scan.nii.gz"))  # arrays in memory
     dec = uqserve.decompose(probs)                                  # [M, S, K, *sp] -> TU/AU/EU
@@ -32,6 +34,8 @@ _EXPORTS = {
     "read_volume": "uqserve.volumes",
     "open_runtime": "uqserve.runtime",
     "Prediction": "uqserve.prediction",
+    "Predictor": "uqserve.prediction",
+    "RuntimeOptions": "uqserve.prediction",
     "PredictError": "uqserve.prediction",
     "Report": "uqserve.prediction",
     "ScanResult": "uqserve.prediction",
@@ -48,7 +52,9 @@ if TYPE_CHECKING:  # the real signatures for type checkers; at run time names lo
     from uqserve.bundle import load_bundle as load_bundle
     from uqserve.prediction import PredictError as PredictError
     from uqserve.prediction import Prediction as Prediction
+    from uqserve.prediction import Predictor as Predictor
     from uqserve.prediction import Report as Report
+    from uqserve.prediction import RuntimeOptions as RuntimeOptions
     from uqserve.prediction import ScanResult as ScanResult
     from uqserve.prediction import predict as predict
     from uqserve.prediction import predict_volume as predict_volume

@@ -135,8 +135,7 @@ def predict_command(
 
     from uqserve.bundle import load_bundle
     from uqserve.cli._summary import summary_table
-    from uqserve.prediction import collect_scans, predict
-    from uqserve.runtime import open_runtime
+    from uqserve.prediction import Predictor, RuntimeOptions, collect_scans
 
     if device not in ("auto", "cpu", "cuda"):
         fail(f"--device {device!r}: use auto, cpu or cuda")
@@ -147,11 +146,14 @@ def predict_command(
             fail(f"--fast means --precision tf32; it contradicts --precision {precision}")
         precision = "tf32"
     paths = collect_scans(scans)
-    loaded = load_bundle(bundle)
-    runtime = open_runtime(
-        loaded, servers=server or None, device=device, precision=precision,
-        timeout_s=timeout, deadline_s=deadline,
+    options = RuntimeOptions(
+        device=device, precision=precision, servers=tuple(server or ()), timeout_s=timeout,
+        deadline_s=deadline,
     )  # fmt: skip
+    predictor = Predictor(
+        load_bundle(bundle), options, seed=seed, batch_size=batch_size, overlap=overlap
+    )
+    predictor.open()  # a missing GPU or a server that is down: one line, before any bar
 
     failed: list[ScanResult] = []
     # No bar when stderr is no terminal (a log file, a pipe): it would only add blank lines.
@@ -185,14 +187,10 @@ def predict_command(
         elif not quiet:
             console.print(summary_table(report))
 
-    with progress, runtime:
-        predict(
+    with progress, predictor:
+        predictor.predict_files(
             paths,
             out,
-            runtime=runtime,
-            seed=seed,
-            batch_size=batch_size,
-            overlap=overlap,
             png=png,
             compression_level=compression_level,
             overwrite=overwrite,

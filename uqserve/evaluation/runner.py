@@ -1,9 +1,9 @@
 """Run bundles over the evaluation sets through the runtime interface.
 
-Each 2D image becomes a ``[X, Y, 1]`` volume and goes through
-``uqserve.predict_volume`` with ``want_samples=True`` (the sample
+Each 2D image becomes a ``[X, Y, 1]`` volume and goes through one
+``uqserve.Predictor`` per bundle with ``want_samples=True`` (the sample
 labels feed GED and Hungarian IoU), on the embedded runtime or on Triton
-servers (``uqserve.runtime.open_runtime``). Images stream one at a time.
+servers. Images stream one at a time.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from uqserve.evaluation.core import (
 )
 from uqserve.evaluation.sets import DataSource, EvalImage, EvaluationError, SetSpec
 from uqserve.evaluation.sources import make_source
+from uqserve.prediction import Predictor, RuntimeOptions
+from uqserve.runtime import Runtime
 from uqserve.volumes import Volume
 
 _AFFINE_2D = np.eye(4)
@@ -55,33 +57,17 @@ def image_seed(base: int, set_name: str, index: int) -> int:
 
 
 def predict_image(
-    image: EvalImage,
-    bundle: Bundle,
-    runtime: Any,
-    *,
-    seed: int,
-    convention: str,
-    batch_size: int | None = None,
+    image: EvalImage, predictor: Predictor, *, seed: int, convention: str
 ) -> ImagePrediction:
     """One image through every member graph -> maps in the row's convention."""
-    from uqserve.prediction import predict_volume
-
     if image.volume is not None:
-        return predict_case(image, bundle, runtime, seed=seed, convention=convention)
+        return predict_case(image, predictor, seed=seed, convention=convention)
     if image.image.shape[0] != 1:
         raise EvaluationError(
             f"{image.name}: {image.image.shape[0]} channels; evaluate runs single-channel images"
         )
     vol = image_to_volume(image.image, image.name)
-    p = predict_volume(
-        vol,
-        bundle,
-        runtime=runtime,
-        seed=seed,
-        batch_size=batch_size,
-        want_samples=True,
-        progress=None,
-    )
+    p = predictor.predict(vol, seed=seed, want_samples=True)
     tu, au, eu = to_convention(
         convention,
         tu=volume_map_to_image(p.tu),
@@ -107,17 +93,15 @@ def predict_image(
 
 
 def predict_case(
-    image: EvalImage, bundle: Bundle, runtime: Any, *, seed: int, convention: str
+    image: EvalImage, predictor: Predictor, *, seed: int, convention: str
 ) -> ImagePrediction:
     """One whole scan (``image.volume``) through predict -> maps ``[X, Y, Z]`` on its grid.
 
     No sample label maps are kept (GED and Hungarian IoU are per-2D-image
     metrics; a volume's samples would not fit in memory for large scans).
     """
-    from uqserve.prediction import predict_volume
-
     assert image.volume is not None
-    p = predict_volume(image.volume, bundle, runtime=runtime, seed=seed, progress=None)
+    p = predictor.predict(image.volume, seed=seed)
     tu, au, eu = to_convention(
         convention, tu=p.tu, au=p.au, eu=p.eu, au_sample=p.au_sample, au_latent=p.au_latent
     )
@@ -137,7 +121,7 @@ def run_bundle(
     source: DataSource,
     *,
     split: str = "test",
-    runtime: Any = None,
+    runtime: Runtime | None = None,
     servers: Sequence[str] | None = None,
     device: str = "auto",
     aggregator: str = PAPER_AGGREGATOR,
@@ -146,11 +130,11 @@ def run_bundle(
 ) -> BundleEvaluation:
     """Run one bundle over the validation set and ``source.sets(split)``.
 
+    The images go through one :class:`~uqserve.Predictor`: on ``runtime`` when
+    given (left open), else on Triton ``servers`` or in-process on ``device``.
     ``progress(task, done, total)`` is called per image (``task``: ``"  <bundle>: <set>"``)
     and per set (``task``: ``"<bundle> (<combination>)"``).
     """
-    from uqserve.runtime import open_runtime
-
     man = bundle.manifest
     ev = BundleEvaluation(
         num_classes=man.num_classes,
@@ -160,9 +144,10 @@ def run_bundle(
     )
     base_seed = man.seed if seed is None else seed
     report = progress or _silent
-    own = runtime is None
-    rt = open_runtime(bundle, servers, device=device) if own else runtime
-    try:
+    options = RuntimeOptions(device=device, servers=tuple(servers or ()))
+    with Predictor(
+        bundle, None if runtime is not None else options, runtime=runtime
+    ) as predictor:  # fmt: skip
         specs = [SetSpec("val", "val"), *source.sets(split)]
         bundle_task = f"{man.name} ({man.combination})"
         report(bundle_task, 0, len(specs))
@@ -172,8 +157,7 @@ def run_bundle(
             for i, img in enumerate(source.images(spec, split)):
                 pred = predict_image(
                     img,
-                    bundle,
-                    rt,
+                    predictor,
                     seed=image_seed(base_seed, f"{split}/{spec.name}", img.index),
                     convention=ev.convention,
                 )
@@ -182,9 +166,6 @@ def run_bundle(
             if spec.kind == "val":
                 ev.finish_validation()
             report(bundle_task, k + 1, len(specs))
-    finally:
-        if own:
-            rt.close()
     return ev
 
 

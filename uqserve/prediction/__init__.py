@@ -4,8 +4,10 @@ Used by ``uqserve predict``, the sidecar and ``evaluate``. From Python:
 
 ```python
 import uqserve
-results = uqserve.predict(["scan.nii.gz"], "out")             # files in, files out
-pred = uqserve.predict_volume(volume, "ssn-ensemble")          # arrays in memory
+with uqserve.Predictor("ssn-ensemble") as predictor:         # opened once
+    pred = predictor.predict("scan.nii.gz")                      # arrays in memory
+    results = predictor.predict_files(["a.nii.gz"], "out")      # files in, files out
+results = uqserve.predict(["scan.nii.gz"], "out")             # one call: open, write, close
 ```
 
 One module per step, in the order a volume meets them:
@@ -24,8 +26,10 @@ One module per step, in the order a volume meets them:
 | `scoring` | segmentation, image scores, OOD decision, entanglement, volumes |
 | `report` | the typed `Report` written as report.json |
 | `pipeline` | `predict_volume`: the steps above chained, `Prediction` |
-| `files` | `predict`: the scan loop, reading and atomic writing |
+| `files` | the scan loop: reading, predicting, atomic writing |
+| `predictor` | `Predictor`: a bundle opened once for many scans; `predict` |
 | `preview` | the optional preview.png |
+| `_display` | preview.png's orientation letters, slice choice and colour-bar ticks |
 """
 
 from __future__ import annotations
@@ -37,11 +41,11 @@ from uqserve.prediction.files import (
     ScanResult,
     collect_scans,
     input_sha256,
-    predict,
     write_outputs,
 )
 from uqserve.prediction.options import PredictError
 from uqserve.prediction.pipeline import Prediction, predict_volume
+from uqserve.prediction.predictor import Predictor, RuntimeOptions, predict
 from uqserve.prediction.report import Report, report_json
 
 __all__ = [
@@ -49,8 +53,10 @@ __all__ = [
     "OUTPUT_FILES",
     "PredictError",
     "Prediction",
+    "Predictor",
     "ProgressFn",
     "Report",
+    "RuntimeOptions",
     "ScanResult",
     "collect_scans",
     "input_sha256",

@@ -1,4 +1,4 @@
-"""Files in, files out: the scan loop of ``uqserve.predict`` and the output writer.
+"""Files in, files out: the scan loop of ``Predictor.predict_files`` and the output writer.
 
 Each scan is read, predicted with ``predict_volume`` and written into
 ``out_dir/<scan name>/`` through ``atomic_output_dir``: the folder appears
@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from uqserve.bundle import Bundle, BundleError
+from uqserve.bundle import BundleError
 from uqserve.prediction.accumulate import ProgressFn
 from uqserve.prediction.options import (
     PredictError,
@@ -33,7 +33,7 @@ from uqserve.prediction.options import (
 from uqserve.prediction.pipeline import Prediction, predict_volume
 from uqserve.prediction.report import Outputs, Report, report_json
 from uqserve.prediction.windows import DEFAULT_OVERLAP
-from uqserve.runtime import Runtime, RuntimeServiceError, open_runtime
+from uqserve.runtime import Runtime, RuntimeServiceError
 from uqserve.volumes import (
     OutputError,
     Volume,
@@ -54,9 +54,10 @@ __all__ = [
     "DEFAULT_OUT_DIR",
     "OUTPUT_FILES",
     "ScanResult",
+    "check_scans",
     "collect_scans",
     "input_sha256",
-    "predict",
+    "predict_scans",
     "write_outputs",
 ]
 
@@ -154,51 +155,18 @@ def write_outputs(
     return {"folder": str(folder), "files": files}
 
 
-def predict(
+def check_scans(
     scans: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-    out_dir: str | os.PathLike[str] = DEFAULT_OUT_DIR,
-    bundle: Bundle | str | os.PathLike[str] | None = None,
     *,
-    seed: int | None = None,
+    on_error: str = "raise",
     batch_size: int | None = None,
     overlap: float = DEFAULT_OVERLAP,
-    device: str = "auto",
-    precision: str = "fp32",
-    servers: Sequence[str] | None = None,
-    runtime: Runtime | None = None,
-    png: bool = False,
     compression_level: int = DEFAULT_COMPRESSION_LEVEL,
-    overwrite: bool = False,
-    volume_index: int | None = None,
     max_voxels: int | None = None,
-    timeout_s: float | None = None,
-    deadline_s: float | None = None,
-    on_error: str = "raise",
-    progress: ProgressFn | None = None,
-    on_scan: Callable[[ScanResult], None] | None = None,
-    pipeline: bool = True,
-) -> list[ScanResult]:
-    """Predict each scan and write ``out_dir/<scan name>/`` atomically.
+) -> list[Path]:
+    """The scan files to predict (``collect_scans``), once the options are checked.
 
-    ``scans``: files (``.nii``, ``.nii.gz``), folders of NIfTI files, or DICOM
-    series folders (see ``collect_scans``). Each result folder holds
-    ``seg.nii.gz``, ``prob.nii.gz``, ``tu.nii.gz``, ``au.nii.gz``,
-    ``eu.nii.gz``, ``report.json`` (and ``preview.png`` with ``png``); it
-    appears only once complete and never replaces existing results unless
-    ``overwrite``. ``on_error="raise"`` raises the first per-scan error
-    (``VolumeError``, ``OutputError``, ...); ``"skip"`` records it in the
-    ``ScanResult`` and goes on. Bundle and runtime errors always raise.
-    ``progress(scan, slices_done, slices_total)`` is called after every
-    batch, ``on_scan(result)`` after every scan. ``precision`` (``fp32``,
-    ``tf32``, ``fp16``) applies to an embedded runtime opened here on a GPU;
-    ``compression_level`` (0-9) to the gzipped maps. ``max_voxels`` refuses
-    larger scans before reading them (see ``read_volume``). ``timeout_s`` (per
-    request) and ``deadline_s`` (per scan) bound the wait for ``servers``.
-    ``overlap``: the share of sliding windows (bundles with ``input.patch``).
-    A scan that fails for any reason does not stop the others with ``"skip"``.
-    ``pipeline``: write each scan's files in a background thread while the
-    next scan is read and predicted (at most two scans in memory); results,
-    ``on_scan`` calls and errors still come in scan order.
+    Everything here fails before a runtime is opened or a scan is read.
     """
     check_on_error(on_error)
     check_batch_size(batch_size)
@@ -211,36 +179,48 @@ def predict(
     paths = collect_scans(scans)
     if not paths:
         raise PredictError("no scans given")
-    out = Path(out_dir)
-    own_runtime = runtime is None
-    if runtime is None:
-        runtime = open_runtime(
-            bundle, servers=servers, device=device, precision=precision,
-            timeout_s=timeout_s, deadline_s=deadline_s,
-        )  # fmt: skip
-    elif timeout_s is not None or deadline_s is not None:
-        raise PredictError(
-            "timeout_s and deadline_s apply when predict opens the runtime; "
-            "pass them to the runtime you give instead"
-        )
+    return paths
+
+
+def predict_scans(
+    runtime: Runtime,
+    paths: list[Path],
+    out_dir: str | os.PathLike[str] = DEFAULT_OUT_DIR,
+    *,
+    seed: int | None = None,
+    batch_size: int | None = None,
+    overlap: float = DEFAULT_OVERLAP,
+    png: bool = False,
+    compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+    overwrite: bool = False,
+    volume_index: int | None = None,
+    max_voxels: int | None = None,
+    on_error: str = "raise",
+    progress: ProgressFn | None = None,
+    on_scan: Callable[[ScanResult], None] | None = None,
+    pipeline: bool = True,
+) -> list[ScanResult]:
+    """Predict each of ``paths`` (from :func:`check_scans`) on ``runtime`` and write
+    ``out_dir/<scan name>/`` atomically.
+
+    The scan loop of :meth:`uqserve.Predictor.predict_files` and
+    :func:`uqserve.predict` (whose docstring describes the options); the
+    runtime stays open.
+    """
+    seed = resolve_seed(seed, runtime.bundle.manifest)  # before any file is read
+    options: dict[str, Any] = dict(
+        seed=seed, batch_size=batch_size, overlap=overlap, overwrite=overwrite,
+        volume_index=volume_index, max_voxels=max_voxels, progress=progress,
+    )  # fmt: skip
+    writing = {"png": png, "compression_level": compression_level}
     results: list[ScanResult] = []
-    try:
-        seed = resolve_seed(seed, runtime.bundle.manifest)  # before any file is read
-        options: dict[str, Any] = dict(
-            seed=seed, batch_size=batch_size, overlap=overlap, overwrite=overwrite,
-            volume_index=volume_index, max_voxels=max_voxels, progress=progress,
-        )  # fmt: skip
-        writing = {"png": png, "compression_level": compression_level}
 
-        def done(res: ScanResult) -> None:
-            results.append(res)
-            if on_scan is not None:
-                on_scan(res)
+    def done(res: ScanResult) -> None:
+        results.append(res)
+        if on_scan is not None:
+            on_scan(res)
 
-        _scan_loop(paths, out, runtime, on_error, options, writing, done, pipeline=pipeline)
-    finally:
-        if own_runtime:
-            runtime.close()
+    _scan_loop(paths, Path(out_dir), runtime, on_error, options, writing, done, pipeline=pipeline)
     return results
 
 
