@@ -467,7 +467,7 @@ def test_entropy_rejects_bad_input() -> None:
 @given(st.integers(0, 2**32 - 1), st.integers(1, 300), st.integers(0, 3))
 def test_float32_ranks_equal_scipy_exactly(seed: int, n: int, decimals: int) -> None:
     """The packed-key sort ranks float32 maps exactly as scipy: ties, negatives, ±0."""
-    from uqserve.uncertainty import _rank
+    from uqserve.uncertainty.entanglement import _rank
 
     rng = np.random.default_rng(seed)
     x = rng.normal(scale=3, size=n).round(decimals).astype(np.float32)
@@ -479,7 +479,7 @@ def test_float32_ranks_equal_scipy_exactly(seed: int, n: int, decimals: int) -> 
 
 def test_scan_entanglement_large_equals_rankdata_reference() -> None:
     """Above the parallel threshold (two threads, packed sort) the value is unchanged."""
-    from uqserve.uncertainty import _PARALLEL_RANKS
+    from uqserve.uncertainty.entanglement import _PARALLEL_RANKS
 
     rng = np.random.default_rng(7)
     n = 2 * _PARALLEL_RANKS
