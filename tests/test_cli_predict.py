@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 from tests.conftest import blob_volume, write_nifti
 from uqserve.cli import app
 
+MAPS = ("seg", "prob", "tu", "au", "eu")
+
 runner = CliRunner()
 
 
@@ -62,14 +64,19 @@ def test_compression_level_changes_bytes_not_maps(
     import nibabel as nib
 
     for level in ("0", "1", "9"):
-        code, _, err = _run(scan, "-o", tmp_path / level, "-b", tiny_bundle, "-q",
-                            "--compression-level", level)  # fmt: skip
+        code, out, err = _run(scan, "-o", tmp_path / level, "-b", tiny_bundle, "--json",
+                              "--compression-level", level)  # fmt: skip
         assert code == 0, err
-    for name in ("seg", "prob", "tu", "au", "eu"):
-        files = {lv: tmp_path / lv / "scan" / f"{name}.nii.gz" for lv in ("0", "1", "9")}
+        files = json.loads(out.splitlines()[0])["outputs"]["files"]
+        suffix = ".nii" if level == "0" else ".nii.gz"
+        assert files == [f"{m}{suffix}" for m in MAPS] + ["report.json"]
+        assert sorted(p.name for p in (tmp_path / level / "scan").iterdir()) == sorted(files)
+    for name in MAPS:
+        plain = (tmp_path / "0" / "scan" / f"{name}.nii").read_bytes()  # no gzip at level 0
+        files = {lv: tmp_path / lv / "scan" / f"{name}.nii.gz" for lv in ("1", "9")}
         payload = {lv: gzip.decompress(f.read_bytes()) for lv, f in files.items()}
-        assert payload["0"] == payload["1"] == payload["9"]  # the same NIfTI inside
-        assert files["0"].stat().st_size > files["1"].stat().st_size
+        assert payload["1"] == payload["9"] == plain  # the same NIfTI bytes at every level
+        assert len(plain) > files["1"].stat().st_size
         assert files["1"].read_bytes() != files["9"].read_bytes()  # igzip vs zlib
         assert np.asanyarray(nib.load(str(files["1"])).dataobj).shape == (40, 36, 5)
     code, _, _ = _run(scan, "-o", tmp_path / "x", "-b", tiny_bundle, "--compression-level", "10")

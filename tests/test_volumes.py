@@ -243,6 +243,21 @@ def test_gzip_outputs_hold_the_same_nifti_at_every_level(tmp_path: Path, level: 
         assert len(blob) < tu.nbytes
 
 
+@pytest.mark.parametrize("level", [1, 3])
+def test_threaded_gzip_bytes_do_not_depend_on_threads(tmp_path: Path, level: int) -> None:
+    # bigger than igzip_threaded's 1 MiB blocks, so that several blocks are compressed at once
+    vol = Volume(data=blob_volume((96, 96, 40)), affine=SCAN_AFFINE, source="s")
+    tu = np.random.default_rng(7).gamma(0.3, 0.1, size=vol.shape).astype(np.float32)
+    blobs = {
+        t: write_nifti_like(
+            tu, vol, tmp_path / f"t{t}.nii.gz", compression_level=level, threads=t
+        ).read_bytes()
+        for t in (1, 2, 4)
+    }
+    assert blobs[1] == blobs[2] == blobs[4]
+    assert gzip.decompress(blobs[4]) == write_nifti_like(tu, vol, tmp_path / "p.nii").read_bytes()
+
+
 def test_gzip_level_is_validated(tmp_path: Path) -> None:
     from uqserve.errors import UsageError
 

@@ -110,8 +110,8 @@ def predict_command(
         int,
         typer.Option(
             "--compression-level",
-            help="gzip level of the .nii.gz maps: 0 (none) to 9 (smallest, slowest); 1-3 use "
-            "the fast ISA-L compressor.",
+            help="gzip level of the .nii.gz maps: 1 (fast) to 9 (smallest, slowest); 1-3 use "
+            "the fast multi-threaded ISA-L compressor. 0 writes plain .nii maps (no gzip).",
             min=0,
             max=9,
         ),

@@ -57,6 +57,7 @@ __all__ = [
     "check_scans",
     "collect_scans",
     "input_sha256",
+    "output_files",
     "predict_scans",
     "write_outputs",
 ]
@@ -67,6 +68,13 @@ _T = TypeVar("_T")
 
 DEFAULT_OUT_DIR = Path("uqserve-out")
 OUTPUT_FILES = ("seg.nii.gz", "prob.nii.gz", "tu.nii.gz", "au.nii.gz", "eu.nii.gz", "report.json")
+_MAPS = ("seg", "prob", "tu", "au", "eu")
+
+
+def output_files(compression_level: int = DEFAULT_COMPRESSION_LEVEL) -> tuple[str, ...]:
+    """The files of a result folder: ``OUTPUT_FILES``, or plain ``.nii`` maps at level 0."""
+    suffix = ".nii" if compression_level == 0 else ".nii.gz"
+    return (*(f"{m}{suffix}" for m in _MAPS), "report.json")
 
 
 @dataclass
@@ -127,22 +135,21 @@ def write_outputs(
 
     ``prob`` holds the foreground probability ``[X, Y, Z]`` for two classes,
     else all of them ``[X, Y, Z, K]``. The five files are gzipped at
-    ``compression_level`` (0-9) in parallel threads. Returns the ``outputs``
+    ``compression_level`` (1-9) in parallel threads; level 0 writes plain
+    ``.nii`` files (no gzip pass at all). Returns the ``outputs``
     entry of the report (file names). ``report.json`` is written by the
     caller, last.
     """
     K = pred.prob.shape[0]
     prob = pred.prob[1] if K == 2 else np.moveaxis(pred.prob, 0, -1)
-    maps = [
-        (pred.seg, folder / "seg.nii.gz"),
-        (np.ascontiguousarray(prob, dtype=np.float32), folder / "prob.nii.gz"),
-        *(
-            (getattr(pred, k).astype(np.float32, copy=False), folder / f"{k}.nii.gz")
-            for k in ("tu", "au", "eu")
-        ),
+    files = list(output_files(compression_level))
+    arrays = [
+        pred.seg,
+        np.ascontiguousarray(prob, dtype=np.float32),
+        *(getattr(pred, k).astype(np.float32, copy=False) for k in ("tu", "au", "eu")),
     ]
+    maps = [(a, folder / name) for a, name in zip(arrays, files, strict=False)]
     write_niftis_like(maps, volume, compression_level=compression_level)
-    files = list(OUTPUT_FILES)
     if png:
         from uqserve.prediction.preview import render_preview
 

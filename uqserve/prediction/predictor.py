@@ -257,8 +257,8 @@ def predict(
     per-scan error (``VolumeError``, ``OutputError``, ...); ``"skip"`` records
     it in the ``ScanResult`` and goes on. Bundle and runtime errors always
     raise. ``progress(scan, slices_done, slices_total)`` is called after every
-    batch, ``on_scan(result)`` after every scan. ``compression_level`` (0-9)
-    applies to the gzipped maps. ``max_voxels`` refuses larger scans before
+    batch, ``on_scan(result)`` after every scan. ``compression_level`` (1-9)
+    gzips the maps; 0 writes plain ``.nii`` maps instead. ``max_voxels`` refuses larger scans before
     reading them (see ``read_volume``). ``overlap``: the share of sliding
     windows (bundles with ``input.patch``). ``pipeline``: write each scan's
     files in a background thread while the next scan is read and predicted

@@ -7,10 +7,13 @@ that outputs keep the input affine, qform/sform codes, units and orientation.
 
 ``.nii.gz`` outputs are gzip streams (one member, no file name, mtime 0, so
 equal maps give equal bytes) written by ISA-L's igzip (``isal``) at levels
-1-3 and by zlib otherwise. At level 1 igzip compressed float32 uncertainty
-maps about 10x faster than zlib's level 1 (nibabel's default) into files no
-larger (benchmarks/bench_gzip.py); any gzip reader opens them. Gzipped
-inputs are inflated by igzip too (about twice as fast as zlib).
+1-3 and by zlib otherwise. igzip compresses a file's 1 MiB blocks in
+``threads`` threads (``isal.igzip_threaded``, each block primed with the
+previous 32 KiB, so the bytes do not depend on the thread count). At level 1
+igzip compressed float32 uncertainty maps about 10x faster than zlib's level
+1 (nibabel's default) into files no larger (benchmarks/bench_gzip.py); any
+gzip reader opens them. Gzipped inputs are inflated by igzip too (about
+twice as fast as zlib).
 :func:`write_niftis_like` writes several maps in parallel threads (both
 compressors release the GIL).
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import io
 import os
 import zlib
 from collections.abc import Iterator, Sequence
@@ -324,6 +328,7 @@ def write_nifti_like(
     path: str | os.PathLike[str],
     *,
     compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+    threads: int = 1,
 ) -> Path:
     """Write ``array`` with the geometry of ``reference``.
 
@@ -332,8 +337,9 @@ def write_nifti_like(
     affine, qform/sform and their codes, units and NIfTI version; scaling is
     reset so values are stored as given in ``array``'s dtype. For references
     without a NIfTI header (DICOM series) both codes are 1 (scanner anatomical).
-    ``compression_level`` (0-9, gzip's scale) applies to ``.nii.gz`` paths.
-    Writes to ``path`` directly; use it inside ``atomic_output_dir``.
+    ``compression_level`` (0-9, gzip's scale) applies to ``.nii.gz`` paths;
+    ``threads`` compress one file's blocks at levels 1-3 (same bytes). Writes
+    to ``path`` directly; use it inside ``atomic_output_dir``.
     """
     check_compression_level(compression_level)
     # NIfTI stores voxels in Fortran order: nibabel reorders a C-ordered array in small
@@ -371,7 +377,7 @@ def write_nifti_like(
     if not out.name.lower().endswith(".gz"):
         nib.save(img, str(out))
         return out
-    with open(out, "wb") as raw, _gzip_writer(raw, compression_level) as gz:
+    with open(out, "wb") as raw, _gzip_writer(raw, compression_level, threads) as gz:
         img.to_file_map({"image": nib.FileHolder(fileobj=gz)})
     return out
 
@@ -418,17 +424,21 @@ def write_niftis_like(
     """:func:`write_nifti_like` for several ``(array, path)`` pairs at once.
 
     ``threads``: files written at once (default: one per file, at most the
-    cores of this process). Every file is attempted; the first error is raised
-    after all have finished.
+    cores of this process); the cores left over compress blocks of each file
+    (levels 1-3). Every file is attempted; the first error is raised after
+    all have finished.
     """
     check_compression_level(compression_level)
     if threads is not None and (isinstance(threads, bool) or threads < 1):
         raise UsageError(f"threads must be an integer >= 1 or None, got {threads!r}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     workers = max(1, min(len(items), threads or cores or 1))
+    per_file = max(1, (cores or 1) // workers)
 
     def one(item: tuple[npt.NDArray[Any], str | os.PathLike[str]]) -> Path:
-        return write_nifti_like(item[0], reference, item[1], compression_level=compression_level)
+        return write_nifti_like(
+            item[0], reference, item[1], compression_level=compression_level, threads=per_file
+        )
 
     if workers == 1:
         return [one(item) for item in items]
@@ -446,22 +456,56 @@ def check_compression_level(level: int) -> None:
         )
 
 
-def _gzip_writer(raw: IO[bytes], level: int) -> gzip.GzipFile:
+def _gzip_writer(raw: IO[bytes], level: int, threads: int = 1) -> io.IOBase:
     """A gzip stream over ``raw``: no file name and mtime 0, so equal data give equal bytes.
 
-    Levels 1-3 use ISA-L's igzip when ``isal`` is installed (its levels 1-3),
-    others zlib (0 stores without compression).
+    Levels 1-3 use ISA-L's threaded igzip when ``isal`` is installed (its
+    levels 1-3; the output is the same for any ``threads`` >= 1), others zlib
+    (0 stores without compression).
     """
     if 1 <= level <= 3:
         try:
-            from isal import igzip
+            from isal import igzip_threaded
         except ImportError:  # isal has no wheel for this platform: zlib is slower, same format
             pass
         else:
-            return igzip.IGzipFile(
-                filename="", mode="wb", fileobj=raw, compresslevel=level, mtime=0
+            return _ForwardWriter(
+                igzip_threaded.open(raw, "wb", compresslevel=level, threads=max(1, threads))
             )
     return gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=level, mtime=0)
+
+
+class _ForwardWriter(io.IOBase):
+    """A write-only stream that knows its position: nibabel seeks to where it already
+    is (or past it, padding zeros), which the threaded gzip writer cannot."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        super().__init__()
+        self._stream = stream
+        self._pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        n = self._stream.write(data)
+        self._pos += n
+        return n
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        target = pos if whence == 0 else self._pos + pos
+        if whence not in (0, 1) or target < self._pos:
+            raise OSError("a gzip output is written front to back; it cannot seek back")
+        self.write(b"\0" * (target - self._pos))
+        return self._pos
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()
+            self._stream.close()  # joins the compressing threads, raises their error
 
 
 def _squeeze_trailing(shape: tuple[int, ...]) -> tuple[int, ...]:
