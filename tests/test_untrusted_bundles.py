@@ -162,25 +162,141 @@ def test_a_symlink_inside_the_bundle_is_fine(tmp_path: Path) -> None:
     assert load_bundle(bundle).member_path(1).resolve() == (bundle / "store/m1.onnx").resolve()
 
 
+# --------------------------------------------------------------------------- 8: tampered fields
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda d: d["ood"].update(threshold=float("nan")), "ood.threshold"),
+        (lambda d: d["ood"].update(threshold=float("inf")), "ood.threshold"),
+        (lambda d: d["ood"].update(quantile=float("nan")), "ood.quantile"),
+        (lambda d: d["input"].update(tile_size=[0, 32]), "input.tile_size"),
+        (lambda d: d["input"].update(tile_size=[-16, -16]), "input.tile_size"),
+        (lambda d: d["input"].update(multiple=0), "input.multiple"),
+    ],
+)
+def test_tampered_numbers_are_refused_at_load(
+    tmp_path: Path, edit: Callable[[dict[str, Any]], None], field: str
+) -> None:
+    bundle = _tamper(make_tiny_bundle(tmp_path / "b"), edit)
+    with pytest.raises(BundleError, match=rf"manifest\.json: .*{field.replace('.', '[.]')}"):
+        load_bundle(bundle)
+
+
+def _bundle_with_bad_member(tmp_path: Path, bad: Path, outputs: str) -> Path:
+    """A two-member bundle exported from good graphs, then member 1 swapped for ``bad``
+    wrapped into the member contract, with a matching checksum (a careful tamperer)."""
+    import onnx
+
+    from uqserve.exporting import export_onnx_members, wrap_onnx_member
+
+    good = [_conv_onnx(tmp_path / f"g{i}.onnx", weight=1.0 + i) for i in range(2)]
+    bundle = export_onnx_members(
+        good, tmp_path / "tampered", calibrate=False, normalization=None
+    ).path
+    model, _, _ = wrap_onnx_member(bad, num_classes=2, outputs=outputs)
+    onnx.save(model, str(bundle / "member_1.onnx"))
+    digest = sha256_file(bundle / "member_1.onnx")
+    return _tamper(bundle, lambda d: d["members"][1].update(sha256=digest))
+
+
+@pytest.mark.parametrize(
+    ("kw", "outputs", "reason"),
+    [
+        ({"weight": float("nan")}, "logits", "NaN"),
+        ({"act": "SumOne", "weight": 5.0}, "probs", "negative probability"),
+        ({"act": "Sigmoid"}, "probs", "do not sum to 1"),
+    ],
+)
+def test_a_member_giving_no_probabilities_is_blamed_on_the_bundle(
+    tmp_path: Path, kw: dict[str, Any], outputs: str, reason: str
+) -> None:
+    from tests.conftest import blob_volume, write_nifti
+
+    bundle = _bundle_with_bad_member(tmp_path, _conv_onnx(tmp_path / "bad.onnx", **kw), outputs)
+    scans = [
+        write_nifti(tmp_path / f"s{i}.nii.gz", blob_volume((24, 20, 3), seed=i)) for i in (1, 2)
+    ]
+    out = tmp_path / "out"
+    args = ["predict", *map(str, scans), "--bundle", str(bundle), "-o", str(out), "--device"]
+    result = runner.invoke(app, [*args, "cpu"])
+    assert result.exit_code != 0
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and "internal error" not in err, result.output
+    assert "bundle tampered: member 1 (member_1.onnx) output mean" in err and reason in err, err
+    assert not any(out.rglob("*.nii.gz"))
+
+
+@pytest.mark.parametrize(
+    ("kw", "outputs", "needle"),
+    [
+        ({"weight": float("nan")}, "logits", "its output contains NaN"),
+        ({"act": "Relu"}, "probs", "do not sum to 1"),
+        ({"act": "Tile2", "declared_k": "K"}, "logits", "outputs 4 channels"),
+    ],
+)
+def test_export_onnx_refuses_graphs_that_give_no_probabilities(
+    tmp_path: Path, kw: dict[str, Any], outputs: str, needle: str
+) -> None:
+    bad = _conv_onnx(tmp_path / "bad.onnx", **kw)
+    out = tmp_path / "b"
+    args = ["export", "--onnx", str(bad), "-o", str(out), "--outputs", outputs, "--no-calibrate"]
+    err = _one_line_failure(runner.invoke(app, args))
+    assert str(bad) in err and needle in err, err
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------- helpers
 
 
 def _conv_onnx(
-    path: Path, *, channels: int = 1, k: int = 2, weight: float = 1.0, dims: int = 2
+    path: Path,
+    *,
+    channels: int = 1,
+    k: int = 2,
+    weight: float = 1.0,
+    dims: int = 2,
+    act: str | None = None,
+    declared_k: int | str | None = None,
 ) -> Path:
-    """A plain user graph ``[B, C, *sp] -> [B, K, *sp]`` (a 1x1 convolution), onnx API only."""
+    """A plain user graph ``[B, C, *sp] -> [B, K, *sp]`` (a 1x1 convolution, then ``act``),
+    onnx API only; ``declared_k`` is the output's declared class axis (default ``k``)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(7)
     w = (weight * rng.normal(size=(k, channels, *[1] * dims))).astype(np.float32)
     sp = ["H", "W"] if dims == 2 else ["D", "H", "W"]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c" if act else "y"])]
+    if act == "Tile2":  # twice the classes, in a way shape inference cannot see
+        reps = [numpy_helper.from_array(np.array([1, 2] + [1] * dims, np.int64), "reps")]
+        nodes += [
+            helper.make_node("Shape", ["x"], ["xs"]),
+            helper.make_node("Mul", ["xs", "zero"], ["xz"]),
+            helper.make_node("Add", ["xz", "reps"], ["r"]),
+            helper.make_node("Tile", ["c", "r"], ["y"]),
+        ]
+        extra = [*reps, numpy_helper.from_array(np.zeros(dims + 2, np.int64), "zero")]
+    elif act == "SumOne":  # [1 - c, c] from one channel: sums to 1, negative somewhere
+        w = w[:1]
+        nodes += [
+            helper.make_node("Sub", ["one", "c"], ["d"]),
+            helper.make_node("Concat", ["d", "c"], ["y"], axis=1),
+        ]
+        extra = [numpy_helper.from_array(np.ones((), np.float32), "one")]
+    elif act:
+        nodes.append(helper.make_node(act, ["c"], ["y"]))
+    kk = k if declared_k is None else declared_k
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["y"])],
+        nodes,
         "user",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", channels, *sp])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", k, *sp])],
-        initializer=[numpy_helper.from_array(w, "w")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", kk, *sp])],
+        initializer=[
+            numpy_helper.from_array(w, "w"),
+            *(extra if act in ("Tile2", "SumOne") else []),
+        ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
@@ -209,3 +325,26 @@ def test_sidecar_allow_any_is_an_explicit_choice(tmp_path: Path) -> None:
     args = ["sidecar", "--spool", str(spool), "--listen", "127.0.0.1:11999", "--allow-any"]
     result = runner.invoke(app, [*args, "--bundle", str(tmp_path / "missing")])
     assert result.exit_code == 1 and "no such bundle" in result.stderr, result.stderr
+
+
+# --------------------------------------------------------------------------- 5: repeated members
+
+
+def test_export_onnx_refuses_the_same_graph_twice(tmp_path: Path) -> None:
+    a = _conv_onnx(tmp_path / "a.onnx")
+    b = _conv_onnx(tmp_path / "b.onnx", weight=2.0)
+    copy = tmp_path / "copy_of_a.onnx"
+    copy.write_bytes(a.read_bytes())
+    for files, dup in (([a, b, a], "a.onnx"), ([a, b, copy], "copy_of_a.onnx")):
+        out = tmp_path / "bundle"
+        args = ["export", "--onnx", *map(str, files), "-o", str(out), "--no-calibrate"]
+        err = _one_line_failure(runner.invoke(app, args))
+        assert f"{dup} has the same weights as {a}" in err and "EU = 0" in err, err
+        assert not out.exists()
+
+
+def test_a_manifest_listing_one_graph_twice_is_refused_at_load(tmp_path: Path) -> None:
+    bundle = make_tiny_bundle(tmp_path / "b")
+    _tamper(bundle, lambda d: d["members"].__setitem__(1, dict(d["members"][0])))
+    with pytest.raises(BundleError, match=r"members: two members are the same graph"):
+        load_bundle(bundle)

@@ -36,12 +36,13 @@ import errno
 import fcntl
 import glob
 import hashlib
+import json
 import os
 import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -449,3 +450,19 @@ def _make_parents(folder: Path) -> list[Path]:
         p = p.parent
     folder.mkdir(parents=True, exist_ok=True)
     return missing
+
+
+def read_json_object(
+    path: str | os.PathLike[str], error: Callable[[str], Exception], fix: str
+) -> dict[str, Any]:
+    """A JSON file holding one object; each failure is ``error`` naming ``path`` and ``fix``."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}); {fix}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise error(f"{path}: cannot read ({reason}); {fix}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: must hold a JSON object; {fix}")
+    return data

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from uqserve._fs import atomic_write_text
+from uqserve._fs import atomic_write_text, read_json_object
 from uqserve.contracts import AGGREGATORS, AU_METHODS, DEFAULT_AGGREGATOR, EU_METHODS
 from uqserve.errors import UsageError
 
@@ -150,6 +150,12 @@ class InputSpec:
     def problems(self) -> list[str]:
         """What is inconsistent in the geometry fields (empty when all is well)."""
         out = []
+        if self.channels < 1:
+            out.append(f"input.channels must be >= 1, got {self.channels}")
+        if len(self.tile_size) != 2 or any(t < 1 for t in self.tile_size):
+            out.append(f"input.tile_size must be two sizes >= 1, got {list(self.tile_size)}")
+        if self.multiple < 1:
+            out.append(f"input.multiple must be >= 1, got {self.multiple}")
         if self.dims not in (2, 3):
             out.append(f"input.dims must be 2 or 3, got {self.dims}")
         if self.patch is not None and (
@@ -202,6 +208,20 @@ class OODSpec:
     threshold: float | None = None
     quantile: float = 0.95
     validation_scores: tuple[float, ...] = ()
+
+    def problems(self) -> list[str]:
+        """What is wrong with the numbers (NaN passes every comparison, so test finiteness)."""
+        out = []
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            out.append(
+                f"ood.threshold must be a finite number (or absent: not calibrated), got "
+                f"{self.threshold}; re-run `uqserve calibrate`"
+            )
+        if not 0 < self.quantile <= 1:  # False for NaN
+            out.append(f"ood.quantile must lie in (0, 1], got {self.quantile}")
+        if not all(math.isfinite(v) for v in self.validation_scores):
+            out.append("ood.validation_scores must be finite numbers")
+        return out
 
 
 @dataclass(frozen=True)
@@ -299,6 +319,12 @@ class Manifest:
             problems.append(f"au {self.au!r} is not one of {', '.join(AU_METHODS)}")
         if self.eu not in EU_METHODS:
             problems.append(f"eu {self.eu!r} is not one of {', '.join(EU_METHODS)}")
+        digests = [m.sha256 for m in self.members]
+        if len(set(digests)) != len(digests):
+            problems.append(
+                "members: two members are the same graph (equal sha256); copies give EU = 0 "
+                "and the OOD flag never fires: re-export with distinct members"
+            )
         if self.num_members < 1 or self.num_members != len(self.members):
             problems.append(f"num_members {self.num_members} but {len(self.members)} member files")
         if self.eu == "none" and self.num_members != 1:
@@ -313,6 +339,7 @@ class Manifest:
             problems.append(f"default_aggregator {self.default_aggregator!r} unknown")
         if self.ood.aggregator not in AGGREGATORS:
             problems.append(f"ood.aggregator {self.ood.aggregator!r} unknown")
+        problems.extend(self.ood.problems())
         problems.extend(self.input.problems())
         if problems:
             raise BundleError(f"{source}: " + "; ".join(problems))
@@ -418,16 +445,7 @@ def load_bundle(name_or_path: str | os.PathLike[str] | None = None, verify: bool
     """Load and validate a bundle; with ``verify`` check every member's sha256."""
     path = resolve_bundle(name_or_path)
     mpath = path / MANIFEST_NAME
-    try:
-        data = json.loads(mpath.read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleError(
-            f"{mpath}: not valid JSON ({exc.msg}, line {exc.lineno}); re-export the bundle"
-        ) from exc
-    except OSError as exc:
-        raise BundleError(f"{mpath}: cannot read ({exc.strerror})") from exc
-    if not isinstance(data, dict):
-        raise BundleError(f"{mpath}: manifest must be a JSON object")
+    data = read_json_object(mpath, BundleError, "re-export the bundle")
     bundle = Bundle(path=path, manifest=Manifest.from_dict(data, source=str(mpath)))
     for i in range(bundle.manifest.num_members):
         bundle.member_path(i)  # refuses files outside the folder

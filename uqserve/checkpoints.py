@@ -73,6 +73,12 @@ def read_checkpoint_config(ckpt_dir: str | os.PathLike[str]) -> Checkpoints:
     if not files:
         raise CheckpointError(f"{cfg_path}: lists no members; {_RETRAIN}")
     for f in files:
+        # Weight files are read as safetensors (no pickle, no code) and only inside the folder.
+        if not f.resolve().is_relative_to(path.resolve()):
+            raise CheckpointError(
+                f"{cfg_path}: member file {str(f)!r} leads outside {path}; "
+                f"weight files must lie inside the checkpoint folder: {_RETRAIN}"
+            )
         if not f.is_file():
             raise CheckpointError(
                 f"{f}: checkpoint missing ({len(files)} members expected); {_RETRAIN}"

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from uqserve.bundle import Bundle, InputSpec, Normalization, load_bundle
+from uqserve.exporting._nnunet_files import initialize_predictor, load_checkpoint, read_json
 from uqserve.exporting._plan import OPSET, ExportError, ExportPlan, bundle_name
 from uqserve.exporting._writer import Say, atomic_bundle_dir, finish_bundle
 
@@ -137,10 +138,8 @@ def _configuration(folder: Path, plans: dict[str, Any], fold: str, checkpoint: s
     name = folder.name.split("__")[-1]
     if name in plans.get("configurations", {}):
         return name
-    import torch
-
-    # A checkpoint of the user's own training: nnU-Net loads it the same way.
-    ckpt = torch.load(folder / f"fold_{fold}" / checkpoint, map_location="cpu", weights_only=False)
+    # A checkpoint of the user's own training: nnU-Net reads the same key.
+    ckpt = load_checkpoint(folder / f"fold_{fold}" / checkpoint)
     return str(ckpt["init_args"]["configuration"])
 
 
@@ -222,23 +221,20 @@ def load_nnunet_model(
     uqserve cannot serve (cascades, region-based labels, several channels).
     """
     import copy
-    import json
 
     folder = Path(folder)
     fold_list = _check_folder(folder, folds, checkpoint)
     predictor_cls = _import_nnunet()
     import torch
 
-    plans = json.loads((folder / "plans.json").read_text())
+    plans = read_json(folder / "plans.json")
     configuration = _configuration(folder, plans, fold_list[0], checkpoint)
     _refuse_unsupported(plans, configuration, folder)
     # nnU-Net prints notes on stdout; they must not mix with our output (--json).
     with contextlib.redirect_stdout(io.StringIO()):
         predictor = predictor_cls(device=torch.device("cpu"), verbose=False, allow_tqdm=False)
-        predictor.initialize_from_trained_model_folder(
-            str(folder), use_folds=[f if f == "all" else int(f) for f in fold_list],
-            checkpoint_name=checkpoint,
-        )  # fmt: skip
+        # Not nnU-Net's initialize_from_trained_model_folder: it unpickles with full pickle.
+        initialize_predictor(predictor, folder, fold_list, checkpoint)
     pm, cm = predictor.plans_manager, predictor.configuration_manager
     lm = pm.get_label_manager(predictor.dataset_json)
     tf = [int(a) for a in pm.transpose_forward]

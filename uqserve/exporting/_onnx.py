@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from uqserve._version import __version__
 from uqserve.bundle import Bundle, BundleError, InputSpec, Normalization, load_bundle
 from uqserve.contracts import TensorSpec, default_class_names, member_specs
-from uqserve.exporting._plan import ExportError, ExportPlan, bundle_name
+from uqserve.exporting._plan import ExportError, ExportPlan, bundle_name, refuse_repeated_members
 from uqserve.exporting._writer import Calibrator, atomic_bundle_dir, finish_bundle
 
 if TYPE_CHECKING:
@@ -141,6 +141,9 @@ def export_onnx_members(
         wrap_onnx_member(f, num_classes=len(classes), outputs=outputs, dims=dims)
         for f in onnx_files
     ]
+    refuse_repeated_members(
+        [(str(f), _graph_sha256(m)) for f, (m, _, _) in zip(onnx_files, wrapped, strict=True)]
+    )
     channels = {c for _, c, _ in wrapped}
     if len(channels) != 1:
         raise ExportError(
@@ -169,6 +172,18 @@ def export_onnx_members(
     return load_bundle(out_dir, verify=True)
 
 
+def _graph_sha256(model: onnx.ModelProto) -> str:
+    """sha256 of a graph's weights and nodes, whatever its name (the file's stem)."""
+    import hashlib
+
+    import onnx
+
+    graph = onnx.GraphProto()
+    graph.CopyFrom(model.graph)
+    graph.name, graph.doc_string = "", ""
+    return hashlib.sha256(graph.SerializeToString(deterministic=True)).hexdigest()
+
+
 def _smoke_run(bundle: Bundle, sources: Sequence[Path]) -> None:
     """Load and run the wrapped members once through the runtime interface."""
     import numpy as np
@@ -179,20 +194,45 @@ def _smoke_run(bundle: Bundle, sources: Sequence[Path]) -> None:
     man = bundle.manifest
     h = w = max(man.input.multiple, 8)
     sp = (h, w) if man.input.patch is None else tuple(man.input.patch)
+    # A normalised image (not zeros): graphs that fail on real intensities show it here.
+    rng = np.random.default_rng(0)
     batch = Batch(
-        image=np.zeros((1, man.input.channels, *sp), np.float32),
+        image=rng.normal(size=(1, man.input.channels, *sp)).astype(np.float32),
         seed=np.zeros(1, np.int64),
         offset=np.zeros((1, 3), np.int64),
         valid=np.array([sp], np.int64),
     )
     try:
         with EmbeddedRuntime(bundle, device="cpu", threads=1, workers=1) as rt:
-            rt.infer(batch)
+            outs = rt.infer(batch)
     except (BundleError, RuntimeError) as exc:  # onnxruntime's run errors are RuntimeErrors
         names = ", ".join(f"member_{m} = {s.name}" for m, s in enumerate(sources))
         raise ExportError(
             f"the wrapped graphs do not run ({exc}; {names}); check their input/output shapes"
         ) from exc
+    for source, out in zip(sources, outs, strict=True):
+        _check_smoke_output(source, out.mean, (1, man.num_classes, *sp), man.input.channels)
+
+
+def _check_smoke_output(source: Path, mean: Any, expected: tuple[int, ...], channels: int) -> None:
+    """One member's smoke-run output: the declared class count and probabilities."""
+    from uqserve.errors import UsageError
+    from uqserve.uncertainty import check_probabilities
+
+    if mean.shape != expected:
+        raise ExportError(
+            f"{source}: outputs {mean.shape[1] if mean.ndim > 1 else '?'} channels "
+            f"(shape {list(mean.shape)}) for a [1, {channels}, ...] image, but "
+            f"{expected[1]} classes were given; pass --classes with one name per output channel"
+        )
+    try:
+        check_probabilities(mean, 1, "output")
+    except UsageError as exc:
+        reason = str(exc).split(": ", 1)[-1].split("; ")[0]
+        raise ExportError(
+            f"{source}: its output {reason} on a test image (after the softmax, if logits); "
+            "a member must give finite class probabilities: fix or re-export the graph"
+        ) from None
 
 
 def _read_user_graph(

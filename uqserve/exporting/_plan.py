@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,23 @@ def bundle_name(name: str | None, out_dir: str | os.PathLike[str]) -> str:
     if problem := name_problem(chosen):
         raise ExportError(problem if name else f"{problem}, or pass one (the default is --out's)")
     return chosen
+
+
+def refuse_repeated_members(members: Sequence[tuple[str, str]]) -> None:
+    """Refuse two members with the same weights; ``members`` are ``(label, weight sha256)``.
+
+    Copies of one network make an "ensemble" whose members always agree: EU
+    is 0 everywhere and the OOD flag can never fire.
+    """
+    seen: dict[str, str] = {}
+    for label, digest in members:
+        if digest in seen:
+            raise ExportError(
+                f"{label} has the same weights as {seen[digest]} (sha256 {digest[:12]}…); "
+                "ensemble members must differ (copies give EU = 0, so the OOD flag never "
+                "fires): pass each member once"
+            )
+        seen[digest] = label
 
 
 @dataclass

@@ -19,12 +19,16 @@ import numpy.typing as npt
 
 from uqserve import uncertainty
 from uqserve._progress import ProgressFn
-from uqserve.bundle import Manifest
+from uqserve.bundle import BundleError, Manifest
+from uqserve.errors import UsageError
 from uqserve.prediction.geometry import SlicePlan
 from uqserve.runtime import MemberOutputs, ReducedOutputs, RuntimeServiceError
 from uqserve.uncertainty import PreparedMember
 
-__all__ = ["Accumulated", "Clock", "ProgressFn", "accumulate", "check_outputs", "member_preparer"]
+__all__ = [
+    "Accumulated", "Clock", "ProgressFn", "accumulate", "check_member_values", "check_outputs",
+    "member_error", "member_preparer",
+]  # fmt: skip
 
 _Out = TypeVar("_Out", list[MemberOutputs], list[MemberOutputs] | ReducedOutputs)
 
@@ -116,7 +120,10 @@ def member_preparer(
         # S = 1: the sample entropy is H[p̄_m]; let the accumulator compute it so
         # that AU_latent is exactly 0 rather than float noise.
         ent = None if S == 1 else out.sample_entropy[:, :rows, :cols]  # [b, X, Y]
-        return uncertainty.prepare_member(K, mean, ent)
+        try:
+            return uncertainty.prepare_member(K, mean, ent)
+        except UsageError as exc:
+            raise member_error(man, m, exc) from None
 
     return prepare
 
@@ -142,6 +149,17 @@ def _add_reduced(
             "regenerate it with `uqserve repo --reduce server`"
         )
     rows, cols = plan.rows, plan.cols
+    try:
+        _add_sums(acc, out, rows, cols, S, M, z0, b)
+    except UsageError as exc:
+        raise member_error(man, None, exc) from None
+    counts += out.sample_counts.sum(axis=0, dtype=np.float64)
+
+
+def _add_sums(
+    acc: uncertainty.Accumulator, out: ReducedOutputs, rows: int, cols: int, S: int, M: int,
+    z0: int, b: int,
+) -> None:  # fmt: skip
     acc.add_sums(
         np.swapaxes(out.mean_sum[:, :, :rows, :cols], 0, 1),  # [K, b, X, Y]
         out.entropy_sum[:, :rows, :cols],
@@ -151,7 +169,6 @@ def _add_reduced(
         M,
         where=(slice(z0, z0 + b),),
     )
-    counts += out.sample_counts.sum(axis=0, dtype=np.float64)
 
 
 class Clock:
@@ -175,6 +192,31 @@ class Clock:
                     f"runtime returned {len(outs)} members, bundle {man.name} has {man.num_members}"
                 )
             yield outs
+
+
+def member_error(man: Manifest, m: int | None, exc: UsageError) -> BundleError:
+    """A member's outputs that are no probabilities: the bundle's fault, never the scan's.
+
+    ``exc`` is the check's complaint (NaN, negative, not summing to 1); ``m``
+    None: the members' sums from a server that reduces.
+    """
+    text = str(exc)
+    field = "sample_entropy" if "sample_entropy" in text else "mean"
+    reason = text.split(": ", 1)[-1].split("; ")[0]
+    who = "the members" if m is None else f"member {m} ({man.members[m].file})"
+    return BundleError(
+        f"bundle {man.name}: {who} output {field} {reason}; the member graph is broken or "
+        "was altered (not a problem of the scan): restore or re-export the bundle"
+    )
+
+
+def check_member_values(out: MemberOutputs, man: Manifest, m: int) -> None:
+    """Member ``m``'s ``mean [b, K, ...]`` is probabilities and its sample entropy finite."""
+    try:
+        uncertainty.check_probabilities(out.mean, 1, "mean")
+        uncertainty.finite_array(out.sample_entropy, "sample_entropy")
+    except UsageError as exc:
+        raise member_error(man, m, exc) from None
 
 
 def check_outputs(out: MemberOutputs, expected: tuple[int, ...], S: int, m: int) -> None:

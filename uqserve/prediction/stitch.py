@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from uqserve.bundle import Manifest
-from uqserve.prediction.accumulate import Clock, ProgressFn, check_outputs
+from uqserve.prediction.accumulate import Clock, ProgressFn, check_member_values, check_outputs
 from uqserve.prediction.windows import TilePlan
 from uqserve.runtime import MemberOutputs, RuntimeServiceError
 
@@ -135,6 +135,7 @@ def stitch(
         b = min(plan.batch_size, plan.total - done)
         for m, out in enumerate(outs):
             check_outputs(out, (b, K, *graph_window), S, m)
+            check_member_values(out, man, m)
             counts[m] += out.sample_counts.sum(axis=0, dtype=np.float64)
         slabs = [_slabs(out, plan.dims) for out in outs]
         for i in range(b):
