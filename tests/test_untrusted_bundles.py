@@ -184,18 +184,19 @@ def test_tampered_numbers_are_refused_at_load(
         load_bundle(bundle)
 
 
-def _bundle_with_bad_member(tmp_path: Path, bad: Path, outputs: str) -> Path:
+def _bundle_with_bad_member(tmp_path: Path, bad: Path, outputs: str, dims: int = 2) -> Path:
     """A two-member bundle exported from good graphs, then member 1 swapped for ``bad``
     wrapped into the member contract, with a matching checksum (a careful tamperer)."""
     import onnx
 
     from uqserve.exporting import export_onnx_members, wrap_onnx_member
 
-    good = [_conv_onnx(tmp_path / f"g{i}.onnx", weight=1.0 + i) for i in range(2)]
+    good = [_conv_onnx(tmp_path / f"g{i}.onnx", weight=1.0 + i, dims=dims) for i in range(2)]
+    patch = (4, 16, 16) if dims == 3 else None
     bundle = export_onnx_members(
-        good, tmp_path / "tampered", calibrate=False, normalization=None
+        good, tmp_path / "tampered", calibrate=False, dims=dims, patch=patch
     ).path
-    model, _, _ = wrap_onnx_member(bad, num_classes=2, outputs=outputs)
+    model, _, _ = wrap_onnx_member(bad, num_classes=2, outputs=outputs, dims=dims)
     onnx.save(model, str(bundle / "member_1.onnx"))
     digest = sha256_file(bundle / "member_1.onnx")
     return _tamper(bundle, lambda d: d["members"][1].update(sha256=digest))
@@ -205,6 +206,7 @@ def _bundle_with_bad_member(tmp_path: Path, bad: Path, outputs: str) -> Path:
     ("kw", "outputs", "reason"),
     [
         ({"weight": float("nan")}, "logits", "NaN"),
+        ({"weight": float("nan"), "dims": 3}, "logits", "NaN"),  # windows stitched in 3D
         ({"act": "SumOne", "weight": 5.0}, "probs", "negative probability"),
         ({"act": "Sigmoid"}, "probs", "do not sum to 1"),
     ],
@@ -214,7 +216,8 @@ def test_a_member_giving_no_probabilities_is_blamed_on_the_bundle(
 ) -> None:
     from tests.conftest import blob_volume, write_nifti
 
-    bundle = _bundle_with_bad_member(tmp_path, _conv_onnx(tmp_path / "bad.onnx", **kw), outputs)
+    bad = _conv_onnx(tmp_path / "bad.onnx", **kw)
+    bundle = _bundle_with_bad_member(tmp_path, bad, outputs, dims=int(kw.get("dims", 2)))
     scans = [
         write_nifti(tmp_path / f"s{i}.nii.gz", blob_volume((24, 20, 3), seed=i)) for i in (1, 2)
     ]
