@@ -47,7 +47,7 @@ def test_every_error_class_is_in_the_family() -> None:
         "uqserve.bundle.BundleError",
         "uqserve.prediction.options.PredictError",
         "uqserve.runtime.base.RuntimeServiceError",
-        "uqserve.runtime.triton.TritonMismatchError",
+        "uqserve.runtime.triton.servers.TritonMismatchError",
         "uqserve.serving.launcher.ServerError",
         "uqserve.training.TrainError",
         "uqserve.evaluation.sets.EvaluationError",

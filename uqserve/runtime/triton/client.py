@@ -1,25 +1,4 @@
-"""Triton runtime: batches go to a tritonserver's ensemble over gRPC.
-
-``TritonRuntime(bundle, ["grpc://host:8001", ...])`` sends each ``Batch`` to
-the ensemble named after the bundle (``<bundle>_nosamples`` when sample labels
-are not wanted, so the members never compute them) and turns the
-``mean_<m>``, ``sample_entropy_<m>``, ``sample_counts_<m>`` and
-``sample_labels_<m>`` outputs back into ``MemberOutputs``.
-
-- Several servers: requests go round-robin; a server that fails with a
-  transient error (unavailable, deadline, overload) is skipped for a back-off
-  period while the request is retried on the next one.
-- Before first use every server is checked: live, model ready, and serving the
-  same bundle (name, manifest version, member sha256) as the local manifest.
-- ``infer_many`` keeps ``max_in_flight`` batches in flight on worker threads
-  and yields results in order.
-- ``shared_memory=True`` (same-host servers only) passes tensors through
-  Triton system shared memory instead of the gRPC message.
-- A repository written with ``reduce="server"`` sums the members on the
-  server (ensemble ``<bundle>_reduced``): the runtime then ``reduces`` and
-  ``infer_reduced`` receives K + 2 numbers per voxel instead of M x (K + 1).
-  ``reduce="auto"`` (default) uses it when every server offers it.
-"""
+"""``TritonRuntime``: the runtime interface over one or more Triton servers."""
 
 from __future__ import annotations
 
@@ -33,7 +12,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import numpy as np
 import numpy.typing as npt
@@ -50,6 +28,19 @@ from uqserve.runtime.base import (
     RuntimeServiceError,
     prepared,
 )
+from uqserve.runtime.triton.checks import _check_batch, _describe_mismatch
+from uqserve.runtime.triton.servers import (
+    _LOOPBACK,
+    _TRANSIENT,
+    DEFAULT_TIMEOUT_S,
+    HEALTH_TIMEOUT_S,
+    TritonMismatchError,
+    TritonNotReadyError,
+    TritonUnavailableError,
+    _short,
+    parse_server,
+)
+from uqserve.runtime.triton.shm import _ShmSlot
 from uqserve.triton_names import (
     REDUCE_PARAMETER,
     manifest_identity,
@@ -59,73 +50,6 @@ from uqserve.triton_names import (
 )
 
 _T = TypeVar("_T")
-DEFAULT_GRPC_PORT = 8001
-DEFAULT_TIMEOUT_S = 60.0  # per request: a 256 x 256 x 8 batch of a large bundle on a busy CPU
-# The health check between attempts: a live server answers in milliseconds.
-HEALTH_TIMEOUT_S = 5.0
-# gRPC statuses worth retrying elsewhere; anything else is a bug or bad input.
-_TRANSIENT = {
-    "StatusCode.UNAVAILABLE",
-    "StatusCode.DEADLINE_EXCEEDED",
-    "StatusCode.RESOURCE_EXHAUSTED",
-    "StatusCode.ABORTED",
-    "StatusCode.CANCELLED",
-    "StatusCode.UNKNOWN",  # e.g. "Socket closed" when the server dies mid-call
-}
-_LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]"}
-
-
-class TritonUnavailableError(RuntimeServiceError):
-    """No server answered in time (after retries and failover)."""
-
-
-class TritonNotReadyError(TritonUnavailableError):
-    """The server answers but does not have the bundle's models ready (yet)."""
-
-
-class TritonMismatchError(RuntimeServiceError):
-    """A server serves a different bundle than the local manifest."""
-
-
-def parse_server(url: str) -> tuple[str, str]:
-    """``grpc://host:port`` (or ``host:port``, ``host``) -> (display URL, ``host:port``)."""
-    text = url.strip()
-    if "://" not in text:
-        text = f"grpc://{text}"
-    parts = urlsplit(text)
-    if parts.scheme != "grpc":
-        raise UsageError(
-            f"`servers`: {url!r} is not gRPC; write grpc://HOST:PORT (default port 8001)"
-        )
-    if not parts.hostname:
-        raise UsageError(f"`servers`: {url!r} has no host; write grpc://HOST:PORT")
-    try:
-        port = parts.port or DEFAULT_GRPC_PORT
-    except ValueError as exc:
-        raise UsageError(
-            f"`servers`: {url!r} has a bad port ({exc}); write grpc://HOST:PORT"
-        ) from exc
-    host = parts.hostname
-    target_host = f"[{host}]" if ":" in host else host
-    return f"grpc://{target_host}:{port}", f"{target_host}:{port}"
-
-
-def any_server_live(urls: Sequence[str], timeout_s: float = HEALTH_TIMEOUT_S) -> bool:
-    """Whether one of ``urls`` answers its gRPC liveness check within ``timeout_s``
-    (a readiness probe's question; opens and closes its own clients)."""
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException
-
-    for url in urls:
-        client = grpcclient.InferenceServerClient(parse_server(url)[1])
-        try:
-            if client.is_server_live(client_timeout=timeout_s):
-                return True
-        except InferenceServerException:
-            continue
-        finally:
-            client.close()
-    return False
 
 
 @dataclass
@@ -142,54 +66,6 @@ class _Server:
     def local(self) -> bool:
         host = self.target.rsplit(":", 1)[0]
         return host in _LOOPBACK or host.startswith("127.")
-
-
-class _ShmSlot:
-    """One worker's pair of system shared-memory regions (inputs, outputs) on one server."""
-
-    def __init__(self, client: Any, tag: str) -> None:
-        self.client = client
-        self.tag = tag
-        self.in_size = 0
-        self.out_size = 0
-        self.in_handle: Any = None
-        self.out_handle: Any = None
-
-    def ensure(self, in_size: int, out_size: int) -> None:
-        import tritonclient.utils.shared_memory as shm
-
-        if in_size > self.in_size:
-            self._drop("in")
-            self.in_size = max(in_size, 2 * self.in_size)
-            key = f"/uqserve-{self.tag}-in"
-            self.in_handle = shm.create_shared_memory_region(f"{self.tag}-in", key, self.in_size)
-            self.client.register_system_shared_memory(f"{self.tag}-in", key, self.in_size)
-        if out_size > self.out_size:
-            self._drop("out")
-            self.out_size = max(out_size, 2 * self.out_size)
-            key = f"/uqserve-{self.tag}-out"
-            self.out_handle = shm.create_shared_memory_region(f"{self.tag}-out", key, self.out_size)
-            self.client.register_system_shared_memory(f"{self.tag}-out", key, self.out_size)
-
-    def _drop(self, which: str) -> None:
-        import tritonclient.utils.shared_memory as shm
-
-        handle = self.in_handle if which == "in" else self.out_handle
-        if handle is None:
-            return
-        try:
-            self.client.unregister_system_shared_memory(f"{self.tag}-{which}")
-        except Exception:  # the server may be gone; the local region must go anyway
-            pass
-        shm.destroy_shared_memory_region(handle)
-        if which == "in":
-            self.in_handle, self.in_size = None, 0
-        else:
-            self.out_handle, self.out_size = None, 0
-
-    def close(self) -> None:
-        self._drop("in")
-        self._drop("out")
 
 
 class TritonRuntime(Runtime):
@@ -685,59 +561,3 @@ def _reduced(got: dict[str, npt.NDArray[Any]]) -> ReducedOutputs:
         foreground=got["foreground"],
         sample_counts=got["sample_counts"],
     )
-
-
-def _check_batch(batch: Batch, bundle: Bundle) -> None:
-    image = batch.image
-    dims = bundle.manifest.input.dims
-    if image.ndim != dims + 2:
-        form = "[B, C, H, W]" if dims == 2 else "[B, C, D, H, W]"
-        raise UsageError(f"batch.image must be {form}, got shape {image.shape}")
-    b, c = image.shape[:2]
-    if c != bundle.manifest.input.channels:
-        raise UsageError(
-            f"batch.image has {c} channels but bundle {bundle.manifest.name!r} expects "
-            f"{bundle.manifest.input.channels}"
-        )
-    for name, arr, shape in (
-        ("seed", batch.seed, (b,)),
-        ("offset", batch.offset, (b, 3)),
-        ("valid", batch.valid, (b, dims)),
-    ):
-        if tuple(np.shape(arr)) != shape:
-            raise UsageError(
-                f"batch.{name} must have shape {list(shape)}, got {list(np.shape(arr))}"
-            )
-
-
-def _describe_mismatch(local: dict[str, Any], served: dict[str, Any] | None) -> str:
-    if served is None:
-        return "the server's model has no uqserve_manifest parameter: not written by uqserve"
-    problems = []
-    for key in ("name", "manifest_version", "num_members", "num_samples", "classes"):
-        if served.get(key) != local.get(key):
-            problems.append(f"{key}: served {served.get(key)!r}, local {local.get(key)!r}")
-    if not problems and served.get("members") != local.get("members"):
-        differ = [
-            i
-            for i, (a, b) in enumerate(
-                itertools.zip_longest(served.get("members") or [], local.get("members") or [])
-            )
-            if a != b
-        ]
-        problems.append(f"member checksums differ for member(s) {differ}")
-    return "; ".join(problems)
-
-
-def _short(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
-
-
-__all__ = [
-    "TritonMismatchError",
-    "TritonNotReadyError",
-    "TritonRuntime",
-    "TritonUnavailableError",
-    "parse_server",
-]
