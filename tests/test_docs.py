@@ -85,6 +85,7 @@ def test_nothing_cites_files_outside_the_repository() -> None:
     assert not hits, hits
 
 
+@pytest.mark.slow  # the whole site; `make docs` (CI) builds it too
 def test_site_builds_strict(tmp_path: Path) -> None:
     """`make docs` in a test: broken links or anchors, and pages left out of the nav, fail."""
     import os

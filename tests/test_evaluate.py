@@ -287,6 +287,7 @@ def _write_case(folder: Path, seed: int, *, annotators: int = 3, label_shift: in
         nib.save(nib.Nifti1Image(lab[:, :, None], np.eye(4)), str(folder / f"label_r{a}.nii.gz"))
 
 
+@pytest.mark.slow  # the CLI over a folder of annotated cases (the Python route stays fast)
 def test_cli_evaluate_on_a_user_folder(tmp_path: Path) -> None:
     data = tmp_path / "data"
     for i in range(8):

@@ -86,13 +86,17 @@ def test_cli_extreme_scans_then_an_ordinary_one(tiny_bundle: Path, tmp_path: Pat
     assert names == [a.name, b.name, c.name]
 
 
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize(
     ("field", "value", "match"),
     [
         ("std", float("nan"), "std must be a finite number > 0, got nan"),
-        ("std", float("inf"), "std must be a finite number > 0, got inf"),
-        ("mean", float("nan"), "mean must be a finite number, got nan"),
-        ("clip", [5.0, 1.0], "clip must be two finite numbers, low < high"),
+        # One case in the fast tier: each runs the CLI once more.
+        pytest.param("std", float("inf"), "std must be a finite number > 0, got inf", marks=SLOW),
+        pytest.param("mean", float("nan"), "mean must be a finite number, got nan", marks=SLOW),
+        pytest.param("clip", [5.0, 1.0], "clip must be two finite numbers, low < high", marks=SLOW),
     ],
 )
 def test_bundle_with_bad_normalization_is_refused_at_load(
@@ -156,6 +160,7 @@ def test_header_oddities_reach_report_warnings_or_are_refused(
     assert "huge.nii.gz: voxel size 1e+30x1x1 mm is impossible" in errors[1]
 
 
+@pytest.mark.slow  # several CLI runs against unusable output places
 def test_output_places_that_cannot_work(tiny_bundle: Path, tmp_path: Path) -> None:
     scan = write_nifti(tmp_path / "scan.nii.gz", blob_volume((24, 20, 3)))
     # -o is the input file itself: refused, the scan untouched.

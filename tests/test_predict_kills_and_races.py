@@ -116,6 +116,7 @@ def test_sigkill_leftovers_are_removed_by_the_next_run(
     assert (out / "scan" / "report.json").is_file()
 
 
+@pytest.mark.slow  # two stopped and killed CLI runs
 def test_next_run_of_another_scan_removes_the_leftovers_too(
     tiny_bundle: Path, scan: Path, tmp_path: Path
 ) -> None:
@@ -155,6 +156,7 @@ def test_stale_rules_for_foreign_owners_and_interrupted_swaps(tmp_path: Path) ->
     assert remove_stale(tmp_path) == [] and mine.is_dir()
 
 
+@pytest.mark.slow  # a stopped CLI run beside a second one
 def test_live_writers_temp_folder_is_not_removed(
     tiny_bundle: Path, scan: Path, tmp_path: Path
 ) -> None:

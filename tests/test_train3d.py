@@ -52,6 +52,7 @@ def test_3d_is_refused_where_it_is_not_built() -> None:
               model_config=ModelConfig(dims=3, depth=4))  # fmt: skip
 
 
+@pytest.mark.slow  # trains and exports a 3D ensemble through the CLI
 def test_cli_trains_exports_and_predicts_a_3d_ensemble(tmp_path: Path) -> None:
     import onnxruntime as ort
 
@@ -102,6 +103,7 @@ def test_cli_trains_exports_and_predicts_a_3d_ensemble(tmp_path: Path) -> None:
     assert load_bundle(bundle).manifest.ood.threshold is not None
 
 
+@pytest.mark.slow  # trains and exports a 3D MC-dropout bundle
 def test_3d_mc_dropout_masks_do_not_depend_on_the_windows(tmp_path: Path) -> None:
     bundle = _train_export(tmp_path, "softmax-mcdropout", 3)
     assert load_bundle(bundle).manifest.num_members == 3
