@@ -75,7 +75,7 @@ def test_runtime_batches_and_outputs_follow_the_member_signature() -> None:
     assert tuple(f.name for f in fields(Batch)) == contracts.MEMBER_INPUTS
     # the graph's outputs, in order, plus what the caller's prepare hook made of them
     names = tuple(f.name for f in fields(MemberOutputs))
-    assert names == (*contracts.MEMBER_OUTPUTS, "prepared")
+    assert names == (*contracts.MEMBER_OUTPUTS, *contracts.OPTIONAL_MEMBER_OUTPUTS, "prepared")
     batch = Batch(
         np.zeros((1, 1, 8, 8), np.float32),
         np.zeros(1, np.int64),

@@ -27,6 +27,9 @@ SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 NORMALIZATIONS = ("fixed", "zscore", "ct")
 INTERPOLATIONS = ("cubic", "linear")
+PAD_MODES = ("reflect", "constant")
+BLENDS = ("probabilities", "logits")
+GAUSSIANS = ("centred", "nnunet")
 
 #: A bundle's name becomes Triton model names and folder names in a model
 #: repository, so it follows Triton's model-name rules strictly: letters,
@@ -113,6 +116,21 @@ class Normalization:
 
 
 @dataclass(frozen=True)
+class Padding:
+    """How an image smaller than the window is padded up to it (after normalisation).
+
+    mode    ``reflect`` (mirror the image) or ``constant`` (``value``)
+    value   the constant of ``constant`` padding, in normalised units
+    centre  split the padding evenly before and after (nnU-Net's ``pad_nd_image``;
+            the extra voxel of an odd amount after); False: all after the image
+    """
+
+    mode: str = "reflect"
+    value: float = 0.0
+    centre: bool = False
+
+
+@dataclass(frozen=True)
 class InputSpec:
     """What the member graphs expect: channels, tiles, geometry and intensities.
 
@@ -133,6 +151,14 @@ class InputSpec:
     crop_nonzero   crop each scan to the bounding box of its nonzero voxels before
                    normalisation and resampling, as nnU-Net does (outside the box:
                    background, zero uncertainty)
+    pad            how images smaller than the window are padded (:class:`Padding`)
+    blend          how overlapping windows are blended: ``probabilities`` (each
+                   member's probabilities, Gaussian-weighted) or ``logits`` (its
+                   log-probabilities, i.e. logits up to a per-voxel constant,
+                   Gaussian-weighted, softmax after; softmax members only)
+    gaussian       the window weights: ``centred`` (sigma = patch / 8 about the
+                   window's centre, peak 1, float32) or ``nnunet`` (nnU-Net's
+                   ``compute_gaussian``: centre ``patch // 2``, peak 10, float16)
     """
 
     channels: int = 1
@@ -146,6 +172,9 @@ class InputSpec:
     normalization: Normalization = field(default_factory=Normalization)
     crop_nonzero: bool = False
     slice_axis: int | None = None
+    pad: Padding = field(default_factory=Padding)
+    blend: str = "probabilities"
+    gaussian: str = "centred"
 
     def problems(self) -> list[str]:
         """What is inconsistent in the geometry fields (empty when all is well)."""
@@ -177,6 +206,14 @@ class InputSpec:
             out.append(f"input.slice_axis must be 0, 1 or 2 for dims 2, got {self.slice_axis}")
         if self.interpolation not in INTERPOLATIONS:
             out.append(f"input.interpolation must be one of {', '.join(INTERPOLATIONS)}")
+        if self.pad.mode not in PAD_MODES:
+            out.append(f"input.pad.mode must be one of {', '.join(PAD_MODES)}")
+        if not math.isfinite(self.pad.value):
+            out.append(f"input.pad.value must be a finite number, got {self.pad.value}")
+        if self.blend not in BLENDS:
+            out.append(f"input.blend must be one of {', '.join(BLENDS)}")
+        if self.gaussian not in GAUSSIANS:
+            out.append(f"input.gaussian must be one of {', '.join(GAUSSIANS)}")
         norm = self.normalization
         if norm.scheme not in NORMALIZATIONS:
             out.append(f"normalization {norm.scheme!r} unknown")
@@ -333,6 +370,8 @@ class Manifest:
             problems.append(f"num_samples {self.num_samples} < 1")
         if self.au == "softmax" and self.num_samples != 1:
             problems.append("au 'softmax' draws exactly one sample")
+        if self.input.blend == "logits" and self.au != "softmax":
+            problems.append("input.blend 'logits' needs softmax members (au 'softmax')")
         if len(self.classes) < 2:
             problems.append("need at least two classes (background first)")
         if self.default_aggregator not in AGGREGATORS:
@@ -358,6 +397,7 @@ def _input_spec(inp: dict[str, Any], version: int) -> InputSpec:
     if version < 2:
         inp.pop("spacing", None)
     patch, spacing, orientation = inp.get("patch"), inp.get("spacing"), inp.get("orientation")
+    pad = dict(inp.get("pad") or {})
     return InputSpec(
         channels=int(inp.get("channels", 1)),
         tile_size=_pair(inp.get("tile_size", (128, 128)), int),
@@ -370,6 +410,13 @@ def _input_spec(inp: dict[str, Any], version: int) -> InputSpec:
         normalization=Normalization(**norm),
         crop_nonzero=bool(inp.get("crop_nonzero", False)),
         slice_axis=None if inp.get("slice_axis") is None else int(inp["slice_axis"]),
+        pad=Padding(
+            mode=str(pad.get("mode", "reflect")),
+            value=float(pad.get("value", 0.0)),
+            centre=bool(pad.get("centre", False)),
+        ),
+        blend=str(inp.get("blend", "probabilities")),
+        gaussian=str(inp.get("gaussian", "centred")),
     )
 
 

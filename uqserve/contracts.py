@@ -30,6 +30,7 @@ __all__ = [
     "MEMBER_OUTPUTS",
     "MEMBER_OUTPUT_SPEC",
     "MEMBER_OUTPUT_SPEC_3D",
+    "OPTIONAL_MEMBER_OUTPUTS",
     "PAPER_SHIFTS",
     "REDUCED_OUTPUT_SPEC",
     "TensorSpec",
@@ -94,6 +95,9 @@ MEMBER_OUTPUT_SPEC_3D: dict[str, TensorSpec] = {
 
 MEMBER_INPUTS: tuple[str, ...] = tuple(MEMBER_INPUT_SPEC)
 MEMBER_OUTPUTS: tuple[str, ...] = tuple(MEMBER_OUTPUT_SPEC)
+#: Outputs a member graph may have besides the contract's: ``logits [B, K, *sp]``
+#: float32 before the softmax (nnU-Net members), for blending windows as nnU-Net.
+OPTIONAL_MEMBER_OUTPUTS: tuple[str, ...] = ("logits",)
 
 
 #: Outputs of the server-side reduction (``uqserve repo --reduce server``), in order:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from uqserve.cli._app import app
 from uqserve.cli._common import console, err_console, fail, parse_numbers
+
+if TYPE_CHECKING:
+    from uqserve.bundle import Padding
 
 
 @app.command("export")
@@ -108,6 +111,14 @@ def export_command(
     interpolation: Annotated[
         str, typer.Option("--interpolation", help="With --onnx: image resampling, cubic|linear.")
     ] = "cubic",
+    pad: Annotated[
+        str,
+        typer.Option(
+            "--pad",
+            help="With --onnx: pad scans smaller than the window by `reflect`ion, or "
+            "`constant` 0 centred (nnU-Net's).",
+        ),
+    ] = "reflect",
     members: Annotated[
         int | None,
         typer.Option(
@@ -208,12 +219,24 @@ def export_command(
             spacing=parse_numbers(spacing, float, "--spacing"),
             orientation=orientation,
             interpolation=interpolation,
+            pad=_padding(pad),
             name=name,
             seed=seed or 0,
             calibrate=calibrator if dims == 2 else None,
             overwrite=overwrite,
         )
     _print_result(bundle, quiet=quiet, json_out=json_out)
+
+
+def _padding(pad: str) -> Padding:
+    """``--pad`` as the manifest's ``input.pad``."""
+    from uqserve.bundle import Padding
+
+    if pad == "reflect":
+        return Padding()
+    if pad == "constant":
+        return Padding(mode="constant", value=0.0, centre=True)
+    fail(f"--pad: choose reflect or constant, got {pad!r}")
 
 
 def _check_route(

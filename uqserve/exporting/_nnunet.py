@@ -22,8 +22,11 @@ wraps it into uqserve's member contract and exports it to ONNX:
   foreground ``percentile_00_5``/``percentile_99_5`` as clip and its foreground
   mean/std; ``ZScoreNormalization`` becomes per-scan ``zscore`` (``nonzero``
   with nnU-Net's ``use_mask_for_norm``);
-- geometry: ``patch`` (sliding windows with Gaussian weights, overlap 0.5)
-  and the in-plane ``spacing`` of the 2d configuration, in uqserve's axis order;
+- geometry: ``patch`` (sliding windows, overlap 0.5) and the ``spacing`` of
+  the configuration, in uqserve's axis order; as nnU-Net's predictor, a scan
+  smaller than the patch is padded with 0 after normalisation, centred
+  (``input.pad``), and windows are blended in logit space (``input.blend``)
+  with nnU-Net's float16 Gaussian (``input.gaussian``);
 - class names come from ``dataset.json`` (ordered by label value).
 
 The bundle is written **uncalibrated**: synthetic calibration data mean
@@ -48,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from uqserve.bundle import Bundle, InputSpec, Normalization, load_bundle
+from uqserve.bundle import Bundle, InputSpec, Normalization, Padding, load_bundle
 from uqserve.exporting._nnunet_files import initialize_predictor, load_checkpoint, read_json
 from uqserve.exporting._plan import OPSET, ExportError, ExportPlan, bundle_name
 from uqserve.exporting._writer import Say, atomic_bundle_dir, finish_bundle
@@ -347,6 +350,11 @@ def export_nnunet(
             crop_nonzero=True,  # nnU-Net crops every case to its nonzero bounding box
             # 2d: slices along the plans' axis (transpose_forward[0]), not the scan's thickest
             slice_axis=int(model.info["slice_axis"]) if model.dims == 2 else None,
+            # nnU-Net's predictor: pad the normalised image with 0, centred
+            # (pad_nd_image), blend the windows' logits with its float16 Gaussian
+            pad=Padding(mode="constant", value=0.0, centre=True),
+            blend="logits",
+            gaussian="nnunet",
         ),
         extra={"source": "nnunet", "nnunet": {**model.info, "mirror": bool(mirror)}},
     )
@@ -356,7 +364,7 @@ def export_nnunet(
             plain = tmp / f"{f}.logits"
             _export_logits(graph, plain, model)
             wrapped, _, _ = wrap_onnx_member(
-                plain, num_classes=k, outputs="logits", dims=model.dims
+                plain, num_classes=k, outputs="logits", dims=model.dims, keep_logits=True
             )
             plain.unlink()
             onnx.save(wrapped, str(tmp / f))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from uqserve._version import __version__
-from uqserve.bundle import Bundle, BundleError, InputSpec, Normalization, load_bundle
+from uqserve.bundle import Bundle, BundleError, InputSpec, Normalization, Padding, load_bundle
 from uqserve.contracts import TensorSpec, default_class_names, member_specs
 from uqserve.exporting._plan import ExportError, ExportPlan, bundle_name, refuse_repeated_members
 from uqserve.exporting._writer import Calibrator, atomic_bundle_dir, finish_bundle
@@ -89,6 +89,7 @@ def export_onnx_members(
     spacing: Sequence[float] | None = None,
     orientation: str | None = None,
     interpolation: str = "cubic",
+    pad: Padding | None = None,
     name: str | None = None,
     seed: int = 0,
     calibrate: Calibrator | None = None,
@@ -100,7 +101,10 @@ def export_onnx_members(
     (2, or 3 for ``[B,C,D,H,W]`` graphs), ``patch`` (the window, ``dims``
     sizes; required for 3D), ``spacing`` (mm per model axis, ``[D, H, W]`` =
     ``z, y, x`` for 3D), ``orientation`` (axis codes, e.g. ``"RAS"``) and the
-    image ``interpolation``. ``calibrate`` (e.g.
+    image ``interpolation``; ``pad``: how a scan smaller than the window is
+    padded (default: reflection; nnU-Net's: ``Padding("constant", 0.0, True)``).
+    Graphs returning ``logits`` have their windows blended in logit space
+    (``input.blend``). ``calibrate`` (e.g.
     ``uqserve.calibration.calibrate_bundle``) draws synthetic 2D slices, so 3D
     bundles are exported without (``None``) and calibrated on whole scans
     afterwards (``uqserve calibrate BUNDLE --data DIR``).
@@ -134,6 +138,9 @@ def export_onnx_members(
         spacing=None if spacing is None else tuple(float(v) for v in spacing),
         orientation=None if orientation is None else orientation.upper(),
         interpolation=interpolation, normalization=normalization or Normalization(),
+        pad=pad or Padding(),
+        # logits: windows are blended in logit space (probabilities: as given)
+        blend="logits" if outputs == "logits" else "probabilities",
     )  # fmt: skip
     if problems := geometry.problems():
         raise ExportError("; ".join(problems))
@@ -366,11 +373,14 @@ def _contract_nodes(
 
 
 def wrap_onnx_member(
-    path: str | os.PathLike[str], *, num_classes: int, outputs: str = "logits", dims: int = 2
-) -> tuple[onnx.ModelProto, int, int]:
+    path: str | os.PathLike[str], *, num_classes: int, outputs: str = "logits", dims: int = 2,
+    keep_logits: bool = False,
+) -> tuple[onnx.ModelProto, int, int]:  # fmt: skip
     """Wrap one user graph into the member contract; returns ``(model, channels, opset)``.
 
     ``dims`` 2: ``[B,C,H,W] -> [B,K,H,W]``; 3: ``[B,C,D,H,W] -> [B,K,D,H,W]``.
+    ``keep_logits`` (``outputs="logits"``): the graph also returns its logits as
+    the optional output ``logits`` (nnU-Net members: blended as nnU-Net does).
     """
     import onnx
     from onnx import helper
@@ -383,6 +393,10 @@ def wrap_onnx_member(
     src_in = g.input[[vi.name for vi in g.input].index("user_" + input_name)].name
     nodes, consts = _contract_nodes(g.output[0].name, num_classes, outputs, dims)
     inputs, outs = member_value_infos(channels, num_classes, 1, dims)
+    if keep_logits and outputs == "logits":
+        nodes.append(helper.make_node("Identity", [g.output[0].name], ["logits"]))
+        sp = ["H", "W"] if dims == 2 else ["D", "H", "W"]
+        outs = [*outs, helper.make_tensor_value_info("logits", 1, ["B", num_classes, *sp])]
     graph = helper.make_graph(
         [helper.make_node("Identity", ["image"], [src_in], name="wrap_image"), *g.node, *nodes],
         f"uqserve_member_{path.stem}",

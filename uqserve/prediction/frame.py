@@ -93,6 +93,27 @@ class Frame:
         out = resample(reorient(data, self.transform), self.model_shape, self.orders)
         return np.ascontiguousarray(out, dtype=np.float32)
 
+    def logits_to_input(
+        self, member_logits: npt.NDArray[np.float32]
+    ) -> tuple[uncertainty.Decomposition, npt.NDArray[np.uint8]]:
+        """Decompose on the input grid from softmax members' logits on the model grid.
+
+        member_logits  ``[M, K, X', Y', Z']`` logits (or log-probabilities: up to a
+                       per-voxel constant, the same) on the model grid
+        The logits are interpolated and the softmax taken on the input grid, as
+        nnU-Net resamples its logits. Returns the decomposition of the members'
+        probabilities and nnU-Net's segmentation ``[X, Y, Z]``: the argmax of the
+        members' mean log-softmax, i.e. of their mean logits (nnU-Net's fold average).
+        """
+        M, K = member_logits.shape[:2]
+        acc = uncertainty.Accumulator(K, self.in_shape)
+        mean_z = np.zeros((K, *self.in_shape), np.float32)
+        for m in range(M):
+            z = _log_softmax(np.stack([self._back(member_logits[m, k], 1) for k in range(K)]))
+            mean_z += z
+            acc.add(np.exp(z), None)
+        return acc.result(release=True), mean_z.argmax(axis=0).astype(np.uint8)
+
     def labels_to_input(self, labels: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
         """``[..., X', Y', Z']`` labels on the model grid -> the input grid (nearest)."""
         lead = labels.shape[:-3]
@@ -134,6 +155,13 @@ class Frame:
             hs = None if member_entropy is None else self._back(member_entropy[m], order=1)
             acc.add(pm, hs)
         return acc.result(release=True)
+
+
+def _log_softmax(z: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Log-softmax over axis 0 of ``[K, ...]``, in place."""
+    z -= z.max(axis=0)
+    z -= np.log(np.exp(z).sum(axis=0))
+    return z
 
 
 def pin_slice_axis(volume: Volume, man: Manifest) -> Volume:

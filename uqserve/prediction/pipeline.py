@@ -14,8 +14,9 @@ The steps, each in its own module:
    ``accumulate.accumulate``: whole slices through the member graphs, their
    outputs streamed into running sums, O(K x voxels) memory;
 5b. ``windows`` -> ``stitch``: Gaussian-weighted windows on the model grid,
-   member means and sample entropies resampled back to the input grid, where
-   TU/AU/EU are recomputed;
+   member means (or, with ``input.blend`` ``logits``, log-probabilities) and
+   sample entropies resampled back to the input grid, where TU/AU/EU are
+   recomputed;
 6. ``scoring``: segmentation, image-level scores, OOD decision, scan
    entanglement and the volume distribution;
 7. ``report.build_report``: the typed report; ``geometry.to_volume_order``
@@ -53,7 +54,7 @@ from uqserve.prediction.options import (
 )
 from uqserve.prediction.report import Report, Timings, build_report
 from uqserve.prediction.scoring import score_prediction, segment
-from uqserve.prediction.stitch import stitch
+from uqserve.prediction.stitch import recount, stitch
 from uqserve.prediction.windows import DEFAULT_OVERLAP, iter_tiles, plan_tiles
 from uqserve.runtime import MemberOutputs, ReducedOutputs, Runtime, open_runtime
 from uqserve.volumes import Volume
@@ -65,7 +66,8 @@ __all__ = ["Prediction", "predict_volume"]
 class Prediction:
     """Everything predicted for one volume, in the volume's array order ``[X, Y, Z]``.
 
-    seg            ``[X, Y, Z]`` uint8, argmax of the mean prediction
+    seg            ``[X, Y, Z]`` uint8, argmax of the mean prediction (bundles
+                   that blend logits: of the members' mean logits, as nnU-Net)
     prob           ``[K, X, Y, Z]`` float32, mean prediction p̄
     tu, au, eu     ``[X, Y, Z]`` float32, nats
     au_sample, au_latent  ``[X, Y, Z]`` float32, AU = AU_sample + AU_latent
@@ -144,6 +146,9 @@ class _Maps:
     model_s: float
     accumulate_s: float
     geometry: FrameInfo
+    # Bundles that blend logits: nnU-Net's segmentation, the argmax of the members'
+    # mean logits (None: the argmax of the mean prediction)
+    seg: npt.NDArray[np.uint8] | None = None
 
 
 def _run(
@@ -183,7 +188,7 @@ def _run(
 
     t0 = time.perf_counter()
     dec = maps.dec
-    seg = segment(dec.mean)
+    seg = segment(dec.mean) if maps.seg is None else maps.seg
     scores = score_prediction(
         dec, seg, maps.counts, man,
         voxel_ml=maps.voxel_ml, bundle_path=bundle.path, warnings=warnings,
@@ -228,6 +233,7 @@ def _uncropped(maps: _Maps, crop: Crop, voxel_ml: float) -> _Maps:
         dec=crop.restore(maps.dec),
         counts=counts,
         labels=None if maps.labels is None else crop.pad(maps.labels),
+        seg=None if maps.seg is None else crop.pad(maps.seg),
         geometry={**maps.geometry, "crop": crop.info()},
     )
 
@@ -273,18 +279,23 @@ def _windows(
     data = frame.to_model(normalize_volume(volume.data, man, warnings, volume.source))
     t_norm = time.perf_counter() - t0
     plan = plan_tiles(frame.model_shape, frame.slice_axis, man, batch_size, overlap)
-    want_labels = want_samples or plan.overlapping
-    batches = iter_tiles(plan.working(data), plan, seed)
+    # Logit blending takes each member's labels from its blended map, not the runtime.
+    want_labels = (want_samples or recount(plan)) and man.input.blend != "logits"
+    batches = iter_tiles(plan.working(data), plan, seed, man.input.pad)
     results = runtime.infer_many(batches, want_samples=want_labels)
     st = stitch(
         results, plan, man, want_labels=want_samples, progress=progress, source=volume.source
     )
     t0 = time.perf_counter()
-    dec = frame.to_input(st.member_mean, st.member_entropy)
+    seg = None
+    if st.logits:
+        dec, seg = frame.logits_to_input(st.member_mean)
+    else:
+        dec = frame.to_input(st.member_mean, st.member_entropy)
     labels = None if st.labels is None else frame.labels_to_input(st.labels)
     geometry = frame.info(man.input.patch, plan.per_slice)
     t_back = time.perf_counter() - t0
     return _Maps(
         2, dec, st.counts, labels, frame.model_voxel_ml, t_norm, st.model_s,
-        st.accumulate_s + t_back, geometry,
+        st.accumulate_s + t_back, geometry, seg,
     )  # fmt: skip

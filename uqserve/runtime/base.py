@@ -53,6 +53,9 @@ class MemberOutputs:
     sample_entropy ``[B, H, W]`` float32, mean per-sample entropy (nats)
     sample_counts  ``[B, S, K]`` float32, per-sample argmax voxel counts (valid region)
     sample_labels  ``[B, S, H, W]`` uint8 or None when not requested
+    logits         ``[B, K, H, W]`` float32 before the softmax: only from graphs that
+                   have it, for bundles that blend logits, and runtimes that fetch it
+                   (the embedded one); else None
     prepared       what the caller's ``prepare`` hook of ``infer_many`` made of
                    these outputs, else None
     """
@@ -61,6 +64,7 @@ class MemberOutputs:
     sample_entropy: npt.NDArray[np.float32]
     sample_counts: npt.NDArray[np.float32]
     sample_labels: npt.NDArray[np.uint8] | None = None
+    logits: npt.NDArray[np.float32] | None = None
     prepared: Any = None
 
 

@@ -229,6 +229,10 @@ class EmbeddedRuntime(Runtime):
                 ) from exc
             _check_signature(sess, path, m)
             self.sessions.append(sess)
+        # Bundles that blend logits: fetch them where every graph has them.
+        self._logits = bundle.manifest.input.blend == "logits" and all(
+            "logits" in {o.name for o in s.get_outputs()} for s in self.sessions
+        )
         active = self.sessions[0].get_providers()[0] if self.sessions else "CPUExecutionProvider"
         if device == "cuda" and active != "CUDAExecutionProvider":
             raise RuntimeServiceError(
@@ -303,6 +307,8 @@ class EmbeddedRuntime(Runtime):
             for name, array in batch.feeds().items()
         }
         names = list(MEMBER_OUTPUTS if want_samples else MEMBER_OUTPUTS[:3])
+        if self._logits:
+            names.append("logits")
 
         def run(m: int) -> MemberOutputs:
             out = self.sessions[m].run(names, feeds)
@@ -311,6 +317,7 @@ class EmbeddedRuntime(Runtime):
                 sample_entropy=out[1],
                 sample_counts=out[2],
                 sample_labels=out[3] if want_samples else None,
+                logits=out[-1] if self._logits else None,
             )
             if prepare is None:
                 return outputs
