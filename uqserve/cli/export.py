@@ -12,7 +12,7 @@ from uqserve.cli._app import app
 from uqserve.cli._common import console, err_console, fail, parse_numbers
 
 if TYPE_CHECKING:
-    from uqserve.bundle import Padding
+    from uqserve.bundle import Normalization, Padding
 
 
 @app.command("export")
@@ -145,7 +145,6 @@ def export_command(
 ) -> None:
     """Export a bundle from a recipe, `uqserve train` checkpoints, your own ONNX files,
     or an nnU-Net v2 model folder."""
-    from uqserve.bundle import Normalization
     from uqserve.calibration import calibrate_bundle
     from uqserve.contracts import default_class_names
     from uqserve.exporting import (
@@ -196,22 +195,13 @@ def export_command(
             fail("--onnx needs one or more ONNX files (one per member)")
         if dims == 3 and calibrate:
             say("3D members: not calibrated (calibration draws synthetic 2D slices)")
-        clip = parse_numbers(norm_clip, float, "--norm-clip")
-        if clip is not None and len(clip) != 2:
-            fail(f"--norm-clip: give LOW,HIGH, got {norm_clip!r}")
         bundle = export_onnx_members(
             files,
             out,
             au=au,
             outputs=outputs,
             classes=names or default_class_names(2),
-            normalization=Normalization(
-                scheme=norm,
-                mean=norm_mean,
-                std=norm_std,
-                nonzero=nonzero,
-                clip=None if clip is None else (clip[0], clip[1]),
-            ),
+            normalization=_normalization(norm, norm_mean, norm_std, nonzero, norm_clip),
             tile_size=(tile or 128, tile or 128),
             multiple=multiple,
             dims=dims,
@@ -226,6 +216,21 @@ def export_command(
             overwrite=overwrite,
         )
     _print_result(bundle, quiet=quiet, json_out=json_out)
+
+
+def _normalization(
+    scheme: str, mean: float, std: float, nonzero: bool, norm_clip: str | None
+) -> Normalization:
+    """``--norm*`` as the manifest's ``input.normalization``."""
+    from uqserve.bundle import Normalization
+
+    clip = parse_numbers(norm_clip, float, "--norm-clip")
+    if clip is not None and len(clip) != 2:
+        fail(f"--norm-clip: give LOW,HIGH, got {norm_clip!r}")
+    return Normalization(
+        scheme=scheme, mean=mean, std=std, nonzero=nonzero,
+        clip=None if clip is None else (clip[0], clip[1]),
+    )  # fmt: skip
 
 
 def _padding(pad: str) -> Padding:
