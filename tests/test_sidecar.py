@@ -259,6 +259,7 @@ def test_model_server_outage_is_retried_then_failed(
     syn = write_ct_series(tmp_path / "ct", phantom((16, 16, 3)))
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there: a Triton outage
     config = SidecarConfig(
+        allow_any=True,
         spool=tmp_path / "spool",
         ae_title="UQSIDECAR",
         host="127.0.0.1",
@@ -352,6 +353,7 @@ def test_unsendable_results_go_to_dead_letter(tmp_path: Path, tiny_bundle: Path)
     require("storescu")
     syn = write_ct_series(tmp_path / "ct", phantom((16, 16, 3)))
     config = SidecarConfig(
+        allow_any=True,
         spool=tmp_path / "spool",
         ae_title="UQSIDECAR",
         host="127.0.0.1",

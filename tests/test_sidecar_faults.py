@@ -160,6 +160,7 @@ def _listening(
 ) -> Iterator[Sidecar]:
     """A sidecar whose listener runs; the test steps its worker with ``run_once(now=...)``."""
     kw.setdefault("spool", tmp_path / "spool")
+    kw.setdefault("allow_any", "allow" not in kw)
     if orthanc is not None:
         kw["send_to"] = Peer(orthanc.aet, "127.0.0.1", orthanc.dicom_port)
     config = SidecarConfig(ae_title="UQSIDECAR", host="127.0.0.1", port=0, **kw)
@@ -680,7 +681,7 @@ def test_full_disk_while_building_results_says_so_backs_off_and_cleans_up(
 
 def test_failing_worker_passes_back_off(tmp_path: Path, tiny_bundle: Path) -> None:
     """A fault outside any series (the spool's kept/ is a file) backs the worker off."""
-    config = SidecarConfig(spool=tmp_path / "spool", port=0, poll_s=0.5)
+    config = SidecarConfig(allow_any=True, spool=tmp_path / "spool", port=0, poll_s=0.5)
     sc = Sidecar(config, BundlePredictor(str(tiny_bundle), seed=1, device="cpu"))
     kept = tmp_path / "spool" / "kept"
     kept.rmdir()
@@ -696,7 +697,7 @@ def test_stable_clock_starts_when_the_listener_is_up(tmp_path: Path, tiny_bundle
     however long the start-up took (here: the spool opened 100 s before the listener)."""
     syn = write_ct_series(tmp_path / "ct", phantom((16, 16, 3)))
     key = series_key(syn.series_uid)
-    config = SidecarConfig(
+    config = SidecarConfig(allow_any=True, 
         spool=tmp_path / "spool", ae_title="UQSIDECAR", host="127.0.0.1", port=0,
         stable_seconds=5.0,
     )  # fmt: skip

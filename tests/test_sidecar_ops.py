@@ -64,7 +64,7 @@ def test_metrics_follow_a_series_from_arrival_to_delivery(
         "send_to": Peer("RECEIVER", "127.0.0.1", receiver.port),
         "metrics": ("127.0.0.1", 0),
     }
-    config = SidecarConfig(spool=tmp_path / "spool", ae_title="UQSIDECAR", host="127.0.0.1",
+    config = SidecarConfig(allow_any=True, spool=tmp_path / "spool", ae_title="UQSIDECAR", host="127.0.0.1",
                            port=0, **kw)  # fmt: skip
     try:
         sc = Sidecar(config, BundlePredictor(str(tiny_bundle), seed=1, device="cpu"))
@@ -139,7 +139,7 @@ def test_readyz_is_not_ready_while_the_triton_server_is_unreachable(
 ) -> None:
     down = f"127.0.0.1:{free_port()}"  # nothing listens there
     config = SidecarConfig(
-        spool=tmp_path / "spool", host="127.0.0.1", port=0, metrics=("127.0.0.1", 0)
+        allow_any=True, spool=tmp_path / "spool", host="127.0.0.1", port=0, metrics=("127.0.0.1", 0)
     )
     sc = Sidecar(config, BundlePredictor(str(tiny_bundle), [down], device="cpu"))
     sc.start()
@@ -235,7 +235,7 @@ def test_readyz_follows_a_real_triton_server_going_away(tmp_path: Path, tiny_bun
         pytest.skip("tritonserver (server extra) is not installed")
     repo = write_repository(tiny_bundle, tmp_path / "repo", instances=1)
     config = SidecarConfig(
-        spool=tmp_path / "spool", host="127.0.0.1", port=0, metrics=("127.0.0.1", 0)
+        allow_any=True, spool=tmp_path / "spool", host="127.0.0.1", port=0, metrics=("127.0.0.1", 0)
     )
     with TritonServer(repo) as srv:
         predictor = BundlePredictor(str(tiny_bundle), [srv.grpc_url], device="cpu")

@@ -330,6 +330,16 @@ def test_sidecar_allow_any_is_an_explicit_choice(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "no such bundle" in result.stderr, result.stderr
 
 
+def test_sidecar_config_without_an_allow_list_is_refused_in_python(tmp_path: Path) -> None:
+    """The Python entry fails closed as the CLI does: no allow-list and no allow_any is refused."""
+    from uqserve.sidecar import SidecarConfig
+
+    with pytest.raises(UsageError, match="allow_any"):
+        SidecarConfig(spool=tmp_path / "spool")
+    assert SidecarConfig(spool=tmp_path / "spool", allow=("PACS",)).allow == ("PACS",)
+    assert SidecarConfig(spool=tmp_path / "spool", allow_any=True).allow_any
+
+
 # --------------------------------------------------------------------------- 5: repeated members
 
 

@@ -218,6 +218,7 @@ def sidecar_command(
         host=host,
         port=port,
         allow=allowed,
+        allow_any=allow_any,
         send_to=peer,
         stable_seconds=stable_seconds,
         outputs=OutputOptions(seg_type=seg_type.lower(), fractional=fractional, report=report),

@@ -172,6 +172,8 @@ class SidecarConfig:
     host: str = "0.0.0.0"
     port: int = 11112
     allow: tuple[str, ...] = ()
+    # An empty ``allow`` accepts every caller only when this says so (fail closed).
+    allow_any: bool = False
     send_to: Peer | WebPeer | None = None
     # Credentials of a DICOMweb ``send_to`` (read from the environment or a file).
     web_auth: WebAuth | None = None
@@ -193,6 +195,11 @@ class SidecarConfig:
     tls: TLSConfig | None = None
 
     def __post_init__(self) -> None:
+        if not self.allow and not self.allow_any:
+            raise UsageError(
+                "no calling AE titles are allowed: give allow=(...) (--allow), "
+                "or allow_any=True (--allow-any) to accept every caller"
+            )
         if self.stable_seconds < 0:
             raise UsageError(f"stable_seconds must be >= 0, got {self.stable_seconds}")
         if self.keep_s < 0:
