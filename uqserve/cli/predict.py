@@ -116,6 +116,15 @@ def predict_command(
             max=9,
         ),
     ] = 1,
+    exact_scores: Annotated[
+        bool,
+        typer.Option(
+            "--exact-scores",
+            help="Rank every voxel for the scan's AU~EU entanglement (default: a seeded sample "
+            "of 2^22 of them on bigger scans; the report gives its standard error).",
+            show_default=False,
+        ),
+    ] = False,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print each report as one JSON line instead of a table.")
     ] = False,
@@ -151,8 +160,9 @@ def predict_command(
         deadline_s=deadline,
     )  # fmt: skip
     predictor = Predictor(
-        load_bundle(bundle), options, seed=seed, batch_size=batch_size, overlap=overlap
-    )
+        load_bundle(bundle), options, seed=seed, batch_size=batch_size, overlap=overlap,
+        exact_scores=exact_scores,
+    )  # fmt: skip
     predictor.open()  # a missing GPU or a server that is down: one line, before any bar
 
     failed: list[ScanResult] = []

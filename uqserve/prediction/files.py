@@ -206,6 +206,7 @@ def predict_scans(
     progress: ProgressFn | None = None,
     on_scan: Callable[[ScanResult], None] | None = None,
     pipeline: bool = True,
+    exact_scores: bool = False,
 ) -> list[ScanResult]:
     """Predict each of ``paths`` (from :func:`check_scans`) on ``runtime`` and write
     ``out_dir/<scan name>/`` atomically.
@@ -218,6 +219,7 @@ def predict_scans(
     options: dict[str, Any] = dict(
         seed=seed, batch_size=batch_size, overlap=overlap, overwrite=overwrite,
         volume_index=volume_index, max_voxels=max_voxels, progress=progress,
+        exact_scores=exact_scores,
     )  # fmt: skip
     writing = {"png": png, "compression_level": compression_level}
     results: list[ScanResult] = []
@@ -390,6 +392,7 @@ def _start_file(
     volume_index: int | None,
     max_voxels: int | None,
     progress: ProgressFn | None,
+    exact_scores: bool = False,
 ) -> _Pending:
     """One scan's first half: open its temporary folder, read, predict."""
     t0 = time.perf_counter()
@@ -400,7 +403,7 @@ def _start_file(
         t_read = time.perf_counter() - t0
         pred = predict_volume(
             volume, runtime=runtime, seed=seed, batch_size=batch_size, overlap=overlap,
-            progress=progress,
+            progress=progress, exact_scores=exact_scores,
         )  # fmt: skip
     except BaseException as exc:
         stack.__exit__(type(exc), exc, exc.__traceback__)

@@ -101,6 +101,7 @@ def predict_volume(
     want_samples: bool = False,
     progress: ProgressFn | None = None,
     overlap: float = DEFAULT_OVERLAP,
+    exact_scores: bool = False,
 ) -> Prediction:
     """Segment ``volume`` and decompose its uncertainty.
 
@@ -111,6 +112,8 @@ def predict_volume(
     8 on a GPU or Triton); results are bit-identical for any value.
     ``overlap``: the fraction of the patch neighbouring sliding windows share
     (bundles with ``input.patch``; 0 <= overlap < 1, default 0.5).
+    ``exact_scores``: rank every voxel for the scan's entanglement (default: a
+    seeded sample of ``uncertainty.SCORE_SAMPLE`` voxels when more qualify).
     Raises ``VolumeError`` for unusable volumes, ``BundleError`` for bad
     bundles, ``PredictError`` for bad options.
     """
@@ -123,6 +126,7 @@ def predict_volume(
         return _run(
             volume, runtime, seed=seed, batch_size=batch_size or runtime.preferred_batch_size,
             overlap=overlap, want_samples=want_samples, progress=progress, t_start=t_start,
+            exact_scores=exact_scores,
         )  # fmt: skip
     finally:
         if own_runtime:
@@ -161,6 +165,7 @@ def _run(
     want_samples: bool,
     progress: ProgressFn | None,
     t_start: float,
+    exact_scores: bool = False,
 ) -> Prediction:
     """The steps of the module docstring, in order."""
     bundle = runtime.bundle
@@ -191,7 +196,8 @@ def _run(
     seg = segment(dec.mean) if maps.seg is None else maps.seg
     scores = score_prediction(
         dec, seg, maps.counts, man,
-        voxel_ml=maps.voxel_ml, bundle_path=bundle.path, warnings=warnings,
+        voxel_ml=maps.voxel_ml, bundle_path=bundle.path, warnings=warnings, seed=seed,
+        exact_scores=exact_scores,
     )  # fmt: skip
     timings: Timings = {
         "normalize_s": maps.normalize_s,

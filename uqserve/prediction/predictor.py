@@ -82,6 +82,8 @@ class Predictor:
     windows, bundles with ``input.patch``) apply to every scan; the maps are
     bit-identical for any batch size. ``runtime``: an open runtime to use
     instead (its bundle is used; the caller keeps it and closes it).
+    ``exact_scores``: rank every voxel for the scan's entanglement (default:
+    a seeded sample of ``uncertainty.SCORE_SAMPLE`` voxels when more qualify).
 
     The runtime opens on first use (or :meth:`open`, e.g. to fail early on a
     server that is down). After a failure that is not the scan's fault (not a
@@ -98,6 +100,7 @@ class Predictor:
         batch_size: int | None = None,
         overlap: float = DEFAULT_OVERLAP,
         runtime: Runtime | None = None,
+        exact_scores: bool = False,
     ) -> None:
         check_batch_size(batch_size)
         check_overlap(overlap)
@@ -106,6 +109,7 @@ class Predictor:
         self.options = options or RuntimeOptions()
         self.bundle = runtime.bundle if runtime is not None else _loaded(bundle)
         self.seed, self.batch_size, self.overlap = seed, batch_size, overlap
+        self.exact_scores = exact_scores
         self._runtime = runtime
         self._owned = runtime is None
 
@@ -171,6 +175,7 @@ class Predictor:
             predict_volume, volume, seed=self.seed if seed is None else seed,
             batch_size=self.batch_size,
             want_samples=want_samples, progress=progress, overlap=self.overlap,
+            exact_scores=self.exact_scores,
         )  # fmt: skip
         return self._guarded(lambda runtime: run(runtime=runtime))
 
@@ -200,7 +205,7 @@ class Predictor:
             batch_size=self.batch_size, overlap=self.overlap, png=png,
             compression_level=compression_level, overwrite=overwrite, volume_index=volume_index,
             max_voxels=max_voxels, on_error=on_error, progress=progress, on_scan=on_scan,
-            pipeline=pipeline,
+            pipeline=pipeline, exact_scores=self.exact_scores,
         )  # fmt: skip
         return self._guarded(lambda runtime: run(runtime=runtime))
 
@@ -243,6 +248,7 @@ def predict(
     progress: ProgressFn | None = None,
     on_scan: Callable[[ScanResult], None] | None = None,
     pipeline: bool = True,
+    exact_scores: bool = False,
 ) -> list[ScanResult]:
     """Predict each scan and write ``out_dir/<scan name>/`` atomically.
 
@@ -258,8 +264,9 @@ def predict(
     it in the ``ScanResult`` and goes on. Bundle and runtime errors always
     raise. ``progress(scan, slices_done, slices_total)`` is called after every
     batch, ``on_scan(result)`` after every scan. ``compression_level`` (1-9)
-    gzips the maps; 0 writes plain ``.nii`` maps instead. ``max_voxels`` refuses larger scans before
-    reading them (see ``read_volume``). ``overlap``: the share of sliding
+    gzips the maps; 0 writes plain ``.nii`` maps instead. ``max_voxels``
+    refuses larger scans before reading them (see ``read_volume``).
+    ``exact_scores``: see :class:`Predictor`. ``overlap``: the share of sliding
     windows (bundles with ``input.patch``). ``pipeline``: write each scan's
     files in a background thread while the next scan is read and predicted
     (at most two scans in memory); results, ``on_scan`` calls and errors still
@@ -279,7 +286,7 @@ def predict(
     # Not `with`: the predictor opens its runtime once the options and scans are checked.
     predictor = Predictor(
         bundle if runtime is None else None, options, seed=seed, batch_size=batch_size,
-        overlap=overlap, runtime=runtime,
+        overlap=overlap, runtime=runtime, exact_scores=exact_scores,
     )  # fmt: skip
     try:
         return predictor.predict_files(

@@ -17,13 +17,14 @@ import numpy as np
 from uqserve._version import __version__
 
 if TYPE_CHECKING:
-    from uqserve.bundle import Bundle
+    from uqserve.bundle import Bundle, Manifest
     from uqserve.runtime import Runtime
     from uqserve.volumes import Volume
 
 __all__ = [
     "BundleInfo",
     "Entanglement",
+    "EntanglementSample",
     "FrameInfo",
     "ImageScores",
     "OodInfo",
@@ -89,9 +90,19 @@ class OodInfo(TypedDict):
     aggregator: str
 
 
+class EntanglementSample(TypedDict):
+    """How ``scan`` was estimated when it ranks a subsample (absent: every voxel)."""
+
+    size: int  # voxels ranked
+    population: int  # voxels with TU > 0.05 ln K
+    seed: int
+    standard_error: float  # of ``scan`` against the exact value
+
+
 class Entanglement(TypedDict):
     scan: float | None  # Spearman rank correlation of AU and EU over this scan's voxels
     bundle: dict[str, Any] | None  # the manifest's validation-set figures
+    sample: NotRequired[EntanglementSample]
 
 
 class VolumeStats(TypedDict):
@@ -159,6 +170,7 @@ class Scores:
     ood: OodInfo
     entanglement: float | None  # AU~EU Spearman over the scan's voxels
     volumes: dict[str, VolumeStats]
+    entanglement_sample: EntanglementSample | None = None  # None: exact
 
 
 def build_report(
@@ -202,13 +214,20 @@ def build_report(
         "runtime": _runtime_info(runtime),
         "scores": scores.image,
         "ood": scores.ood,
-        "entanglement": {"scan": scores.entanglement, "bundle": dict(man.entanglement) or None},
+        "entanglement": _entanglement(scores, man),
         "volumes": scores.volumes,
         "timings": timings,
         "geometry": geometry,
         "warnings": warnings,
         "uqserve_version": __version__,
     }
+
+
+def _entanglement(scores: Scores, man: Manifest) -> Entanglement:
+    ent: Entanglement = {"scan": scores.entanglement, "bundle": dict(man.entanglement) or None}
+    if scores.entanglement_sample is not None:
+        ent["sample"] = scores.entanglement_sample
+    return ent
 
 
 def report_json(report: Report) -> str:

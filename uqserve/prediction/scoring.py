@@ -15,7 +15,14 @@ import numpy.typing as npt
 from uqserve import uncertainty
 from uqserve.bundle import Manifest
 from uqserve.prediction.options import PredictError
-from uqserve.prediction.report import ImageScores, OodInfo, Scores, VolumeStats, jsonable
+from uqserve.prediction.report import (
+    EntanglementSample,
+    ImageScores,
+    OodInfo,
+    Scores,
+    VolumeStats,
+    jsonable,
+)
 
 __all__ = ["Scores", "score_prediction", "segment"]
 
@@ -34,11 +41,15 @@ def score_prediction(
     voxel_ml: float,
     bundle_path: Path | str,
     warnings: list[str],
+    seed: int = 0,
+    exact_scores: bool = False,
 ) -> Scores:
     """Image scores, OOD, entanglement and volumes of one scan.
 
     ``counts`` ``[M, S, K]``: voxels per class in each coherent sample;
-    ``voxel_ml``: one voxel's volume in mL. Raises ``PredictError`` when the
+    ``voxel_ml``: one voxel's volume in mL. The entanglement ranks a
+    ``seed``-ed sample of ``uncertainty.SCORE_SAMPLE`` voxels when more
+    qualify (every one with ``exact_scores``). Raises ``PredictError`` when the
     OOD aggregator needs a threshold the bundle was not calibrated with.
     """
     M, S, K = man.num_members, man.num_samples, man.num_classes
@@ -61,14 +72,33 @@ def score_prediction(
     ood = ood_info(man, ood_score)
     if M == 1:
         warnings.append("bundle has no epistemic method (one member): EU is 0, no OOD flag")
-    ent_scan = uncertainty.scan_entanglement(dec.tu, dec.au, dec.eu, K)
+    ent_scan, sample = _entanglement(dec, K, seed, exact_scores)
     vols = uncertainty.volume_distribution(counts.reshape(M * S, K), voxel_ml, list(man.classes))
     return Scores(
         image=image,
         ood=ood,
         entanglement=None if ent_scan is None else float(ent_scan),
         volumes=cast(dict[str, VolumeStats], jsonable(vols)),
+        entanglement_sample=sample,
     )
+
+
+def _entanglement(
+    dec: uncertainty.Decomposition, K: int, seed: int, exact: bool
+) -> tuple[float | None, EntanglementSample | None]:
+    """The scan's AU~EU rho, and the sample it came from (None: every voxel)."""
+    if exact:
+        return uncertainty.scan_entanglement(dec.tu, dec.au, dec.eu, K), None
+    got = uncertainty.sampled_scan_entanglement(
+        dec.tu, dec.au, dec.eu, K, size=uncertainty.SCORE_SAMPLE, seed=seed
+    )
+    if got.exact:
+        return got.rho, None
+    sample: EntanglementSample = {
+        "size": got.size, "population": got.population, "seed": seed,
+        "standard_error": got.standard_error,
+    }  # fmt: skip
+    return got.rho, sample
 
 
 def _score(

@@ -21,6 +21,7 @@ One module per job; every public name is importable from here:
 | `scores` | `image_score`, `ImageScorer`: one number per map |
 | `ood` | the OOD threshold and decision |
 | `entanglement` | AU~EU rank correlation, the paper's Δ scores |
+| `sampled` | a scan's entanglement from a fixed-size seeded subsample |
 | `volumes` | class volumes over the coherent samples |
 
 Example:
@@ -47,17 +48,24 @@ from uqserve.uncertainty.entanglement import (
     scan_entanglement,
 )
 from uqserve.uncertainty.ood import OODResult, calibrate_ood_threshold, ood_decision
+from uqserve.uncertainty.sampled import (
+    SCORE_SAMPLE,
+    SampledEntanglement,
+    sampled_scan_entanglement,
+)
 from uqserve.uncertainty.scores import ImageScorer, image_score
 from uqserve.uncertainty.volumes import volume_distribution
 
 __all__ = [
     "AGGREGATORS",
+    "SCORE_SAMPLE",
     "SUM_TOLERANCE",
     "Accumulator",
     "Decomposition",
     "ImageScorer",
     "OODResult",
     "PreparedMember",
+    "SampledEntanglement",
     "ambiguity_delta",
     "calibrate_ood_threshold",
     "calibration_delta",
@@ -71,6 +79,7 @@ __all__ = [
     "ood_delta",
     "prepare_member",
     "rank_correlation",
+    "sampled_scan_entanglement",
     "scan_entanglement",
     "segmentation",
     "volume_distribution",
