@@ -697,7 +697,7 @@ def test_stable_clock_starts_when_the_listener_is_up(tmp_path: Path, tiny_bundle
     however long the start-up took (here: the spool opened 100 s before the listener)."""
     syn = write_ct_series(tmp_path / "ct", phantom((16, 16, 3)))
     key = series_key(syn.series_uid)
-    config = SidecarConfig(allow_any=True, 
+    config = SidecarConfig(allow_any=True,
         spool=tmp_path / "spool", ae_title="UQSIDECAR", host="127.0.0.1", port=0,
         stable_seconds=5.0,
     )  # fmt: skip

@@ -64,8 +64,8 @@ def test_metrics_follow_a_series_from_arrival_to_delivery(
         "send_to": Peer("RECEIVER", "127.0.0.1", receiver.port),
         "metrics": ("127.0.0.1", 0),
     }
-    config = SidecarConfig(allow_any=True, spool=tmp_path / "spool", ae_title="UQSIDECAR", host="127.0.0.1",
-                           port=0, **kw)  # fmt: skip
+    config = SidecarConfig(spool=tmp_path / "spool", ae_title="UQSIDECAR", host="127.0.0.1",
+                           port=0, allow_any=True, **kw)  # fmt: skip
     try:
         sc = Sidecar(config, BundlePredictor(str(tiny_bundle), seed=1, device="cpu"))
         sc.start(worker=False)  # the test steps the worker with run_once
