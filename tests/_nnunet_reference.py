@@ -50,7 +50,8 @@ CASES = {
     "mr": {"small": (24, 40, 6), "large": (44, 52, 14)},
     "ct": {"small": (6, 24, 40), "large": (12, 44, 52)},
 }
-#: The crop-and-resample case: this shape at 0.8x the training spacing in-plane.
+#: The crop-and-resample case: this shape at 0.8x the training spacing in-plane,
+#: 1.25x along the thick axis.
 FINE_SHAPE = {"mr": (36, 44, 10), "ct": (10, 40, 44)}
 CONFIGURATIONS = ("2d", "3d_fullres")
 #: run -> (configuration, folds, mirroring, test cases)
@@ -110,10 +111,11 @@ def write_raw(root: Path, key: str) -> tuple[str, dict[str, str]]:
         image, _ = _case(rng, case_shape, offset, scale)
         files[case] = str(folder / f"{key}{case}_000_0000.nii.gz")
         _save(image, spacing, Path(files[case]), flip)
-    # A case at 0.8x the training spacing in-plane, in a frame of zeros (one zero
+    # A case at 0.8x the training spacing in-plane and 1.25x along the thick axis
+    # (resampled nearest there: nnU-Net's separate z), in a frame of zeros (one zero
     # slice along the thick axis): nnU-Net crops it to the nonzero box before
     # normalising, resamples it to the training grid and back.
-    fine = tuple(v if v > 1.0 else 0.8 * v for v in spacing)
+    fine = tuple(1.25 * v if v > 1.0 else 0.8 * v for v in spacing)
     folder = root / f"test_{key}_cropped"
     folder.mkdir()
     image, _ = _case(rng, FINE_SHAPE[key], offset, scale)

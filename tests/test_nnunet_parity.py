@@ -8,8 +8,8 @@ trainer initialises them (biases and norm parameters randomised, the last
 layer scaled; no smoothing, nothing fitted to an image) and predicts test
 cases with ``nnUNetPredictor`` (CPU, probabilities saved): one smaller than
 the patch in some axes (nnU-Net pads it with 0, centred), one larger than the
-patch in every axis (overlapping windows, blended in logit space), one at a
-finer spacing in a frame of zeros (cropped to the nonzero box, resampled).
+patch in every axis (overlapping windows, blended in logit space), one at
+another spacing in a frame of zeros (cropped to the nonzero box, resampled).
 uqserve exports the same model folders and predicts the same NIfTI files;
 both are compared on the input grid, every voxel counted, for the 2d and the
 3d_fullres configuration.
@@ -206,10 +206,12 @@ def test_manifest_carries_nnunet_plans(reference: dict[str, Any], tmp_path: Path
 def test_cropped_and_resampled_case_matches_nnunet(
     reference: dict[str, Any], key: str, run: str, tmp_path: Path
 ) -> None:
-    """A case at 0.8x the training spacing in a frame of zeros: cropped to the
-    nonzero box, normalised, resampled to the model grid and back: >= 98 % of
-    nnU-Net's labels. Catches a wrong crop box, normalising before cropping, and
-    resampling the wrong way (axes, interpolation order, probabilities vs logits)."""
+    """A case at 0.8x the training spacing in-plane and 1.25x along the thick axis,
+    in a frame of zeros: cropped to the nonzero box, normalised, resampled to the
+    model grid and back: >= 98 % of nnU-Net's labels. Catches a wrong crop box,
+    normalising before cropping, and resampling the wrong way (axes,
+    interpolation order, probabilities vs logits; linear instead of nearest
+    along the thick axis on the way back: 97.5 % in 3D)."""
     for s in _compare(reference, key, run, tmp_path):
         assert s["same_labels"] >= 0.98, s
 

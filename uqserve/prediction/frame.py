@@ -100,7 +100,8 @@ class Frame:
 
         member_logits  ``[M, K, X', Y', Z']`` logits (or log-probabilities: up to a
                        per-voxel constant, the same) on the model grid
-        The logits are interpolated and the softmax taken on the input grid, as
+        The logits are interpolated (linear; nearest along a thick axis, as
+        nnU-Net's ``order_z`` 0) and the softmax taken on the input grid, as
         nnU-Net resamples its logits. Returns the decomposition of the members'
         probabilities and nnU-Net's segmentation ``[X, Y, Z]``: the argmax of the
         members' mean log-softmax, i.e. of their mean logits (nnU-Net's fold average).
@@ -108,8 +109,9 @@ class Frame:
         M, K = member_logits.shape[:2]
         acc = uncertainty.Accumulator(K, self.in_shape)
         mean_z = np.zeros((K, *self.in_shape), np.float32)
+        orders = tuple(0 if o == 0 else 1 for o in self.orders)  # the image's thick axis
         for m in range(M):
-            z = _log_softmax(np.stack([self._back(member_logits[m, k], 1) for k in range(K)]))
+            z = _log_softmax(np.stack([self._back(member_logits[m, k], orders) for k in range(K)]))
             mean_z += z
             acc.add(np.exp(z), None)
         return acc.result(release=True), mean_z.argmax(axis=0).astype(np.uint8)
@@ -121,9 +123,11 @@ class Frame:
         back = [self._back(a, order=0) for a in flat]
         return np.stack(back).reshape(*lead, *self.in_shape)
 
-    def _back(self, a: npt.NDArray[Any], order: int) -> npt.NDArray[Any]:
-        """One ``[X', Y', Z']`` map from the model grid to the input grid."""
-        a = resample(a, self.oriented_shape, (order,) * 3)
+    def _back(self, a: npt.NDArray[Any], order: int | tuple[int, ...]) -> npt.NDArray[Any]:
+        """One ``[X', Y', Z']`` map from the model grid to the input grid (``order``:
+        one for every axis, or one per axis)."""
+        orders = (order,) * 3 if isinstance(order, int) else order
+        a = resample(a, self.oriented_shape, orders)
         if self.transform is not None:
             a = reorient(a, inverse(self.transform, self.in_shape)[0])
         return a
