@@ -24,6 +24,7 @@ from uqserve.bundle import (
     InputSpec,
     Manifest,
     Normalization,
+    Padding,
     load_bundle,
     write_manifest,
 )
@@ -69,13 +70,34 @@ def test_shipped_v1_manifests_migrate_on_load() -> None:
     assert raw.get("schema_version", 1) == 1 and raw["input"]["spacing"] == [1.0, 1.0]
     man = load_bundle("ssn-ensemble").manifest
     inp = man.input
-    assert man.schema_version == SCHEMA_VERSION == 2
+    assert man.schema_version == SCHEMA_VERSION == 3
     assert (inp.dims, inp.patch, inp.spacing, inp.orientation) == (2, None, None, None)
     assert inp.normalization.scheme == "fixed" and not inp.normalization.nonzero
     written = json.loads(json.dumps(man.to_dict()))
     validate(written, "manifest")
     assert written["schema_version"] == 2 and written["input"]["spacing"] is None
     assert Manifest.from_dict(written) == man
+
+
+def test_manifests_that_pad_or_blend_like_nnunet_say_version_3() -> None:
+    """A reader older than input.pad/blend/gaussian ignores them (it would pad by reflection
+    and blend probabilities): a manifest that needs them is written as version 3, which such a
+    reader refuses; one that keeps their defaults stays version 2 and readable by it."""
+    man = load_bundle("softmax-ensemble").manifest
+    assert man.to_dict()["schema_version"] == 2
+    for change in (
+        {"pad": Padding(mode="constant", value=0.0, centre=True)},
+        {"blend": "logits"},
+        {"gaussian": "nnunet"},
+    ):
+        changed = dataclasses.replace(man, input=dataclasses.replace(man.input, **change))
+        written = json.loads(json.dumps(changed.to_dict()))
+        validate(written, "manifest")
+        assert written["schema_version"] == 3, change
+        assert Manifest.from_dict(written).input == dataclasses.replace(man.input, **change)
+    newer = {**man.to_dict(), "schema_version": SCHEMA_VERSION + 1}
+    with pytest.raises(BundleError, match="newer than this uqserve"):
+        Manifest.from_dict(newer)
 
 
 @pytest.mark.parametrize(

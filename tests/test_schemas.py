@@ -76,7 +76,7 @@ def _manifest(**changes: Any) -> dict[str, Any]:
         ({"members": [{"file": "m.onnx", "sha256": "abc"}]}, "members/0/sha256"),
         ({"au": "softmax", "num_samples": 4}, "num_samples"),
         ({"eu": "none"}, "num_members"),
-        ({"schema_version": 3}, "schema_version"),
+        ({"schema_version": 4}, "schema_version"),
         ({"created": "yesterday"}, "created"),
         ({"colour": "blue"}, "(top level)"),
     ],

@@ -23,7 +23,10 @@ from uqserve._fs import atomic_write_text, read_json_object
 from uqserve.contracts import AGGREGATORS, AU_METHODS, DEFAULT_AGGREGATOR, EU_METHODS
 from uqserve.errors import UsageError
 
-SCHEMA_VERSION = 2
+# Version 3 added input.pad, input.blend and input.gaussian. A reader ignores fields it does
+# not know, so a manifest that needs them says 3 (older readers refuse it instead of padding
+# and blending the old way); one that keeps their defaults is still written as 2.
+SCHEMA_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 NORMALIZATIONS = ("fixed", "zscore", "ct")
 INTERPOLATIONS = ("cubic", "linear")
@@ -128,6 +131,13 @@ class Padding:
     mode: str = "reflect"
     value: float = 0.0
     centre: bool = False
+
+
+def written_schema_version(spec: InputSpec) -> int:
+    """The oldest schema version whose readers run a bundle with this input correctly."""
+    default = InputSpec()
+    new = (spec.pad, spec.blend, spec.gaussian) != (default.pad, default.blend, default.gaussian)
+    return SCHEMA_VERSION if new else 2
 
 
 @dataclass(frozen=True)
@@ -302,6 +312,7 @@ class Manifest:
         for key in ("tile_size", "patch", "spacing"):
             if d["input"][key] is not None:
                 d["input"][key] = list(d["input"][key])
+        d["schema_version"] = written_schema_version(self.input)
         return d
 
     @classmethod
