@@ -2,6 +2,13 @@
 
     .venv/bin/python benchmarks/bench_predict.py [--shape 512 512 64] [--device cuda]
         [--precision fp32|tf32|fp16] [--repeats 1] [--no-torch] [--no-rss]
+    .venv/bin/python benchmarks/bench_predict.py --network nnunet-2d --members 5
+        --shape 512 512 300 --device cuda [--precision fp16] [--compare-cpu]
+
+``--network nnunet-2d``: nnU-Net's default 2d network (46 M parameters) as
+the members, uqserve vs nnU-Net's own predictor on the same scan and device
+(see ``benchmarks/_nnunet2d.py``; needs the ``nnunet`` extra). The rest of
+this docstring is the default ``--network unet``.
 
 On a synthetic X x Y x Z volume (uqserve.data.make_volume, default 256 x 256 x
 64) it measures:
@@ -40,6 +47,7 @@ depend on the weights. Needs the ``export`` extra (torch).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -238,7 +246,16 @@ def main() -> None:
     ap.add_argument(
         "--rss-child", nargs=3, metavar=("BUNDLE", "DEPTH", "BATCH"), help=argparse.SUPPRESS
     )
+    ap.add_argument("--network", default="unet", choices=("unet", "nnunet-2d"))
+    ap.add_argument("--compare-cpu", action="store_true", help="nnunet-2d: maps vs fp32 on the CPU")
     args = ap.parse_args()
+    if args.network == "nnunet-2d":
+        from _nnunet2d import run
+
+        with contextlib.redirect_stdout(sys.stderr):  # nnU-Net prints its progress
+            result = run(args)
+        print(json.dumps(result, indent=2))
+        return
     if args.rss_child:
         batch = None if args.rss_child[2] == "auto" else int(args.rss_child[2])
         rss_child(args.rss_child[0], int(args.rss_child[1]), batch)
