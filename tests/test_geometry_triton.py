@@ -47,6 +47,54 @@ def test_3d_bundle_through_triton_equals_embedded(tmp_path: Path) -> None:
     assert np.array_equal(got.sample_labels, want.sample_labels)
 
 
+def _nnunet_like_bundle(tmp_path: Path) -> Path:
+    """Two 3D folds padded, weighed and blended as nnU-Net's (constant 0 centred, its
+    Gaussian, float16 logit sums), whose graphs return their logits as nnU-Net members do."""
+    import onnx
+
+    from uqserve.bundle import Member, Padding, sha256_file, write_manifest
+    from uqserve.exporting import export_onnx_members
+    from uqserve.exporting._onnx import wrap_onnx_member
+
+    files = [_user_onnx_3d(tmp_path / f"fold{i}.onnx", i) for i in range(2)]
+    export_onnx_members(
+        files, tmp_path / "nn", dims=3, patch=(8, 32, 32), spacing=(3.0, 2.5, 2.5),
+        orientation="RAS", normalization=Normalization("zscore"), name="nnlike",
+        pad=Padding("constant", 0.0, True),
+    )  # fmt: skip
+    man = load_bundle(tmp_path / "nn").manifest
+    members = []
+    for f, m in zip(files, man.members, strict=True):
+        model, _, _ = wrap_onnx_member(f, num_classes=2, dims=3, keep_logits=True)
+        onnx.save(model, str(tmp_path / "nn" / m.file))
+        members.append(Member(file=m.file, sha256=sha256_file(tmp_path / "nn" / m.file)))
+    inp = dataclasses.replace(man.input, gaussian="nnunet")
+    write_manifest(tmp_path / "nn", dataclasses.replace(man, members=tuple(members), input=inp))
+    return tmp_path / "nn"
+
+
+def test_nnunet_like_bundle_through_triton_blends_the_members_logits(tmp_path: Path) -> None:
+    """Triton serves the members' optional logits and the client blends them in float16 as
+    the embedded runtime does, so nnU-Net bundles give the same maps on both. Catches a
+    repository or client that drops the logits (then log p is blended in float32, which
+    misses nnU-Net's float16 rounding)."""
+    bundle = load_bundle(_nnunet_like_bundle(tmp_path))
+    assert bundle.manifest.input.blend == "logits"
+    vol = read_volume(EXAMPLE4D, volume_index=0)
+    vol = dataclasses.replace(vol, data=np.ascontiguousarray(vol.data[:64, :48, :5]))
+    with EmbeddedRuntime(bundle, device="cpu") as emb:
+        want = predict_volume(vol, runtime=emb, batch_size=2)
+    repo = write_repository(bundle, tmp_path / "repo", "python", instances=1)
+    assert 'name: "logits_1"' in (repo / "nnlike" / "config.pbtxt").read_text()
+    with TritonServer(repo) as srv, TritonRuntime(bundle, [srv.grpc_url]) as rt:
+        got = predict_volume(vol, runtime=rt, batch_size=3)
+    assert got.report["geometry"]["windows"] == want.report["geometry"]["windows"] > 1
+    for name in ("prob", "tu", "au", "eu"):
+        diff = float(np.abs(getattr(got, name) - getattr(want, name)).max())
+        assert diff <= 1e-6, f"{name}: max abs difference {diff}"
+    assert np.array_equal(got.seg, want.seg)
+
+
 def test_3d_repository_declares_volumes(tmp_path: Path) -> None:
     """The onnxruntime flavour's configs carry the volumetric dims of the contract."""
     from uqserve.exporting import export_onnx_members

@@ -58,6 +58,7 @@ class _Server:
     target: str
     verified: bool = False
     reduces: bool = False  # serves <bundle>_reduced
+    logits: bool = False  # its ensembles return the members' optional logits
     down_until: float = 0.0
     last_error: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -252,6 +253,11 @@ class TritonRuntime(Runtime):
                     f"{server.url}: cannot query model {self.model_name!r}: {_short(exc)}"
                 ) from exc
             self._check_reduce(server, client, config, timeout)
+            # Bundles that blend logits take the members' own (as embedded) where served.
+            outputs = {o.name for o in config.output}
+            server.logits = self.bundle.manifest.input.blend == "logits" and all(
+                f"logits_{i}" in outputs for i in range(self.bundle.manifest.num_members)
+            )
             served_id = served_identity(config)
             mismatch = _describe_mismatch(self._identity, served_id)
             if mismatch:
@@ -314,6 +320,7 @@ class TritonRuntime(Runtime):
                 sample_entropy=got[f"sample_entropy_{i}"],
                 sample_counts=got[f"sample_counts_{i}"],
                 sample_labels=got.get(f"sample_labels_{i}"),
+                logits=got.get(f"logits_{i}"),
             )
             for i in range(self.bundle.manifest.num_members)
         ]
@@ -392,10 +399,10 @@ class TritonRuntime(Runtime):
         server.down_until = time.monotonic() + self.backoff_s * (2 ** min(attempt, 6))
 
     def _out_specs(
-        self, b: int, sp: tuple[int, ...], mode: str
+        self, b: int, sp: tuple[int, ...], mode: str, logits: bool = False
     ) -> list[tuple[str, tuple[int, ...], Any]]:
         """``(name, shape, dtype)`` of the outputs a ``mode`` request returns (``sp``: H, W
-        or D, H, W)."""
+        or D, H, W; ``logits``: the members' optional logits too)."""
         m = self.bundle.manifest
         k, s = m.num_classes, m.num_samples
         if mode == "reduced":
@@ -413,6 +420,8 @@ class TritonRuntime(Runtime):
             ]
             if mode == "samples":
                 out_specs.append((f"sample_labels_{i}", (b, s, *sp), np.uint8))
+            if logits:
+                out_specs.append((f"logits_{i}", (b, k, *sp), np.float32))
         return out_specs
 
     def _infer_on(
@@ -427,7 +436,7 @@ class TritonRuntime(Runtime):
             ("offset", np.ascontiguousarray(batch.offset, dtype=np.int64).reshape(b, 3), "INT64"),
             ("valid", np.ascontiguousarray(batch.valid, dtype=np.int64).reshape(b, -1), "INT64"),
         ]
-        out_specs = self._out_specs(b, sp, mode)
+        out_specs = self._out_specs(b, sp, mode, logits=server.logits)
         model = {
             "samples": self.model_name,
             "members": nosamples_model_name(self.model_name),

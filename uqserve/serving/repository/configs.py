@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -66,7 +68,25 @@ def _member_tensors(bundle: Bundle) -> tuple[list[_Tensor], list[_Tensor]]:
         return found
 
     inputs, outputs = member_specs(m.input.dims)
-    return tensors(inputs), tensors(outputs)
+    found_in, found_out = tensors(inputs), tensors(outputs)
+    if returns_logits(bundle):
+        found_out.append(_Tensor("logits", mc.TYPE_FP32, (m.num_classes, *[-1] * m.input.dims)))
+    return found_in, found_out
+
+
+def returns_logits(bundle: Bundle) -> bool:
+    """Do the members serve their optional ``logits`` (bundles that blend logits, all of
+    whose graphs have the output)? Then the client blends them as the embedded runtime does."""
+    m = bundle.manifest
+    return m.input.blend == "logits" and _all_have_logits(
+        tuple(str(bundle.path / x.file) for x in m.members), tuple(x.sha256 for x in m.members)
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _all_have_logits(files: tuple[str, ...], digests: tuple[str, ...]) -> bool:
+    """``digests`` key the cache: a rewritten member is read again."""
+    return all("logits" in graph_signature(Path(f))[1] for f in files)
 
 
 def _add_io(
@@ -171,7 +191,7 @@ def _reduce_tensors(bundle: Bundle) -> tuple[list[_Tensor], list[_Tensor]]:
         _Tensor(f"{t.name}_{i}", t.dtype, t.dims)
         for i in range(n)
         for t in member_outputs
-        if t.name != "sample_labels"
+        if t.name not in ("sample_labels", "logits")
     ]
     outputs = [  # Triton's dims leave out the batch
         _Tensor(name, _MC_TYPES[dtype], tuple(int(d) for d in shape[1:]))
@@ -246,3 +266,46 @@ def read_config(path: str | os.PathLike[str]) -> mc.ModelConfig:
         raise RepositoryError(f"{p}: not a valid Triton model config ({exc})") from exc
     except OSError as exc:
         raise RepositoryError(f"{p}: cannot read ({exc.strerror})") from exc
+
+
+# onnxruntime's type strings -> Triton's data types.
+_ORT_TYPES = {
+    "tensor(float)": mc.TYPE_FP32,
+    "tensor(float16)": mc.TYPE_FP16,
+    "tensor(double)": mc.TYPE_FP64,
+    "tensor(int64)": mc.TYPE_INT64,
+    "tensor(int32)": mc.TYPE_INT32,
+    "tensor(int8)": mc.TYPE_INT8,
+    "tensor(uint8)": mc.TYPE_UINT8,
+    "tensor(bool)": mc.TYPE_BOOL,
+}
+
+
+@dataclass(frozen=True)
+class _GraphTensor:
+    dtype: int
+    shape: tuple[int | None, ...]  # None = symbolic/dynamic
+
+
+def graph_signature(path: Path) -> tuple[dict[str, _GraphTensor], dict[str, _GraphTensor]]:
+    """``(inputs, outputs)`` of an ONNX graph by name: Triton data type and shape."""
+    import onnxruntime as ort  # the client's base dependency; imported only to validate
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise RepositoryError(f"{path}: not a loadable ONNX graph ({exc})") from exc
+
+    def sig(args: Any) -> dict[str, _GraphTensor]:
+        return {
+            a.name: _GraphTensor(
+                _ORT_TYPES.get(a.type, mc.TYPE_INVALID),
+                tuple(d if isinstance(d, int) else None for d in a.shape),
+            )
+            for a in args
+        }
+
+    return sig(sess.get_inputs()), sig(sess.get_outputs())

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -13,49 +11,10 @@ from uqserve.bundle import sha256_file
 from uqserve.serving.repository.configs import (
     VERSION,
     RepositoryError,
+    _GraphTensor,
+    graph_signature,
     read_config,
 )
-
-# onnxruntime's type strings -> Triton's data types.
-_ORT_TYPES = {
-    "tensor(float)": mc.TYPE_FP32,
-    "tensor(float16)": mc.TYPE_FP16,
-    "tensor(double)": mc.TYPE_FP64,
-    "tensor(int64)": mc.TYPE_INT64,
-    "tensor(int32)": mc.TYPE_INT32,
-    "tensor(int8)": mc.TYPE_INT8,
-    "tensor(uint8)": mc.TYPE_UINT8,
-    "tensor(bool)": mc.TYPE_BOOL,
-}
-
-
-@dataclass(frozen=True)
-class _GraphTensor:
-    dtype: int
-    shape: tuple[int | None, ...]  # None = symbolic/dynamic
-
-
-def _graph_signature(path: Path) -> tuple[dict[str, _GraphTensor], dict[str, _GraphTensor]]:
-    import onnxruntime as ort  # the client's base dependency; imported only to validate
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise RepositoryError(f"{path}: not a loadable ONNX graph ({exc})") from exc
-
-    def sig(args: Any) -> dict[str, _GraphTensor]:
-        return {
-            a.name: _GraphTensor(
-                _ORT_TYPES.get(a.type, mc.TYPE_INVALID),
-                tuple(d if isinstance(d, int) else None for d in a.shape),
-            )
-            for a in args
-        }
-
-    return sig(sess.get_inputs()), sig(sess.get_outputs())
 
 
 def _check_tensor(
@@ -132,7 +91,7 @@ def validate_repository(path: str | os.PathLike[str]) -> list[str]:
         )
         if sha and sha256_file(onnx_file) != sha:
             problems.append(f"{onnx_file}: sha256 differs from the config's uqserve_sha256")
-        g_in, g_out = _graph_signature(onnx_file)
+        g_in, g_out = graph_signature(onnx_file)
         batched = config.max_batch_size > 0
         for t in config.input:
             if t.name not in g_in:
