@@ -49,7 +49,7 @@ def test_every_error_class_is_in_the_family() -> None:
         "uqserve.runtime.base.RuntimeServiceError",
         "uqserve.runtime.triton.servers.TritonMismatchError",
         "uqserve.serving.launcher.ServerError",
-        "uqserve.training.TrainError",
+        "uqserve.training.config.TrainError",
         "uqserve.evaluation.sets.EvaluationError",
         "uqserve.sidecar.service.PermanentError",
     ):

@@ -282,6 +282,8 @@ def _write_checkpoints(
     (folder / "config.json").write_text(
         json.dumps(
             {
+                "format": "uqserve-checkpoints",
+                "version": 1,
                 "combination": comb,
                 "model_config": cfg.to_dict(),
                 "train_config": {"size": [32, 32]},

@@ -48,7 +48,7 @@ def _too_long(path: Path) -> list[str]:
 
 def test_no_function_is_longer_than_a_screen_without_saying_why() -> None:
     files = sorted(PACKAGE.rglob("*.py"))
-    assert PACKAGE / "training.py" in files and PACKAGE / "cli" / "export.py" in files
+    assert PACKAGE / "training" / "run.py" in files and PACKAGE / "cli" / "export.py" in files
     offenders = [f for path in files for f in _too_long(path)]
     assert not offenders, (
         f"functions over {LIMIT} lines: split them into named steps, or put a "

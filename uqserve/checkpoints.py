@@ -1,10 +1,12 @@
-"""Read a checkpoint folder written by ``uqserve train`` (the one reader).
+"""Checkpoint folders of ``uqserve train``: the one writer and the one reader.
 
 A folder holds ``config.json`` (schema in :mod:`uqserve.training`) and the
 weight files its ``members`` list names (``member_<m>.safetensors``).
-:func:`read_checkpoint_config` checks the config without torch;
-:func:`load_checkpoints` also builds one network per weight file. Both
-training (to reload what it wrote) and exporting use them.
+Training writes them with :func:`save_weights` and
+:func:`write_checkpoint_config`; :func:`read_checkpoint_config` checks the
+config without torch, format version included (a folder of a newer format is
+refused, not misread); :func:`load_checkpoints` also builds one network per
+weight file. Training (to reload what it wrote) and exporting read them.
 
 Everything is read from ``config.json``: a new combination or a member with
 more files needs a new key there, not a second reader.
@@ -18,10 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from uqserve._fs import atomic_write_text
 from uqserve.errors import UsageError
 from uqserve.models.config import ModelConfig, parse_combination
 
 CONFIG_NAME = "config.json"
+#: ``config.json``'s ``format`` and ``version``: what this uqserve writes and can read.
+FORMAT = "uqserve-checkpoints"
+FORMAT_VERSION = 1
+SWAG_FILE = "swag.safetensors"
 _RETRAIN = "re-run `uqserve train`"
 
 
@@ -63,6 +70,9 @@ def read_checkpoint_config(ckpt_dir: str | os.PathLike[str]) -> Checkpoints:
         raise CheckpointError(f"{cfg_path}: missing; pass a folder written by `uqserve train`")
     try:
         cfg = json.loads(cfg_path.read_text())
+        if not isinstance(cfg, dict):
+            raise TypeError(f"a JSON object expected, got {type(cfg).__name__}")
+        _check_format(cfg, cfg_path)
         au, eu = parse_combination(str(cfg["combination"]))
         mc = ModelConfig.from_dict(dict(cfg["model_config"]))
         files = [path / str(m["file"]) for m in cfg["members"]]
@@ -84,6 +94,37 @@ def read_checkpoint_config(ckpt_dir: str | os.PathLike[str]) -> Checkpoints:
                 f"{f}: checkpoint missing ({len(files)} members expected); {_RETRAIN}"
             )
     return Checkpoints(path=path, config=cfg, model_config=mc, au=au, eu=eu, files=files)
+
+
+def _check_format(cfg: dict[str, Any], cfg_path: Path) -> None:
+    """``format`` and ``version`` are this uqserve's; a newer version is refused."""
+    if cfg.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{cfg_path}: not a uqserve checkpoint config (format {cfg.get('format')!r}, "
+            f"expected {FORMAT!r}); pass a folder written by `uqserve train`"
+        )
+    version = cfg.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{cfg_path}: format version {version!r} is not valid; {_RETRAIN}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{cfg_path}: format version {version} is newer than this uqserve reads "
+            f"({FORMAT_VERSION}); upgrade uqserve, or {_RETRAIN} with this one"
+        )
+
+
+def write_checkpoint_config(folder: str | os.PathLike[str], config: dict[str, Any]) -> Path:
+    """Write ``config.json`` (``format``/``version`` set here) into ``folder``, atomically."""
+    record = {"format": FORMAT, "version": FORMAT_VERSION, **config}
+    return atomic_write_text(Path(folder) / CONFIG_NAME, json.dumps(record, indent=2) + "\n")
+
+
+def save_weights(net: Any, path: str | os.PathLike[str], metadata: dict[str, str]) -> None:
+    """Save ``net``'s weights (a ``torch.nn.Module``) as safetensors at ``path``."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
+    save_file(state, str(path), metadata=metadata)
 
 
 def load_checkpoints(ckpt_dir: str | os.PathLike[str], members: int | None = None) -> Checkpoints:
@@ -126,8 +167,13 @@ def _load_network(au: str, config: ModelConfig, file: Path) -> Any:
 
 __all__ = [
     "CONFIG_NAME",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "SWAG_FILE",
     "CheckpointError",
     "Checkpoints",
     "load_checkpoints",
     "read_checkpoint_config",
+    "save_weights",
+    "write_checkpoint_config",
 ]
