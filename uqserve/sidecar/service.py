@@ -40,6 +40,8 @@ import numpy.typing as npt
 
 from uqserve._version import __version__
 from uqserve.errors import ServiceError, UqserveError, UsageError
+from uqserve.prediction import Predictor, RuntimeOptions
+from uqserve.runtime import Runtime
 from uqserve.sidecar._privacy import describe, guard_logs, traceback_lines
 from uqserve.sidecar.dicomweb import WebAuth, WebPeer, stow_files
 from uqserve.sidecar.metrics import MetricsServer, SidecarMetrics
@@ -89,14 +91,13 @@ class PredictionLike(Protocol):
     def report(self) -> Mapping[str, Any]: ...
 
 
-class BundlePredictor:
-    """``predict_volume`` with a runtime kept open between series.
+class BundlePredictor(Predictor):
+    """The sidecar's :class:`uqserve.Predictor`, called once per series.
 
     The runtime (embedded onnxruntime, or Triton when ``servers`` are given)
-    opens on first use and its sessions are reused for every series; after a
-    runtime failure it is closed so the next attempt reconnects (a bad series,
-    a ``ValueError``, keeps it open). Imports predict lazily so that importing the sidecar stays
-    cheap and torch-free.
+    opens once (``open()``, before the sidecar listens) and its sessions serve
+    every series; after a runtime failure it is closed so the next series
+    reconnects (a bad series, a ``ValueError``, keeps it open).
     """
 
     def __init__(
@@ -107,27 +108,19 @@ class BundlePredictor:
         seed: int | None = None,
         device: str = "auto",
     ) -> None:
-        from uqserve.bundle import load_bundle
-
         if device not in _DEVICES:
             raise UsageError(f"device {device!r} unknown; use one of {', '.join(_DEVICES)}")
-        self.bundle = load_bundle(bundle)
-        self.servers = tuple(servers)
-        self.seed = seed
-        self.device = device
-        self._runtime: Any = None
-        self._opened = False
+        super().__init__(bundle, RuntimeOptions(device=device, servers=tuple(servers)), seed=seed)
+        self._loaded = False  # opened once: later it reopens by itself after a failure
 
-    def open(self) -> None:
-        """Open the runtime now (idempotent): a device without a GPU, an unreachable
-        or mismatched server fail here, before the sidecar listens."""
-        from uqserve.runtime import open_runtime
+    @property
+    def servers(self) -> tuple[str, ...]:
+        return self.options.servers
 
-        if self._runtime is None:
-            self._runtime = open_runtime(
-                self.bundle, list(self.servers) or None, device=self.device
-            )
-            self._opened = True
+    def open(self) -> Runtime:
+        runtime = super().open()
+        self._loaded = True
+        return runtime
 
     def ready(self) -> str | None:
         """Why no series could be predicted now, or None (for the readiness probe).
@@ -136,7 +129,7 @@ class BundlePredictor:
         failure). With Triton: a server answers its health check now.
         """
         if not self.servers:
-            return None if self._opened else "the in-process runtime is not loaded yet"
+            return None if self._loaded else "the in-process runtime is not loaded yet"
         from uqserve.runtime.triton import any_server_live
 
         if any_server_live(self.servers, timeout_s=2.0):
@@ -144,23 +137,7 @@ class BundlePredictor:
         return f"no Triton server answers ({', '.join(self.servers)})"
 
     def __call__(self, volume: Volume) -> PredictionLike:
-        from uqserve.prediction import predict_volume
-
-        try:
-            self.open()
-            return predict_volume(volume, self.bundle, runtime=self._runtime, seed=self.seed)
-        except ValueError:
-            raise  # a bad scan: keep the sessions (and their cuDNN autotuning) for the next
-        except Exception:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        if self._runtime is not None:
-            try:
-                self._runtime.close()
-            finally:
-                self._runtime = None
+        return self.predict(volume)
 
 
 @dataclass(frozen=True)
