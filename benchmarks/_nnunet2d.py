@@ -196,7 +196,8 @@ def uqserve_side(bundle: Path, volume: Any, scan: Path, out: Path, args: Any) ->
 
     from uqserve.runtime import open_runtime
 
-    with open_runtime(bundle, device=args.device, precision=args.precision) as rt:
+    rt = open_runtime(bundle, device=args.device, precision=args.precision, reduce=args.reduce)
+    with rt:
         model_alone(rt, volume, args.batch_size)  # warm-up: allocator, autotuning
         with peak_device_mib(args.device) as mem:
             alone = min(model_alone(rt, volume, args.batch_size) for _ in range(args.repeats))
@@ -209,6 +210,7 @@ def uqserve_side(bundle: Path, volume: Any, scan: Path, out: Path, args: Any) ->
         "total_over_model": total / alone,
         "stages": best,
         "scans_per_hour": 3600.0 / total,
+        "reduce": "graph" if rt.reduces else "host",
         **mem,
     }
 

@@ -247,6 +247,10 @@ def main() -> None:
         "--rss-child", nargs=3, metavar=("BUNDLE", "DEPTH", "BATCH"), help=argparse.SUPPRESS
     )
     ap.add_argument("--network", default="unet", choices=("unet", "nnunet-2d"))
+    ap.add_argument(
+        "--reduce", default="auto", choices=("auto", "graph", "host"),
+        help="nnunet-2d: where uqserve sums the members (auto: graph on CUDA)",
+    )  # fmt: skip
     ap.add_argument("--compare-cpu", action="store_true", help="nnunet-2d: maps vs fp32 on the CPU")
     args = ap.parse_args()
     if args.network == "nnunet-2d":

@@ -37,6 +37,8 @@ PYEOF
 # The headline: 512 x 512 x 300, 5 folds of nnU-Net's default 2d network, fp16 and exact fp32.
 run nnunet2d_fp16 --network nnunet-2d --members 5 --shape 512 512 300 --device cuda --precision fp16
 run nnunet2d_fp32 --network nnunet-2d --members 5 --shape 512 512 300 --device cuda --precision fp32
+# The same with every member's outputs brought to the host: what the reduction graph saves.
+run nnunet2d_fp16_host --network nnunet-2d --members 5 --shape 512 512 300 --device cuda --precision fp16 --reduce host
 # Accuracy against fp32 on the CPU (TU/AU/EU within 1e-2, labels >= 99.9 %; fp32 within 1e-5),
 # on 16 slices so that the CPU side stays short.
 run accuracy_fp16 --network nnunet-2d --members 5 --shape 512 512 16 --device cuda --precision fp16 --compare-cpu

@@ -33,7 +33,7 @@ CLI = PACKAGE / "cli"
 LAYERS: dict[str, int] = {
     **dict.fromkeys(["errors", "contracts", "_fs", "_failpoints", "_progress", "_version"], 0),
     **dict.fromkeys(["bundle", "uncertainty", "volumes", "models", "data", "schemas"], 1),
-    **dict.fromkeys(["metrics", "checkpoints", "training", "triton_names"], 1),
+    **dict.fromkeys(["metrics", "checkpoints", "training", "triton_names", "reduction"], 1),
     **dict.fromkeys(["exporting", "serving", "runtime"], 2),
     **dict.fromkeys(["prediction", ""], 3),
     **dict.fromkeys(["evaluation", "calibration", "evaluate", "sidecar"], 4),

@@ -68,6 +68,15 @@ def predict_command(
             "change by up to about 1e-3). Needs --device cuda or a GPU found by auto.",
         ),
     ] = "fp32",
+    reduce: Annotated[
+        str | None,
+        typer.Option(
+            "--reduce",
+            help="Where the members' outputs are summed: graph (the reduction graph, on the "
+            "GPU with CUDA: only the sums come back) or host. Default: graph on CUDA.",
+            show_default=False,
+        ),
+    ] = None,
     fast: Annotated[
         bool, typer.Option("--fast", help="Same as --precision tf32.", show_default=False)
     ] = False,
@@ -150,6 +159,8 @@ def predict_command(
         fail(f"--device {device!r}: use auto, cpu or cuda")
     if precision not in ("fp32", "tf32", "fp16"):
         fail(f"--precision {precision!r}: use fp32, tf32 or fp16")
+    if reduce not in (None, "graph", "host"):
+        fail(f"--reduce {reduce!r}: use graph or host")
     if fast:
         if precision not in ("fp32", "tf32"):
             fail(f"--fast means --precision tf32; it contradicts --precision {precision}")
@@ -157,7 +168,7 @@ def predict_command(
     paths = collect_scans(scans)
     options = RuntimeOptions(
         device=device, precision=precision, servers=tuple(server or ()), timeout_s=timeout,
-        deadline_s=deadline,
+        deadline_s=deadline, reduce=reduce or "auto",
     )  # fmt: skip
     predictor = Predictor(
         load_bundle(bundle), options, seed=seed, batch_size=batch_size, overlap=overlap,

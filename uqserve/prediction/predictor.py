@@ -49,7 +49,9 @@ class RuntimeOptions:
     default), ``tf32`` or ``fp16`` on a GPU (the maps change by up to about
     1e-3). ``servers``: Triton gRPC URLs (``host:port``); given, the graphs run
     there instead, ``timeout_s`` per request (default 60 s) and ``deadline_s``
-    per scan (retries included; default none).
+    per scan (retries included; default none). ``reduce``: ``graph`` sums
+    the members' outputs in the reduction graph where they ran (the GPU),
+    ``host`` in this process; ``auto`` (default): graph on CUDA.
     """
 
     device: str = "auto"
@@ -57,6 +59,7 @@ class RuntimeOptions:
     servers: tuple[str, ...] = ()
     timeout_s: float | None = None
     deadline_s: float | None = None
+    reduce: str = "auto"
 
     def __post_init__(self) -> None:
         # device and precision are checked by the runtime that uses them.
@@ -69,6 +72,7 @@ class RuntimeOptions:
         return open_runtime(
             bundle, servers=list(self.servers) or None, device=self.device,
             precision=self.precision, timeout_s=self.timeout_s, deadline_s=self.deadline_s,
+            reduce=self.reduce,
         )  # fmt: skip
 
 

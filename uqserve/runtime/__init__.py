@@ -26,6 +26,7 @@ def open_runtime(
     *,
     timeout_s: float | None = None,
     deadline_s: float | None = None,
+    reduce: str = "auto",
 ) -> Runtime:
     """The runtime for ``bundle``: Triton when ``servers`` are given, else embedded.
 
@@ -36,7 +37,8 @@ def open_runtime(
     ``fp16``; see ``uqserve.runtime.embedded``) apply to the embedded runtime;
     a server's precision is set by its repository. ``timeout_s`` (per request,
     default 60 s) and ``deadline_s`` (per scan, retries included; default none)
-    apply to servers (see ``TritonRuntime``).
+    apply to servers (see ``TritonRuntime``). ``reduce`` (``auto``, ``graph``,
+    ``host``; see ``EmbeddedRuntime``) applies to the embedded runtime.
     Raises ``BundleError`` for a bad bundle, ``RuntimeServiceError`` when a server
     cannot be used.
     """
@@ -73,4 +75,4 @@ def open_runtime(
             ) from exc
     from uqserve.runtime.embedded import EmbeddedRuntime
 
-    return EmbeddedRuntime(bundle, device=device, precision=precision)
+    return EmbeddedRuntime(bundle, device=device, precision=precision, reduce=reduce)

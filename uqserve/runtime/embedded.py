@@ -45,6 +45,7 @@ import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -55,11 +56,16 @@ from uqserve.runtime.base import (
     Batch,
     MemberOutputs,
     PrepareFn,
+    ReducedOutputs,
     Runtime,
     RuntimeServiceError,
 )
 
+if TYPE_CHECKING:
+    from uqserve.runtime._graph_reduce import GraphReducer
+
 DEVICES = ("auto", "cpu", "cuda")
+REDUCE_MODES = ("auto", "graph", "host")
 #: ``fp32``: exact float32 (the default); ``tf32``: TF32 tensor-core matmuls and
 #: convolutions on CUDA; ``fp16``: float16 network body on CUDA.
 PRECISIONS = ("fp32", "tf32", "fp16")
@@ -157,6 +163,9 @@ class EmbeddedRuntime(Runtime):
     last two need CUDA and raise ``UsageError`` on a CPU (``tf32`` does nothing
     there, and float16 convolutions on a CPU are slower and change the answer).
     ``conv_algo_search``: cuDNN's algorithm search (``HEURISTIC`` by default).
+    ``reduce``: ``graph`` sums the members' outputs with the reduction graph
+    where they ran (only the sums reach the host, ``infer_reduced``),
+    ``host`` hands every member's outputs over; ``auto``: graph on CUDA.
     """
 
     name = "embedded"
@@ -169,10 +178,13 @@ class EmbeddedRuntime(Runtime):
         workers: int | None = None,
         precision: str = "fp32",
         conv_algo_search: str = "HEURISTIC",
+        reduce: str = "auto",
     ) -> None:
         super().__init__(bundle)
         import onnxruntime as ort
 
+        if reduce not in REDUCE_MODES:
+            raise UsageError(f"reduce {reduce!r} unknown; use one of {', '.join(REDUCE_MODES)}")
         if device not in DEVICES:
             raise UsageError(f"device {device!r} unknown; use one of {', '.join(DEVICES)}")
         if threads is not None and threads < 1:
@@ -243,10 +255,21 @@ class EmbeddedRuntime(Runtime):
         # On a CPU one 256 x 256 slice's activations already fill the caches; larger
         # batches ran 1.2-1.4x slower (benchmarks/bench_predict.py). A GPU wants them.
         self.preferred_batch_size = 8 if self._device == "cuda" else 1
+        self._reducer = self._graph_reducer(reduce, opts, providers)
+        self.reduces = self._reducer is not None
 
     @property
     def device(self) -> str:
         return self._device
+
+    def _graph_reducer(self, reduce: str, opts: Any, providers: list[Any]) -> GraphReducer | None:
+        """The reduction graph's runner for ``reduce`` (None: the host sums)."""
+        graph = reduce == "graph" or (reduce == "auto" and self._device == "cuda")
+        if not graph or self.bundle.manifest.input.dims != 2:  # 3D bundles run in windows
+            return None
+        from uqserve.runtime._graph_reduce import GraphReducer
+
+        return GraphReducer(self.bundle.manifest, self.sessions, self._device, opts, providers)
 
     def infer(self, batch: Batch, want_samples: bool = False) -> list[MemberOutputs]:
         return self._collect(self._submit(batch, want_samples, None))
@@ -324,6 +347,16 @@ class EmbeddedRuntime(Runtime):
             return dataclasses.replace(outputs, prepared=prepare(m, outputs))
 
         return [self._pool.submit(run, m) for m in range(len(self.sessions))]
+
+    def infer_reduced(self, batch: Batch) -> ReducedOutputs:
+        """Every member's outputs for ``batch``, summed by the reduction graph."""
+        if self._reducer is None or self._pool is None:
+            raise RuntimeServiceError("this runtime does not reduce (see .reduces); use infer()")
+        feeds = {
+            name: np.ascontiguousarray(array, dtype=MEMBER_INPUT_SPEC[name][0])
+            for name, array in batch.feeds().items()
+        }
+        return self._reducer.run(feeds, self._pool)
 
     @staticmethod
     def _collect(futures: list[Future[MemberOutputs]]) -> list[MemberOutputs]:
