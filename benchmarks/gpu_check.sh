@@ -34,6 +34,9 @@ print(json.dumps({k: r.get(k) for k in keys} | {"nnunet": r["nnunet"], "vs_cpu_f
 PYEOF
 }
 
+# The CUDA IOBinding path of --reduce graph against the host sums (skipped on a CPU).
+"$PY" -m pytest -q -rs tests/test_reduce_graph.py 2>&1 | tee "$DEST/test_reduce_graph.txt" | tail -3 >&2 || true
+
 # The headline: 512 x 512 x 300, 5 folds of nnU-Net's default 2d network, fp16 and exact fp32.
 run nnunet2d_fp16 --network nnunet-2d --members 5 --shape 512 512 300 --device cuda --precision fp16
 run nnunet2d_fp32 --network nnunet-2d --members 5 --shape 512 512 300 --device cuda --precision fp32

@@ -14,19 +14,25 @@ from tests.conftest import blob_volume, write_nifti
 from uqserve.errors import UsageError
 from uqserve.prediction import Predictor, RuntimeOptions
 from uqserve.runtime import open_runtime
+from uqserve.runtime.embedded import cuda_available
 from uqserve.volumes import read_volume
 
 MAPS = ("tu", "au", "eu", "au_sample", "au_latent", "prob")
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("bundle", ["tiny_bundle", "tiny_softmax_bundle", "softmax-ensemble"])
-def test_graph_equals_host_on_the_cpu(bundle: str, request: pytest.FixtureRequest) -> None:
+def test_graph_equals_host(bundle: str, device: str, request: pytest.FixtureRequest) -> None:
+    # CI checks the CPU execution provider; on a GPU machine the same test runs the CUDA
+    # IOBinding path (member outputs left on the device) against the host sums.
+    if device == "cuda" and not cuda_available():
+        pytest.skip("no GPU with onnxruntime's CUDA provider")
     path = bundle if "-" in bundle else request.getfixturevalue(bundle)
     volume = read_volume(write_nifti(Path(request.getfixturevalue("tmp_path")) / "s.nii.gz",
                                      blob_volume((48, 40, 5))))  # fmt: skip
     preds = {}
     for mode in ("graph", "host"):
-        with Predictor(path, RuntimeOptions(device="cpu", reduce=mode), seed=3) as p:
+        with Predictor(path, RuntimeOptions(device=device, reduce=mode), seed=3) as p:
             assert p.runtime.reduces == (mode == "graph")
             preds[mode] = p.predict(volume)
     g, h = preds["graph"], preds["host"]
