@@ -67,3 +67,17 @@ def test_the_checker_counts_bodies_and_honours_the_comment(tmp_path: Path) -> No
         f"def explained() -> None:\n{body}    return None\n"
     )
     assert [f.split()[1] for f in _too_long(probe)] == ["long"]
+
+
+MODULE_LIMIT = 600
+
+
+def test_no_module_is_longer_than_600_lines() -> None:
+    # A module past this holds several jobs: split it into a package named by job
+    # (as uncertainty/, training/, runtime/triton/, serving/repository/, sidecar/outputs/).
+    long = {
+        str(p.relative_to(PACKAGE.parent)): n
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if (n := len(p.read_text().splitlines())) > MODULE_LIMIT
+    }
+    assert not long, f"modules over {MODULE_LIMIT} lines: {long}"

@@ -30,20 +30,15 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
-
-import numpy as np
-import numpy.typing as npt
+from typing import Any
 
 from uqserve._version import __version__
 from uqserve.errors import ServiceError, UqserveError, UsageError
-from uqserve.prediction import Predictor, RuntimeOptions
-from uqserve.runtime import Runtime
 from uqserve.sidecar._privacy import describe, guard_logs, traceback_lines
-from uqserve.sidecar.dicomweb import WebAuth, WebPeer, stow_files
+from uqserve.sidecar.config import SidecarConfig
+from uqserve.sidecar.dicomweb import WebPeer, stow_files
 from uqserve.sidecar.metrics import MetricsServer, SidecarMetrics
 from uqserve.sidecar.outputs import (
     OutputOptions,
@@ -52,10 +47,10 @@ from uqserve.sidecar.outputs import (
     sanitize_sources,
     write_datasets,
 )
-from uqserve.sidecar.scp import SUPPORTED_MODALITIES, Limits, StorageSCP
-from uqserve.sidecar.sender import Peer, SendResult, dead_letter, send_files
+from uqserve.sidecar.predictor import BundlePredictor, PredictionLike
+from uqserve.sidecar.scp import StorageSCP
+from uqserve.sidecar.sender import SendResult, dead_letter, send_files
 from uqserve.sidecar.spool import SeriesState, Spool, instances_digest
-from uqserve.sidecar.tls import TLSConfig
 from uqserve.volumes import Volume, VolumeError
 from uqserve.volumes.dicom import read_series
 
@@ -72,119 +67,8 @@ class PeerUnavailable(ServiceError):
     """The receiving PACS could not be reached for some results: retry the series later."""
 
 
-_DEVICES = ("auto", "cpu", "cuda")  # as uqserve.runtime.embedded.DEVICES, without importing it
-
 # Modality values shown in logs: plain codes only (a hostile value could hold anything).
 _SAFE_MODALITY = re.compile(r"[A-Z0-9_ ]{0,16}")
-
-
-class PredictionLike(Protocol):
-    """What the sidecar needs from a prediction (``uqserve.Prediction``)."""
-
-    seg: npt.NDArray[np.uint8]
-    prob: npt.NDArray[np.float32]
-    tu: npt.NDArray[np.float32]
-    au: npt.NDArray[np.float32]
-    eu: npt.NDArray[np.float32]
-
-    @property
-    def report(self) -> Mapping[str, Any]: ...
-
-
-class BundlePredictor(Predictor):
-    """The sidecar's :class:`uqserve.Predictor`, called once per series.
-
-    The runtime (embedded onnxruntime, or Triton when ``servers`` are given)
-    opens once (``open()``, before the sidecar listens) and its sessions serve
-    every series; after a runtime failure it is closed so the next series
-    reconnects (a bad series, a ``ValueError``, keeps it open).
-    """
-
-    def __init__(
-        self,
-        bundle: str | None = None,
-        servers: Sequence[str] = (),
-        *,
-        seed: int | None = None,
-        device: str = "auto",
-    ) -> None:
-        if device not in _DEVICES:
-            raise UsageError(f"device {device!r} unknown; use one of {', '.join(_DEVICES)}")
-        super().__init__(bundle, RuntimeOptions(device=device, servers=tuple(servers)), seed=seed)
-        self._loaded = False  # opened once: later it reopens by itself after a failure
-
-    @property
-    def servers(self) -> tuple[str, ...]:
-        return self.options.servers
-
-    def open(self) -> Runtime:
-        runtime = super().open()
-        self._loaded = True
-        return runtime
-
-    def ready(self) -> str | None:
-        """Why no series could be predicted now, or None (for the readiness probe).
-
-        In-process: the runtime has been opened (it reopens by itself after a
-        failure). With Triton: a server answers its health check now.
-        """
-        if not self.servers:
-            return None if self._loaded else "the in-process runtime is not loaded yet"
-        from uqserve.runtime.triton import any_server_live
-
-        if any_server_live(self.servers, timeout_s=2.0):
-            return None
-        return f"no Triton server answers ({', '.join(self.servers)})"
-
-    def __call__(self, volume: Volume) -> PredictionLike:
-        return self.predict(volume)
-
-
-@dataclass(frozen=True)
-class SidecarConfig:
-    """Everything ``uqserve sidecar`` is told on its command line."""
-
-    spool: Path
-    ae_title: str = "UQSERVE"
-    host: str = "0.0.0.0"
-    port: int = 11112
-    allow: tuple[str, ...] = ()
-    # An empty ``allow`` accepts every caller only when this says so (fail closed).
-    allow_any: bool = False
-    send_to: Peer | WebPeer | None = None
-    # Credentials of a DICOMweb ``send_to`` (read from the environment or a file).
-    web_auth: WebAuth | None = None
-    stable_seconds: float = 10.0
-    modalities: tuple[str, ...] = SUPPORTED_MODALITIES
-    outputs: OutputOptions = field(default_factory=OutputOptions)
-    max_attempts: int = 5
-    retry_base_s: float = 30.0
-    send_retries: int = 3
-    send_backoff_s: float = 2.0
-    poll_s: float = 0.5
-    limits: Limits = field(default_factory=Limits)
-    # How long the instances of a finished series are kept, so that late ones
-    # are merged with them and the series is processed whole (0: not kept).
-    keep_s: float = 900.0
-    # ``(host, port)`` of /healthz, /readyz and /metrics (None: not served).
-    metrics: tuple[str, int] | None = None
-    # DICOM TLS on the listener and the sender (and HTTPS trust for DICOMweb).
-    tls: TLSConfig | None = None
-
-    def __post_init__(self) -> None:
-        if not self.allow and not self.allow_any:
-            raise UsageError(
-                "no calling AE titles are allowed: give allow=(...) (--allow), "
-                "or allow_any=True (--allow-any) to accept every caller"
-            )
-        if self.stable_seconds < 0:
-            raise UsageError(f"stable_seconds must be >= 0, got {self.stable_seconds}")
-        if self.keep_s < 0:
-            raise ValueError(f"keep_s must be >= 0, got {self.keep_s}")
-        if self.max_attempts < 1:
-            raise UsageError(f"max_attempts must be >= 1, got {self.max_attempts}")
-        if not 0 <= self.port < 65536:
-            raise UsageError(f"port {self.port} out of range 0-65535")
 
 
 class Sidecar:
