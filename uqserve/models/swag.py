@@ -1,6 +1,7 @@
 """SWAG and SWAG-D: a Gaussian over the weights from snapshots of one training run.
 
-Training runs at a constant learning rate; every ``every`` steps over the last
+Training runs on its ordinary schedule (the paper's SWAG observes an ordinary run;
+see ``uqserve.training``); every ``every`` steps over the last
 ``snapshots * every`` steps, :class:`SwagCollector` folds the raw (not EMA)
 parameters into a running mean, a running mean of squares and (SWAG, not
 SWAG-D) a deviation matrix ``D`` holding ``w - mean`` (the mean after the
