@@ -566,7 +566,8 @@ def write_report(runs: list[dict[str, Any]], scale: str, out: Path) -> dict[str,
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps(study, indent=1) + "\n")
     figures = _figures(agg, out / "figures")
-    (out / "study.md").write_text(_markdown(agg, scale, figures))
+    drawn = [p.name for p in sorted((out / "figures").glob(f"{EVAL_FIGURES}*.png"))]
+    (out / "study.md").write_text(_markdown(agg, scale, figures, drawn))
     return study
 
 
@@ -624,7 +625,9 @@ def _cost_lines(cost: dict[str, Any]) -> list[str]:
     ]
 
 
-def _markdown(agg: dict[str, Any], scale: str, figures: list[str]) -> str:
+def _markdown(
+    agg: dict[str, Any], scale: str, figures: list[str], eval_figures: Sequence[str] = ()
+) -> str:
     weak = [x for x in agg["learn_check"] if not x["passed"]]
     missing = agg["missing"]
     text = [
@@ -682,8 +685,41 @@ def _markdown(agg: dict[str, Any], scale: str, figures: list[str]) -> str:
         "",
         *[f"![{f}](figures/{f})" for f in figures],
         "",
+        *(["## Figures from `uqserve evaluate`", "",
+           f"Drawn by `benchmarks/study.py --scale {scale} --figures COMBINATION...` from the "
+           "bundles of finished runs (seed 0 unless told), on the runs' test sets.", "",
+           *[f"![{f}](figures/{f})" for f in eval_figures], ""] if eval_figures else []),
     ]  # fmt: skip
     return "\n".join(text)
+
+
+def evaluate_figures(
+    combinations: Sequence[str], seed: int, scale: str, work: Path, folder: Path
+) -> list[Path]:
+    """``uqserve evaluate``'s figures (reliability, AU vs EU, OOD histograms, samples, and
+    a summary of the set) for the bundles of finished runs, evaluated side by side on the
+    run's test sets (same seed, same sizes), into ``folder/study_eval_*.png``."""
+    import shutil
+    import tempfile
+
+    from uqserve.evaluate import evaluate
+
+    bundles = [work / f"seed{seed}" / "bundles" / c for c in combinations]
+    absent = [str(b) for b in bundles if not (b / "manifest.json").is_file()]
+    if absent:
+        raise SystemExit(f"--figures: no bundle at {', '.join(absent)}; run those first")
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        evaluate(bundles, "synthetic", Path(tmp) / "eval", device="cpu", seed=seed,
+                 figures=True, **SCALES[scale]["evaluate"])  # fmt: skip
+        for old in folder.glob(f"{EVAL_FIGURES}*.png"):
+            old.unlink()
+        for png in sorted((Path(tmp) / "eval" / "figures").glob("*.png")):
+            shutil.copyfile(png, folder / f"{EVAL_FIGURES}{png.name}")
+    return sorted(folder.glob(f"{EVAL_FIGURES}*.png"))
+
+
+EVAL_FIGURES = "study_eval_"  # prefix of --figures' files in results/figures
 
 
 def _num(v: float | None) -> str:
@@ -734,10 +770,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (1 thread each)")
     ap.add_argument("--device", default="cpu", help="training device: cpu, cuda or cuda:N")
     ap.add_argument("--report", action="store_true", help="only rebuild the report from runs/")
+    ap.add_argument(
+        "--figures",
+        nargs="+",
+        default=None,
+        metavar="COMBINATION",
+        help="only draw `uqserve evaluate`'s figures of these finished runs' "
+        "bundles (from --work, first of --seeds) into OUT/figures/study_eval/",
+    )
     args = ap.parse_args(argv)
     from uqserve.models import COMBINATIONS
 
     runs_dir = args.out / "runs"
+    if args.figures:
+        seed = (args.seeds or [0])[0]
+        work = args.work or ROOT / "build" / f"study-{args.scale}"
+        for f in evaluate_figures(args.figures, seed, args.scale, work, args.out / "figures"):
+            log(f"wrote {f}")
+        return
     if not args.report:
         _check_device(args.device)
         seeds = args.seeds if args.seeds is not None else SCALES[args.scale]["seeds"]

@@ -111,6 +111,13 @@ def test_smoke_study_is_resumable_and_reports_from_run_files(tmp_path: Path, stu
     first = doc["per_run"][0]
     assert {"auroc_eu_noise", "auroc_au_jpeg", "auroc_eu_paper", "delta_ood"} <= set(first["row"])
     assert set(first["paper"]["per_shift"]) == {"noise", "blur", "contrast", "jpeg"}
+    # --figures: uqserve evaluate's figures of a finished run's bundle, listed by the report.
+    study.main([*args, "--figures", "softmax-ensemble"])
+    assert (out / "figures" / "study_eval_softmax-ensemble_au_eu.png").stat().st_size > 0
+    study.main([*args, "--report"])
+    assert "figures/study_eval_softmax-ensemble_au_eu.png" in (out / "study.md").read_text()
+    with pytest.raises(SystemExit, match="no bundle"):
+        study.main([*args, "--figures", "ssn-none"])
 
 
 @pytest.mark.slow
