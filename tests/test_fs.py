@@ -187,3 +187,30 @@ def test_sidecar_spool_outputs_and_dead_letters_are_0644(tmp_path: Path) -> None
     [written] = write_datasets([ds], tmp_path / "spool" / "out" / "s")
     dead_letter({written: "PACS refused"}, tmp_path / "spool" / "dead-letter" / "s")
     _assert_public(tmp_path / "spool")
+
+
+@pytest.mark.usefixtures("umask022")
+def test_train_writes_a_public_checkpoint_folder(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from uqserve.models import ModelConfig
+    from uqserve.training import TrainConfig, train
+
+    config = TrainConfig(steps=2, batch_size=2, size=(32, 32), num_images=4, image_size=32,
+                         swag_snapshots=2, swag_every=1,
+                         validate=0, threads=1, warmup_steps=1)  # fmt: skip
+    # collect_swag: swag.safetensors too (safetensors makes its files 0600 by itself).
+    train("softmax-none", tmp_path / "ck", config=config, model_config=ModelConfig(width=4),
+          collect_swag=True)  # fmt: skip
+    assert (tmp_path / "ck" / "swag.safetensors").is_file()
+    _assert_public(tmp_path / "ck")
+
+
+@pytest.mark.usefixtures("umask022")
+def test_evaluate_writes_a_public_results_folder(tmp_path: Path) -> None:
+    from uqserve.evaluate import evaluate
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    evaluate([bundle], "synthetic", tmp_path / "out" / "eval", device="cpu", n_test=2,
+             n_val=4, n_ood=2, size=(32, 32), shifts=("noise",), severities=(1.0,),
+             figures=False)  # fmt: skip
+    _assert_public(tmp_path / "out")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uqserve._fs import atomic_write_text
+from uqserve._fs import atomic_path, atomic_write_text
 from uqserve.errors import UsageError
 from uqserve.models.config import ModelConfig, parse_combination
 
@@ -120,11 +120,15 @@ def write_checkpoint_config(folder: str | os.PathLike[str], config: dict[str, An
 
 
 def save_weights(net: Any, path: str | os.PathLike[str], metadata: dict[str, str]) -> None:
-    """Save ``net``'s weights (a ``torch.nn.Module``) as safetensors at ``path``."""
+    """Save ``net``'s weights (a ``torch.nn.Module``) as safetensors at ``path``.
+
+    Through the atomic writer: safetensors itself creates the file 0600.
+    """
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
-    save_file(state, str(path), metadata=metadata)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
 
 
 def load_checkpoints(ckpt_dir: str | os.PathLike[str], members: int | None = None) -> Checkpoints:

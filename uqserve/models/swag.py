@@ -32,6 +32,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
+from uqserve._fs import atomic_path
 from uqserve.errors import UsageError
 from uqserve.models import noise
 
@@ -69,7 +70,8 @@ class SwagStats:
             "collected": str(self.collected),
             "diag_only": str(int(self.diag_only)),
         }
-        save_file(tensors, str(path), metadata=meta)
+        with atomic_path(path) as tmp:  # safetensors itself creates the file 0600
+            save_file(tensors, str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path: Path) -> SwagStats:
