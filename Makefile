@@ -25,11 +25,17 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/uqserve predict examples/example.nii.gz -o uqserve-out --overwrite --png
 
+# Tests run in JOBS pytest-xdist workers, a test file per worker at a time (module
+# fixtures are built once), one OpenMP/torch thread each: threads that spin across
+# workers made the suite slower, not faster. `make test JOBS=1` runs serially.
+JOBS ?= 2
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow and not triton and not dicom"
+	$(PYTEST) -m "not slow and not triton and not dicom"
 
 lint: install
 	$(BIN)/ruff check uqserve tests benchmarks docs/hooks.py

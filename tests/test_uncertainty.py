@@ -578,3 +578,20 @@ def test_prepare_member_then_add_prepared_equals_add() -> None:
         assert np.array_equal(getattr(a, field), getattr(b, field)), field
     with pytest.raises(ValueError, match="expected"):
         two.add_prepared(member, where=(slice(0, 2),))
+
+
+def test_scan_entanglement_does_not_depend_on_the_blas_thread_count() -> None:
+    """The last digit of a report must not change with the machine's cores (a BLAS dot
+    product splits its sum over threads; make test runs one thread per worker)."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(11)
+    n = 1_000_003
+    tu = rng.random(n).astype(np.float32)
+    au = (tu * rng.random(n)).astype(np.float32)
+    eu = np.maximum(tu - au, 0).astype(np.float32)
+    values = []
+    for threads in (1, 2, 4):
+        with threadpool_limits(limits=threads, user_api="blas"):
+            values.append(scan_entanglement(tu, au, eu, 2))
+    assert values[0] == values[1] == values[2]

@@ -343,8 +343,10 @@ def platt_fit(u: npt.ArrayLike, correct: npt.ArrayLike, max_iter: int = 100) -> 
         p = 0.5 * (1.0 - np.tanh(0.5 * f))  # sigmoid(-f)
         g_f = y - tot * p
         h_f = tot * p * (1 - p)
-        grad = np.array([g_f @ z, g_f.sum()])
-        hess = np.array([[h_f @ (z * z), h_f @ z], [h_f @ z, h_f.sum()]])
+        # einsum, not `@`: a BLAS dot product's last digit depends on its thread count.
+        hz = np.einsum("i,i->", h_f, z)
+        grad = np.array([np.einsum("i,i->", g_f, z), g_f.sum()])
+        hess = np.array([[np.einsum("i,i->", h_f, z * z), hz], [hz, h_f.sum()]])
         hess += 1e-12 * np.eye(2) * max(1.0, float(np.trace(hess)))
         step = np.linalg.solve(hess, grad)
         t = 1.0

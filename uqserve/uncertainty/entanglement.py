@@ -116,10 +116,12 @@ def _spearman(
     del ra2, rb2
     ra -= ra.mean()
     rb -= rb.mean()
-    den = math.sqrt(float(ra @ ra) * float(rb @ rb))
+    # einsum, not `@`: BLAS splits a dot product over its threads, so the last digit
+    # would depend on the thread count; einsum's loop sums in one fixed order.
+    den = math.sqrt(float(np.einsum("i,i->", ra, ra)) * float(np.einsum("i,i->", rb, rb)))
     if den == 0:
         return None  # a constant input: no rank correlation defined
-    return float(np.clip((ra @ rb) / den, -1.0, 1.0))
+    return float(np.clip(np.einsum("i,i->", ra, rb) / den, -1.0, 1.0))
 
 
 def rank_correlation(au_scores: npt.ArrayLike, eu_scores: npt.ArrayLike) -> float | None:

@@ -132,10 +132,11 @@ def _rho_and_se(
     ra2, rb2 = _doubled_ranks(a), _doubled_ranks(b)  # 2 x ranks (ties: average), integers
     u, v = np.multiply(ra2, 0.5 / n), np.multiply(rb2, 0.5 / n)  # rank fractions in (0, 1]
     du, dv = u - u.mean(), v - v.mean()
-    den = math.sqrt(float(du @ du) * float(dv @ dv))
+    # einsum, not `@`: a BLAS dot product's last digit depends on its thread count.
+    den = math.sqrt(float(np.einsum("i,i->", du, du)) * float(np.einsum("i,i->", dv, dv)))
     if den == 0:
         return None, 0.0  # a constant input: no rank correlation defined
-    rho = float(np.clip((du @ dv) / den, -1.0, 1.0))
+    rho = float(np.clip(np.einsum("i,i->", du, dv) / den, -1.0, 1.0))
     del du, dv
     influence = u * v
     influence += _mean_at_or_above(ra2, v)
