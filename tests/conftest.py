@@ -87,6 +87,23 @@ def _schema_valid_session_outputs(tmp_path_factory: pytest.TempPathFactory) -> I
         validate_json_outputs(folder)
 
 
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """The sidecar CLI configures the root logger for its process (a handler on the
+    stderr of the moment); in-process CLI tests must not leave it to later tests."""
+    import logging
+
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    yield
+    # Only plain StreamHandlers: pytest's own capture handlers (subclasses) come and go
+    # around each test phase and are pytest's to remove.
+    for handler in [h for h in root.handlers if h not in before]:
+        if type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """Tiny graphs: one torch thread is faster, and far faster on a busy 2-core machine."""
